@@ -1,0 +1,20 @@
+"""fedllm-flwr: federated fine-tuning of LLM adapters with Flower, peft and Hydra."""
+
+__version__ = "0.1.0"
+
+
+def quiet_third_party_output() -> None:
+    """Silence per-load progress bars and deprecation chatter from HF libraries.
+
+    Called by the apps and the CLI (not on import), so a user's own process
+    keeps whatever verbosity it chose.
+    """
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")

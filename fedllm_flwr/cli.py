@@ -1,0 +1,69 @@
+"""The `fedllm-flwr` command.
+
+    fedllm-flwr config [OVERRIDE ...]   print the resolved config (YAML)
+    fedllm-flwr check  [OVERRIDE ...]   resolve the model (converting a GGUF once),
+                                        load and tokenize the data, build the adapter:
+                                        everything a run checks before it starts
+
+Overrides are the same Hydra overrides `flwr run` takes in its `overrides`
+run-config key. Problems with the input print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from fedllm_flwr.errors import UserError
+
+
+def _config(args: argparse.Namespace) -> int:
+    from fedllm_flwr.config import cfg_to_yaml, load_cfg
+
+    print(cfg_to_yaml(load_cfg(args.overrides)), end="")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from fedllm_flwr import quiet_third_party_output
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.data import records, server_data
+    from fedllm_flwr.model import build_model, count_parameters
+    from fedllm_flwr.run_dir import resolve_run_path
+
+    quiet_third_party_output()
+    cfg = load_cfg(args.overrides)
+    train, test = records(cfg)
+    t0 = time.perf_counter()
+    print(f"model: resolving {cfg.model.name} ...", file=sys.stderr, flush=True)
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    trainable, total = count_parameters(bundle.model)
+    _, test_set = server_data(cfg, bundle.tokenizer)
+    print(f"base model: {bundle.base_path} ({str(bundle.dtype).replace('torch.', '')}, {time.perf_counter() - t0:.1f} s)")
+    print(f"adapter: {cfg.peft.method}, {trainable:,} trainable of {total:,} parameters ({2 * trainable / 1e6:.2f} MB in fp16)")
+    print(f"data: {len(train)} train / {len(test)} test records; {test_set.dropped} test samples dropped by truncation")
+    print(f"run folder would be: {resolve_run_path(cfg)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedllm-flwr", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("config", _config, "print the resolved config"),
+        ("check", _check, "check model, adapter and data for a config without training"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.lr=3e-4")
+        cmd.set_defaults(func=func)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"fedllm-flwr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

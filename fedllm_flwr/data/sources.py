@@ -1,0 +1,131 @@
+"""Instruction records from the built-in generator, local files or the hub.
+
+Every source yields records with the same four fields (instruction, input,
+output, category) after the field mapping, and every problem is reported with
+the file, line and field it concerns.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+from datasets import Dataset
+
+from fedllm_flwr.config import DatasetConfig, FieldsConfig
+from fedllm_flwr.data import synthetic
+from fedllm_flwr.errors import UserError
+
+COLUMNS = ("instruction", "input", "output", "category")
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_json_records(path: Path, limit: int = 0) -> list[dict]:
+    """Objects from a .json (array) or .jsonl[.gz] file, with line-precise errors."""
+    if not path.is_file():
+        raise UserError(f"dataset.path: data file {path} does not exist")
+    is_array = path.name.endswith((".json", ".json.gz"))
+    with _open_text(path) as handle:
+        if is_array:
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(data, list):
+                raise UserError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+            records = data[:limit] if limit else data
+            for index, rec in enumerate(records):
+                if not isinstance(rec, dict):
+                    raise UserError(f"{path}: item {index} is a {type(rec).__name__}, not an object")
+            return records
+        records = []
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}, line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(rec).__name__}")
+            rec["__line__"] = lineno
+            records.append(rec)
+            if limit and len(records) >= limit:
+                break
+    return records
+
+
+def map_fields(records: list[dict], fields: FieldsConfig, origin: str) -> list[dict[str, str]]:
+    """Rename user fields to the four standard ones; instruction and output are required."""
+    out = []
+    for index, rec in enumerate(records):
+        where = f"{origin}, line {rec['__line__']}" if "__line__" in rec else f"{origin}, record {index}"
+        row = {}
+        for column in COLUMNS:
+            source = getattr(fields, column)
+            value = rec.get(source)
+            if value is None:
+                if column in ("instruction", "output"):
+                    present = ", ".join(k for k in rec if k != "__line__")
+                    raise UserError(
+                        f"{where}: missing field {source!r} (dataset.fields.{column}); "
+                        f"the record has: {present}"
+                    )
+                value = ""
+            row[column] = value if isinstance(value, str) else json.dumps(value) if column != "category" else str(value)
+        out.append(row)
+    return out
+
+
+def _load_hub(cfg: DatasetConfig) -> list[dict]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(cfg.path, split=cfg.split)
+    except Exception as exc:  # the hub client raises many types; all mean "not loadable"
+        raise UserError(
+            f"dataset.path={cfg.path!r} is not a local file, and loading it from the "
+            f"Hugging Face hub failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    if cfg.limit:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    return [dict(rec) for rec in ds]
+
+
+def load_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, test) records for a dataset config, deterministic for `seed`."""
+    if cfg.source == "synthetic":
+        try:
+            return synthetic.generate_splits(
+                list(cfg.synthetic.tasks), cfg.synthetic.train_per_task, cfg.synthetic.test_per_task, seed
+            )
+        except ValueError as exc:
+            raise UserError(f"dataset.synthetic: {exc}") from None
+    path = Path(cfg.path).expanduser()
+    looks_local = path.suffix in (".json", ".jsonl", ".gz") or cfg.path.startswith((".", "/", "~"))
+    if path.exists() or looks_local:
+        raw = read_json_records(path, cfg.limit)
+        origin = str(path)
+    else:
+        raw = _load_hub(cfg)
+        origin = cfg.path
+    records = map_fields(raw, cfg.fields, origin)
+    if len(records) < 2:
+        raise UserError(f"{origin}: needs at least 2 records, found {len(records)}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(len(records) * cfg.test_fraction))
+    test = [records[i] for i in sorted(order[:n_test])]
+    train = [records[i] for i in sorted(order[n_test:])]
+    return train, test
+
+
+def to_dataset(records: list[dict[str, str]]) -> Dataset:
+    return Dataset.from_dict({c: [r[c] for r in records] for c in COLUMNS})

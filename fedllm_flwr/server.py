@@ -1,0 +1,126 @@
+"""The server's side of a run: validate everything, then federate, evaluate, save.
+
+`run_server` does all checks that can fail on user input (model, data, adapter
+targets) before the run folder exists or any message is sent, so a bad run
+stops early and leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedllm_flwr.config import Config
+from fedllm_flwr.data import records, server_data
+from fedllm_flwr.evaluate.exact_match import exact_match
+from fedllm_flwr.evaluate.loss import evaluate_loss
+from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_adapter_state, set_adapter_state
+from fedllm_flwr.run_dir import RunDir
+from fedllm_flwr.strategy import RoundLedger, build_strategy
+from fedllm_flwr.transport import arrays_to_state, state_to_arrays
+
+INFO = logging.INFO
+
+
+class ServerEvaluator:
+    """`evaluate_fn` for Strategy.start: evaluate, save the adapter, log the round.
+
+    Flower calls it after round 0 (before training) and after every round; it is
+    the last step of each round, so it writes that round's metrics row.
+    """
+
+    def __init__(self, cfg: Config, bundle: ModelBundle, run_dir: RunDir, ledger: RoundLedger) -> None:
+        self.cfg, self.bundle, self.run_dir, self.ledger = cfg, bundle, run_dir, ledger
+        self.test_records, self.test_set = server_data(cfg, bundle.tokenizer)  # cached: loaded before
+        self.last = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+
+    def evaluate(self) -> dict[str, float]:
+        model, tok = self.bundle.model, self.bundle.tokenizer
+        loss = evaluate_loss(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
+        acc = exact_match(model, tok, self.test_records, self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
+        return {"eval-loss": loss["loss"], "eval-ppl": loss["ppl"], **acc}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        set_adapter_state(self.bundle.model, arrays_to_state(arrays))
+        last_round = server_round == self.cfg.num_rounds
+        due = server_round == 0 or last_round or server_round % self.cfg.eval.every == 0
+        t0 = time.perf_counter()
+        results = self.evaluate() if due else {}
+        row: dict[str, Any] = {"round": server_round, **self.ledger.pop(server_round), **results}
+        if due:
+            row["eval-seconds"] = time.perf_counter() - t0
+        if server_round > 0 and (self.cfg.run.save_every_round or last_round):
+            self.run_dir.save_adapter(self.bundle.model, f"round_{server_round}")
+        now = time.perf_counter()
+        row["seconds"] = now - self.last
+        self.last = now
+        self.run_dir.metrics.write(row)
+        self.rows.append(row)
+        if due:
+            log(
+                INFO,
+                "[fedllm-flwr] round %s: eval-loss %.4f  accuracy %.3f  train-loss %s",
+                server_round,
+                results["eval-loss"],
+                results.get("accuracy", float("nan")),
+                f"{row['train-loss']:.4f}" if "train-loss" in row else "-",
+            )
+        return MetricRecord({k: float(v) for k, v in results.items()}) if results else None
+
+
+def run_server(grid: Grid, cfg: Config) -> RunDir:
+    """Run the configured federated job to the end; returns the finished run folder."""
+    t_start = time.perf_counter()
+    records(cfg)  # read and check the whole data set before the (slower) model
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    trainable, total = count_parameters(bundle.model)
+    initial = get_adapter_state(bundle.model)
+    strategy = build_strategy(cfg)
+    run_dir = RunDir.create(cfg)
+    evaluator = ServerEvaluator(cfg, bundle, run_dir, strategy.ledger)
+    log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
+    log(
+        INFO,
+        "[fedllm-flwr] base %s (%s), adapter %s: %s trainable of %s parameters",
+        bundle.base_path,
+        str(bundle.dtype).replace("torch.", ""),
+        cfg.peft.method,
+        f"{trainable:,}",
+        f"{total:,}",
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=state_to_arrays(initial),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.strategy.round_timeout,
+        train_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
+        evaluate_fn=evaluator,
+    )
+    if not evaluator.rows or evaluator.rows[-1]["round"] != cfg.num_rounds:
+        raise RuntimeError("the strategy stopped before the last round; adapter/final was not written")
+    if all(r.get("clients-ok", 0) == 0 for r in evaluator.rows[1:]):
+        raise RuntimeError("no client reply was aggregated in any round; adapter/final was not written")
+    set_adapter_state(bundle.model, arrays_to_state(result.arrays))
+    final = run_dir.save_adapter(bundle.model, "final")
+    first, last = evaluator.rows[0], evaluator.rows[-1]
+    run_dir.write_summary(
+        {
+            "status": "completed",
+            "rounds": cfg.num_rounds,
+            "seconds": round(time.perf_counter() - t_start, 2),
+            "accuracy-round-0": first.get("accuracy"),
+            "accuracy-final": last.get("accuracy"),
+            "eval-loss-round-0": first.get("eval-loss"),
+            "eval-loss-final": last.get("eval-loss"),
+            "adapter": str(final),
+            "base-model": bundle.base_path,
+        }
+    )
+    log(INFO, "[fedllm-flwr] done in %.1f s; adapter saved to %s", time.perf_counter() - t_start, final)
+    return run_dir

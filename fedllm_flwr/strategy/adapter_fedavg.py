@@ -1,0 +1,153 @@
+"""AdapterFedAvg: Flower's FedAvg over PEFT adapter weights only.
+
+The global adapter is a per-tensor fp32 ArrayRecord on the server. Messages
+carry it packed as fp16 (see `fedllm_flwr.transport`). Each training reply is
+validated against the global adapter (names, shapes, dtype, finite values, a
+positive weight) and dropped with a logged reason if it fails; the rest are
+averaged in fp32, weighted by `num-examples`. `RoundLedger` keeps the per-round
+accounting (bytes both ways, clients ok/failed/dropped).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedllm_flwr.transport import ARRAYS_KEY, MANIFEST_KEY, manifest_of, message_bytes, pack, unpack
+
+
+class RoundLedger:
+    """Per-round counters and values, merged into the round's metrics row."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, dict[str, Any]] = defaultdict(dict)
+
+    def add(self, server_round: int, key: str, value: float) -> None:
+        self.rounds[server_round][key] = self.rounds[server_round].get(key, 0) + value
+
+    def set(self, server_round: int, key: str, value: Any) -> None:
+        self.rounds[server_round][key] = value
+
+    def pop(self, server_round: int) -> dict[str, Any]:
+        return self.rounds.pop(server_round, {})
+
+
+def weighted_mean(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """Sum of w_i / sum(w) * state_i, key by key, in fp32."""
+    total = float(sum(weights))
+    out = {k: np.zeros_like(v, dtype=np.float32) for k, v in states[0].items()}
+    for state, weight in zip(states, weights, strict=True):
+        for key, value in state.items():
+            out[key] += value.astype(np.float32) * np.float32(weight / total)
+    return out
+
+
+class AdapterFedAvg(FedAvg):
+    """FedAvg that exchanges only adapter weights and never averages in a bad reply."""
+
+    def __init__(self, *, transport_dtype: str = "fp16", **kwargs: Any) -> None:
+        super().__init__(arrayrecord_key=ARRAYS_KEY, **kwargs)
+        self.transport_dtype = transport_dtype
+        self.ledger = RoundLedger()
+        self._expected: list[tuple[str, tuple[int, ...]]] = []
+
+    def _wire(self, arrays: ArrayRecord, messages: Iterable[Message]) -> list[Message]:
+        """Replace the fp32 global arrays in outgoing messages by the packed form."""
+        packed = pack(arrays, self.transport_dtype)
+        out = []
+        for message in messages:
+            message.content[ARRAYS_KEY] = packed[ARRAYS_KEY]
+            message.content[MANIFEST_KEY] = packed[MANIFEST_KEY]
+            out.append(message)
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._expected = manifest_of(arrays)
+        messages = self._wire(arrays, super().configure_train(server_round, arrays, config, grid))
+        self.ledger.add(server_round, "bytes-down", sum(message_bytes(m) for m in messages))
+        self.ledger.set(server_round, "clients-sampled", len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        states, weights, contents, failed = [], [], [], 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failed += 1
+                log(WARNING, "Round %s: node %s failed: %s", server_round, node, msg.error.reason)
+                continue
+            self.ledger.add(server_round, "bytes-up", message_bytes(msg))
+            try:
+                metrics = next(iter(msg.content.metric_records.values()), None)
+                weight = metrics.get(self.weighted_by_key) if metrics is not None else None
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                    raise ValueError(f"metric {self.weighted_by_key!r} must be a positive number, got {weight!r}")
+                state = unpack(msg.content, self._expected)
+            except ValueError as exc:
+                failed += 1
+                self.ledger.add(server_round, "clients-dropped", 1)
+                log(WARNING, "Round %s: reply from node %s dropped: %s", server_round, node, exc)
+                continue
+            states.append(state)
+            weights.append(float(weight))
+            contents.append(msg.content)
+        self.ledger.set(server_round, "clients-ok", len(states))
+        self.ledger.add(server_round, "clients-failed", failed)
+        log(INFO, "Round %s: %s replies averaged, %s failed or dropped", server_round, len(states), failed)
+        if not states:
+            return None, None
+        mean = weighted_mean(states, weights)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        for key, value in metrics.items():
+            self.ledger.set(server_round, "train-seconds" if key == "seconds" else key, value)
+        return ArrayRecord({k: Array(v) for k, v in mean.items()}), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = self._wire(arrays, super().configure_evaluate(server_round, arrays, config, grid))
+        self.ledger.add(server_round, "eval-bytes-down", sum(message_bytes(m) for m in messages))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        self.ledger.add(server_round, "eval-bytes-up", sum(message_bytes(m) for m in ok))
+        metrics = super().aggregate_evaluate(server_round, ok)
+        if metrics is not None:
+            for key, value in metrics.items():
+                self.ledger.set(server_round, f"client-{key}", value)
+        return metrics
+
+
+SUMMED = ("num-examples", "tokens", "examples-seen")
+MAXED = ("seconds", "peak-memory-mb")
+
+
+def aggregate_client_metrics(records: list, weighted_by_key: str) -> MetricRecord:
+    """Weighted mean of losses, sums of counts, maxima of time and memory."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    weights = [float(row[weighted_by_key]) for row in rows]
+    total = sum(weights)
+    out = MetricRecord()
+    for key in rows[0]:
+        values = [float(row[key]) for row in rows if key in row]
+        if key in SUMMED:
+            out[key] = sum(values)
+        elif key in MAXED:
+            out[key] = max(values)
+        else:
+            out[key] = sum(v * w for v, w in zip(values, weights, strict=False)) / total
+    return out

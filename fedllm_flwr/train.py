@@ -1,0 +1,111 @@
+"""The local training loop: plain PyTorch, no Flower.
+
+`train_steps` runs a fixed number of optimizer steps of the trainable (adapter)
+parameters on a batch stream and returns what happened. Whether the steps are
+one client's round or a centralized run is the caller's business.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from fedllm_flwr.config import TrainConfig
+from fedllm_flwr.metrics import peak_memory_mb
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate at global step `step` (0-based) of `total_steps`.
+
+    The schedule spans all rounds: a client in round r starts at step
+    (r - 1) * local_steps, so the rate keeps decaying across rounds.
+    """
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = 0.1 * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    """Mean loss over the steps' micro-batches (response tokens only)."""
+    steps: int
+    examples: int
+    tokens: int
+    """Non-padding tokens processed."""
+    seconds: float
+    peak_memory_mb: float
+
+
+def train_steps(
+    model: torch.nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    start_step: int = 0,
+    total_steps: int | None = None,
+) -> TrainResult:
+    """Run `cfg.local_steps` AdamW steps, each over `cfg.grad_accum` micro-batches.
+
+    Only parameters with `requires_grad` are optimized (the adapter, kept fp32).
+    On CUDA with an fp16 base, the loss is scaled with a GradScaler. The optimizer
+    state is fresh each call, as in FedAvg's local solver.
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    base_dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and base_dtype == torch.float16 else None
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=base_dtype)
+        if base_dtype in (torch.float16, torch.bfloat16)
+        else nullcontext()
+    )
+    total = total_steps or cfg.local_steps
+    model.train()
+    t0 = time.perf_counter()
+    losses, examples, tokens = [], 0, 0
+    for step in range(cfg.local_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(start_step + step, total, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            with autocast:
+                loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
+            scaled = loss / cfg.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            losses.append(loss.item())
+            examples += batch["input_ids"].shape[0]
+            tokens += int(batch["attention_mask"].sum())
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    model.eval()
+    return TrainResult(
+        loss=sum(losses) / len(losses),
+        steps=cfg.local_steps,
+        examples=examples,
+        tokens=tokens,
+        seconds=time.perf_counter() - t0,
+        peak_memory_mb=peak_memory_mb(device),
+    )

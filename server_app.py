@@ -1,0 +1,26 @@
+"""Flower ServerApp: config -> federated adapter training -> run folder."""
+
+from logging import ERROR
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedllm_flwr import quiet_third_party_output
+from fedllm_flwr.config import load_cfg
+from fedllm_flwr.errors import UserError
+from fedllm_flwr.server import run_server
+
+quiet_third_party_output()
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg = load_cfg(context.run_config)
+        run_server(grid, cfg)
+    except UserError as exc:
+        # One clear line in the run's log; the exception still fails the run.
+        log(ERROR, "[fedllm-flwr] %s", exc)
+        raise
