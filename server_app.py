@@ -21,6 +21,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg = load_cfg(context.run_config)
         run_server(grid, cfg)
     except UserError as exc:
-        # One clear line in the run's log; the exception still fails the run.
+        # One clear line in the run's log. Raising fails the run (`flwr ls` shows
+        # it with this message); re-raised bare, the traceback stays short.
         log(ERROR, "[fedllm-flwr] %s", exc)
-        raise
+        raise UserError(str(exc)) from None

@@ -256,3 +256,9 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def clear_model_cache() -> None:
+    """Forget cached models and tokenizers (tests; a process switching models)."""
+    _BUNDLES.clear()
+    _TOKENIZERS.clear()

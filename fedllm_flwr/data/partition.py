@@ -9,6 +9,8 @@ shared by several clients when there are fewer), so any `num-partitions` works.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 
 from datasets import Dataset
@@ -67,7 +69,9 @@ def partition_dataset(
             raise UserError(f"natural split by {cfg.by!r} leaves client(s) {empty} without data")
         partitioner = NaturalIdPartitioner(partition_by=GROUP_COLUMN)
         partitioner.dataset = dataset.add_column(GROUP_COLUMN, groups)
-    part = partitioner.load_partition(partition_id)
+    # NaturalIdPartitioner draws a tqdm bar on stderr for a split of a few rows.
+    with contextlib.redirect_stderr(io.StringIO()):
+        part = partitioner.load_partition(partition_id)
     return part.remove_columns(GROUP_COLUMN) if GROUP_COLUMN in part.column_names else part
 
 

@@ -1,0 +1,157 @@
+"""Run `flwr run` against a private simulation SuperLink, and stop it by PID.
+
+`flwr run .` on the default `local` connection starts a detached SuperLink on a
+fixed port and leaves it running, shared by every later run on the machine.
+Tests and benchmarks need the opposite: their own SuperLink on free loopback
+ports, their own FLWR_HOME, their output in a file, and every process stopped
+when they end. `LocalSimulation` provides that.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # Otherwise each run would `uv sync` the app's dependencies into a new env.
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+class LocalSimulation:
+    """A simulation SuperLink on 127.0.0.1, owned by this object.
+
+    with LocalSimulation(workdir) as sim:
+        result = sim.run(app_dir, overrides="num_rounds=2", num_supernodes=2)
+    """
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.flwr_home = self.workdir / "flwr-home"
+        # Ray's socket paths must stay short: keep its temp dir near /tmp.
+        self.ray_tmp = Path(os.environ.get("FEDLLM_RAY_TMP", "/tmp")) / f"ray-{os.getpid()}-{_free_port()}"
+        self.env = {**os.environ, **FLOWER_ENV, **(env or {})}
+        self.env.update({"FLWR_HOME": str(self.flwr_home), "RAY_TMPDIR": str(self.ray_tmp)})
+        # The SuperLink starts `flower-superexec` (and that `flwr-simulation`) from PATH.
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.workdir / "superlink.log"
+
+    def start(self) -> LocalSimulation:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.ray_tmp.mkdir(parents=True, exist_ok=True)
+        port = _free_port()  # Flower 1.42 serves every SuperLink API on one HTTP port
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
+        command = [
+            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--database", str(self.workdir / "state.db"),
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            # A new session, so stop() can end the SuperLink and everything it spawned.
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; see {self.log_path}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return self
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not open 127.0.0.1:{port} within 60 s")
+
+    def flwr(self, *args: str, timeout: float = 600, log_name: str = "flwr.log") -> subprocess.CompletedProcess:
+        """Run a `flwr` CLI command against this SuperLink; output goes to a file too."""
+        out = self.workdir / log_name
+        with open(out, "wb") as handle:
+            proc = subprocess.run(
+                [_bin("flwr"), *args], env=self.env, stdout=handle, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, timeout=timeout, check=False,
+            )  # fmt: skip
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(errors="replace"), "")
+
+    def run(
+        self, app_dir: Path, overrides: str = "", num_supernodes: int = 2, timeout: float = 600, cpus: float = 1
+    ) -> subprocess.CompletedProcess:
+        """`flwr run APP --stream` with Hydra overrides and N simulated SuperNodes."""
+        args = [
+            "run", str(app_dir), "--stream",
+            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}",
+        ]  # fmt: skip
+        if overrides:
+            args += ["--run-config", f"overrides={_toml_string(overrides)}"]
+        return self.flwr(*args, timeout=timeout, log_name="flwr-run.log")
+
+    def stop(self) -> None:
+        """Stop the SuperLink and its children (simulation, Ray) by process group."""
+        if self.process is None:
+            return
+        pgid = self.process.pid  # leader of its own session and process group
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait)
+                # Children may outlive the leader briefly; make sure the group is gone.
+                os.killpg(pgid, signal.SIGKILL)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                continue
+            break
+        self.process = None
+
+    def __enter__(self) -> LocalSimulation:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string for `--run-config key=value`."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fedllm_flwr.simulation [APP_DIR] [OVERRIDES]`: one run, then clean up."""
+    import tempfile
+
+    argv = sys.argv[1:] if argv is None else argv
+    app_dir = Path(argv[0]) if argv else Path.cwd()
+    overrides = shlex.join(argv[1:]) if len(argv) > 1 else ""
+    with tempfile.TemporaryDirectory(prefix="fedllm-sim-") as tmp, LocalSimulation(Path(tmp)) as sim:
+        result = sim.run(app_dir, overrides)
+        print(result.stdout)
+        return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

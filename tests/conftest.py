@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny offline model folder and configs that use it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MINI = ROOT.parent / "shared" / "data" / "mini"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny_model  # noqa: E402
+
+from fedllm_flwr.config import Config, load_cfg  # noqa: E402
+
+# Small enough that a config builds, trains and evaluates in well under a second.
+TINY_OVERRIDES = [
+    "dataset.synthetic.train_per_task=20",
+    "dataset.synthetic.test_per_task=4",
+    "train.local_steps=2",
+    "train.batch_size=4",
+    "eval.max_new_tokens=4",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    """Run folders and model caches go to the test's temp dir, never to $HOME."""
+    monkeypatch.setenv("FEDLLM_FLWR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FEDLLM_FLWR_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir):
+    def make(*overrides: str) -> Config:
+        return load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, *overrides])
+
+    return make
+
+
+@pytest.fixture
+def shared_mini() -> Path:
+    if not SHARED_MINI.is_dir():
+        pytest.skip("../shared/data/mini is not present (it is not part of a fresh clone)")
+    return SHARED_MINI

@@ -1,0 +1,78 @@
+"""The real thing: `flwr run` of this app on a private simulation SuperLink."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_OVERRIDES
+from peft import AutoPeftModelForCausalLM
+
+from fedllm_flwr.simulation import LocalSimulation
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    with LocalSimulation(tmp_path_factory.mktemp("sim")) as simulation:
+        yield simulation
+
+
+def run_status(sim) -> dict:
+    listing = sim.flwr("ls", "--format", "json", log_name="ls.log")
+    runs = json.loads(listing.stdout[listing.stdout.index("{") :])["runs"]
+    return max(runs, key=lambda r: r["pending-at"])
+
+
+def test_two_supernodes_two_rounds(sim, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"run.output_dir={out}", "run.name=e2e"]
+    )
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    run = out / "e2e"
+    assert "[fedllm-flwr] run folder: " + str(run) in result.stdout
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for key in ("eval-loss", "eval-ppl", "accuracy", "accuracy-add", "seconds"):
+        assert all(key in r for r in rows), key
+    for r in rows[1:]:
+        for key in ("train-loss", "bytes-down", "bytes-up", "clients-ok", "clients-failed", "client-eval-loss"):
+            assert key in r, key
+        assert r["clients-ok"] == 2 and r["clients-failed"] == 0
+
+    # Only adapter weights travel: the fp16 payload plus a small framing per tensor.
+    # (For SmolLM2's LoRA that framing is ~1%: see test_smollm2.py.)
+    adapter = run / "adapter" / "final"
+    from safetensors.torch import load_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    fp16_bytes = 2 * sum(t.numel() for t in tensors.values())
+    for r in rows[1:]:
+        for key in ("bytes-down", "bytes-up"):
+            per_client = r[key] / 2
+            assert fp16_bytes < per_client < fp16_bytes + 250 * len(tensors) + 1024, (key, per_client, fp16_bytes)
+
+    cfg_text = (run / "config.yaml").read_text()
+    assert "num_rounds: 2" in cfg_text and str(tiny_model_dir) in cfg_text
+    assert {p.name for p in (run / "adapter").iterdir()} == {"round_1", "round_2", "final"}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) * 2 == fp16_bytes
+
+
+def test_bad_input_fails_the_run_early_and_leaves_no_final_adapter(sim, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    out = tmp_path / "runs"
+    overrides = f"model.name={tiny_model_dir} dataset=file dataset.path={bad} run.output_dir={out} run.name=bad"
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=300)
+    message = f"{bad}, line 2: missing field 'output' (dataset.fields.output)"
+    assert f"[fedllm-flwr] {message}" in result.stdout
+    status = run_status(sim)
+    assert status["status"] == "finished:failed" and message in status["status-details"]
+    assert not (out / "bad").exists()

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from fedllm_flwr.config import AdapterConfig, ModelConfig
+from fedllm_flwr.errors import UserError
+from fedllm_flwr.model import (
+    build_model,
+    clear_model_cache,
+    get_adapter_state,
+    resolve_model,
+    set_adapter_state,
+)
+
+
+@pytest.fixture
+def bundle(tiny_cfg):
+    clear_model_cache()
+    cfg = tiny_cfg()
+    return build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+
+
+def test_adapter_is_only_lora_weights_in_fp32(bundle):
+    state = get_adapter_state(bundle.model)
+    assert state and all("lora_" in k for k in state)
+    assert {k.split(".")[-3] for k in state} == {"q_proj", "v_proj"}
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert bundle.dtype == torch.bfloat16  # the frozen base runs in half precision on CPU
+    trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_adapter_state_round_trip(bundle):
+    state = get_adapter_state(bundle.model)
+    changed = {k: torch.randn_like(v) for k, v in state.items()}
+    set_adapter_state(bundle.model, changed)
+    back = get_adapter_state(bundle.model)
+    assert all(torch.equal(back[k], changed[k]) for k in state)
+    with pytest.raises(ValueError, match="missing"):
+        set_adapter_state(bundle.model, dict(list(changed.items())[1:]))
+
+
+def test_initial_adapter_is_seeded(tiny_cfg):
+    cfg = tiny_cfg()
+    clear_model_cache()
+    a = get_adapter_state(build_model(cfg.model, cfg.peft, "auto", seed=1).model)
+    clear_model_cache()
+    b = get_adapter_state(build_model(cfg.model, cfg.peft, "auto", seed=1).model)
+    clear_model_cache()
+    c = get_adapter_state(build_model(cfg.model, cfg.peft, "auto", seed=2).model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_model_is_cached_per_process(tiny_cfg):
+    cfg = tiny_cfg()
+    first = build_model(cfg.model, cfg.peft, "auto", cfg.seed)
+    assert build_model(cfg.model, cfg.peft, "auto", cfg.seed) is first
+
+
+def test_absent_target_modules_are_named(tiny_cfg):
+    cfg = tiny_cfg()
+    with pytest.raises(UserError, match=r"qkv not found in the model; its linear layers are: .*q_proj"):
+        build_model(cfg.model, AdapterConfig(target_modules=["q_proj", "qkv"]), "auto", 0)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("no-such-model", "not a known alias"),
+        ("/nonexistent/folder", "neither a model folder nor a .gguf file"),
+        ("/nonexistent/model.gguf", "does not exist"),
+    ],
+)
+def test_unknown_model_names_are_refused(name, message):
+    with pytest.raises(UserError, match=message):
+        resolve_model(ModelConfig(name=name))
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model(ModelConfig(name=str(tmp_path)))
+
+
+def test_fp16_on_cpu_is_refused(tiny_cfg):
+    cfg = tiny_cfg()
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        build_model(cfg.model, cfg.peft, "fp16", 0)

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from fedllm_flwr.strategy import AdapterFedAvg, aggregate_client_metrics, weighted_mean
+from fedllm_flwr.transport import MANIFEST_KEY, pack, state_to_arrays
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages need a run id; outside a Flower run, set one for the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0, raising=False)
+
+
+def state(value: float) -> dict[str, torch.Tensor]:
+    return {"a.lora_A.weight": torch.full((2, 3), value), "a.lora_B.weight": torch.full((3, 2), 2 * value)}
+
+
+def reply(node: int, content: RecordDict | Error) -> Message:
+    sent = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=sent)
+
+
+def train_reply(node: int, st: dict, n: int, loss: float) -> Message:
+    content = pack(st)
+    content["metrics"] = MetricRecord({"num-examples": n, "train-loss": loss, "tokens": 10, "seconds": float(node)})
+    return reply(node, content)
+
+
+def strategy_for(global_state: dict) -> AdapterFedAvg:
+    strat = AdapterFedAvg(train_metrics_aggr_fn=aggregate_client_metrics)
+    strat._expected = [(k, tuple(v.shape)) for k, v in global_state.items()]
+    return strat
+
+
+def test_weighted_mean_matches_hand_computation():
+    out = weighted_mean([{"w": np.array([1.0, 2.0])}, {"w": np.array([4.0, 8.0])}], [1, 3])
+    np.testing.assert_allclose(out["w"], [(1 * 1 + 3 * 4) / 4, (1 * 2 + 3 * 8) / 4])
+    assert out["w"].dtype == np.float32
+
+
+def test_aggregate_is_fp32_weighted_by_num_examples():
+    strat = strategy_for(state(0.0))
+    replies = [train_reply(1, state(1.0), 10, 2.0), train_reply(2, state(0.5), 30, 1.0)]
+    arrays, metrics = strat.aggregate_train(1, replies)
+    expected = (10 * 1.0 + 30 * 0.5) / 40  # 0.625, exact in fp16 inputs
+    a = arrays["a.lora_A.weight"].numpy()
+    assert a.dtype == np.float32 and np.allclose(a, expected)
+    assert np.allclose(arrays["a.lora_B.weight"].numpy(), 2 * expected)
+    assert metrics["train-loss"] == pytest.approx((10 * 2.0 + 30 * 1.0) / 40)
+    assert metrics["tokens"] == 20 and metrics["num-examples"] == 40 and metrics["seconds"] == 2.0
+    ledger = strat.ledger.pop(1)
+    assert ledger["clients-ok"] == 2 and ledger["clients-failed"] == 0
+    assert ledger["bytes-up"] > 2 * 2 * 12  # two replies of 12 fp16 values each, plus framing
+
+
+def test_invalid_and_failed_replies_are_dropped_and_counted():
+    strat = strategy_for(state(0.0))
+    nan_state = state(1.0)
+    nan_state["a.lora_A.weight"][0, 0] = float("nan")
+    wrong_key = {"b.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+    wrong_shape = {"a.lora_A.weight": torch.zeros(3, 2), "a.lora_B.weight": torch.zeros(3, 2)}
+    replies = [
+        train_reply(1, state(1.0), 10, 1.0),
+        train_reply(2, nan_state, 10, 1.0),
+        train_reply(3, wrong_key, 10, 1.0),
+        train_reply(4, wrong_shape, 10, 1.0),
+        train_reply(5, state(9.0), 0, 1.0),  # zero weight
+        reply(6, Error(code=0, reason="client crashed")),
+    ]
+    arrays, _ = strat.aggregate_train(3, replies)
+    assert np.allclose(arrays["a.lora_A.weight"].numpy(), 1.0)  # only the valid reply
+    ledger = strat.ledger.pop(3)
+    assert ledger["clients-ok"] == 1 and ledger["clients-failed"] == 5 and ledger["clients-dropped"] == 4
+
+
+def test_no_valid_reply_means_no_update():
+    strat = strategy_for(state(0.0))
+    assert strat.aggregate_train(1, [reply(1, Error(code=0, reason="x"))]) == (None, None)
+
+
+class FakeGrid:
+    def get_node_ids(self):
+        return [11, 12]
+
+
+def test_outgoing_messages_carry_only_the_packed_fp16_adapter():
+    strat = AdapterFedAvg()
+    glob = state_to_arrays(state(0.25))
+    messages = list(strat.configure_train(1, glob, ConfigRecord(), FakeGrid()))
+    assert len(messages) == 2
+    content = messages[0].content
+    assert set(content.array_records) == {"arrays"} and list(content["arrays"]) == ["adapter"]
+    assert content["arrays"]["adapter"].dtype == "float16"
+    assert list(content[MANIFEST_KEY]["names"]) == list(glob)
+    assert isinstance(glob, ArrayRecord) and glob["a.lora_A.weight"].dtype == "float32"  # server copy untouched
+    assert strat.ledger.pop(1)["bytes-down"] > 0

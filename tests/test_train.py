@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+
+from fedllm_flwr.client import local_evaluate, local_train, partition_of
+from fedllm_flwr.config import TrainConfig
+from fedllm_flwr.data import client_data
+from fedllm_flwr.data.prompts import iter_batches
+from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
+from fedllm_flwr.train import lr_at, train_steps
+
+
+@pytest.fixture
+def setup(tiny_cfg):
+    clear_model_cache()
+    cfg = tiny_cfg()
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    data = client_data(cfg, bundle.tokenizer, 0, 1)
+    return cfg, bundle, data
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(setup):
+    cfg, bundle, data = setup
+    batch = next(iter_batches(data.train, 8, bundle.tokenizer.pad_token_id, seed=0))
+
+    def same_batch():
+        while True:
+            yield batch
+
+    before = bundle.model(**batch).loss.item()
+    result = train_steps(bundle.model, same_batch(), TrainConfig(lr=5e-2, local_steps=20, lr_schedule="constant"))
+    after = bundle.model(**batch).loss.item()
+    assert math.isfinite(result.loss) and after < before - 0.1
+    assert result.steps == 20 and result.examples == 20 * 8 and result.tokens > 0
+
+
+def test_only_the_adapter_changes(setup):
+    cfg, bundle, data = setup
+    frozen = {n: p.detach().clone() for n, p in bundle.model.named_parameters() if not p.requires_grad}
+    adapter = get_adapter_state(bundle.model)
+    train_steps(bundle.model, iter_batches(data.train, 4, bundle.tokenizer.pad_token_id, 0), TrainConfig(local_steps=2))
+    assert all(torch.equal(p, frozen[n]) for n, p in bundle.model.named_parameters() if not p.requires_grad)
+    after = get_adapter_state(bundle.model)
+    assert any(not torch.equal(after[k], adapter[k]) for k in adapter)
+
+
+def test_gradient_accumulation_takes_one_step_per_accum_batches(setup, monkeypatch):
+    cfg, bundle, data = setup
+    steps = []
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    result = train_steps(
+        bundle.model, iter_batches(data.train, 2, bundle.tokenizer.pad_token_id, 0), TrainConfig(local_steps=3, grad_accum=4)
+    )
+    assert len(steps) == 3 and result.examples == 3 * 4 * 2
+
+
+def test_lr_schedule_spans_rounds():
+    cfg = TrainConfig(lr=1e-3, lr_schedule="cosine", warmup_steps=2)
+    assert lr_at(0, 100, cfg) == pytest.approx(5e-4)
+    assert lr_at(2, 100, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, 100, cfg) == pytest.approx(1e-4, rel=0.01)
+    assert lr_at(10, 100, cfg) > lr_at(50, 100, cfg) > lr_at(90, 100, cfg)
+    assert lr_at(50, 100, TrainConfig(lr=3e-4, lr_schedule="constant")) == 3e-4
+
+
+def test_local_train_and_evaluate_reply_metrics(tiny_cfg):
+    clear_model_cache()
+    cfg = tiny_cfg()
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    start = get_adapter_state(bundle.model)
+    state, metrics = local_train(cfg, start, server_round=2, partition_id=1, num_partitions=2)
+    assert set(state) == set(start)
+    assert metrics["num-examples"] == 36  # 2 of 4 task families x 20, minus a 10% hold-out
+    assert metrics["examples-seen"] == cfg.train.local_steps * cfg.train.batch_size
+    for key in ("train-loss", "tokens", "seconds", "peak-memory-mb"):
+        assert math.isfinite(metrics[key]) and metrics[key] > 0
+    ev = local_evaluate(cfg, state, 1, 2)
+    assert ev["num-examples"] == 4 and math.isfinite(ev["eval-loss"]) and ev["eval-ppl"] > 1
+
+
+def test_same_seed_same_training(tiny_cfg):
+    results = []
+    for _ in range(2):
+        clear_model_cache()
+        cfg = tiny_cfg()
+        start = get_adapter_state(build_model(cfg.model, cfg.peft, "auto", cfg.seed).model)
+        results.append(local_train(cfg, start, 1, 0, 2))
+    assert results[0][1]["train-loss"] == results[1][1]["train-loss"]
+    assert all(torch.equal(results[0][0][k], results[1][0][k]) for k in results[0][0])
+
+
+def test_partition_of_requires_both_keys():
+    assert partition_of({"partition-id": 1, "num-partitions": 3}) == (1, 3)
+    with pytest.raises(ValueError, match="partition-id and num-partitions"):
+        partition_of({"partition-id": 0})
