@@ -70,6 +70,7 @@ def local_train(
         "seconds": result.seconds,
         "peak-memory-mb": result.peak_memory_mb,
         "dropped-samples": data.train.dropped,
+        "torch-threads": torch.get_num_threads(),
     }
     return get_adapter_state(bundle.model), metrics
 

