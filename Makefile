@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # CPU build by default: an unpinned `torch` resolves to a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test run test bench clean
+.PHONY: install install-test run test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: install-test
 
 bench: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/federated_overhead.py
+
+lint: install
+	$(BIN)/pip install -q 'ruff>=0.6'
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -40,8 +40,11 @@ def _check(args: argparse.Namespace) -> int:
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     trainable, total = count_parameters(bundle.model)
     _, test_set = server_data(cfg, bundle.tokenizer)
-    print(f"base model: {bundle.base_path} ({str(bundle.dtype).replace('torch.', '')}, {time.perf_counter() - t0:.1f} s)")
-    print(f"adapter: {cfg.peft.method}, {trainable:,} trainable of {total:,} parameters ({2 * trainable / 1e6:.2f} MB in fp16)")
+    print(
+        f"base model: {bundle.base_path} ({str(bundle.dtype).replace('torch.', '')}, {time.perf_counter() - t0:.1f} s)"
+    )
+    size = f"{2 * trainable / 1e6:.2f} MB in fp16"
+    print(f"adapter: {cfg.peft.method}, {trainable:,} trainable of {total:,} parameters ({size})")
     print(f"data: {len(train)} train / {len(test)} test records; {test_set.dropped} test samples dropped by truncation")
     print(f"run folder would be: {resolve_run_path(cfg)}")
     return 0

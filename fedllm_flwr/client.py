@@ -91,6 +91,5 @@ def partition_of(node_config: dict) -> tuple[int, int]:
         return int(node_config["partition-id"]), int(node_config["num-partitions"])
     except (KeyError, ValueError, TypeError):
         raise ValueError(
-            "the SuperNode's --node-config must set integer partition-id and num-partitions, "
-            f"got {dict(node_config)}"
+            f"the SuperNode's --node-config must set integer partition-id and num-partitions, got {dict(node_config)}"
         ) from None

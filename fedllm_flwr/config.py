@@ -91,9 +91,7 @@ class PartitionConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("iid", "dirichlet", "natural"):
-            raise ValueError(
-                f"dataset.partition.method={self.method!r}: use iid, dirichlet or natural"
-            )
+            raise ValueError(f"dataset.partition.method={self.method!r}: use iid, dirichlet or natural")
         if self.alpha <= 0:
             raise ValueError(f"dataset.partition.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.holdout_fraction < 1.0:
@@ -102,9 +100,7 @@ class PartitionConfig:
 
 @dataclass
 class SyntheticConfig:
-    tasks: list[str] = field(
-        default_factory=lambda: ["add", "reverse", "uppercase", "km_to_m"]
-    )
+    tasks: list[str] = field(default_factory=lambda: ["add", "reverse", "uppercase", "km_to_m"])
     """Task families of the built-in generator (see fedllm_flwr/data/synthetic.py)."""
     train_per_task: int = 200
     test_per_task: int = 25

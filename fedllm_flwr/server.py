@@ -78,6 +78,7 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     """Run the configured federated job to the end; returns the finished run folder."""
     t_start = time.perf_counter()
     records(cfg)  # read and check the whole data set before the (slower) model
+    log(INFO, "[fedllm-flwr] loading base model %s (a GGUF is converted once, ~20 s)", cfg.model.name)
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     trainable, total = count_parameters(bundle.model)
     initial = get_adapter_state(bundle.model)

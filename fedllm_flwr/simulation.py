@@ -10,7 +10,6 @@ when they end. `LocalSimulation` provides that.
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -138,20 +137,3 @@ class LocalSimulation:
 def _toml_string(text: str) -> str:
     """A TOML basic string for `--run-config key=value`."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m fedllm_flwr.simulation [APP_DIR] [OVERRIDES]`: one run, then clean up."""
-    import tempfile
-
-    argv = sys.argv[1:] if argv is None else argv
-    app_dir = Path(argv[0]) if argv else Path.cwd()
-    overrides = shlex.join(argv[1:]) if len(argv) > 1 else ""
-    with tempfile.TemporaryDirectory(prefix="fedllm-sim-") as tmp, LocalSimulation(Path(tmp)) as sim:
-        result = sim.run(app_dir, overrides)
-        print(result.stdout)
-        return result.returncode
-
-
-if __name__ == "__main__":
-    sys.exit(main())

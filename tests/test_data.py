@@ -115,7 +115,9 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 
 def test_missing_field_names_line_field_and_config_key(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "response": "b"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "response": "b"}]
+    )
     cfg = DatasetConfig(source="file", path=str(path))
     with pytest.raises(UserError, match=r"d\.jsonl, line 2: missing field 'output' \(dataset\.fields\.output\)"):
         load_records(cfg, 0)

@@ -1,7 +1,6 @@
 """The real thing: `flwr run` of this app on a private simulation SuperLink."""
 
 import json
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY_OVERRIDES

@@ -54,8 +54,14 @@ def test_iid_is_balanced_and_dirichlet_is_skewed():
 def test_partitioning_is_seeded():
     ds = make(["a", "b"], 20)
     cfg = PartitionConfig(method="iid")
-    assert partition_dataset(ds, cfg, 0, 2, seed=1)["instruction"] == partition_dataset(ds, cfg, 0, 2, seed=1)["instruction"]
-    assert partition_dataset(ds, cfg, 0, 2, seed=1)["instruction"] != partition_dataset(ds, cfg, 0, 2, seed=2)["instruction"]
+    assert (
+        partition_dataset(ds, cfg, 0, 2, seed=1)["instruction"]
+        == partition_dataset(ds, cfg, 0, 2, seed=1)["instruction"]
+    )
+    assert (
+        partition_dataset(ds, cfg, 0, 2, seed=1)["instruction"]
+        != partition_dataset(ds, cfg, 0, 2, seed=2)["instruction"]
+    )
 
 
 def test_bad_partition_requests():

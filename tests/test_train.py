@@ -51,7 +51,9 @@ def test_gradient_accumulation_takes_one_step_per_accum_batches(setup, monkeypat
     original = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
     result = train_steps(
-        bundle.model, iter_batches(data.train, 2, bundle.tokenizer.pad_token_id, 0), TrainConfig(local_steps=3, grad_accum=4)
+        bundle.model,
+        iter_batches(data.train, 2, bundle.tokenizer.pad_token_id, 0),
+        TrainConfig(local_steps=3, grad_accum=4),
     )
     assert len(steps) == 3 and result.examples == 3 * 4 * 2
 

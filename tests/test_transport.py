@@ -8,7 +8,12 @@ from fedllm_flwr.transport import MANIFEST_KEY, manifest_of, message_bytes, pack
 
 def adapter(seed=0):
     g = torch.Generator().manual_seed(seed)
-    names = [f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight" for i in range(3) for m in ("q_proj", "v_proj") for ab in "AB"]
+    names = [
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+        for i in range(3)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
+    ]
     return {n: torch.randn((4, 16) if n.endswith("A.weight") else (16, 4), generator=g) for n in names}
 
 

@@ -19,9 +19,7 @@ SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    corpus = [
-        format_prompt(r["instruction"]) + r["output"] for r in generate(sorted(TASKS), 20, seed=0)
-    ]
+    corpus = [format_prompt(r["instruction"]) + r["output"] for r in generate(sorted(TASKS), 20, seed=0)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

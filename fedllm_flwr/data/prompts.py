@@ -56,7 +56,9 @@ def tokenize_records(records: Iterable[dict[str, str]], tokenizer, max_seq_len: 
     out = TokenizedSet([], [], [], 0)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
     for rec in records:
-        prompt = bos + tokenizer.encode(format_prompt(rec["instruction"], rec.get("input", "")), add_special_tokens=False)
+        prompt = bos + tokenizer.encode(
+            format_prompt(rec["instruction"], rec.get("input", "")), add_special_tokens=False
+        )
         target = tokenizer.encode(rec["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
         ids = (prompt + target)[:max_seq_len]
         n_prompt = min(len(prompt), len(ids))

@@ -75,8 +75,7 @@ def map_fields(records: list[dict], fields: FieldsConfig, origin: str) -> list[d
                 if column in ("instruction", "output"):
                     present = ", ".join(k for k in rec if k != "__line__")
                     raise UserError(
-                        f"{where}: missing field {source!r} (dataset.fields.{column}); "
-                        f"the record has: {present}"
+                        f"{where}: missing field {source!r} (dataset.fields.{column}); the record has: {present}"
                     )
                 value = ""
             row[column] = value if isinstance(value, str) else json.dumps(value) if column != "category" else str(value)

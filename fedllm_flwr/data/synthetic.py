@@ -10,13 +10,59 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-WORDS = (
-    "apple river stone cloud garden window pencil rabbit forest candle mirror "
-    "basket ladder orange silver planet bottle castle dragon feather guitar "
-    "island jacket kettle lemon marble needle ocean pepper rocket saddle "
-    "tiger violin wagon yellow anchor bridge cactus donkey engine falcon "
-    "ginger hammer igloo jungle koala lantern meadow nickel oyster puzzle"
-).split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "garden",
+    "window",
+    "pencil",
+    "rabbit",
+    "forest",
+    "candle",
+    "mirror",
+    "basket",
+    "ladder",
+    "orange",
+    "silver",
+    "planet",
+    "bottle",
+    "castle",
+    "dragon",
+    "feather",
+    "guitar",
+    "island",
+    "jacket",
+    "kettle",
+    "lemon",
+    "marble",
+    "needle",
+    "ocean",
+    "pepper",
+    "rocket",
+    "saddle",
+    "tiger",
+    "violin",
+    "wagon",
+    "yellow",
+    "anchor",
+    "bridge",
+    "cactus",
+    "donkey",
+    "engine",
+    "falcon",
+    "ginger",
+    "hammer",
+    "igloo",
+    "jungle",
+    "koala",
+    "lantern",
+    "meadow",
+    "nickel",
+    "oyster",
+    "puzzle",
+]
 
 UNITS = {"kilometers": ("meters", 1000), "kilograms": ("grams", 1000), "meters": ("centimeters", 100)}
 
@@ -117,5 +163,7 @@ def generate_splits(
         (test if split == "test" else train).append(rec)
     short = [t for t in tasks if counts.get(("train", t), 0) < train_per_task]
     if short:
-        raise ValueError(f"synthetic task(s) {short} have too few distinct examples for train_per_task={train_per_task}")
+        raise ValueError(
+            f"synthetic task(s) {short} have too few distinct examples for train_per_task={train_per_task}"
+        )
     return train, test

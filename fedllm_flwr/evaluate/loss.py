@@ -18,9 +18,7 @@ def evaluate_loss(model: torch.nn.Module, data: TokenizedSet, pad_id: int, batch
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
-        batch = collate(
-            data.input_ids[start : start + batch_size], data.labels[start : start + batch_size], pad_id
-        )
+        batch = collate(data.input_ids[start : start + batch_size], data.labels[start : start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shift_logits = logits[:, :-1].float()
