@@ -10,6 +10,7 @@ when they end. `LocalSimulation` provides that.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,6 +127,7 @@ class LocalSimulation:
                 continue
             break
         self.process = None
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self) -> LocalSimulation:
         return self.start()
