@@ -227,7 +227,8 @@ def build_model(
         # Adapter weights are created fp32 (peft's autocast_adapter_dtype) even on
         # a bf16/fp16 base, so the optimizer updates full-precision weights.
         model = get_peft_model(base, lora_config(adapter_cfg), autocast_adapter_dtype=True)
-        model.base_model_name_or_path = base_path
+        # What `save_pretrained` writes into adapter_config.json: a folder or hub id
+        # that loads offline, so AutoPeftModelForCausalLM works on the saved adapter.
         model.peft_config["default"].base_model_name_or_path = base_path
         _BUNDLES[key] = ModelBundle(model, tokenizer, base_path, device, dtype)
     return _BUNDLES[key]

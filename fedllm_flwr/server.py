@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 
 from fedllm_flwr.config import Config
 from fedllm_flwr.data import records, server_data
+from fedllm_flwr.data.prompts import TokenizedSet
 from fedllm_flwr.evaluate.exact_match import exact_match
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_adapter_state, set_adapter_state
@@ -26,6 +27,13 @@ from fedllm_flwr.transport import arrays_to_state, state_to_arrays
 
 INFO = logging.INFO
 
+#: Keys present in every metrics.jsonl row (null where a round has no value), so
+#: the file loads into one table.
+ROW_KEYS = (
+    "round", "train-loss", "eval-loss", "eval-ppl", "accuracy", "bytes-down", "bytes-up",
+    "seconds", "clients-ok", "clients-failed",
+)  # fmt: skip
+
 
 class ServerEvaluator:
     """`evaluate_fn` for Strategy.start: evaluate, save the adapter, log the round.
@@ -34,9 +42,16 @@ class ServerEvaluator:
     the last step of each round, so it writes that round's metrics row.
     """
 
-    def __init__(self, cfg: Config, bundle: ModelBundle, run_dir: RunDir, ledger: RoundLedger) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        bundle: ModelBundle,
+        test: tuple[list[dict[str, str]], TokenizedSet],
+        run_dir: RunDir,
+        ledger: RoundLedger,
+    ) -> None:
         self.cfg, self.bundle, self.run_dir, self.ledger = cfg, bundle, run_dir, ledger
-        self.test_records, self.test_set = server_data(cfg, bundle.tokenizer)  # cached: loaded before
+        self.test_records, self.test_set = test
         self.last = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
 
@@ -52,7 +67,8 @@ class ServerEvaluator:
         due = server_round == 0 or last_round or server_round % self.cfg.eval.every == 0
         t0 = time.perf_counter()
         results = self.evaluate() if due else {}
-        row: dict[str, Any] = {"round": server_round, **self.ledger.pop(server_round), **results}
+        row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+        row.update({"round": server_round, **self.ledger.pop(server_round), **results})
         if due:
             row["eval-seconds"] = time.perf_counter() - t0
         if server_round > 0 and (self.cfg.run.save_every_round or last_round):
@@ -62,15 +78,15 @@ class ServerEvaluator:
         self.last = now
         self.run_dir.metrics.write(row)
         self.rows.append(row)
+        parts = [f"round {server_round}/{self.cfg.num_rounds}"]
+        if row["train-loss"] is not None:
+            parts.append(f"train-loss {row['train-loss']:.4f}")
         if due:
-            log(
-                INFO,
-                "[fedllm-flwr] round %s: eval-loss %.4f  accuracy %.3f  train-loss %s",
-                server_round,
-                results["eval-loss"],
-                results.get("accuracy", float("nan")),
-                f"{row['train-loss']:.4f}" if "train-loss" in row else "-",
-            )
+            parts.append(f"eval-loss {results['eval-loss']:.4f}  accuracy {results.get('accuracy', float('nan')):.3f}")
+        if server_round > 0:
+            parts.append(f"clients ok {row['clients-ok'] or 0} failed {row['clients-failed'] or 0}")
+        parts.append(f"{row['seconds']:.1f} s")
+        log(INFO, "[fedllm-flwr] %s", "  |  ".join(parts))
         return MetricRecord({k: float(v) for k, v in results.items()}) if results else None
 
 
@@ -82,9 +98,10 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     trainable, total = count_parameters(bundle.model)
     initial = get_adapter_state(bundle.model)
+    test = server_data(cfg, bundle.tokenizer)
     strategy = build_strategy(cfg)
     run_dir = RunDir.create(cfg)
-    evaluator = ServerEvaluator(cfg, bundle, run_dir, strategy.ledger)
+    evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy.ledger)
     log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
     log(
         INFO,
@@ -105,7 +122,7 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     )
     if not evaluator.rows or evaluator.rows[-1]["round"] != cfg.num_rounds:
         raise RuntimeError("the strategy stopped before the last round; adapter/final was not written")
-    if all(r.get("clients-ok", 0) == 0 for r in evaluator.rows[1:]):
+    if not any(r["clients-ok"] for r in evaluator.rows[1:]):
         raise RuntimeError("no client reply was aggregated in any round; adapter/final was not written")
     set_adapter_state(bundle.model, arrays_to_state(result.arrays))
     final = run_dir.save_adapter(bundle.model, "final")
