@@ -18,3 +18,5 @@ def quiet_third_party_output() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    # peft's prefix tuning still hands its prefix over as `past_key_values`.
+    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)

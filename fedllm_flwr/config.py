@@ -40,29 +40,49 @@ class ModelConfig:
     `$FEDLLM_FLWR_CACHE` or `~/.cache/fedllm-flwr/models`."""
 
 
+#: The PEFT methods with a builder in fedllm_flwr/peft_methods.py.
+PEFT_METHODS = ("lora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+
+
 @dataclass
 class AdapterConfig:
     method: str = "lora"
-    """PEFT method. `lora` is the one method shipped so far."""
+    """PEFT method: lora, loha, ia3, prompt_tuning, p_tuning (peft's prompt
+    encoder) or prefix_tuning. Each has a preset in conf/peft/."""
     r: int = 8
-    """LoRA rank. r=8 on q_proj,v_proj of SmolLM2-135M is 460,800 parameters,
-    0.92 MB in fp16: the size of every message."""
+    """Rank (lora, loha). LoRA r=8 on q_proj,v_proj of SmolLM2-135M is 460,800
+    parameters, 0.92 MB in fp16: the size of every message."""
     alpha: int = 16
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    """Scaling numerator (lora, loha): the update is scaled by alpha / r."""
     dropout: float = 0.05
-    """Dropout on the LoRA input during training."""
+    """Dropout on the adapter's input (lora) or of whole modules (loha)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Names (last path component) of the linear layers that get an adapter."""
+    """Linear layers (last name component) that get an adapter (lora, loha, ia3)."""
+    feedforward_modules: list[str] = field(default_factory=list)
+    """ia3: the target modules whose input, not output, is rescaled."""
+    num_virtual_tokens: int = 20
+    """Trainable prompt length (prompt_tuning, p_tuning, prefix_tuning). On
+    SmolLM2-135M, 20 tokens are 11,520 parameters as a prompt, 230,400 as a prefix
+    (20 x 30 layers x key+value x 192)."""
+    encoder_hidden_size: int = 128
+    """p_tuning: hidden width of the MLP that produces the virtual tokens."""
+    init_text: str = ""
+    """prompt_tuning: initialise the virtual tokens from this text (empty: random)."""
 
     def __post_init__(self) -> None:
-        if self.method != "lora":
-            raise ValueError(f"peft.method={self.method!r} is not supported; use 'lora'")
+        if self.method not in PEFT_METHODS:
+            raise ValueError(f"peft.method={self.method!r}: use one of {', '.join(PEFT_METHODS)}")
         if self.r < 1:
             raise ValueError(f"peft.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("peft.target_modules must name at least one module")
+        if self.method in ("lora", "loha", "ia3") and not self.target_modules:
+            raise ValueError(f"peft.target_modules must name at least one module for {self.method}")
+        extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+        if self.method == "ia3" and extra:
+            raise ValueError(f"peft.feedforward_modules {extra} must also be in peft.target_modules")
+        if self.num_virtual_tokens < 1 or self.encoder_hidden_size < 1:
+            raise ValueError("peft.num_virtual_tokens and peft.encoder_hidden_size must be >= 1")
 
 
 @dataclass

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from peft.utils import get_peft_model_state_dict
+from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from fedllm_flwr.config import AdapterConfig, ModelConfig
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.peft_methods import TARGETED, peft_config
 
 log = logging.getLogger(__name__)
 
@@ -181,16 +181,6 @@ def _check_targets(model: torch.nn.Module, cfg: AdapterConfig) -> None:
         )
 
 
-def lora_config(cfg: AdapterConfig) -> LoraConfig:
-    return LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
-    )
-
-
 @dataclass
 class ModelBundle:
     """A PEFT-wrapped model with its tokenizer and where its base came from."""
@@ -222,11 +212,16 @@ def build_model(
     if key not in _BUNDLES:
         tokenizer = load_tokenizer(base_path)
         base = load_base_model(base_path, dtype, device)
-        _check_targets(base, adapter_cfg)
+        if adapter_cfg.method in TARGETED:
+            _check_targets(base, adapter_cfg)
         torch.manual_seed(seed)
         # Adapter weights are created fp32 (peft's autocast_adapter_dtype) even on
         # a bf16/fp16 base, so the optimizer updates full-precision weights.
-        model = get_peft_model(base, lora_config(adapter_cfg), autocast_adapter_dtype=True)
+        model = get_peft_model(base, peft_config(adapter_cfg, base_path), autocast_adapter_dtype=True)
+        for param in model.parameters():  # prompt encoders are created in the base dtype
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        model.eval()  # dropout only inside train_steps
         # What `save_pretrained` writes into adapter_config.json: a folder or hub id
         # that loads offline, so AutoPeftModelForCausalLM works on the saved adapter.
         model.peft_config["default"].base_model_name_or_path = base_path
@@ -235,21 +230,27 @@ def build_model(
 
 
 def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapter's trainable weights only (detached CPU copies, own dtype)."""
-    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model).items()}
+    """The trainable parameters by name (detached fp32 CPU copies).
+
+    This, not peft's save format, is what federates: for P-tuning peft saves only
+    the prompt encoder's output, which cannot be trained further, while the
+    trainable parameters are the encoder itself.
+    """
+    return {n: p.detach().to("cpu", torch.float32).clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@torch.no_grad()
 def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter weights; the keys must match the model's adapter exactly."""
-    expected = set(get_peft_model_state_dict(model))
-    if set(state) != expected:
-        missing = sorted(expected - set(state))[:3]
-        extra = sorted(set(state) - expected)[:3]
+    """Copy `state` into the trainable parameters; names and shapes must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(params):
+        missing = sorted(set(params) - set(state))[:3]
+        extra = sorted(set(state) - set(params))[:3]
         raise ValueError(f"adapter state does not match the model: missing {missing}, unexpected {extra}")
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"adapter state has unexpected keys: {unexpected[:3]}")
+    for name, param in params.items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise ValueError(f"{name}: shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
+        param.copy_(state[name])
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

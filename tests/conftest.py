@@ -50,3 +50,13 @@ def shared_mini() -> Path:
     if not SHARED_MINI.is_dir():
         pytest.skip("../shared/data/mini is not present (it is not part of a fresh clone)")
     return SHARED_MINI
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower Messages need a run id; outside a Flower run, set one for the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0, raising=False)

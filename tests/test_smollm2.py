@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM
+from peft import AutoPeftModelForCausalLM, get_peft_model_state_dict
 
 from fedllm_flwr.client import local_train
 from fedllm_flwr.config import load_cfg
@@ -38,6 +38,6 @@ def test_one_short_round_with_smollm2(tmp_path):
     run = RunDir.create(cfg)
     saved = run.save_adapter(bundle.model, "final")
     loaded = AutoPeftModelForCausalLM.from_pretrained(str(saved))
-    back = get_adapter_state(loaded)
-    assert set(back) == set(state)
-    assert all(torch.allclose(back[k].float(), state[k].float()) for k in state)
+    back, sent = get_peft_model_state_dict(loaded), get_peft_model_state_dict(bundle.model)
+    assert set(back) == set(sent) and len(back) == len(state)
+    assert all(torch.allclose(back[k].float(), sent[k].float()) for k in sent)

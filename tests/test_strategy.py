@@ -8,13 +8,8 @@ from fedllm_flwr.transport import MANIFEST_KEY, pack, state_to_arrays
 
 
 @pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages need a run id; outside a Flower run, set one for the test."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0, raising=False)
+def _messages(task_identity):
+    pass
 
 
 def state(value: float) -> dict[str, torch.Tensor]:

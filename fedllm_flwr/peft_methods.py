@@ -1,0 +1,84 @@
+"""The PEFT methods: one builder per method, from our `AdapterConfig` to peft's config.
+
+Adding a method costs a builder here, a YAML in conf/peft/ and a row in
+tests/test_peft_methods.py. Whatever the method, the federated state is the set
+of trainable parameters (see `model.get_adapter_state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+)
+
+from fedllm_flwr.config import AdapterConfig
+
+
+def _lora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def _loha(cfg: AdapterConfig, base_path: str) -> PeftConfig:
+    return LoHaConfig(
+        r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def _ia3(cfg: AdapterConfig, base_path: str) -> PeftConfig:
+    return IA3Config(
+        target_modules=list(cfg.target_modules),
+        feedforward_modules=list(cfg.feedforward_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def _prompt_tuning(cfg: AdapterConfig, base_path: str) -> PeftConfig:
+    if cfg.init_text:
+        return PromptTuningConfig(
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=cfg.init_text,
+            tokenizer_name_or_path=base_path,
+            task_type="CAUSAL_LM",
+        )
+    return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+
+
+def _p_tuning(cfg: AdapterConfig, base_path: str) -> PeftConfig:
+    return PromptEncoderConfig(
+        num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=cfg.encoder_hidden_size, task_type="CAUSAL_LM"
+    )
+
+
+def _prefix_tuning(cfg: AdapterConfig, base_path: str) -> PeftConfig:
+    return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+
+
+BUILDERS: dict[str, Callable[[AdapterConfig, str], PeftConfig]] = {
+    "lora": _lora,
+    "loha": _loha,
+    "ia3": _ia3,
+    "prompt_tuning": _prompt_tuning,
+    "p_tuning": _p_tuning,
+    "prefix_tuning": _prefix_tuning,
+}
+
+#: Methods that insert modules into named linear layers (checked against the model).
+TARGETED = ("lora", "loha", "ia3")
+
+
+def peft_config(cfg: AdapterConfig, base_path: str) -> PeftConfig:
+    """peft's config for `cfg.method`; `base_path` serves text initialisation."""
+    return BUILDERS[cfg.method](cfg, base_path)

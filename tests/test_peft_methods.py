@@ -1,0 +1,106 @@
+"""Every PEFT method through the federated path, one row per method, on the tiny model."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from peft import AutoPeftModelForCausalLM
+
+from fedllm_flwr.client import local_train
+from fedllm_flwr.config import PEFT_METHODS
+from fedllm_flwr.evaluate.exact_match import generate_answers
+from fedllm_flwr.model import build_model, clear_model_cache, count_parameters, get_adapter_state, set_adapter_state
+from fedllm_flwr.peft_methods import BUILDERS
+from fedllm_flwr.run_dir import RunDir
+from fedllm_flwr.strategy import AdapterFedAvg
+from fedllm_flwr.transport import manifest_of, pack, unpack_state
+
+# (conf/peft preset, trainable parameter names must contain one of these)
+ROWS = [
+    ("lora", ("lora_A", "lora_B")),
+    ("loha", ("hada_w1", "hada_w2")),
+    ("ia3", ("ia3_l",)),
+    ("prompt_tuning", ("prompt_encoder",)),
+    ("p_tuning", ("mlp_head", "embedding")),
+    ("prefix_tuning", ("prompt_encoder",)),
+]
+
+
+def test_every_method_has_a_builder_a_preset_and_a_row():
+    from fedllm_flwr.config import conf_dir
+
+    assert set(BUILDERS) == set(PEFT_METHODS) == {m for m, _ in ROWS}
+    assert {p.stem for p in (conf_dir() / "peft").glob("*.yaml")} == set(PEFT_METHODS)
+
+
+def reply_for(node: int, state: dict, n: int) -> Message:
+    content = pack(state)
+    content["metrics"] = MetricRecord({"num-examples": n, "train-loss": 1.0})
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN))
+
+
+@pytest.mark.parametrize("method, markers", ROWS, ids=[m for m, _ in ROWS])
+def test_method_trains_round_trips_aggregates_and_saves(method, markers, tiny_cfg, tmp_path, task_identity):
+    clear_model_cache()
+    cfg = tiny_cfg(f"peft={method}", "peft.num_virtual_tokens=4", f"run.output_dir={tmp_path}", "run.name=r")
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    start = get_adapter_state(bundle.model)
+    trainable, _ = count_parameters(bundle.model)
+    assert start and sum(v.numel() for v in start.values()) == trainable
+    assert all(any(m in name for m in markers) for name in start), list(start)[:3]
+    assert all(p.dtype == torch.float32 for p in bundle.model.parameters() if p.requires_grad)
+
+    # Two clients train a round from the same global adapter.
+    s0, m0 = local_train(cfg, start, 1, 0, 2)
+    s1, m1 = local_train(cfg, start, 1, 1, 2)
+    assert np.isfinite(m0["train-loss"]) and np.isfinite(m1["train-loss"])
+    assert any(not torch.equal(s0[k], start[k]) for k in start), "training changed nothing"
+
+    # The wire format round-trips exactly (up to fp16) into the model.
+    set_adapter_state(bundle.model, unpack_state(pack(s0), manifest_of(s0)))
+    assert all(torch.equal(get_adapter_state(bundle.model)[k], s0[k].half().float()) for k in s0)
+
+    # Two replies average to the num-examples-weighted mean.
+    strategy = AdapterFedAvg()
+    strategy._expected = manifest_of(start)
+    arrays, _ = strategy.aggregate_train(1, [reply_for(1, s0, 3), reply_for(2, s1, 1)])
+    for key in start:
+        want = (3 * s0[key].half().float() + 1 * s1[key].half().float()) / 4
+        assert np.allclose(arrays[key].numpy(), want.numpy(), atol=1e-6)
+
+    # The saved adapter reloads with peft alone, quietly, and generates.
+    set_adapter_state(bundle.model, {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()})
+    saved = RunDir.create(cfg).save_adapter(bundle.model, "final")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = AutoPeftModelForCausalLM.from_pretrained(str(saved))
+    answers = generate_answers(loaded, bundle.tokenizer, [{"instruction": "What is 1 + 1?", "input": ""}], 1, 3)
+    assert len(answers) == 1
+
+
+def test_cache_free_greedy_matches_generate_and_keeps_the_prefix(tiny_cfg):
+    from fedllm_flwr.data.prompts import format_prompt
+    from fedllm_flwr.evaluate.exact_match import greedy_without_cache
+
+    prompts = [format_prompt("What is 12 + 30?"), format_prompt("Write in capital letters: apple river")]
+    clear_model_cache()
+    cfg = tiny_cfg("peft=lora", "train.precision=fp32")  # bf16 noise would flip near-ties
+    lora = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    state = get_adapter_state(lora.model)
+    set_adapter_state(lora.model, {k: torch.randn_like(v) for k, v in state.items()})
+    records = [{"instruction": p, "input": ""} for p in ("What is 12 + 30?", "Write in capital letters: apple river")]
+    assert greedy_without_cache(lora.model, lora.tokenizer, prompts, 6) == generate_answers(
+        lora.model, lora.tokenizer, records, 2, 6
+    )
+
+    clear_model_cache()
+    cfg = tiny_cfg("peft=prefix_tuning", "peft.num_virtual_tokens=4")
+    prefix = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    state = get_adapter_state(prefix.model)
+    outputs = []
+    for scale in (0.0, 20.0):
+        set_adapter_state(prefix.model, {k: torch.randn_like(v) * scale for k, v in state.items()})
+        outputs.append(generate_answers(prefix.model, prefix.tokenizer, records, 2, 6))
+    assert outputs[0] != outputs[1]  # the prefix reaches the answers
