@@ -6,6 +6,7 @@ from flwr.clientapp import ClientApp
 from fedllm_flwr import quiet_third_party_output
 from fedllm_flwr.client import local_evaluate, local_train, partition_of
 from fedllm_flwr.config import load_cfg
+from fedllm_flwr.strategy.scenarios import DATA_KEY, STEPS_KEY
 from fedllm_flwr.transport import pack, unpack_state
 
 quiet_third_party_output()
@@ -16,8 +17,13 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     cfg = load_cfg(context.run_config)
     partition_id, num_partitions = partition_of(context.node_config)
-    server_round = int(msg.content["config"]["server-round"])
-    state, metrics = local_train(cfg, unpack_state(msg.content), server_round, partition_id, num_partitions)
+    config = msg.content["config"]
+    if config.get(DATA_KEY) == "all":  # scenario=global: this node holds everyone's data
+        partition_id, num_partitions = 0, 1
+    steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None
+    state, metrics = local_train(
+        cfg, unpack_state(msg.content), int(config["server-round"]), partition_id, num_partitions, steps
+    )
     reply = pack(state)
     reply["metrics"] = MetricRecord(metrics)
     return Message(content=reply, reply_to=msg)

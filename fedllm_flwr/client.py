@@ -7,6 +7,8 @@ per process, so a worker serving many rounds loads them once.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fedllm_flwr.config import Config
@@ -35,14 +37,17 @@ def local_train(
     server_round: int,
     partition_id: int,
     num_partitions: int,
+    local_steps: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train the received adapter for `train.local_steps` steps on this client's data.
+    """Train the received adapter for `local_steps` (default `train.local_steps`) steps.
 
     Round r continues the client's batch stream where round r-1 stopped, and
     the learning-rate schedule spans all rounds. Returns the new adapter state
     and the reply metrics (`num-examples` is the client's training-set size,
     FedAvg's weight).
     """
+    if local_steps is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=local_steps))
     bundle, data = _setup(cfg, partition_id, num_partitions)
     if len(data.train) == 0:
         raise ValueError(f"client {partition_id} has no training examples")
@@ -71,6 +76,7 @@ def local_train(
         "peak-memory-mb": result.peak_memory_mb,
         "dropped-samples": data.train.dropped,
         "torch-threads": torch.get_num_threads(),
+        "partition-id": partition_id,
     }
     return get_adapter_state(bundle.model), metrics
 

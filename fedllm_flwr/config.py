@@ -225,6 +225,18 @@ class StrategyConfig:
 
 
 @dataclass
+class ScenarioConfig:
+    name: str = "fed"
+    """`fed`: federated averaging. `global`: one holder of all training data, the
+    same total optimizer steps and evaluation (a simulation baseline). `local`:
+    every client trains its own adapter, nothing is averaged."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("fed", "global", "local"):
+            raise ValueError(f"scenario.name={self.name!r}: use fed, global or local")
+
+
+@dataclass
 class RunConfig:
     name: str = ""
     """Run folder name; empty means a timestamp (YYYYmmdd-HHMMSS)."""
@@ -247,6 +259,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:

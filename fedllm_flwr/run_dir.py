@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 
 from fedllm_flwr.config import Config, cfg_to_yaml
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.metrics import MetricsLog
+from fedllm_flwr.model import set_adapter_state
 
 
 def home_dir() -> Path:
@@ -57,12 +59,19 @@ class RunDir:
         (path / "config.yaml").write_text(cfg_to_yaml(cfg))
         return cls(path)
 
-    def save_adapter(self, model: PeftModel, name: str) -> Path:
-        """`model`'s active adapter in peft's format, under adapter/<name>/ (atomic)."""
-        target = self.path / "adapter" / name
-        tmp = target.with_name(f".{name}.tmp")
+    def save_adapters(self, model: PeftModel, folder: str, states: dict[str, dict[str, torch.Tensor]]) -> Path:
+        """Save adapters in peft's format under adapter/<folder>/ (atomically).
+
+        `states` maps a subfolder name to an adapter state; the name "" saves
+        into adapter/<folder>/ itself (one global adapter). Each state is loaded
+        into `model` in turn. The folder appears complete or not at all.
+        """
+        target = self.path / "adapter" / folder
+        tmp = target.with_name(f".{folder}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        for name, state in states.items():
+            set_adapter_state(model, state)
+            model.save_pretrained(tmp / name if name else tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         return target

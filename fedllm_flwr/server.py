@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -22,7 +24,7 @@ from fedllm_flwr.evaluate.exact_match import exact_match
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_adapter_state, set_adapter_state
 from fedllm_flwr.run_dir import RunDir
-from fedllm_flwr.strategy import RoundLedger, build_strategy
+from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters, build_strategy
 from fedllm_flwr.transport import arrays_to_state, state_to_arrays
 
 INFO = logging.INFO
@@ -36,10 +38,12 @@ ROW_KEYS = (
 
 
 class ServerEvaluator:
-    """`evaluate_fn` for Strategy.start: evaluate, save the adapter, log the round.
+    """`evaluate_fn` for Strategy.start: evaluate, save the adapter(s), log the round.
 
     Flower calls it after round 0 (before training) and after every round; it is
-    the last step of each round, so it writes that round's metrics row.
+    the last step of each round, so it writes that round's metrics row. In the
+    local scenario it evaluates every client's own adapter: the row holds the
+    mean over clients, `-std` spreads and `client_<id>-` values.
     """
 
     def __init__(
@@ -48,12 +52,18 @@ class ServerEvaluator:
         bundle: ModelBundle,
         test: tuple[list[dict[str, str]], TokenizedSet],
         run_dir: RunDir,
-        ledger: RoundLedger,
+        strategy: AdapterFedAvg,
     ) -> None:
-        self.cfg, self.bundle, self.run_dir, self.ledger = cfg, bundle, run_dir, ledger
+        self.cfg, self.bundle, self.run_dir, self.strategy = cfg, bundle, run_dir, strategy
         self.test_records, self.test_set = test
         self.last = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
+
+    def adapters(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
+        """The adapter(s) a round produced, by folder name ("" for the global one)."""
+        if isinstance(self.strategy, LocalAdapters) and self.strategy.adapters:
+            return {f"client_{pid}": a for pid, a in self.strategy.client_adapters().items()}
+        return {"": arrays}
 
     def evaluate(self) -> dict[str, float]:
         model, tok = self.bundle.model, self.bundle.tokenizer
@@ -61,18 +71,34 @@ class ServerEvaluator:
         acc = exact_match(model, tok, self.test_records, self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
         return {"eval-loss": loss["loss"], "eval-ppl": loss["ppl"], **acc}
 
+    def save(self, folder: str, adapters: dict[str, ArrayRecord]) -> Path:
+        states = {name: arrays_to_state(arrays) for name, arrays in adapters.items()}
+        return self.run_dir.save_adapters(self.bundle.model, folder, states)
+
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        set_adapter_state(self.bundle.model, arrays_to_state(arrays))
         last_round = server_round == self.cfg.num_rounds
         due = server_round == 0 or last_round or server_round % self.cfg.eval.every == 0
+        adapters = self.adapters(arrays)
         t0 = time.perf_counter()
-        results = self.evaluate() if due else {}
+        results: dict[str, float] = {}
+        if due:
+            per_adapter = {}
+            for name, own in adapters.items():
+                set_adapter_state(self.bundle.model, arrays_to_state(own))
+                per_adapter[name] = self.evaluate()
+            keys = next(iter(per_adapter.values()))
+            results = {k: float(np.mean([r[k] for r in per_adapter.values()])) for k in keys}
+            if len(per_adapter) > 1:
+                for key in ("accuracy", "eval-loss"):
+                    results[f"{key}-std"] = float(np.std([r[key] for r in per_adapter.values()]))
+                for name, r in per_adapter.items():
+                    results.update({f"{name}-accuracy": r["accuracy"], f"{name}-eval-loss": r["eval-loss"]})
         row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
-        row.update({"round": server_round, **self.ledger.pop(server_round), **results})
+        row.update({"round": server_round, **self.strategy.ledger.pop(server_round), **results})
         if due:
             row["eval-seconds"] = time.perf_counter() - t0
         if server_round > 0 and (self.cfg.run.save_every_round or last_round):
-            self.run_dir.save_adapter(self.bundle.model, f"round_{server_round}")
+            self.save(f"round_{server_round}", adapters)
         now = time.perf_counter()
         row["seconds"] = now - self.last
         self.last = now
@@ -82,7 +108,8 @@ class ServerEvaluator:
         if row["train-loss"] is not None:
             parts.append(f"train-loss {row['train-loss']:.4f}")
         if due:
-            parts.append(f"eval-loss {results['eval-loss']:.4f}  accuracy {results.get('accuracy', float('nan')):.3f}")
+            spread = f" (std {results['accuracy-std']:.3f})" if "accuracy-std" in results else ""
+            parts.append(f"eval-loss {results['eval-loss']:.4f}  accuracy {results['accuracy']:.3f}{spread}")
         if server_round > 0:
             parts.append(f"clients ok {row['clients-ok'] or 0} failed {row['clients-failed'] or 0}")
         parts.append(f"{row['seconds']:.1f} s")
@@ -101,11 +128,12 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     test = server_data(cfg, bundle.tokenizer)
     strategy = build_strategy(cfg)
     run_dir = RunDir.create(cfg)
-    evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy.ledger)
+    evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy)
     log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
     log(
         INFO,
-        "[fedllm-flwr] base %s (%s), adapter %s: %s trainable of %s parameters",
+        "[fedllm-flwr] scenario %s, base %s (%s), adapter %s: %s trainable of %s parameters",
+        cfg.scenario.name,
         bundle.base_path,
         str(bundle.dtype).replace("torch.", ""),
         cfg.peft.method,
@@ -124,8 +152,7 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
         raise RuntimeError("the strategy stopped before the last round; adapter/final was not written")
     if not any(r["clients-ok"] for r in evaluator.rows[1:]):
         raise RuntimeError("no client reply was aggregated in any round; adapter/final was not written")
-    set_adapter_state(bundle.model, arrays_to_state(result.arrays))
-    final = run_dir.save_adapter(bundle.model, "final")
+    final = evaluator.save("final", evaluator.adapters(result.arrays))
     first, last = evaluator.rows[0], evaluator.rows[-1]
     run_dir.write_summary(
         {

@@ -77,3 +77,28 @@ def test_bad_input_fails_the_run_early_and_leaves_no_final_adapter(sim, tiny_mod
     status = run_status(sim)
     assert status["status"] == "finished:failed" and message in status["status-details"]
     assert not (out / "bad").exists()
+
+
+@pytest.mark.parametrize("scenario", ["global", "local"])
+def test_scenarios_run_with_the_same_command(sim, tiny_model_dir, tmp_path, scenario):
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"scenario={scenario}",
+         f"run.output_dir={out}", "run.name=s"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    run = out / "s"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    final = run / "adapter" / "final"
+    if scenario == "global":
+        assert all(r["clients-sampled"] == 1 and r["clients-ok"] == 1 for r in rows[1:])
+        assert rows[1]["examples-seen"] == 2 * 2 * 4  # 2 clients' worth of 2 steps x batch 4
+        assert (final / "adapter_config.json").is_file()
+    else:
+        assert all(r["clients-ok"] == 2 for r in rows[1:])
+        assert all(r["accuracy-std"] is not None and "client_1-eval-loss" in r for r in rows[1:])
+        assert rows[-1]["client_0-eval-loss"] != rows[-1]["client_1-eval-loss"]  # two different adapters
+        assert sorted(p.name for p in final.iterdir()) == ["client_0", "client_1"]
+        AutoPeftModelForCausalLM.from_pretrained(str(final / "client_1"))

@@ -71,8 +71,8 @@ def test_method_trains_round_trips_aggregates_and_saves(method, markers, tiny_cf
         assert np.allclose(arrays[key].numpy(), want.numpy(), atol=1e-6)
 
     # The saved adapter reloads with peft alone, quietly, and generates.
-    set_adapter_state(bundle.model, {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()})
-    saved = RunDir.create(cfg).save_adapter(bundle.model, "final")
+    averaged = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
+    saved = RunDir.create(cfg).save_adapters(bundle.model, "final", {"": averaged})
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         loaded = AutoPeftModelForCausalLM.from_pretrained(str(saved))

@@ -9,7 +9,7 @@ from peft import AutoPeftModelForCausalLM, get_peft_model_state_dict
 
 from fedllm_flwr.client import local_train
 from fedllm_flwr.config import load_cfg
-from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state, set_adapter_state
+from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.transport import message_bytes, pack
 
@@ -34,9 +34,7 @@ def test_one_short_round_with_smollm2(tmp_path):
     fp16 = 2 * 460_800
     assert fp16 < message_bytes(pack(state)) < 1.05 * fp16
 
-    set_adapter_state(bundle.model, state)
-    run = RunDir.create(cfg)
-    saved = run.save_adapter(bundle.model, "final")
+    saved = RunDir.create(cfg).save_adapters(bundle.model, "final", {"": state})
     loaded = AutoPeftModelForCausalLM.from_pretrained(str(saved))
     back, sent = get_peft_model_state_dict(loaded), get_peft_model_state_dict(bundle.model)
     assert set(back) == set(sent) and len(back) == len(state)

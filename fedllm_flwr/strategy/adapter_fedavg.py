@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -50,22 +51,47 @@ def weighted_mean(states: list[dict[str, np.ndarray]], weights: list[float]) -> 
     return out
 
 
+@dataclass
+class ValidReply:
+    """A training reply that passed validation, unpacked."""
+
+    node_id: int
+    state: dict[str, np.ndarray]
+    weight: float
+    content: RecordDict
+
+
 class AdapterFedAvg(FedAvg):
     """FedAvg that exchanges only adapter weights and never averages in a bad reply."""
 
     def __init__(self, *, transport_dtype: str = "fp16", **kwargs: Any) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_client_metrics)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_client_metrics)
         super().__init__(arrayrecord_key=ARRAYS_KEY, **kwargs)
         self.transport_dtype = transport_dtype
         self.ledger = RoundLedger()
         self._expected: list[tuple[str, tuple[int, ...]]] = []
 
+    def arrays_for(self, node_id: int, global_arrays: ArrayRecord) -> ArrayRecord:
+        """The adapter sent to `node_id`: the global one (the local scenario overrides)."""
+        return global_arrays
+
+    def select_train(self, server_round: int, messages: list[Message]) -> list[Message]:
+        """Which sampled nodes train this round: all (the global scenario keeps one)."""
+        return messages
+
     def _wire(self, arrays: ArrayRecord, messages: Iterable[Message]) -> list[Message]:
-        """Replace the fp32 global arrays in outgoing messages by the packed form."""
-        packed = pack(arrays, self.transport_dtype)
-        out = []
+        """Give each message its own content with its adapter packed for the wire."""
+        out, packed_by_id = [], {}
         for message in messages:
-            message.content[ARRAYS_KEY] = packed[ARRAYS_KEY]
-            message.content[MANIFEST_KEY] = packed[MANIFEST_KEY]
+            own = self.arrays_for(message.metadata.dst_node_id, arrays)
+            if id(own) not in packed_by_id:
+                packed_by_id[id(own)] = pack(own, self.transport_dtype)
+            packed = packed_by_id[id(own)]
+            content = RecordDict(dict(message.content.items()))
+            content[ARRAYS_KEY] = packed[ARRAYS_KEY]
+            content[MANIFEST_KEY] = packed[MANIFEST_KEY]
+            message.content = content
             out.append(message)
         return out
 
@@ -73,7 +99,8 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._expected = manifest_of(arrays)
-        messages = self._wire(arrays, super().configure_train(server_round, arrays, config, grid))
+        sampled = self.select_train(server_round, list(super().configure_train(server_round, arrays, config, grid)))
+        messages = self._wire(arrays, sampled)
         self.ledger.add(server_round, "bytes-down", sum(message_bytes(m) for m in messages))
         self.ledger.set(server_round, "clients-sampled", len(messages))
         return messages
@@ -81,7 +108,22 @@ class AdapterFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        states, weights, contents, failed = [], [], [], 0
+        valid = self.validated(server_round, replies)
+        if not valid:
+            return None, None
+        metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
+        for key, value in metrics.items():
+            self.ledger.set(server_round, "train-seconds" if key == "seconds" else key, value)
+        return self.combine(server_round, valid), metrics
+
+    def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
+        """The new global adapter: the fp32 mean weighted by num-examples."""
+        mean = weighted_mean([r.state for r in valid], [r.weight for r in valid])
+        return ArrayRecord({k: Array(v) for k, v in mean.items()})
+
+    def validated(self, server_round: int, replies: Iterable[Message]) -> list[ValidReply]:
+        """Replies that may be used, after logging and counting the others."""
+        valid, failed = [], 0
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -100,19 +142,11 @@ class AdapterFedAvg(FedAvg):
                 self.ledger.add(server_round, "clients-dropped", 1)
                 log(WARNING, "Round %s: reply from node %s dropped: %s", server_round, node, exc)
                 continue
-            states.append(state)
-            weights.append(float(weight))
-            contents.append(msg.content)
-        self.ledger.set(server_round, "clients-ok", len(states))
+            valid.append(ValidReply(node, state, float(weight), msg.content))
+        self.ledger.set(server_round, "clients-ok", len(valid))
         self.ledger.add(server_round, "clients-failed", failed)
-        log(INFO, "Round %s: %s replies averaged, %s failed or dropped", server_round, len(states), failed)
-        if not states:
-            return None, None
-        mean = weighted_mean(states, weights)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        for key, value in metrics.items():
-            self.ledger.set(server_round, "train-seconds" if key == "seconds" else key, value)
-        return ArrayRecord({k: Array(v) for k, v in mean.items()}), metrics
+        log(INFO, "Round %s: %s replies valid, %s failed or dropped", server_round, len(valid), failed)
+        return valid
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -134,6 +168,7 @@ class AdapterFedAvg(FedAvg):
 
 SUMMED = ("num-examples", "tokens", "examples-seen")
 MAXED = ("seconds", "peak-memory-mb")
+IDENTIFIERS = ("partition-id",)
 
 
 def aggregate_client_metrics(records: list, weighted_by_key: str) -> MetricRecord:
@@ -144,6 +179,10 @@ def aggregate_client_metrics(records: list, weighted_by_key: str) -> MetricRecor
     out = MetricRecord()
     for key in rows[0]:
         values = [float(row[key]) for row in rows if key in row]
+        if key in IDENTIFIERS:
+            continue
+        if key.startswith("eval-") and len(values) > 1:  # spread across clients
+            out[f"{key}-std"] = float(np.std(values))
         if key in SUMMED:
             out[key] = sum(values)
         elif key in MAXED:

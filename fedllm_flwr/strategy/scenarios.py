@@ -1,0 +1,60 @@
+"""The `global` and `local` scenarios, as AdapterFedAvg variants in the same app.
+
+- `GlobalFedAvg` (scenario=global): one holder of all training data. Each round a
+  single sampled node trains on the union of all partitions for as many steps as
+  all fed clients together take, so the total number of optimizer steps and the
+  evaluation match the fed scenario. A simulation baseline: it needs a node that
+  may read all the data.
+- `LocalAdapters` (scenario=local): every node trains its own adapter on its own
+  data; nothing is averaged. The server keeps one adapter per node, sends each
+  node its own, and evaluates each one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply
+
+#: ConfigRecord keys the ClientApp reads besides `server-round`.
+DATA_KEY = "data"  # "all": train on every partition's data
+STEPS_KEY = "local-steps"  # overrides train.local_steps
+
+
+class GlobalFedAvg(AdapterFedAvg):
+    def __init__(self, *, local_steps: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.local_steps = local_steps
+
+    def select_train(self, server_round: int, messages: list[Message]) -> list[Message]:
+        chosen = messages[0]  # nodes were sampled at random
+        config = ConfigRecord(dict(chosen.content["config"].items()))
+        config[DATA_KEY] = "all"
+        config[STEPS_KEY] = self.local_steps * len(messages)
+        chosen.content["config"] = config
+        return [chosen]
+
+
+class LocalAdapters(AdapterFedAvg):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.adapters: dict[int, ArrayRecord] = {}
+        """Each node's own adapter (fp32), by node id."""
+        self.partitions: dict[int, int] = {}
+        """Each node's partition id, as it reported it."""
+
+    def arrays_for(self, node_id: int, global_arrays: ArrayRecord) -> ArrayRecord:
+        return self.adapters.get(node_id, global_arrays)
+
+    def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
+        for reply in valid:
+            self.adapters[reply.node_id] = ArrayRecord({k: Array(v) for k, v in reply.state.items()})
+            metrics = next(iter(reply.content.metric_records.values()))
+            self.partitions[reply.node_id] = int(metrics.get("partition-id", reply.node_id))
+        return None  # no global adapter: the initial one stays as Flower's `arrays`
+
+    def client_adapters(self) -> dict[int, ArrayRecord]:
+        """Adapters by partition id."""
+        return {self.partitions[node]: arrays for node, arrays in sorted(self.adapters.items())}
