@@ -4,6 +4,9 @@
     fedllm-flwr check  [OVERRIDE ...]   resolve the model (converting a GGUF once),
                                         load and tokenize the data, build the adapter:
                                         everything a run checks before it starts
+    fedllm-flwr report RUN_DIR ... [--out DIR]
+                                        effectiveness and efficiency tables over runs
+                                        (markdown on stdout; report.md and CSVs in DIR)
 
 Overrides are the same Hydra overrides `flwr run` takes in its `overrides`
 run-config key. Problems with the input print one line on stderr and exit 2.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from fedllm_flwr.errors import UserError
 
@@ -50,6 +54,15 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedllm_flwr.report import write_report
+
+    markdown, _ = write_report([Path(p) for p in args.runs], Path(args.out))
+    print(markdown, end="")
+    print(f"written: {Path(args.out) / 'report.md'}, effectiveness.csv, efficiency.csv", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedllm-flwr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.lr=3e-4")
         cmd.set_defaults(func=func)
+    report = sub.add_parser("report", help="compare finished runs (scenario x method, over seeds)")
+    report.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
+    report.add_argument("--out", default="report", help="folder for report.md and the CSVs (default: ./report)")
+    report.set_defaults(func=_report)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

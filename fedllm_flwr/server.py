@@ -157,7 +157,11 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     run_dir.write_summary(
         {
             "status": "completed",
+            "scenario": cfg.scenario.name,
+            "method": cfg.peft.method,
+            "seed": cfg.seed,
             "rounds": cfg.num_rounds,
+            "trainable-parameters": trainable,
             "seconds": round(time.perf_counter() - t_start, 2),
             "accuracy-round-0": first.get("accuracy"),
             "accuracy-final": last.get("accuracy"),

@@ -1,0 +1,170 @@
+"""Compare finished runs: effectiveness and efficiency tables, as markdown and CSV.
+
+Runs are grouped by (scenario, PEFT method); each group's figures are the mean
+and standard deviation over its runs (seeds). Effectiveness is the server's
+test-set evaluation after the last round; for `local`, each run's figure is
+already the mean over clients' own adapters, and `client spread` is the std
+across clients. Efficiency: trainable parameters, message bytes per client per
+round, peak memory of a client, seconds per round.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedllm_flwr.errors import UserError
+
+SCENARIO_ORDER = {"global": 0, "fed": 1, "local": 2}
+#: metrics.jsonl key -> column label in the effectiveness table.
+QUALITY = {"accuracy": "accuracy", "eval-loss": "eval loss", "client-eval-loss": "client eval loss"}
+
+
+@dataclass
+class RunResult:
+    path: Path
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.summary["scenario"], self.summary["method"]
+
+
+def load_run(path: Path) -> RunResult | None:
+    """A completed run folder, or None if it did not complete."""
+    summary_file, metrics_file = path / "summary.json", path / "metrics.jsonl"
+    if not summary_file.is_file() or not metrics_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    if summary.get("status") != "completed" or "scenario" not in summary:
+        return None
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return RunResult(path, summary, rows)
+
+
+def find_runs(paths: list[Path]) -> tuple[list[RunResult], list[Path]]:
+    """Completed runs under `paths` (run folders or folders of them), and the others."""
+    done, failed = [], []
+    for root in paths:
+        if not root.is_dir():
+            raise UserError(f"{root} is not a folder")
+        candidates = [root] if (root / "config.yaml").is_file() else sorted(p for p in root.iterdir() if p.is_dir())
+        for path in candidates:
+            if not (path / "config.yaml").is_file():
+                continue
+            run = load_run(path)
+            (done.append(run) if run else failed.append(path))
+    if not done:
+        raise UserError(f"no completed runs (with summary.json) under {', '.join(map(str, paths))}")
+    return done, failed
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(mean: float, std: float, digits: int = 3) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def effectiveness(runs: list[RunResult]) -> list[dict[str, Any]]:
+    table = []
+    for (scenario, method), group in _groups(runs):
+        last = [r.rows[-1] for r in group]
+        first = [r.rows[0] for r in group]
+        row = {"scenario": scenario, "method": method, "seeds": len(group)}
+        for key, label in (
+            ("accuracy", "accuracy"),
+            ("eval-loss", "eval loss"),
+            ("client-eval-loss", "client eval loss"),
+        ):
+            mean, std = _mean_std([x.get(key) for x in last])
+            row[f"{label} mean"], row[f"{label} std"] = mean, std
+        row["accuracy round 0"] = _mean_std([x.get("accuracy") for x in first])[0]
+        row["client spread"] = _mean_std([x.get("accuracy-std") for x in last])[0] if scenario == "local" else None
+        table.append(row)
+    return table
+
+
+def efficiency(runs: list[RunResult]) -> list[dict[str, Any]]:
+    table = []
+    for (scenario, method), group in _groups(runs):
+        rounds = [row for r in group for row in r.rows[1:]]
+        down = [row["bytes-down"] / row["clients-sampled"] for row in rounds if row.get("clients-sampled")]
+        up = [row["bytes-up"] / row["clients-ok"] for row in rounds if row.get("clients-ok")]
+        table.append(
+            {
+                "scenario": scenario,
+                "method": method,
+                "trainable parameters": group[0].summary.get("trainable-parameters"),
+                "bytes down per client per round": statistics.fmean(down) if down else None,
+                "bytes up per client per round": statistics.fmean(up) if up else None,
+                "peak memory MB": max((row.get("peak-memory-mb") or 0) for row in rounds) or None,
+                "seconds per round": statistics.fmean(row["seconds"] for row in rounds),
+            }
+        )
+    return table
+
+
+def _groups(runs: list[RunResult]):
+    keys = sorted({r.key for r in runs}, key=lambda k: (k[1], SCENARIO_ORDER.get(k[0], 9), k[0]))
+    return [(key, [r for r in runs if r.key == key]) for key in keys]
+
+
+def to_markdown(eff: list[dict[str, Any]], cost: list[dict[str, Any]]) -> str:
+    lines = [
+        "## Effectiveness (server test set after the last round; mean ± std over seeds)",
+        "",
+        "| method | scenario | seeds | accuracy | round 0 | eval loss | client held-out loss | client spread |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in eff:
+        spread = f"{r['client spread']:.3f}" if r["client spread"] is not None else ""
+        lines.append(
+            f"| {r['method']} | {r['scenario']} | {r['seeds']} | {_fmt(r['accuracy mean'], r['accuracy std'])} "
+            f"| {r['accuracy round 0']:.3f} | {_fmt(r['eval loss mean'], r['eval loss std'])} "
+            f"| {_fmt(r['client eval loss mean'], r['client eval loss std'])} | {spread} |"
+        )
+    lines += [
+        "",
+        "## Efficiency (per client per round)",
+        "",
+        "| method | scenario | trainable params | bytes down | bytes up | peak memory (MB) | seconds/round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in cost:
+        down, up = r["bytes down per client per round"], r["bytes up per client per round"]
+        lines.append(
+            f"| {r['method']} | {r['scenario']} | {r['trainable parameters']:,} | {down:,.0f} | {up:,.0f} "
+            f"| {r['peak memory MB']:.0f} | {r['seconds per round']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, table: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def write_report(paths: list[Path], out: Path) -> tuple[str, list[Path]]:
+    """Build both tables from the runs under `paths`; write them under `out`."""
+    runs, failed = find_runs(paths)
+    eff, cost = effectiveness(runs), efficiency(runs)
+    markdown = to_markdown(eff, cost)
+    if failed:
+        markdown += "\nIncomplete runs (left out): " + ", ".join(str(p) for p in failed) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown)
+    write_csv(out / "effectiveness.csv", eff)
+    write_csv(out / "efficiency.csv", cost)
+    return markdown, failed
