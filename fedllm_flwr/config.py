@@ -41,16 +41,16 @@ class ModelConfig:
 
 
 #: The PEFT methods with a builder in fedllm_flwr/peft_methods.py.
-PEFT_METHODS = ("lora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+PEFT_METHODS = ("lora", "adalora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
 
 
 @dataclass
 class AdapterConfig:
     method: str = "lora"
-    """PEFT method: lora, loha, ia3, prompt_tuning, p_tuning (peft's prompt
-    encoder) or prefix_tuning. Each has a preset in conf/peft/."""
+    """PEFT method: lora, adalora, loha, ia3, prompt_tuning, p_tuning (peft's
+    prompt encoder) or prefix_tuning. Each has a preset in conf/peft/."""
     r: int = 8
-    """Rank (lora, loha). LoRA r=8 on q_proj,v_proj of SmolLM2-135M is 460,800
+    """Rank (lora, loha; adalora's starting rank). LoRA r=8 on q_proj,v_proj of SmolLM2-135M is 460,800
     parameters, 0.92 MB in fp16: the size of every message."""
     alpha: int = 16
     """Scaling numerator (lora, loha): the update is scaled by alpha / r."""
@@ -68,6 +68,8 @@ class AdapterConfig:
     """p_tuning: hidden width of the MLP that produces the virtual tokens."""
     init_text: str = ""
     """prompt_tuning: initialise the virtual tokens from this text (empty: random)."""
+    target_r: int = 4
+    """adalora: average rank the budget is pruned to over training (from r)."""
 
     def __post_init__(self) -> None:
         if self.method not in PEFT_METHODS:
@@ -76,13 +78,15 @@ class AdapterConfig:
             raise ValueError(f"peft.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
-        if self.method in ("lora", "loha", "ia3") and not self.target_modules:
+        if self.method in ("lora", "adalora", "loha", "ia3") and not self.target_modules:
             raise ValueError(f"peft.target_modules must name at least one module for {self.method}")
         extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
         if self.method == "ia3" and extra:
             raise ValueError(f"peft.feedforward_modules {extra} must also be in peft.target_modules")
         if self.num_virtual_tokens < 1 or self.encoder_hidden_size < 1:
             raise ValueError("peft.num_virtual_tokens and peft.encoder_hidden_size must be >= 1")
+        if self.method == "adalora" and not 1 <= self.target_r <= self.r:
+            raise ValueError(f"peft.target_r must be in 1..peft.r ({self.r}), got {self.target_r}")
 
 
 @dataclass
@@ -265,6 +269,12 @@ class Config:
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if self.peft.method == "adalora" and self.scenario.name == "fed":
+            raise ValueError(
+                "peft=adalora cannot be federated-averaged: its rank allocator zeroes different singular "
+                "values on each client, so the mean of the clients' triplets is no model any client trained. "
+                "Use it with scenario=global or scenario=local, or use peft=lora"
+            )
 
 
 ConfigStore.instance().store(name="fedllm_schema", node=Config)

@@ -218,8 +218,10 @@ def build_model(
         # Adapter weights are created fp32 (peft's autocast_adapter_dtype) even on
         # a bf16/fp16 base, so the optimizer updates full-precision weights.
         model = get_peft_model(base, peft_config(adapter_cfg, base_path), autocast_adapter_dtype=True)
-        for param in model.parameters():  # prompt encoders are created in the base dtype
-            if param.requires_grad and param.dtype != torch.float32:
+        for name, param in model.named_parameters():
+            if ".ranknum." in name:  # AdaLoRA's constant rank divisor; peft leaves it trainable
+                param.requires_grad_(False)
+            elif param.requires_grad and param.dtype != torch.float32:  # prompt encoders: base dtype
                 param.data = param.data.float()
         model.eval()  # dropout only inside train_steps
         # What `save_pretrained` writes into adapter_config.json: a folder or hub id

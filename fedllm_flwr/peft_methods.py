@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from peft import (
+    AdaLoraConfig,
     IA3Config,
     LoHaConfig,
     LoraConfig,
@@ -26,6 +27,15 @@ def _lora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def _adalora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
+    # total_step is a placeholder that passes peft's checks: train_steps sets the
+    # real schedule length before it trains (it is only known per round).
+    return AdaLoraConfig(
+        init_r=cfg.r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules), total_step=1000, task_type="CAUSAL_LM",
     )  # fmt: skip
 
 
@@ -68,6 +78,7 @@ def _prefix_tuning(cfg: AdapterConfig, base_path: str) -> PeftConfig:
 
 BUILDERS: dict[str, Callable[[AdapterConfig, str], PeftConfig]] = {
     "lora": _lora,
+    "adalora": _adalora,
     "loha": _loha,
     "ia3": _ia3,
     "prompt_tuning": _prompt_tuning,
@@ -76,7 +87,7 @@ BUILDERS: dict[str, Callable[[AdapterConfig, str], PeftConfig]] = {
 }
 
 #: Methods that insert modules into named linear layers (checked against the model).
-TARGETED = ("lora", "loha", "ia3")
+TARGETED = ("lora", "adalora", "loha", "ia3")
 
 
 def peft_config(cfg: AdapterConfig, base_path: str) -> PeftConfig:

@@ -35,6 +35,12 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _adalora_model(model: torch.nn.Module):
+    """The AdaLoRA tuner inside a PEFT model, or None."""
+    tuner = getattr(model, "base_model", None)
+    return tuner if hasattr(tuner, "update_and_allocate") and hasattr(tuner, "rankallocator") else None
+
+
 @dataclass
 class TrainResult:
     loss: float
@@ -73,6 +79,12 @@ def train_steps(
         else nullcontext()
     )
     total = total_steps or cfg.local_steps
+    adalora = _adalora_model(model)
+    if adalora is not None:
+        # The rank budget follows the whole run's schedule; importance scores start
+        # afresh each call, so a worker serving several clients never mixes them.
+        adalora.peft_config[adalora.trainable_adapter_name].total_step = total
+        adalora.rankallocator.reset_ipt()
     model.train()
     t0 = time.perf_counter()
     losses, examples, tokens = [], 0, 0
@@ -100,6 +112,8 @@ def train_steps(
             scaler.update()
         else:
             optimizer.step()
+        if adalora is not None:
+            adalora.update_and_allocate(start_step + step)  # needs this step's gradients
     model.eval()
     return TrainResult(
         loss=sum(losses) / len(losses),

@@ -15,6 +15,8 @@ SHIPPED = sorted(
 
 def needs(group: str, option: str, tmp_path) -> list[str]:
     """Extra overrides a shipped option requires from the user."""
+    if (group, option) == ("peft", "adalora"):
+        return ["scenario=local"]  # refused for federated averaging
     if (group, option) == ("dataset", "file"):
         path = tmp_path / "data.jsonl"
         path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(20)))

@@ -20,6 +20,7 @@ from fedllm_flwr.transport import manifest_of, pack, unpack_state
 # (conf/peft preset, trainable parameter names must contain one of these)
 ROWS = [
     ("lora", ("lora_A", "lora_B")),
+    ("adalora", ("lora_A", "lora_B", "lora_E")),
     ("loha", ("hada_w1", "hada_w2")),
     ("ia3", ("ia3_l",)),
     ("prompt_tuning", ("prompt_encoder",)),
@@ -44,7 +45,9 @@ def reply_for(node: int, state: dict, n: int) -> Message:
 @pytest.mark.parametrize("method, markers", ROWS, ids=[m for m, _ in ROWS])
 def test_method_trains_round_trips_aggregates_and_saves(method, markers, tiny_cfg, tmp_path, task_identity):
     clear_model_cache()
-    cfg = tiny_cfg(f"peft={method}", "peft.num_virtual_tokens=4", f"run.output_dir={tmp_path}", "run.name=r")
+    # AdaLoRA is refused for federated averaging (see config.py); its row trains as `local`.
+    scenario = "scenario=local" if method == "adalora" else "scenario=fed"
+    cfg = tiny_cfg(f"peft={method}", scenario, "peft.num_virtual_tokens=4", f"run.output_dir={tmp_path}", "run.name=r")
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     start = get_adapter_state(bundle.model)
     trainable, _ = count_parameters(bundle.model)
@@ -62,7 +65,8 @@ def test_method_trains_round_trips_aggregates_and_saves(method, markers, tiny_cf
     set_adapter_state(bundle.model, unpack_state(pack(s0), manifest_of(s0)))
     assert all(torch.equal(get_adapter_state(bundle.model)[k], s0[k].half().float()) for k in s0)
 
-    # Two replies average to the num-examples-weighted mean.
+    # Two replies average to the num-examples-weighted mean (the mechanics; the config
+    # refuses AdaLoRA under scenario=fed, tested below).
     strategy = AdapterFedAvg()
     strategy._expected = manifest_of(start)
     arrays, _ = strategy.aggregate_train(1, [reply_for(1, s0, 3), reply_for(2, s1, 1)])
@@ -104,3 +108,19 @@ def test_cache_free_greedy_matches_generate_and_keeps_the_prefix(tiny_cfg):
         set_adapter_state(prefix.model, {k: torch.randn_like(v) * scale for k, v in state.items()})
         outputs.append(generate_answers(prefix.model, prefix.tokenizer, records, 2, 6))
     assert outputs[0] != outputs[1]  # the prefix reaches the answers
+
+
+def test_adalora_prunes_its_rank_budget_and_is_refused_for_fed(tiny_cfg):
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.errors import UserError
+
+    with pytest.raises(UserError, match="adalora cannot be federated-averaged"):
+        load_cfg(["peft=adalora"])
+    clear_model_cache()
+    cfg = tiny_cfg("peft=adalora", "scenario=local", "train.local_steps=6", "peft.target_r=2")
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    start = get_adapter_state(bundle.model)
+    assert not any("ranknum" in k for k in start)
+    state, _ = local_train(cfg, start, 1, 0, 1)
+    e = torch.cat([v.flatten() for k, v in state.items() if "lora_E" in k])
+    assert 0 < int((e == 0).sum()) < e.numel()  # some singular values pruned to zero, not all
