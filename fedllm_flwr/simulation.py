@@ -9,6 +9,7 @@ when they end. `LocalSimulation` provides that.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -127,6 +128,10 @@ class LocalSimulation:
                 continue
             break
         self.process = None
+        # SuperExec and Ray's daemons start their own sessions: when a run was still
+        # going, find them by what ties them to this SuperLink and stop them too.
+        for pattern in (f"--parent-pid {pgid}", str(self.ray_tmp)):
+            _kill_matching(pattern)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self) -> LocalSimulation:
@@ -134,6 +139,19 @@ class LocalSimulation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _kill_matching(pattern: str) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line contains `pattern`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True, check=False)
+        pids = [int(p) for p in found.stdout.split() if int(p) != os.getpid()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if not pids:
+            return
+        time.sleep(2)
 
 
 def _toml_string(text: str) -> str:
