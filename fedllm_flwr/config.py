@@ -203,7 +203,7 @@ class EvalConfig:
     max_new_tokens: int = 16
     """Greedy generation length for exact-match answers."""
     limit: int = 0
-    """Evaluate on the first N test examples only (0 = all)."""
+    """Evaluate on N test examples only, taken round-robin across categories (0 = all)."""
 
     def __post_init__(self) -> None:
         if self.every < 1:

@@ -137,3 +137,14 @@ def test_reads_shared_mini_dolly_with_field_mapping(shared_mini):
     train, test = load_records(cfg, 0)
     assert len(train) + len(test) == 200
     assert len({r["category"] for r in train}) > 3
+
+
+def test_eval_subset_keeps_every_category():
+    from fedllm_flwr.data import spread_subset
+
+    recs = synthetic.generate(["add", "reverse", "uppercase", "km_to_m"], 25, seed=0)
+    subset = spread_subset(recs, 40)
+    assert len(subset) == 40
+    assert {c: sum(r["category"] == c for r in subset) for c in ("add", "reverse", "uppercase", "km_to_m")} == {
+        "add": 10, "reverse": 10, "uppercase": 10, "km_to_m": 10,
+    }  # fmt: skip

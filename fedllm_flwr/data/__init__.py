@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from fedllm_flwr.config import Config
@@ -42,9 +43,20 @@ def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) 
     )
 
 
+def spread_subset(items: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """The first `limit` records taken round-robin across categories, so a subset
+    keeps every category (in file order within each)."""
+    by_category: dict[str, list[dict[str, str]]] = {}
+    for item in items:
+        by_category.setdefault(item.get("category", ""), []).append(item)
+    interleaved = [r for group in itertools.zip_longest(*by_category.values()) for r in group if r is not None]
+    return interleaved[:limit]
+
+
 def server_data(cfg: Config, tokenizer) -> tuple[list[dict[str, str]], TokenizedSet]:
-    """The server's test records (limited by `eval.limit`) and their tokenized form."""
+    """The server's test records (`eval.limit` of them, spread across categories) and
+    their tokenized form."""
     _, test = records(cfg)
     if cfg.eval.limit:
-        test = test[: cfg.eval.limit]
+        test = spread_subset(test, cfg.eval.limit)
     return test, tokenize_records(test, tokenizer, cfg.dataset.max_seq_len)
