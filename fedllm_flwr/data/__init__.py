@@ -25,8 +25,6 @@ def records(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
 class ClientData:
     train: TokenizedSet
     holdout: TokenizedSet
-    holdout_records: list[dict[str, str]]
-    categories: list[str]
 
 
 def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) -> ClientData:
@@ -38,8 +36,6 @@ def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) 
     return ClientData(
         train=tokenize_records(fit_records, tokenizer, cfg.dataset.max_seq_len),
         holdout=tokenize_records(hold_records, tokenizer, cfg.dataset.max_seq_len),
-        holdout_records=hold_records,
-        categories=sorted({r["category"] for r in fit_records if r["category"]}),
     )
 
 

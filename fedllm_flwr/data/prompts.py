@@ -34,16 +34,11 @@ class TokenizedSet:
 
     input_ids: list[list[int]]
     labels: list[list[int]]
-    categories: list[str]
     dropped: int
     """Samples dropped because truncation left no response token."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(ids) for ids in self.input_ids)
 
 
 def tokenize_records(records: Iterable[dict[str, str]], tokenizer, max_seq_len: int) -> TokenizedSet:
@@ -53,7 +48,7 @@ def tokenize_records(records: Iterable[dict[str, str]], tokenizer, max_seq_len: 
     only. A sample whose prompt fills `max_seq_len` would have no target token
     (a NaN loss); it is dropped and counted instead.
     """
-    out = TokenizedSet([], [], [], 0)
+    out = TokenizedSet([], [], 0)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
     for rec in records:
         prompt = bos + tokenizer.encode(
@@ -67,7 +62,6 @@ def tokenize_records(records: Iterable[dict[str, str]], tokenizer, max_seq_len: 
             continue
         out.input_ids.append(ids)
         out.labels.append([IGNORE_INDEX] * n_prompt + ids[n_prompt:])
-        out.categories.append(rec.get("category", ""))
     return out
 
 
