@@ -42,6 +42,8 @@ class ModelConfig:
 
 #: The PEFT methods with a builder in fedllm_flwr/peft_methods.py.
 PEFT_METHODS = ("lora", "adalora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+#: The methods that insert modules into named linear layers (`target_modules`).
+TARGETED_METHODS = ("lora", "adalora", "loha", "ia3")
 
 
 @dataclass
@@ -78,7 +80,7 @@ class AdapterConfig:
             raise ValueError(f"peft.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
-        if self.method in ("lora", "adalora", "loha", "ia3") and not self.target_modules:
+        if self.method in TARGETED_METHODS and not self.target_modules:
             raise ValueError(f"peft.target_modules must name at least one module for {self.method}")
         extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
         if self.method == "ia3" and extra:

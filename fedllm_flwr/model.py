@@ -22,9 +22,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from fedllm_flwr.config import AdapterConfig, ModelConfig
+from fedllm_flwr.config import TARGETED_METHODS, AdapterConfig, ModelConfig
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.peft_methods import TARGETED, peft_config
+from fedllm_flwr.peft_methods import peft_config
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def build_model(
     if key not in _BUNDLES:
         tokenizer = load_tokenizer(base_path)
         base = load_base_model(base_path, dtype, device)
-        if adapter_cfg.method in TARGETED:
+        if adapter_cfg.method in TARGETED_METHODS:
             _check_targets(base, adapter_cfg)
         torch.manual_seed(seed)
         # Adapter weights are created fp32 (peft's autocast_adapter_dtype) even on

@@ -86,9 +86,6 @@ BUILDERS: dict[str, Callable[[AdapterConfig, str], PeftConfig]] = {
     "prefix_tuning": _prefix_tuning,
 }
 
-#: Methods that insert modules into named linear layers (checked against the model).
-TARGETED = ("lora", "adalora", "loha", "ia3")
-
 
 def peft_config(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     """peft's config for `cfg.method`; `base_path` serves text initialisation."""
