@@ -132,6 +132,10 @@ class SyntheticConfig:
     test_per_task: int = 25
 
 
+#: Generation metrics the server can score on the test set (fedllm_flwr/evaluate/tasks.py).
+METRICS = ("exact_match", "gsm8k", "rouge", "humaneval", "none")
+
+
 @dataclass
 class DatasetConfig:
     name: str = "synthetic"
@@ -140,11 +144,27 @@ class DatasetConfig:
     """`synthetic` (built-in generator, offline) or `file` (a local JSON, JSONL
     or JSONL.gz file, or a Hugging Face hub dataset id, named by `path`)."""
     path: str = ""
+    subset: str = ""
+    """Hub configuration name (`main` for openai/gsm8k); empty for none."""
     split: str = "train"
     """Hub split to read when `path` is a hub id."""
+    test_path: str = ""
+    """A separate file (or hub id) for the server's test set, e.g. GSM8K's
+    official test.jsonl. Empty: `test_split` of a hub `path`, else a
+    `test_fraction` share of `path`."""
+    test_split: str = ""
+    """Hub split of `path` (or `test_path`) used as the test set, e.g. `test`."""
     fields: FieldsConfig = field(default_factory=FieldsConfig)
+    transform: str = ""
+    """Record rewrite after the field mapping: `gsm8k` turns the `#### N` line
+    into "The answer is N." and drops `<<...>>` calculator annotations."""
     test_fraction: float = 0.1
-    """Share of a file dataset held out as the server's test set."""
+    """Share of a file dataset held out as the server's test set (when no
+    `test_path` / `test_split` names one)."""
+    metric: str = "exact_match"
+    """What the server generates and scores on the test set besides loss:
+    `exact_match` (first line vs the reference), `gsm8k` (chain-of-thought
+    accuracy), `rouge` (ROUGE-L F1), `humaneval` (pass@1 on HumanEval) or `none`."""
     max_seq_len: int = 256
     """Prompt + response tokens; longer samples are cut, and samples left with no
     response token are dropped and counted."""
@@ -158,6 +178,10 @@ class DatasetConfig:
             raise ValueError(f"dataset.source={self.source!r}: use synthetic or file")
         if self.source == "file" and not self.path:
             raise ValueError("dataset.source=file needs dataset.path=<file or hub id>")
+        if self.transform not in ("", "gsm8k"):
+            raise ValueError(f"dataset.transform={self.transform!r}: use gsm8k or leave it empty")
+        if self.metric not in METRICS:
+            raise ValueError(f"dataset.metric={self.metric!r}: use one of {', '.join(METRICS)}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError("dataset.test_fraction must be in (0, 1)")
         if self.max_seq_len < 8:
@@ -202,14 +226,20 @@ class EvalConfig:
     every: int = 1
     """Server-side evaluation every N rounds (the last round always)."""
     batch_size: int = 16
-    max_new_tokens: int = 16
-    """Greedy generation length for exact-match answers."""
+    max_new_tokens: int = 0
+    """Generation length; 0 means the metric's own default (exact_match 16,
+    rouge 128, gsm8k 256, humaneval 384)."""
     limit: int = 0
     """Evaluate on N test examples only, taken round-robin across categories (0 = all)."""
+    shots: int = 8
+    """gsm8k: chain-of-thought exemplars before each question ("Q: ... A: ...
+    The answer is N."); 0 asks in the training prompt format instead."""
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError("eval.every must be >= 1")
+        if not 0 <= self.shots <= 8:
+            raise ValueError(f"eval.shots must be in 0..8, got {self.shots}")
 
 
 @dataclass

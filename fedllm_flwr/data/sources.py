@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from pathlib import Path
 
 from datasets import Dataset
@@ -83,19 +84,52 @@ def map_fields(records: list[dict], fields: FieldsConfig, origin: str) -> list[d
     return out
 
 
-def _load_hub(cfg: DatasetConfig) -> list[dict]:
+def _load_hub(path: str, subset: str, split: str, limit: int) -> list[dict]:
     from datasets import load_dataset
 
     try:
-        ds = load_dataset(cfg.path, split=cfg.split)
+        ds = load_dataset(path, subset or None, split=split)
     except Exception as exc:  # the hub client raises many types; all mean "not loadable"
         raise UserError(
-            f"dataset.path={cfg.path!r} is not a local file, and loading it from the "
+            f"dataset.path={path!r} is not a local file, and loading it from the "
             f"Hugging Face hub failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
-    if cfg.limit:
-        ds = ds.select(range(min(cfg.limit, len(ds))))
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
     return [dict(rec) for rec in ds]
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_GSM8K_FINAL = re.compile(r"\n?####\s*(.+?)\s*$")
+
+
+def gsm8k_rewrite(answer: str) -> str:
+    """GSM8K's worked answer as chain-of-thought text: calculator annotations
+    `<<48/2=24>>` removed and the final `#### 72` line turned into "The answer is 72."."""
+    text = _CALCULATOR.sub("", answer)
+    match = _GSM8K_FINAL.search(text)
+    if not match:
+        return text
+    return f"{text[: match.start()].rstrip()}\nThe answer is {match.group(1).rstrip('.')}."
+
+
+def _is_local(path: str) -> bool:
+    candidate = Path(path).expanduser()
+    return candidate.exists() or candidate.suffix in (".json", ".jsonl", ".gz") or path.startswith((".", "/", "~"))
+
+
+def read_records(cfg: DatasetConfig, path: str, split: str, limit: int) -> list[dict[str, str]]:
+    """Records of one local file or hub split, mapped to the standard fields and transformed."""
+    if _is_local(path):
+        file = Path(path).expanduser()
+        raw, origin = read_json_records(file, limit), str(file)
+    else:
+        raw, origin = _load_hub(path, cfg.subset, split, limit), path
+    records = map_fields(raw, cfg.fields, origin)
+    if cfg.transform == "gsm8k":
+        for rec in records:
+            rec["output"] = gsm8k_rewrite(rec["output"])
+    return records
 
 
 def load_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -107,17 +141,20 @@ def load_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict[str, str]], l
             )
         except ValueError as exc:
             raise UserError(f"dataset.synthetic: {exc}") from None
-    path = Path(cfg.path).expanduser()
-    looks_local = path.suffix in (".json", ".jsonl", ".gz") or cfg.path.startswith((".", "/", "~"))
-    if path.exists() or looks_local:
-        raw = read_json_records(path, cfg.limit)
-        origin = str(path)
-    else:
-        raw = _load_hub(cfg)
-        origin = cfg.path
-    records = map_fields(raw, cfg.fields, origin)
+    records = read_records(cfg, cfg.path, cfg.split, cfg.limit)
+    if cfg.test_path or cfg.test_split:
+        if not cfg.test_path and _is_local(cfg.path):
+            raise UserError(
+                f"dataset.test_split={cfg.test_split!r} names a hub split, but dataset.path={cfg.path!r} is a "
+                "local file: give the test file with dataset.test_path=<file>, or dataset.test_split='' to hold "
+                "out dataset.test_fraction of the training file"
+            )
+        test = read_records(cfg, cfg.test_path or cfg.path, cfg.test_split or "test", 0)
+        if not records or not test:
+            raise UserError(f"{cfg.path}: needs training and test records, found {len(records)} and {len(test)}")
+        return records, test
     if len(records) < 2:
-        raise UserError(f"{origin}: needs at least 2 records, found {len(records)}")
+        raise UserError(f"{cfg.path}: needs at least 2 records, found {len(records)}")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_test = max(1, round(len(records) * cfg.test_fraction))
