@@ -20,8 +20,8 @@ from flwr.serverapp import Grid
 from fedllm_flwr.config import Config
 from fedllm_flwr.data import records, server_data
 from fedllm_flwr.data.prompts import TokenizedSet
-from fedllm_flwr.evaluate.exact_match import exact_match
 from fedllm_flwr.evaluate.loss import evaluate_loss
+from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
 from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_adapter_state, set_adapter_state
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters, build_strategy
@@ -35,6 +35,15 @@ ROW_KEYS = (
     "round", "train-loss", "eval-loss", "eval-ppl", "accuracy", "bytes-down", "bytes-up",
     "seconds", "clients-ok", "clients-failed",
 )  # fmt: skip
+
+
+def generation_records(cfg: Config, test_records: list[dict[str, str]]) -> list[dict]:
+    """What the server generates for: the test records, or HumanEval's problems."""
+    if cfg.dataset.metric == "humaneval":
+        from fedllm_flwr.evaluate.humaneval import load_problems
+
+        return load_problems(limit=cfg.eval.limit)
+    return test_records
 
 
 class ServerEvaluator:
@@ -56,6 +65,9 @@ class ServerEvaluator:
     ) -> None:
         self.cfg, self.bundle, self.run_dir, self.strategy = cfg, bundle, run_dir, strategy
         self.test_records, self.test_set = test
+        self.metric = cfg.dataset.metric
+        self.primary = PRIMARY.get(self.metric)
+        self.gen_records = generation_records(cfg, self.test_records)
         self.last = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
 
@@ -68,8 +80,13 @@ class ServerEvaluator:
     def evaluate(self) -> dict[str, float]:
         model, tok = self.bundle.model, self.bundle.tokenizer
         loss = evaluate_loss(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
-        acc = exact_match(model, tok, self.test_records, self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
-        return {"eval-loss": loss["loss"], "eval-ppl": loss["ppl"], **acc}
+        results = {"eval-loss": loss["loss"], "eval-ppl": loss["ppl"]}
+        if self.primary:
+            scores, _ = run_generation_task(
+                self.metric, model, tok, self.gen_records, self.cfg.eval, seed=self.cfg.seed
+            )
+            results.update({k: v for k, v in scores.items() if k not in ("num-examples", "samples-per-problem")})
+        return results
 
     def save(self, folder: str, adapters: dict[str, ArrayRecord]) -> Path:
         states = {name: arrays_to_state(arrays) for name, arrays in adapters.items()}
@@ -89,10 +106,11 @@ class ServerEvaluator:
             keys = next(iter(per_adapter.values()))
             results = {k: float(np.mean([r[k] for r in per_adapter.values()])) for k in keys}
             if len(per_adapter) > 1:
-                for key in ("accuracy", "eval-loss"):
-                    results[f"{key}-std"] = float(np.std([r[key] for r in per_adapter.values()]))
+                for key in (self.primary, "eval-loss"):
+                    if key:
+                        results[f"{key}-std"] = float(np.std([r[key] for r in per_adapter.values()]))
                 for name, r in per_adapter.items():
-                    results.update({f"{name}-accuracy": r["accuracy"], f"{name}-eval-loss": r["eval-loss"]})
+                    results.update({f"{name}-{k}": r[k] for k in (self.primary, "eval-loss") if k})
         row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
         row.update({"round": server_round, **self.strategy.ledger.pop(server_round), **results})
         if due:
@@ -108,8 +126,11 @@ class ServerEvaluator:
         if row["train-loss"] is not None:
             parts.append(f"train-loss {row['train-loss']:.4f}")
         if due:
-            spread = f" (std {results['accuracy-std']:.3f})" if "accuracy-std" in results else ""
-            parts.append(f"eval-loss {results['eval-loss']:.4f}  accuracy {results['accuracy']:.3f}{spread}")
+            text = f"eval-loss {results['eval-loss']:.4f}"
+            if self.primary:
+                spread = f" (std {results[self.primary + '-std']:.3f})" if f"{self.primary}-std" in results else ""
+                text += f"  {self.primary} {results[self.primary]:.3f}{spread}"
+            parts.append(text)
         if server_round > 0:
             parts.append(f"clients ok {row['clients-ok'] or 0} failed {row['clients-failed'] or 0}")
         parts.append(f"{row['seconds']:.1f} s")
@@ -126,6 +147,7 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     trainable, total = count_parameters(bundle.model)
     initial = get_adapter_state(bundle.model)
     test = server_data(cfg, bundle.tokenizer)
+    generation_records(cfg, test[0])  # HumanEval's problems load (or fail) before the run folder exists
     strategy = build_strategy(cfg)
     run_dir = RunDir.create(cfg)
     evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy)
@@ -163,8 +185,11 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
             "rounds": cfg.num_rounds,
             "trainable-parameters": trainable,
             "seconds": round(time.perf_counter() - t_start, 2),
+            "metric": evaluator.primary,
             "accuracy-round-0": first.get("accuracy"),
             "accuracy-final": last.get("accuracy"),
+            "score-round-0": first.get(evaluator.primary) if evaluator.primary else None,
+            "score-final": last.get(evaluator.primary) if evaluator.primary else None,
             "eval-loss-round-0": first.get("eval-loss"),
             "eval-loss-final": last.get("eval-loss"),
             "adapter": str(final),

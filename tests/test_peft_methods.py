@@ -10,7 +10,7 @@ from peft import AutoPeftModelForCausalLM
 
 from fedllm_flwr.client import local_train
 from fedllm_flwr.config import PEFT_METHODS
-from fedllm_flwr.evaluate.exact_match import generate_answers
+from fedllm_flwr.evaluate.generation import generate
 from fedllm_flwr.model import build_model, clear_model_cache, count_parameters, get_adapter_state, set_adapter_state
 from fedllm_flwr.peft_methods import BUILDERS
 from fedllm_flwr.run_dir import RunDir
@@ -80,13 +80,13 @@ def test_method_trains_round_trips_aggregates_and_saves(method, markers, tiny_cf
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         loaded = AutoPeftModelForCausalLM.from_pretrained(str(saved))
-    answers = generate_answers(loaded, bundle.tokenizer, [{"instruction": "What is 1 + 1?", "input": ""}], 1, 3)
-    assert len(answers) == 1
+    answers = generate(loaded, bundle.tokenizer, ["What is 1 + 1?"], batch_size=1, max_new_tokens=3)
+    assert len(answers) == 1 and len(answers[0]) == 1
 
 
 def test_cache_free_greedy_matches_generate_and_keeps_the_prefix(tiny_cfg):
     from fedllm_flwr.data.prompts import format_prompt
-    from fedllm_flwr.evaluate.exact_match import greedy_without_cache
+    from fedllm_flwr.evaluate.generation import greedy_without_cache
 
     prompts = [format_prompt("What is 12 + 30?"), format_prompt("Write in capital letters: apple river")]
     clear_model_cache()
@@ -94,10 +94,8 @@ def test_cache_free_greedy_matches_generate_and_keeps_the_prefix(tiny_cfg):
     lora = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     state = get_adapter_state(lora.model)
     set_adapter_state(lora.model, {k: torch.randn_like(v) for k, v in state.items()})
-    records = [{"instruction": p, "input": ""} for p in ("What is 12 + 30?", "Write in capital letters: apple river")]
-    assert greedy_without_cache(lora.model, lora.tokenizer, prompts, 6) == generate_answers(
-        lora.model, lora.tokenizer, records, 2, 6
-    )
+    greedy = generate(lora.model, lora.tokenizer, prompts, batch_size=2, max_new_tokens=6)
+    assert greedy_without_cache(lora.model, lora.tokenizer, prompts, 6) == [c[0] for c in greedy]
 
     clear_model_cache()
     cfg = tiny_cfg("peft=prefix_tuning", "peft.num_virtual_tokens=4")
@@ -106,7 +104,7 @@ def test_cache_free_greedy_matches_generate_and_keeps_the_prefix(tiny_cfg):
     outputs = []
     for scale in (0.0, 20.0):
         set_adapter_state(prefix.model, {k: torch.randn_like(v) * scale for k, v in state.items()})
-        outputs.append(generate_answers(prefix.model, prefix.tokenizer, records, 2, 6))
+        outputs.append(generate(prefix.model, prefix.tokenizer, prompts, batch_size=2, max_new_tokens=6))
     assert outputs[0] != outputs[1]  # the prefix reaches the answers
 
 

@@ -1,0 +1,153 @@
+"""Batched generation for every evaluation: greedy by default, stop strings, progress.
+
+One home for decoding, so GSM8K, HumanEval, ROUGE and exact match all see the
+same prompts-to-completions behaviour, with or without an adapter.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+
+def uses_prefix(model: torch.nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return getattr(getattr(config, "peft_type", None), "value", None) == "PREFIX_TUNING"
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class _StopStrings(StoppingCriteria):
+    """Marks a row done once its new text contains a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, list(stop), prompt_width
+        self.tail = max(len(tokenizer.encode(s, add_special_tokens=False)) for s in stop) + 2
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_width :]
+        window = new[:, -self.tail :].tolist()
+        texts = self.tokenizer.batch_decode(window, skip_special_tokens=True)
+        done = [any(s in t for s in self.stop) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def greedy_without_cache(
+    model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, stop: Sequence[str] = ()
+) -> list[str]:
+    """Greedy decoding by full forward passes over right-padded sequences.
+
+    For prefix tuning: with peft 0.21 and transformers 5, `generate()` drops the
+    learned prefix (it passes it as `past_key_values`, which the model now
+    ignores), so it would score the base model. The forward pass keeps the
+    prefix. Right padding keeps every row's positions exact. Slower: one full
+    forward per new token.
+    """
+    device = next(model.parameters()).device
+    rows = [tokenizer(p)["input_ids"] for p in prompts]
+    new: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        seqs = [r + n for r, n in zip(rows, new, strict=True)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
+        offset = logits.shape[1] - width  # prompt methods would prepend virtual tokens
+        picks = logits[torch.arange(len(seqs)), last + offset].argmax(-1).tolist()
+        for i, token in enumerate(picks):
+            if not done[i]:
+                new[i].append(token)
+                done[i] = token == tokenizer.eos_token_id or (
+                    bool(stop) and any(s in tokenizer.decode(new[i][-16:]) for s in stop)
+                )
+        if all(done):
+            break
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[str],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    stop: Sequence[str] = (),
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    seed: int = 0,
+    desc: str = "",
+) -> list[list[str]]:
+    """`num_samples` completions per prompt, each cut at the first stop string.
+
+    Greedy when `temperature` is 0 (then `num_samples` must be 1), else
+    nucleus sampling seeded by `seed`. Left-padded `generate` batches with the
+    KV cache; prefix tuning goes through `greedy_without_cache`. A progress bar
+    on stderr counts prompts when `desc` is given.
+    """
+    if temperature <= 0 and num_samples != 1:
+        raise ValueError("several samples per prompt need temperature > 0")
+    if uses_prefix(model) and temperature > 0:
+        raise ValueError("sampling is not supported with prefix tuning; use temperature 0")
+    device = next(model.parameters()).device
+    model.eval()
+    if temperature > 0:
+        torch.manual_seed(seed)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, disable=not desc, dynamic_ncols=True)
+    completions: list[list[str]] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            if uses_prefix(model):
+                texts = greedy_without_cache(model, tokenizer, chunk, max_new_tokens, stop)
+            else:
+                texts = _generate_batch(
+                    model, tokenizer, chunk, device, max_new_tokens, stop, num_samples, temperature, top_p
+                )
+            texts = [cut_at_stop(t, stop) for t in texts]
+            completions.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
+            bar.update(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+        bar.close()
+    return completions
+
+
+def _generate_batch(model, tokenizer, prompts, device, max_new_tokens, stop, num_samples, temperature, top_p):
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    width = enc["input_ids"].shape[1]
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    criteria = StoppingCriteriaList([_StopStrings(tokenizer, stop, width)]) if stop else None
+    with warnings.catch_warnings():
+        # peft's prompt methods ignore position ids and say so on every call.
+        warnings.filterwarnings("ignore", message="Position ids are not supported")
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            do_sample=temperature > 0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=criteria,
+            **{k: v for k, v in sampling.items() if k != "do_sample"},
+        )
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
