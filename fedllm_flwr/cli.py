@@ -7,6 +7,10 @@
     fedllm-flwr report RUN_DIR ... [--out DIR]
                                         effectiveness and efficiency tables over runs
                                         (markdown on stdout; report.md and CSVs in DIR)
+    fedllm-flwr evaluate --task {gsm8k,humaneval,rouge,exact_match,loss}
+        [--adapter DIR] [--data FILE] [--limit N] [--out FILE.json] [OVERRIDE ...]
+                                        score an adapter (or the base model without
+                                        --adapter); the result is the last stdout line (JSON)
 
 Overrides are the same Hydra overrides `flwr run` takes in its `overrides`
 run-config key. Problems with the input print one line on stderr and exit 2.
@@ -63,6 +67,36 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from fedllm_flwr.evaluate.standalone import EvalRequest, evaluate_command
+
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        raise UserError(f"--k {args.k!r}: give comma-separated integers, e.g. 1,10") from None
+    if args.samples > 1 and args.temperature <= 0:
+        raise UserError("--samples > 1 needs --temperature > 0 (greedy decoding gives one answer)")
+    req = EvalRequest(
+        task=args.task,
+        adapter=Path(args.adapter).expanduser() if args.adapter else None,
+        data=Path(args.data).expanduser() if args.data else None,
+        limit=args.limit,
+        out=Path(args.out).expanduser() if args.out else None,
+        overrides=args.overrides,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_samples=args.samples,
+        temperature=args.temperature,
+        ks=ks,
+        timeout=args.timeout,
+    )
+    result = evaluate_command(req)
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedllm-flwr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
     report.add_argument("--out", default="report", help="folder for report.md and the CSVs (default: ./report)")
     report.set_defaults(func=_report)
+    ev = sub.add_parser("evaluate", help="score an adapter or the base model on GSM8K, HumanEval, ROUGE-L or loss")
+    ev.add_argument("--task", required=True, choices=("gsm8k", "humaneval", "rouge", "exact_match", "loss"))
+    ev.add_argument("--adapter", help="a saved adapter folder (adapter/final); omit for the base model")
+    ev.add_argument("--data", help="evaluate every record of this file (default: the dataset's test split)")
+    ev.add_argument("--limit", type=int, default=0, help="score the first N examples only (0 = all)")
+    ev.add_argument("--out", help="result JSON (default: eval_<task>.json next to the adapter)")
+    ev.add_argument("--batch-size", type=int, default=0, help="generation batch (default: eval.batch_size)")
+    ev.add_argument("--max-new-tokens", type=int, default=0, help="default: the task's own length")
+    ev.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem (n)")
+    ev.add_argument("--k", default="1", help="humaneval: comma-separated k for pass@k (each <= --samples)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (top-p 0.95)")
+    ev.add_argument("--timeout", type=float, default=5.0, help="humaneval: seconds per program")
+    ev.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=dolly dataset.path=FILE")
+    ev.set_defaults(func=_evaluate)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -65,5 +66,10 @@ def main() -> int:
     return 1 if failed else 0
 
 
+def _stop_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds `with LocalSimulation`, which stops the SuperLink and Ray
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     sys.exit(main())
