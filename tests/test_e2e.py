@@ -102,3 +102,35 @@ def test_scenarios_run_with_the_same_command(sim, tiny_model_dir, tmp_path, scen
         assert rows[-1]["client_0-eval-loss"] != rows[-1]["client_1-eval-loss"]  # two different adapters
         assert sorted(p.name for p in final.iterdir()) == ["client_0", "client_1"]
         AutoPeftModelForCausalLM.from_pretrained(str(final / "client_1"))
+
+
+@pytest.mark.parametrize(("preset", "nodes", "metric"), [("gsm8k", 3, "accuracy"), ("dolly", 4, "rougeL")])
+def test_benchmark_presets_train_and_score_their_metric(sim, tiny_model_dir, tmp_path, preset, nodes, metric):
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    if preset == "gsm8k":
+        qa = [
+            {"question": f"{i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+            for i in range(40)
+        ]
+        data = [f"dataset.path={write('train.jsonl', qa[:30])}", f"dataset.test_path={write('test.jsonl', qa[30:])}"]
+    else:
+        cats = ["open_qa", "classification", "summarization", "brainstorming"]
+        rows = [
+            {"instruction": f"q{i}", "context": "", "response": f"r{i}", "category": cats[i % 4]} for i in range(40)
+        ]
+        data = [f"dataset.path={write('dolly.jsonl', rows)}"]
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, f"dataset={preset}", *data, "dataset.max_seq_len=64",
+         "num_rounds=1", "eval.shots=1", "eval.limit=4", "strategy.min_available_nodes=3",
+         f"run.output_dir={out}", "run.name=b"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=nodes, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    rows = [json.loads(line) for line in (out / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r[metric] is not None for r in rows) and rows[1]["clients-ok"] == nodes
+    summary = json.loads((out / "b" / "summary.json").read_text())
+    assert summary["metric"] == metric and summary["score-final"] == rows[-1][metric]

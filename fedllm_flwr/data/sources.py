@@ -28,10 +28,11 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
-def read_json_records(path: Path, limit: int = 0) -> list[dict]:
+def read_json_records(path: Path, limit: int = 0, key: str = "dataset.path") -> list[dict]:
     """Objects from a .json (array) or .jsonl[.gz] file, with line-precise errors."""
     if not path.is_file():
-        raise UserError(f"dataset.path: data file {path} does not exist")
+        hint = "" if path.is_absolute() else f" (relative to {Path.cwd()}: give an absolute path)"
+        raise UserError(f"{key}: data file {path} does not exist{hint}")
     is_array = path.name.endswith((".json", ".json.gz"))
     with _open_text(path) as handle:
         if is_array:
@@ -118,11 +119,13 @@ def _is_local(path: str) -> bool:
     return candidate.exists() or candidate.suffix in (".json", ".jsonl", ".gz") or path.startswith((".", "/", "~"))
 
 
-def read_records(cfg: DatasetConfig, path: str, split: str, limit: int) -> list[dict[str, str]]:
+def read_records(
+    cfg: DatasetConfig, path: str, split: str, limit: int, key: str = "dataset.path"
+) -> list[dict[str, str]]:
     """Records of one local file or hub split, mapped to the standard fields and transformed."""
     if _is_local(path):
         file = Path(path).expanduser()
-        raw, origin = read_json_records(file, limit), str(file)
+        raw, origin = read_json_records(file, limit, key), str(file)
     else:
         raw, origin = _load_hub(path, cfg.subset, split, limit), path
     records = map_fields(raw, cfg.fields, origin)
@@ -149,7 +152,8 @@ def load_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict[str, str]], l
                 "local file: give the test file with dataset.test_path=<file>, or dataset.test_split='' to hold "
                 "out dataset.test_fraction of the training file"
             )
-        test = read_records(cfg, cfg.test_path or cfg.path, cfg.test_split or "test", 0)
+        key = "dataset.test_path" if cfg.test_path else "dataset.path"
+        test = read_records(cfg, cfg.test_path or cfg.path, cfg.test_split or "test", 0, key)
         if not records or not test:
             raise UserError(f"{cfg.path}: needs training and test records, found {len(records)} and {len(test)}")
         return records, test

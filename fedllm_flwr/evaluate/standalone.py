@@ -95,7 +95,7 @@ def evaluation_records(req: EvalRequest, cfg: Config) -> list[dict]:
 
         return load_problems(req.data, limit=req.limit)
     if req.data is not None:
-        records = read_records(cfg.dataset, str(req.data), cfg.dataset.split, 0)
+        records = read_records(cfg.dataset, str(req.data), cfg.dataset.split, 0, key="--data")
     else:
         if cfg.dataset.source != "file" and req.task in ("gsm8k", "rouge"):
             raise UserError(f"--task {req.task} needs data: give --data FILE or a dataset preset (e.g. dataset=dolly)")
