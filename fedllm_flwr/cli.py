@@ -7,6 +7,11 @@
     fedllm-flwr report RUN_DIR ... [--out DIR]
                                         effectiveness and efficiency tables over runs
                                         (markdown on stdout; report.md and CSVs in DIR)
+    fedllm-flwr sweep -m train.lr=1e-4,3e-4,1e-3 [peft=lora,prompt_tuning] [OVERRIDE ...]
+                                        Hydra multirun: one `flwr run` per job, then
+                                        summary.md/.csv and lr.png in the sweep folder
+    fedllm-flwr sweep-summary SWEEP_DIR [--keep F]
+                                        (re)write the summary of a sweep folder
     fedllm-flwr evaluate --task {gsm8k,humaneval,rouge,exact_match,loss}
         [--adapter DIR] [--data FILE] [--limit N] [--out FILE.json] [OVERRIDE ...]
                                         score an adapter (or the base model without
@@ -97,7 +102,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_summary(args: argparse.Namespace) -> int:
+    from fedllm_flwr.sweep import summarize
+
+    summary = summarize(Path(args.sweep_dir), args.keep)
+    print((Path(args.sweep_dir) / "summary.md").read_text(), end="")
+    return 0 if not summary["failed"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:  # Hydra parses the rest of the command line itself
+        from fedllm_flwr.sweep import sweep_main
+
+        try:
+            return sweep_main(argv[1:])
+        except UserError as exc:
+            print(f"fedllm-flwr: error: {exc}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="fedllm-flwr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
@@ -111,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
     report.add_argument("--out", default="report", help="folder for report.md and the CSVs (default: ./report)")
     report.set_defaults(func=_report)
+    sub.add_parser("sweep", help="Hydra multirun of federated jobs (fedllm-flwr sweep --help for Hydra's options)")
+    summ = sub.add_parser("sweep-summary", help="write summary.md/.csv and lr.png for a sweep folder")
+    summ.add_argument("sweep_dir")
+    summ.add_argument("--keep", type=float, default=0.34, help="screening audit: share kept per method")
+    summ.set_defaults(func=_sweep_summary)
     ev = sub.add_parser("evaluate", help="score an adapter or the base model on GSM8K, HumanEval, ROUGE-L or loss")
     ev.add_argument("--task", required=True, choices=("gsm8k", "humaneval", "rouge", "exact_match", "loss"))
     ev.add_argument("--adapter", help="a saved adapter folder (adapter/final); omit for the base model")

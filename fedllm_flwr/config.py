@@ -282,6 +282,32 @@ class RunConfig:
     working directory."""
     save_every_round: bool = True
     """Keep `adapter/round_<n>/` for every round (each is one adapter, ~1 MB)."""
+    stop_after: int = 0
+    """Stop after this many rounds (0 = `num_rounds`). The learning-rate schedule
+    still spans `num_rounds`, so the run is an exact prefix of the full one: a
+    low-fidelity evaluation for screening."""
+
+
+@dataclass
+class SweepConfig:
+    """Settings of `fedllm-flwr sweep` (ignored by a single `flwr run`)."""
+
+    supernodes: int = 2
+    """Simulated SuperNodes per job."""
+    timeout: float = 3600.0
+    """Seconds a job may run before it is recorded as failed."""
+    screen_rounds: int = 0
+    """Low-fidelity screening: first run every job for this many rounds
+    (`run.stop_after`), then only the best `keep` share per method to
+    `num_rounds`. 0 runs every job to the full budget."""
+    keep: float = 0.34
+    """Share of each method's configurations that survives the screen (at least one)."""
+
+    def __post_init__(self) -> None:
+        if self.supernodes < 1:
+            raise ValueError("sweep.supernodes must be >= 1")
+        if self.screen_rounds < 0 or not 0.0 < self.keep <= 1.0:
+            raise ValueError("sweep.screen_rounds must be >= 0 and sweep.keep in (0, 1]")
 
 
 @dataclass
@@ -297,10 +323,17 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if not 0 <= self.run.stop_after <= self.num_rounds:
+            raise ValueError(f"run.stop_after must be in 0..num_rounds ({self.num_rounds}), got {self.run.stop_after}")
+
+    @property
+    def rounds_to_run(self) -> int:
+        return self.run.stop_after or self.num_rounds
         if self.peft.method == "adalora" and self.scenario.name == "fed":
             raise ValueError(
                 "peft=adalora cannot be federated-averaged: its rank allocator zeroes different singular "

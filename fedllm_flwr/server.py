@@ -93,7 +93,7 @@ class ServerEvaluator:
         return self.run_dir.save_adapters(self.bundle.model, folder, states)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        last_round = server_round == self.cfg.num_rounds
+        last_round = server_round == self.cfg.rounds_to_run
         due = server_round == 0 or last_round or server_round % self.cfg.eval.every == 0
         adapters = self.adapters(arrays)
         t0 = time.perf_counter()
@@ -122,7 +122,7 @@ class ServerEvaluator:
         self.last = now
         self.run_dir.metrics.write(row)
         self.rows.append(row)
-        parts = [f"round {server_round}/{self.cfg.num_rounds}"]
+        parts = [f"round {server_round}/{self.cfg.rounds_to_run}"]
         if row["train-loss"] is not None:
             parts.append(f"train-loss {row['train-loss']:.4f}")
         if due:
@@ -165,12 +165,12 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     result = strategy.start(
         grid=grid,
         initial_arrays=state_to_arrays(initial),
-        num_rounds=cfg.num_rounds,
+        num_rounds=cfg.rounds_to_run,
         timeout=cfg.strategy.round_timeout,
         train_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
         evaluate_fn=evaluator,
     )
-    if not evaluator.rows or evaluator.rows[-1]["round"] != cfg.num_rounds:
+    if not evaluator.rows or evaluator.rows[-1]["round"] != cfg.rounds_to_run:
         raise RuntimeError("the strategy stopped before the last round; adapter/final was not written")
     if not any(r["clients-ok"] for r in evaluator.rows[1:]):
         raise RuntimeError("no client reply was aggregated in any round; adapter/final was not written")
@@ -182,7 +182,8 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
             "scenario": cfg.scenario.name,
             "method": cfg.peft.method,
             "seed": cfg.seed,
-            "rounds": cfg.num_rounds,
+            "rounds": cfg.rounds_to_run,
+            "num-rounds": cfg.num_rounds,
             "trainable-parameters": trainable,
             "seconds": round(time.perf_counter() - t_start, 2),
             "metric": evaluator.primary,

@@ -1,0 +1,128 @@
+"""FedHPO sweeps: statistics and summary on fake job folders, and a real multirun."""
+
+import json
+
+import pytest
+from conftest import TINY_OVERRIDES
+
+from fedllm_flwr.errors import UserError
+from fedllm_flwr.sweep import _kept, _ranks, read_sweep, screening_audit, spearman, summarize
+
+
+def fake_job(root, name, lr, scores, losses, method="lora", stage="full", status="completed"):
+    """A job folder as the sweep writes it; `scores[r]` is the metric after round r."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    overrides = [f"train.lr={lr}", f"peft={method}"]
+    (folder / "job.json").write_text(
+        json.dumps({"name": name, "overrides": overrides, "status": status, "stage": stage, "seconds": 10.0})
+    )
+    (folder / "config.yaml").write_text(
+        f"train:\n  lr: {lr}\npeft:\n  method: {method}\ndataset:\n  metric: exact_match\n"
+    )
+    if status != "completed":
+        return
+    rows = [
+        {"round": r, "accuracy": s, "eval-loss": loss, "bytes-down": 100, "bytes-up": 100, "clients-ok": 2}
+        for r, (s, loss) in enumerate(zip(scores, losses, strict=True))
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"status": "completed", "metric": "accuracy", "score-final": scores[-1], "eval-loss-final": losses[-1]}
+    summary["rounds"] = len(scores) - 1
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_ranks_and_spearman_against_hand_values():
+    assert _ranks([10, 30, 20]) == [1, 3, 2]
+    assert _ranks([5, 5, 1, 7]) == [2.5, 2.5, 1, 4]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # rank differences d = (0, -2, 1, 1): rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 36 / 60 = 0.4
+    assert spearman([1, 2, 3, 4], [1, 4, 2, 3]) == pytest.approx(0.4)
+    assert spearman([1, 2], [2, 1]) is None and spearman([1, 2, 3], [5, 5, 5]) is None
+
+
+def test_summary_table_best_correlation_audit_and_plot(tmp_path):
+    # Round 1 ranks job_2 first, but job_1 is best after the last round.
+    fake_job(tmp_path, "job_0", 1e-4, [0.0, 0.10, 0.20], [3.0, 2.0, 1.5])
+    fake_job(tmp_path, "job_1", 1e-3, [0.0, 0.20, 0.60], [3.0, 1.5, 0.9])
+    fake_job(tmp_path, "job_2", 1e-2, [0.0, 0.30, 0.40], [3.0, 1.2, 1.2])
+    fake_job(tmp_path, "job_3", 1e-1, [], [], status="failed")
+    fake_job(tmp_path, "job_4", 1e-3, [0.0, 0.5, 0.5], [3.0, 1.0, 1.0], method="prompt_tuning")
+    summary = summarize(tmp_path, keep=0.34)
+    assert summary["jobs"] == 5 and summary["completed"] == 4 and summary["failed"] == ["job_3"]
+    assert summary["best"]["lora"]["job"] == "job_1" and summary["best"]["prompt_tuning"]["job"] == "job_4"
+    # loss vs accuracy over the 4 completed jobs: (1.5, .2) (0.9, .6) (1.2, .4) (1.0, .5): perfectly inverse
+    assert summary["spearman-eval-loss-vs-score"] == pytest.approx(-1.0)
+    audit = summary["screening-audit"]
+    assert audit == [
+        {
+            "method": "lora",
+            "screen round": 1,
+            "jobs": 3,
+            "kept": 1,
+            "best at full budget": "job_1",
+            "kept the best": False,
+        }
+    ]
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "| job_1 | full | completed | lora | 0.001 | 0.9000 | 0.600 |" in markdown
+    assert "failed" in markdown and "Spearman" in markdown
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert len(rows) == 6 and rows[0].startswith("job,stage,status,method,lr")
+    assert (tmp_path / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_screen_keeps_a_share_and_breaks_ties_by_loss(tmp_path):
+    for i, (score, loss) in enumerate([(0.0, 2.0), (0.0, 1.0), (0.5, 3.0), (0.1, 1.0), (0.0, 0.5), (0.2, 2.0)]):
+        fake_job(tmp_path, f"job_{i}", 10.0**-i, [0.0, score], [3.0, loss])
+    records = read_sweep(tmp_path)
+    kept = _kept(records, {r.name: (r.score, -r.eval_loss) for r in records}, 0.34)
+    assert [r.name for r in kept] == ["job_2", "job_5"]  # round(0.34 * 6) = 2
+    kept = _kept(records[:2], {r.name: (r.score, -r.eval_loss) for r in records[:2]}, 0.1)
+    assert [r.name for r in kept] == ["job_1"]  # at least one; the tie goes to the lower loss
+    assert screening_audit(records, 0.34) == []  # a single round: nothing to screen on
+
+
+def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no sweep jobs"):
+        summarize(tmp_path)
+
+
+@pytest.mark.slow
+def test_three_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from fedllm_flwr.cli import main
+
+    monkeypatch.setenv("FEDLLM_FLWR_HOME", str(tmp_path / "home"))
+    sweep_dir = tmp_path / "sweep"
+    args = ["sweep", "-m", "train.lr=1e-4,1e-3,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES,
+            "num_rounds=2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["jobs"] == 4 and summary["completed"] == 3 and summary["failed"] == ["job_3"]
+    job_3 = json.loads((sweep_dir / "job_3" / "job.json").read_text())
+    assert "train.lr must be > 0" in job_3["error"]
+    for n, lr in enumerate([1e-4, 1e-3, 1e-2]):
+        run = sweep_dir / f"job_{n}"
+        assert f"lr: {lr}" in (run / "config.yaml").read_text()
+        assert (run / "adapter" / "final" / "adapter_config.json").is_file()
+    assert summary["best"]["lora"]["job"] in {"job_0", "job_1", "job_2"}
+    assert (sweep_dir / "lr.png").is_file() and "Best configuration per method" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_screening_runs_the_kept_share_to_the_full_budget(tiny_model_dir, tmp_path, monkeypatch):
+    from fedllm_flwr.cli import main
+
+    monkeypatch.setenv("FEDLLM_FLWR_HOME", str(tmp_path / "home"))
+    sweep_dir = tmp_path / "sweep"
+    args = ["sweep", "-m", "train.lr=1e-4,1e-2", f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2",
+            "sweep.screen_rounds=1", "sweep.keep=0.5", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    screening = summary["screening"]
+    assert screening == {"rounds": 1, "screened": 2, "promoted": 1, "rounds-run": 4, "rounds-full-grid": 4}
+    screened = [json.loads((sweep_dir / f"job_{n}" / "summary.json").read_text()) for n in range(2)]
+    assert all(s["rounds"] == 1 and s["num-rounds"] == 2 for s in screened)
+    full = [p for p in sweep_dir.iterdir() if p.name.startswith("full_")]
+    assert len(full) == 1 and json.loads((full[0] / "summary.json").read_text())["rounds"] == 2
