@@ -330,16 +330,17 @@ class Config:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if not 0 <= self.run.stop_after <= self.num_rounds:
             raise ValueError(f"run.stop_after must be in 0..num_rounds ({self.num_rounds}), got {self.run.stop_after}")
-
-    @property
-    def rounds_to_run(self) -> int:
-        return self.run.stop_after or self.num_rounds
         if self.peft.method == "adalora" and self.scenario.name == "fed":
             raise ValueError(
                 "peft=adalora cannot be federated-averaged: its rank allocator zeroes different singular "
                 "values on each client, so the mean of the clients' triplets is no model any client trained. "
                 "Use it with scenario=global or scenario=local, or use peft=lora"
             )
+
+    @property
+    def rounds_to_run(self) -> int:
+        """Rounds this run executes: `run.stop_after`, else `num_rounds`."""
+        return self.run.stop_after or self.num_rounds
 
 
 ConfigStore.instance().store(name="fedllm_schema", node=Config)

@@ -17,10 +17,16 @@ def needs(group: str, option: str, tmp_path) -> list[str]:
     """Extra overrides a shipped option requires from the user."""
     if (group, option) == ("peft", "adalora"):
         return ["scenario=local"]  # refused for federated averaging
-    if (group, option) == ("dataset", "file"):
+    if group == "dataset" and option != "synthetic":
+        # Presets default to hub ids; the test writes a small file in the preset's own field names.
+        fields = load_cfg([f"dataset={option}", "dataset.path=any.jsonl"]).dataset.fields
+        rows = [
+            {fields.instruction: f"q{i}", fields.output: f"a {i}\n#### {i}", fields.category: f"c{i % 3}"}
+            for i in range(20)
+        ]
         path = tmp_path / "data.jsonl"
-        path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(20)))
-        return [f"dataset.path={path}"]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return [f"dataset.path={path}", f"dataset.test_path={path}"]
     return []
 
 
@@ -66,7 +72,7 @@ def test_run_config_string_reaches_hydra():
         ("train.lrr=1", r"'train\.lrr=1'.*\nvalid keys under train: train\.lr, "),
         ("train.lr=fast", r"train\.lr=fast.*could not be converted to Float"),
         ("trian.lr=1", r"valid top-level keys: seed, num_rounds, model, peft, dataset"),
-        ("dataset=nope", r"options for dataset: file, synthetic"),
+        ("dataset=nope", r"options for dataset: alpaca, codealpaca, dolly, dolly_dirichlet, file, gsm8k, synthetic"),
         ("train.precision=fp8", r"train\.precision must be auto, bf16, fp16 or fp32"),
         ("num_rounds=0", r"num_rounds must be >= 1"),
         ("dataset=file", r"dataset\.source=file needs dataset\.path"),

@@ -1,6 +1,8 @@
 """FedHPO sweeps: statistics and summary on fake job folders, and a real multirun."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import TINY_OVERRIDES
@@ -89,15 +91,19 @@ def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):
         summarize(tmp_path)
 
 
-@pytest.mark.slow
-def test_three_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from fedllm_flwr.cli import main
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    """`fedllm-flwr sweep ARGS` in its own process, as a user runs it (Hydra configures
+    logging and global state for the whole process)."""
+    cmd = [sys.executable, "-m", "fedllm_flwr.cli", "sweep", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
 
-    monkeypatch.setenv("FEDLLM_FLWR_HOME", str(tmp_path / "home"))
+
+@pytest.mark.slow
+def test_three_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    args = ["sweep", "-m", "train.lr=1e-4,1e-3,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES,
-            "num_rounds=2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
-    assert main(args) == 0
+    done = sweep("-m", "train.lr=1e-4,1e-3,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES,
+                 "num_rounds=2", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["jobs"] == 4 and summary["completed"] == 3 and summary["failed"] == ["job_3"]
     job_3 = json.loads((sweep_dir / "job_3" / "job.json").read_text())
@@ -107,18 +113,15 @@ def test_three_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path, 
         assert f"lr: {lr}" in (run / "config.yaml").read_text()
         assert (run / "adapter" / "final" / "adapter_config.json").is_file()
     assert summary["best"]["lora"]["job"] in {"job_0", "job_1", "job_2"}
-    assert (sweep_dir / "lr.png").is_file() and "Best configuration per method" in capsys.readouterr().out
+    assert (sweep_dir / "lr.png").is_file() and "Best configuration per method" in done.stdout
 
 
 @pytest.mark.slow
-def test_screening_runs_the_kept_share_to_the_full_budget(tiny_model_dir, tmp_path, monkeypatch):
-    from fedllm_flwr.cli import main
-
-    monkeypatch.setenv("FEDLLM_FLWR_HOME", str(tmp_path / "home"))
+def test_screening_runs_the_kept_share_to_the_full_budget(tiny_model_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    args = ["sweep", "-m", "train.lr=1e-4,1e-2", f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2",
-            "sweep.screen_rounds=1", "sweep.keep=0.5", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
-    assert main(args) == 0
+    done = sweep("-m", "train.lr=1e-4,1e-2", f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2",
+                 "sweep.screen_rounds=1", "sweep.keep=0.5", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     screening = summary["screening"]
     assert screening == {"rounds": 1, "screened": 2, "promoted": 1, "rounds-run": 4, "rounds-full-grid": 4}
