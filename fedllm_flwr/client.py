@@ -16,7 +16,7 @@ from fedllm_flwr.data import ClientData, client_data
 from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
-from fedllm_flwr.train import train_steps
+from fedllm_flwr.train import lr_at, train_steps
 
 _DATA: dict[tuple, ClientData] = {}
 
@@ -60,12 +60,14 @@ def local_train(
         seed=cfg.seed * 1000 + partition_id,
         start=(server_round - 1) * per_round,
     )
+    start_step, total_steps = (server_round - 1) * cfg.train.local_steps, cfg.num_rounds * cfg.train.local_steps
     result = train_steps(
         bundle.model,
         batches,
         cfg.train,
-        start_step=(server_round - 1) * cfg.train.local_steps,
-        total_steps=cfg.num_rounds * cfg.train.local_steps,
+        start_step=start_step,
+        total_steps=total_steps,
+        prox_mu=cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0,
     )
     metrics = {
         "train-loss": result.loss,
@@ -77,6 +79,7 @@ def local_train(
         "dropped-samples": data.train.dropped,
         "torch-threads": torch.get_num_threads(),
         "partition-id": partition_id,
+        "lr": lr_at(start_step, total_steps, cfg.train),
     }
     return get_adapter_state(bundle.model), metrics
 

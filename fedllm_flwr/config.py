@@ -242,9 +242,31 @@ class EvalConfig:
             raise ValueError(f"eval.shots must be in 0..8, got {self.shots}")
 
 
+#: Server strategies (conf/strategy/<name>.yaml; fedllm_flwr/strategy/).
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "mifa", "median", "trimmed_mean")
+
+
 @dataclass
 class StrategyConfig:
     name: str = "fedavg"
+    """fedavg, fedprox (proximal term in the clients' loss), fedavgm / fedadam /
+    fedyogi (server optimizers on the averaged update), mifa (remembers every
+    client's latest update), median / trimmed_mean (coordinate-wise, unweighted)."""
+    proximal_mu: float = 0.01
+    """fedprox: weight mu of mu/2 * ||w - w_global||^2 over the adapter weights."""
+    server_lr: float = 1.0
+    """fedavgm / fedadam / fedyogi: server step size on the pseudo-gradient."""
+    server_momentum: float = 0.9
+    """fedavgm: momentum; fedadam / fedyogi: beta1."""
+    beta2: float = 0.99
+    """fedadam / fedyogi: second-moment decay."""
+    tau: float = 1e-3
+    """fedadam / fedyogi: adaptivity (added to sqrt(v), and v starts at tau^2)."""
+    trim: float = 0.2
+    """trimmed_mean: share of replies dropped at each end, per coordinate."""
+    mifa_wait_for_all: bool = False
+    """mifa: hold the global adapter until every client has answered once
+    (otherwise clients not seen yet count as a zero update)."""
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     """Share of nodes asked to evaluate on their held-out split (0 = none)."""
@@ -256,8 +278,12 @@ class StrategyConfig:
     """Seconds to wait for replies in a round."""
 
     def __post_init__(self) -> None:
-        if self.name != "fedavg":
-            raise ValueError(f"strategy.name={self.name!r} is not supported; use fedavg")
+        if self.name not in STRATEGIES:
+            raise ValueError(f"strategy.name={self.name!r}: use one of {', '.join(STRATEGIES)}")
+        if self.proximal_mu < 0 or self.server_lr <= 0 or not 0 <= self.server_momentum < 1:
+            raise ValueError("strategy: proximal_mu >= 0, server_lr > 0 and server_momentum in [0, 1) are required")
+        if not 0 <= self.beta2 < 1 or self.tau <= 0 or not 0 <= self.trim < 0.5:
+            raise ValueError("strategy: beta2 in [0, 1), tau > 0 and trim in [0, 0.5) are required")
 
 
 @dataclass
@@ -330,6 +356,11 @@ class Config:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if not 0 <= self.run.stop_after <= self.num_rounds:
             raise ValueError(f"run.stop_after must be in 0..num_rounds ({self.num_rounds}), got {self.run.stop_after}")
+        if self.strategy.name != "fedavg" and self.scenario.name != "fed":
+            raise ValueError(
+                f"strategy={self.strategy.name} aggregates federated replies; scenario={self.scenario.name} "
+                "averages nothing across clients. Use it with scenario=fed"
+            )
         if self.peft.method == "adalora" and self.scenario.name == "fed":
             raise ValueError(
                 "peft=adalora cannot be federated-averaged: its rank allocator zeroes different singular "

@@ -59,12 +59,16 @@ def train_steps(
     cfg: TrainConfig,
     start_step: int = 0,
     total_steps: int | None = None,
+    prox_mu: float = 0.0,
 ) -> TrainResult:
     """Run `cfg.local_steps` AdamW steps, each over `cfg.grad_accum` micro-batches.
 
     Only parameters with `requires_grad` are optimized (the adapter, kept fp32).
     On CUDA with an fp16 base, the loss is scaled with a GradScaler. The optimizer
-    state is fresh each call, as in FedAvg's local solver.
+    state is fresh each call, as in FedAvg's local solver. With `prox_mu` > 0
+    (FedProx), mu/2 * ||w - w_start||^2 over the trainable weights is added to
+    every micro-batch's loss, w_start being the weights the call began with (the
+    global adapter); the reported loss stays the task loss.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -85,6 +89,7 @@ def train_steps(
         # afresh each call, so a worker serving several clients never mixes them.
         adalora.peft_config[adalora.trainable_adapter_name].total_step = total
         adalora.rankallocator.reset_ipt()
+    anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
     model.train()
     t0 = time.perf_counter()
     losses, examples, tokens = [], 0, 0
@@ -98,7 +103,11 @@ def train_steps(
                 loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
-            scaled = loss / cfg.grad_accum
+            objective = loss
+            if anchors:
+                drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                objective = loss + 0.5 * prox_mu * drift
+            scaled = objective / cfg.grad_accum
             (scaler.scale(scaled) if scaler else scaled).backward()
             losses.append(loss.item())
             examples += batch["input_ids"].shape[0]

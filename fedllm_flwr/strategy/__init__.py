@@ -1,5 +1,7 @@
 """Server-side aggregation: the only place where client replies are combined."""
 
+from typing import Any
+
 from fedllm_flwr.config import Config
 from fedllm_flwr.strategy.adapter_fedavg import (
     AdapterFedAvg,
@@ -8,6 +10,7 @@ from fedllm_flwr.strategy.adapter_fedavg import (
     aggregate_client_metrics,
     weighted_mean,
 )
+from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, ServerOptimizer
 from fedllm_flwr.strategy.scenarios import DATA_KEY, STEPS_KEY, GlobalFedAvg, LocalAdapters
 
 __all__ = [
@@ -16,6 +19,10 @@ __all__ = [
     "AdapterFedAvg",
     "GlobalFedAvg",
     "LocalAdapters",
+    "Mifa",
+    "RobustAggregate",
+    "ServerOptFedAvg",
+    "ServerOptimizer",
     "RoundLedger",
     "ValidReply",
     "aggregate_client_metrics",
@@ -26,9 +33,19 @@ __all__ = [
 
 def build_strategy(cfg: Config) -> AdapterFedAvg:
     s = cfg.strategy
-    kinds = {"fed": AdapterFedAvg, "global": GlobalFedAvg, "local": LocalAdapters}
-    extra = {"local_steps": cfg.train.local_steps} if cfg.scenario.name == "global" else {}
-    return kinds[cfg.scenario.name](
+    kinds: dict[str, Any] = {"fed": AdapterFedAvg, "global": GlobalFedAvg, "local": LocalAdapters}
+    kind = kinds[cfg.scenario.name]
+    extra: dict[str, Any] = {"local_steps": cfg.train.local_steps} if cfg.scenario.name == "global" else {}
+    if s.name in ("fedavgm", "fedadam", "fedyogi"):
+        kind = ServerOptFedAvg
+        opt = s.name.removeprefix("fed")
+        extra["optimizer"] = ServerOptimizer(opt, s.server_lr, s.server_momentum, s.beta2, s.tau)
+    elif s.name in ("median", "trimmed_mean"):
+        kind, extra = RobustAggregate, {"kind": s.name, "trim": s.trim}
+    elif s.name == "mifa":
+        kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all}
+    # fedavg and fedprox aggregate alike; fedprox's term is in the clients' loss.
+    return kind(
         **extra,
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,

@@ -1,0 +1,157 @@
+"""Strategies beyond FedAvg: hand-computed updates, and each preset on the tiny model."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+from fedllm_flwr.config import STRATEGIES, load_cfg
+from fedllm_flwr.errors import UserError
+from fedllm_flwr.strategy import build_strategy
+from fedllm_flwr.strategy.aggregators import (
+    Mifa,
+    MifaMemory,
+    ServerOptimizer,
+    coordinate_median,
+    to_arrays,
+    to_state,
+    trimmed_mean,
+)
+from fedllm_flwr.transport import pack
+
+
+@pytest.fixture(autouse=True)
+def _messages(task_identity):
+    pass
+
+
+def reply(node: int, st: dict[str, np.ndarray], n: int = 10, lr: float = 0.1, partition: int | None = None) -> Message:
+    content = pack({k: torch.from_numpy(v) for k, v in st.items()})
+    metrics = {"num-examples": n, "train-loss": 1.0, "lr": lr, "partition-id": node if partition is None else partition}
+    content["metrics"] = MetricRecord(metrics)
+    sent = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=sent)
+
+
+def w(*values: float) -> dict[str, np.ndarray]:
+    return {"w": np.array(values, dtype=np.float32)}
+
+
+def prepared(strategy, current: dict[str, np.ndarray], num_clients: int = 0):
+    """A strategy as it stands after configure_train sent `current`."""
+    strategy._expected = [(k, tuple(v.shape)) for k, v in current.items()]
+    strategy.current = {k: v.copy() for k, v in current.items()}
+    if isinstance(strategy, Mifa):
+        strategy.num_clients = num_clients
+    return strategy
+
+
+def test_median_and_trimmed_mean_by_hand():
+    states = [w(1, 10), w(2, -5), w(100, 0), w(3, 1), w(4, 2)]
+    np.testing.assert_allclose(coordinate_median(states)["w"], [3, 1])
+    # trim 0.2 of 5 drops one value at each end: column 0 keeps 2,3,4; column 1 keeps 0,1,2
+    np.testing.assert_allclose(trimmed_mean(states, 0.2)["w"], [3, 1])
+    np.testing.assert_allclose(trimmed_mean(states, 0.0)["w"], [22, 1.6])
+    with pytest.raises(ValueError, match="leaves nothing"):
+        trimmed_mean(states[:2], 0.49 + 0.01)
+
+
+def test_server_optimizers_by_hand():
+    current, delta = w(1.0), w(0.5)
+    m = ServerOptimizer("avgm", lr=1.0, beta1=0.9)
+    np.testing.assert_allclose(m.step(current, delta)["w"], [1.5])  # m = 0.5
+    np.testing.assert_allclose(m.step(w(1.5), delta)["w"], [1.5 + 0.95])  # m = 0.9 * 0.5 + 0.5
+    adam = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    m1, v1 = 0.1 * 0.5, 0.99 * 1e-6 + 0.01 * 0.25
+    np.testing.assert_allclose(adam.step(current, delta)["w"], [1.0 + 0.1 * m1 / (np.sqrt(v1) + 1e-3)], rtol=1e-5)
+    yogi = ServerOptimizer("yogi", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    v1 = 1e-6 - 0.01 * 0.25 * np.sign(1e-6 - 0.25)  # = 1e-6 + 0.0025
+    np.testing.assert_allclose(yogi.step(current, delta)["w"], [1.0 + 0.1 * m1 / (np.sqrt(v1) + 1e-3)], rtol=1e-5)
+
+
+def test_mifa_update_with_one_stale_client_by_hand():
+    """3 clients; round 1 all answer, round 2 client 2 does not: its old G stays in the mean."""
+    mifa = prepared(Mifa(), w(0.0, 0.0), num_clients=3)
+    replies = [reply(0, w(0.1, 0.0)), reply(1, w(0.2, 0.3)), reply(2, w(0.6, 0.0))]
+    arrays, _ = mifa.aggregate_train(1, replies)
+    g = {0: [1.0, 0.0], 1: [2.0, 3.0], 2: [6.0, 0.0]}  # (w_i - w_0) / 0.1
+    w1 = 0.1 * np.mean(list(g.values()), axis=0)  # [0.3, 0.1]
+    np.testing.assert_allclose(to_state(arrays)["w"], w1, rtol=1e-3)
+    prepared(mifa, to_state(arrays), num_clients=3)
+    replies = [
+        reply(0, {"w": (w1 + [0.05, 0.05]).astype(np.float32)}, lr=0.05),
+        reply(1, {"w": w1.astype(np.float32)}, lr=0.05),
+    ]
+    arrays, _ = mifa.aggregate_train(2, replies)
+    g[0], g[1] = [1.0, 1.0], [0.0, 0.0]  # refreshed; g[2] is stale
+    w2 = w1 + 0.05 * np.mean(list(g.values()), axis=0)  # [0.3 + 0.05 * 7/3, 0.1 + 0.05 / 3]
+    np.testing.assert_allclose(to_state(arrays)["w"], w2, rtol=1e-3)
+    assert mifa.ledger.pop(2)["mifa-clients-remembered"] == 3
+
+
+def test_mifa_counts_unseen_clients_as_zero_or_waits_for_all():
+    memory = MifaMemory()
+    memory.refresh(0, w(3.0))
+    np.testing.assert_allclose(memory.mean_over(3)["w"], [1.0])  # two clients not seen yet
+    memory.refresh(0, w(6.0))  # a refresh replaces, the sum stays exact
+    np.testing.assert_allclose(memory.sum["w"], [6.0])
+    waiting = prepared(Mifa(wait_for_all=True), w(0.0), num_clients=3)
+    assert waiting.aggregate_train(1, [reply(0, w(0.1)), reply(1, w(0.2))])[0] is None
+    arrays, _ = waiting.aggregate_train(2, [reply(2, w(0.3))])
+    np.testing.assert_allclose(to_state(arrays)["w"], [0.1 * (1 + 2 + 3) / 3], rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_preset_aggregates_two_replies(name, tiny_cfg):
+    from fedllm_flwr.model import build_model, get_adapter_state
+
+    cfg = tiny_cfg(f"strategy={name}")
+    assert cfg.strategy.name == name
+    strategy = build_strategy(cfg)
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    start = {k: v.numpy().astype(np.float32) for k, v in get_adapter_state(bundle.model).items()}
+    strategy._expected = [(k, tuple(v.shape)) for k, v in start.items()]
+    if hasattr(strategy, "current"):
+        prepared(strategy, start, num_clients=2)
+    a = {k: v + 0.01 for k, v in start.items()}
+    b = {k: v - 0.01 for k, v in start.items()}
+    arrays, _ = strategy.aggregate_train(1, [reply(1, a, n=30), reply(2, b, n=10)])
+    out = to_state(arrays)
+    key = next(iter(out))
+    shift = float(np.mean(out[key] - start[key]))
+    # Weighted mean update: (30 * 0.01 - 10 * 0.01) / 40 = 0.005; unweighted: 0.
+    m1, v1 = 0.1 * 0.005, 0.99 * 1e-6 + 0.01 * 0.005**2  # fedadam's first step (fedyogi's v1 is equal here)
+    adaptive = 0.01 * m1 / (np.sqrt(v1) + 1e-3)
+    expected = {
+        "fedavg": 0.005, "fedprox": 0.005, "fedavgm": 0.005,  # momentum starts at the first update
+        "median": 0.0, "trimmed_mean": 0.0, "mifa": 0.0,  # unweighted over clients
+        "fedadam": adaptive, "fedyogi": adaptive,
+    }  # fmt: skip
+    assert shift == pytest.approx(expected[name], abs=1e-4), name
+    assert all(np.isfinite(v).all() and v.shape == start[k].shape for k, v in out.items())
+
+
+def test_fedprox_pulls_local_weights_toward_the_global_adapter(tiny_cfg):
+    from fedllm_flwr.client import local_train
+    from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
+
+    clear_model_cache()
+    drift = {}
+    for name, mu in (("fedavg", 0.0), ("fedprox", 50.0)):
+        cfg = tiny_cfg(f"strategy={name}", f"strategy.proximal_mu={mu}", "train.local_steps=6", "train.lr=0.05")
+        bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+        start = get_adapter_state(bundle.model)
+        state, metrics = local_train(cfg, start, 1, 0, 2)
+        drift[name] = sum(float(((state[k] - start[k]) ** 2).sum()) for k in start)
+        assert metrics["lr"] == pytest.approx(0.05)
+    assert 0 < drift["fedprox"] < 0.5 * drift["fedavg"]
+
+
+def test_strategies_other_than_fedavg_need_the_fed_scenario():
+    with pytest.raises(UserError, match="strategy=mifa aggregates federated replies"):
+        load_cfg(["strategy=mifa", "scenario=local"])
+
+
+def test_round_trip_helpers_keep_fp32():
+    arrays = to_arrays(w(1.5, 2.5))
+    assert to_state(arrays)["w"].dtype == np.float32
