@@ -1,10 +1,10 @@
 """Flower ClientApp: unpack the adapter, train or evaluate it locally, reply."""
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm_flwr import quiet_third_party_output
-from fedllm_flwr.client import local_evaluate, local_train, partition_of
+from fedllm_flwr.client import describe, local_evaluate, local_train, partition_of
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.strategy.scenarios import DATA_KEY, STEPS_KEY
 from fedllm_flwr.transport import pack, unpack_state
@@ -35,3 +35,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = partition_of(context.node_config)
     metrics = local_evaluate(cfg, unpack_state(msg.content), partition_id, num_partitions)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The client's partition and main data category (for simulated availability)."""
+    cfg = load_cfg(context.run_config)
+    info = describe(cfg, *partition_of(context.node_config))
+    return Message(content=RecordDict({"info": ConfigRecord(info)}), reply_to=msg)

@@ -94,6 +94,17 @@ def local_evaluate(
     return {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": max(1, len(data.holdout))}
 
 
+def describe(cfg: Config, partition_id: int, num_partitions: int) -> dict[str, int | str]:
+    """What a client tells the server before training: its partition and main data category."""
+    from fedllm_flwr.data import main_category
+
+    return {
+        "partition-id": partition_id,
+        "num-partitions": num_partitions,
+        "category": main_category(cfg, partition_id, num_partitions),
+    }
+
+
 def partition_of(node_config: dict) -> tuple[int, int]:
     """(partition-id, num-partitions) from a SuperNode's node config."""
     try:

@@ -267,6 +267,29 @@ class StrategyConfig:
     mifa_wait_for_all: bool = False
     """mifa: hold the global adapter until every client has answered once
     (otherwise clients not seen yet count as a zero update)."""
+    availability: str = "always"
+    """Simulated client availability: `always`, `uniform` (each client answers a
+    round with probability `available_p`), `per_client` (`available_per_client[i]`
+    for partition i) or `category` (`available_per_category`, "category:p" items,
+    for a client by its main data category).
+    Unavailable clients are not sampled; metrics.jsonl logs `participants`."""
+    available_p: float = 1.0
+    available_per_client: list[float] = field(default_factory=list)
+    available_per_category: list[str] = field(default_factory=list)
+    """e.g. [add:0.2,reverse:0.9]; categories not listed use `available_p`."""
+
+    def category_probabilities(self) -> dict[str, float]:
+        out = {}
+        for item in self.available_per_category:
+            name, sep, value = item.rpartition(":")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not name:
+                raise ValueError(f"strategy.available_per_category: {item!r} is not 'category:probability'")
+        return out
+
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     """Share of nodes asked to evaluate on their held-out split (0 = none)."""
@@ -282,6 +305,13 @@ class StrategyConfig:
             raise ValueError(f"strategy.name={self.name!r}: use one of {', '.join(STRATEGIES)}")
         if self.proximal_mu < 0 or self.server_lr <= 0 or not 0 <= self.server_momentum < 1:
             raise ValueError("strategy: proximal_mu >= 0, server_lr > 0 and server_momentum in [0, 1) are required")
+        if self.availability not in ("always", "uniform", "per_client", "category"):
+            raise ValueError(
+                f"strategy.availability={self.availability!r}: use always, uniform, per_client or category"
+            )
+        probabilities = [self.available_p, *self.available_per_client, *self.category_probabilities().values()]
+        if not all(0.0 < p <= 1.0 for p in probabilities):
+            raise ValueError("strategy.available_*: probabilities must be in (0, 1]")
         if not 0 <= self.beta2 < 1 or self.tau <= 0 or not 0 <= self.trim < 0.5:
             raise ValueError("strategy: beta2 in [0, 1), tau > 0 and trim in [0, 0.5) are required")
 
@@ -361,6 +391,8 @@ class Config:
                 f"strategy={self.strategy.name} aggregates federated replies; scenario={self.scenario.name} "
                 "averages nothing across clients. Use it with scenario=fed"
             )
+        if self.strategy.availability != "always" and self.scenario.name == "global":
+            raise ValueError("strategy.availability simulates absent clients; scenario=global has a single holder")
         if self.peft.method == "adalora" and self.scenario.name == "fed":
             raise ValueError(
                 "peft=adalora cannot be federated-averaged: its rank allocator zeroes different singular "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -27,7 +27,7 @@ from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters, build_strategy
 from fedllm_flwr.transport import arrays_to_state, state_to_arrays
 
-INFO = logging.INFO
+INFO, WARNING = logging.INFO, logging.WARNING
 
 #: Keys present in every metrics.jsonl row (null where a round has no value), so
 #: the file loads into one table.
@@ -138,6 +138,26 @@ class ServerEvaluator:
         return MetricRecord({k: float(v) for k, v in results.items()}) if results else None
 
 
+def discover_nodes(grid: Grid, cfg: Config) -> dict[int, dict[str, Any]]:
+    """Ask every connected node for its partition and main data category (a QUERY
+    message each), once `strategy.min_available_nodes` are connected."""
+    deadline = time.monotonic() + cfg.strategy.round_timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < cfg.strategy.min_available_nodes and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    info = {}
+    for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
+        if reply.has_error():
+            log(WARNING, "[fedllm-flwr] node %s did not describe itself: %s", reply.metadata.src_node_id,
+                reply.error.reason)  # fmt: skip
+            continue
+        info[reply.metadata.src_node_id] = dict(reply.content["info"].items())
+    log(INFO, "[fedllm-flwr] nodes: %s", {n: (i["partition-id"], i["category"]) for n, i in sorted(info.items())})
+    return info
+
+
 def run_server(grid: Grid, cfg: Config) -> RunDir:
     """Run the configured federated job to the end; returns the finished run folder."""
     t_start = time.perf_counter()
@@ -152,6 +172,8 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     run_dir = RunDir.create(cfg)
     evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy)
     log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
+    if cfg.strategy.availability != "always":
+        strategy.nodes = discover_nodes(grid, cfg)
     log(
         INFO,
         "[fedllm-flwr] scenario %s, base %s (%s), adapter %s: %s trainable of %s parameters",

@@ -155,3 +155,29 @@ def test_strategies_other_than_fedavg_need_the_fed_scenario():
 def test_round_trip_helpers_keep_fp32():
     arrays = to_arrays(w(1.5, 2.5))
     assert to_state(arrays)["w"].dtype == np.float32
+
+
+def test_availability_draws_are_seeded_and_follow_the_probabilities():
+    from fedllm_flwr.strategy.availability import Availability
+
+    uniform = Availability("uniform", p=0.5, seed=3)
+    draws = [uniform.available(r, c) for r in range(1, 201) for c in range(5)]
+    assert draws == [Availability("uniform", p=0.5, seed=3).available(r, c) for r in range(1, 201) for c in range(5)]
+    assert 0.45 < sum(draws) / len(draws) < 0.55
+    assert draws != [Availability("uniform", p=0.5, seed=4).available(r, c) for r in range(1, 201) for c in range(5)]
+    per_client = Availability("per_client", p=0.5, per_client=[1.0, 0.1])
+    assert all(per_client.available(r, 0) for r in range(1, 100))
+    assert sum(per_client.available(r, 1) for r in range(1, 1001)) < 200
+    by_category = Availability("category", p=1.0, per_category={"add": 0.2})
+    assert by_category.probability(0, "add") == 0.2 and by_category.probability(0, "reverse") == 1.0
+    assert Availability().available(1, 7)  # always
+
+
+def test_unavailable_clients_are_not_sampled_and_participants_are_logged(tiny_cfg):
+    cfg = tiny_cfg("strategy=mifa", "strategy.availability=per_client", "strategy.available_per_client=[1.0,0.01]")
+    strategy = build_strategy(cfg)
+    strategy.nodes = {11: {"partition-id": 0, "category": "add"}, 12: {"partition-id": 1, "category": "reverse"}}
+    sent = [Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in (11, 12)]
+    chosen = strategy.select_train(1, sent)
+    assert [m.metadata.dst_node_id for m in chosen] == [11]
+    assert strategy.ledger.pop(1)["participants"] == "0"

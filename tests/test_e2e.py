@@ -134,3 +134,26 @@ def test_benchmark_presets_train_and_score_their_metric(sim, tiny_model_dir, tmp
     assert all(r[metric] is not None for r in rows) and rows[1]["clients-ok"] == nodes
     summary = json.loads((out / "b" / "summary.json").read_text())
     assert summary["metric"] == metric and summary["score-final"] == rows[-1][metric]
+
+
+def test_mifa_under_half_availability_logs_who_took_part(sim, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=3", "strategy=mifa",
+         "strategy.availability=uniform", "strategy.available_p=0.5", "strategy.min_available_nodes=3",
+         "seed=0", f"run.output_dir={out}", "run.name=m"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=3, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    assert "[fedllm-flwr] nodes: " in result.stdout  # every node described its partition
+    rows = [json.loads(line) for line in (out / "m" / "metrics.jsonl").read_text().splitlines()]
+    taken = [r.get("participants") for r in rows[1:]]
+    assert all(isinstance(t, str) for t in taken)
+    counts = [len([p for p in t.split(",") if p]) for t in taken]
+    assert [r["clients-sampled"] or 0 for r in rows[1:]] == counts and min(counts) < 3  # someone was away
+    from fedllm_flwr.strategy.availability import Availability
+
+    expected = [
+        ",".join(str(p) for p in range(3) if Availability("uniform", p=0.5, seed=0).available(r, p)) for r in (1, 2, 3)
+    ]
+    assert taken == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 
 from fedllm_flwr.config import Config
@@ -37,6 +38,14 @@ def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) 
         train=tokenize_records(fit_records, tokenizer, cfg.dataset.max_seq_len),
         holdout=tokenize_records(hold_records, tokenizer, cfg.dataset.max_seq_len),
     )
+
+
+def main_category(cfg: Config, partition_id: int, num_partitions: int) -> str:
+    """The most common category in a client's partition ("" when the data has none)."""
+    train, _ = records(cfg)
+    part = partition_dataset(to_dataset(train), cfg.dataset.partition, partition_id, num_partitions, cfg.seed)
+    counts = Counter(part["category"])
+    return counts.most_common(1)[0][0] if counts else ""
 
 
 def spread_subset(items: list[dict[str, str]], limit: int) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ from fedllm_flwr.strategy.adapter_fedavg import (
     weighted_mean,
 )
 from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, ServerOptimizer
+from fedllm_flwr.strategy.availability import Availability
 from fedllm_flwr.strategy.scenarios import DATA_KEY, STEPS_KEY, GlobalFedAvg, LocalAdapters
 
 __all__ = [
@@ -45,7 +46,7 @@ def build_strategy(cfg: Config) -> AdapterFedAvg:
     elif s.name == "mifa":
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all}
     # fedavg and fedprox aggregate alike; fedprox's term is in the clients' loss.
-    return kind(
+    strategy = kind(
         **extra,
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
@@ -53,3 +54,7 @@ def build_strategy(cfg: Config) -> AdapterFedAvg:
         min_evaluate_nodes=s.min_evaluate_nodes,
         min_available_nodes=s.min_available_nodes,
     )
+    strategy.availability = Availability(
+        s.availability, s.available_p, list(s.available_per_client), s.category_probabilities(), cfg.seed
+    )
+    return strategy

@@ -22,6 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedllm_flwr.strategy.availability import Availability
 from fedllm_flwr.transport import ARRAYS_KEY, MANIFEST_KEY, manifest_of, message_bytes, pack, unpack
 
 
@@ -71,14 +72,28 @@ class AdapterFedAvg(FedAvg):
         self.transport_dtype = transport_dtype
         self.ledger = RoundLedger()
         self._expected: list[tuple[str, tuple[int, ...]]] = []
+        self.availability: Availability | None = None
+        """Simulated availability; needs `nodes` (node id -> partition-id, category)."""
+        self.nodes: dict[int, dict[str, Any]] = {}
 
     def arrays_for(self, node_id: int, global_arrays: ArrayRecord) -> ArrayRecord:
         """The adapter sent to `node_id`: the global one (the local scenario overrides)."""
         return global_arrays
 
     def select_train(self, server_round: int, messages: list[Message]) -> list[Message]:
-        """Which sampled nodes train this round: all (the global scenario keeps one)."""
-        return messages
+        """Which sampled nodes train this round: the available ones (the global scenario keeps one)."""
+        if self.availability is None or self.availability.mode == "always":
+            return messages
+        chosen = []
+        for message in messages:
+            info = self.nodes.get(message.metadata.dst_node_id, {})
+            partition = int(info.get("partition-id", message.metadata.dst_node_id))
+            if self.availability.available(server_round, partition, str(info.get("category", ""))):
+                chosen.append(message)
+        parts = sorted(int(self.nodes.get(m.metadata.dst_node_id, {}).get("partition-id", -1)) for m in chosen)
+        self.ledger.set(server_round, "participants", ",".join(map(str, parts)))
+        log(INFO, "Round %s: %s of %s sampled clients available", server_round, len(chosen), len(messages))
+        return chosen
 
     def _wire(self, arrays: ArrayRecord, messages: Iterable[Message]) -> list[Message]:
         """Give each message its own content with its adapter packed for the wire."""
