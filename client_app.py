@@ -4,9 +4,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm_flwr import quiet_third_party_output
-from fedllm_flwr.client import describe, local_evaluate, local_train, partition_of
+from fedllm_flwr.client import describe, local_evaluate, local_train, partition_of, personalize
 from fedllm_flwr.config import load_cfg
-from fedllm_flwr.strategy.scenarios import DATA_KEY, STEPS_KEY
+from fedllm_flwr.strategy.scenarios import DATA_KEY, PERSONALIZE_KEY, STEPS_KEY
 from fedllm_flwr.transport import pack, unpack_state
 
 quiet_third_party_output()
@@ -18,6 +18,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg = load_cfg(context.run_config)
     partition_id, num_partitions = partition_of(context.node_config)
     config = msg.content["config"]
+    if config.get(PERSONALIZE_KEY):  # after the last round: FedAvg + FT
+        state, metrics = personalize(cfg, unpack_state(msg.content), partition_id, num_partitions)
+        reply = pack(state)
+        reply["metrics"] = MetricRecord(metrics)
+        return Message(content=reply, reply_to=msg)
     if config.get(DATA_KEY) == "all":  # scenario=global: this node holds everyone's data
         partition_id, num_partitions = 0, 1
     steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None

@@ -94,6 +94,40 @@ def local_evaluate(
     return {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": max(1, len(data.holdout))}
 
 
+def holdout_scores(cfg: Config, bundle: ModelBundle, data: ClientData) -> dict[str, float]:
+    """Held-out loss and, when the dataset has one, its generation metric."""
+    from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
+
+    loss = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
+    scores = {"eval-loss": loss["loss"]}
+    metric = cfg.dataset.metric
+    if metric in PRIMARY and metric != "humaneval" and data.holdout_records:
+        values, _ = run_generation_task(metric, bundle.model, bundle.tokenizer, data.holdout_records, cfg.eval)
+        scores[PRIMARY[metric]] = values[PRIMARY[metric]]
+    return scores
+
+
+def personalize(
+    cfg: Config, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """FedAvg + FT: score the global adapter on this client's held-out split, tune
+    it `personalize.ft_steps` steps on the client's data at constant `train.lr`,
+    and score it again. Returns the personalized adapter and before/after metrics."""
+    steps = cfg.personalize.ft_steps
+    ft_cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, local_steps=steps, lr_schedule="constant", warmup_steps=0)
+    )
+    bundle, data = _setup(ft_cfg, partition_id, num_partitions)
+    set_adapter_state(bundle.model, state)
+    before = holdout_scores(cfg, bundle, data)
+    batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id, seed=cfg.seed * 1000 + 7)
+    result = train_steps(bundle.model, batches, ft_cfg.train)
+    after = holdout_scores(cfg, bundle, data)
+    metrics = {f"before-{k}": v for k, v in before.items()} | {f"after-{k}": v for k, v in after.items()}
+    metrics.update({"num-examples": len(data.train), "partition-id": partition_id, "ft-loss": result.loss})
+    return get_adapter_state(bundle.model), metrics
+
+
 def describe(cfg: Config, partition_id: int, num_partitions: int) -> dict[str, int | str]:
     """What a client tells the server before training: its partition and main data category."""
     from fedllm_flwr.data import main_category

@@ -317,6 +317,18 @@ class StrategyConfig:
 
 
 @dataclass
+class PersonalizeConfig:
+    ft_steps: int = 0
+    """FedAvg + local fine-tuning: after the last round every client tunes the
+    final global adapter for this many steps on its own data (constant
+    `train.lr`), and is evaluated on its held-out split before and after. 0: off."""
+
+    def __post_init__(self) -> None:
+        if self.ft_steps < 0:
+            raise ValueError("personalize.ft_steps must be >= 0")
+
+
+@dataclass
 class ScenarioConfig:
     name: str = "fed"
     """`fed`: federated averaging. `global`: one holder of all training data, the
@@ -378,6 +390,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -391,6 +404,8 @@ class Config:
                 f"strategy={self.strategy.name} aggregates federated replies; scenario={self.scenario.name} "
                 "averages nothing across clients. Use it with scenario=fed"
             )
+        if self.personalize.ft_steps and self.scenario.name != "fed":
+            raise ValueError("personalize.ft_steps tunes the federated adapter per client: use it with scenario=fed")
         if self.strategy.availability != "always" and self.scenario.name == "global":
             raise ValueError("strategy.availability simulates absent clients; scenario=global has a single holder")
         if self.peft.method == "adalora" and self.scenario.name == "fed":

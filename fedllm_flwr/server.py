@@ -7,12 +7,14 @@ stops early and leaves nothing that looks complete.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -158,6 +160,52 @@ def discover_nodes(grid: Grid, cfg: Config) -> dict[int, dict[str, Any]]:
     return info
 
 
+def personalize_clients(grid: Grid, cfg: Config, arrays: ArrayRecord, run_dir: RunDir, bundle: ModelBundle) -> dict:
+    """FedAvg + FT: every node tunes the final adapter on its own data and reports
+    held-out scores before and after; the personalized adapters are saved under
+    adapter/personalized/client_<partition>/ and the rows in personalization.jsonl."""
+    from fedllm_flwr.strategy import PERSONALIZE_KEY
+    from fedllm_flwr.transport import manifest_of, pack, unpack
+
+    packed = pack(arrays)
+    config = ConfigRecord({"server-round": cfg.num_rounds, PERSONALIZE_KEY: 1})
+    messages = []
+    for node in grid.get_node_ids():
+        content = RecordDict(dict(packed.items()))
+        content["config"] = config
+        messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+    log(INFO, "[fedllm-flwr] personalizing: %s clients tune %s steps each", len(messages), cfg.personalize.ft_steps)
+    rows, states = [], {}
+    for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
+        if reply.has_error():
+            log(
+                WARNING,
+                "[fedllm-flwr] node %s failed to personalize: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
+            continue
+        metrics = dict(next(iter(reply.content.metric_records.values())).items())
+        pid = int(metrics["partition-id"])
+        state = unpack(reply.content, manifest_of(arrays))
+        states[f"client_{pid}"] = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+        rows.append({"partition-id": pid, **{k: v for k, v in metrics.items() if k != "partition-id"}})
+    rows.sort(key=lambda r: r["partition-id"])
+    if states:
+        run_dir.save_adapters(bundle.model, "personalized", states)
+    with open(run_dir.path / "personalization.jsonl", "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    means = (
+        {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith(("before-", "after-"))}
+        if rows
+        else {}
+    )
+    for row in rows:
+        log(INFO, "[fedllm-flwr] client %s: %s", row["partition-id"],
+            "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("before-", "after-"))))  # fmt: skip
+    return {"clients": len(rows), **means}
+
+
 def run_server(grid: Grid, cfg: Config) -> RunDir:
     """Run the configured federated job to the end; returns the finished run folder."""
     t_start = time.perf_counter()
@@ -197,6 +245,9 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     if not any(r["clients-ok"] for r in evaluator.rows[1:]):
         raise RuntimeError("no client reply was aggregated in any round; adapter/final was not written")
     final = evaluator.save("final", evaluator.adapters(result.arrays))
+    personalization = (
+        personalize_clients(grid, cfg, result.arrays, run_dir, bundle) if cfg.personalize.ft_steps else None
+    )
     first, last = evaluator.rows[0], evaluator.rows[-1]
     run_dir.write_summary(
         {
@@ -217,6 +268,7 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
             "eval-loss-final": last.get("eval-loss"),
             "adapter": str(final),
             "base-model": bundle.base_path,
+            "personalization": personalization,
         }
     )
     log(INFO, "[fedllm-flwr] done in %.1f s; adapter saved to %s", time.perf_counter() - t_start, final)

@@ -157,3 +157,20 @@ def test_mifa_under_half_availability_logs_who_took_part(sim, tiny_model_dir, tm
         ",".join(str(p) for p in range(3) if Availability("uniform", p=0.5, seed=0).available(r, p)) for r in (1, 2, 3)
     ]
     assert taken == expected
+
+
+def test_fedavg_plus_ft_saves_each_clients_adapter_and_scores(sim, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=1", "personalize.ft_steps=2",
+         f"run.output_dir={out}", "run.name=ft"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    rows = [json.loads(line) for line in (out / "ft" / "personalization.jsonl").read_text().splitlines()]
+    assert [r["partition-id"] for r in rows] == [0, 1]
+    assert all({"before-eval-loss", "after-eval-loss", "before-accuracy", "after-accuracy"} <= set(r) for r in rows)
+    summary = json.loads((out / "ft" / "summary.json").read_text())
+    assert summary["personalization"]["clients"] == 2
+    for pid in (0, 1):
+        AutoPeftModelForCausalLM.from_pretrained(str(out / "ft" / "adapter" / "personalized" / f"client_{pid}"))

@@ -26,6 +26,7 @@ def records(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
 class ClientData:
     train: TokenizedSet
     holdout: TokenizedSet
+    holdout_records: list[dict[str, str]]
 
 
 def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) -> ClientData:
@@ -37,6 +38,7 @@ def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) 
     return ClientData(
         train=tokenize_records(fit_records, tokenizer, cfg.dataset.max_seq_len),
         holdout=tokenize_records(hold_records, tokenizer, cfg.dataset.max_seq_len),
+        holdout_records=hold_records,
     )
 
 

@@ -21,6 +21,7 @@ from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply
 #: ConfigRecord keys the ClientApp reads besides `server-round`.
 DATA_KEY = "data"  # "all": train on every partition's data
 STEPS_KEY = "local-steps"  # overrides train.local_steps
+PERSONALIZE_KEY = "personalize"  # 1: FedAvg + FT, tune and score before/after
 
 
 class GlobalFedAvg(AdapterFedAvg):
