@@ -4,10 +4,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm_flwr import quiet_third_party_output
-from fedllm_flwr.client import describe, local_evaluate, local_train, partition_of, personalize
+from fedllm_flwr.client import describe, local_evaluate, local_train, partition_of, personalize, split_private
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.strategy.scenarios import DATA_KEY, PERSONALIZE_KEY, STEPS_KEY
-from fedllm_flwr.transport import pack, unpack_state
+from fedllm_flwr.transport import arrays_to_state, pack, state_to_arrays, unpack_state
+
+PRIVATE_KEY = "private-adapter"  # this node's unshared adapter tensors (partial sharing)
 
 quiet_third_party_output()
 app = ClientApp()
@@ -27,8 +29,12 @@ def train(msg: Message, context: Context) -> Message:
         partition_id, num_partitions = 0, 1
     steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None
     state, metrics = local_train(
-        cfg, unpack_state(msg.content), int(config["server-round"]), partition_id, num_partitions, steps
-    )
+        cfg, unpack_state(msg.content), int(config["server-round"]), partition_id, num_partitions, steps,
+        private=_private(context),
+    )  # fmt: skip
+    state, private = split_private(cfg, state)
+    if private:
+        context.state[PRIVATE_KEY] = state_to_arrays(private)
     reply = pack(state)
     reply["metrics"] = MetricRecord(metrics)
     return Message(content=reply, reply_to=msg)
@@ -38,7 +44,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = load_cfg(context.run_config)
     partition_id, num_partitions = partition_of(context.node_config)
-    metrics = local_evaluate(cfg, unpack_state(msg.content), partition_id, num_partitions)
+    metrics = local_evaluate(cfg, unpack_state(msg.content), partition_id, num_partitions, _private(context))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -48,3 +54,9 @@ def query(msg: Message, context: Context) -> Message:
     cfg = load_cfg(context.run_config)
     info = describe(cfg, *partition_of(context.node_config))
     return Message(content=RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+
+def _private(context: Context) -> dict | None:
+    """This node's own adapter tensors kept from its last round, if any."""
+    kept = context.state.array_records.get(PRIVATE_KEY)
+    return arrays_to_state(kept) if kept is not None else None

@@ -38,8 +38,13 @@ def local_train(
     partition_id: int,
     num_partitions: int,
     local_steps: int | None = None,
+    private: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the received adapter for `local_steps` (default `train.local_steps`) steps.
+
+    `state` may be part of the adapter (partial sharing): the client's own
+    `private` tensors, else the initial ones, fill in the rest. The full trained
+    adapter is returned; `split_private` separates what is sent back.
 
     Round r continues the client's batch stream where round r-1 stopped, and
     the learning-rate schedule spans all rounds. Returns the new adapter state
@@ -51,7 +56,7 @@ def local_train(
     bundle, data = _setup(cfg, partition_id, num_partitions)
     if len(data.train) == 0:
         raise ValueError(f"client {partition_id} has no training examples")
-    set_adapter_state(bundle.model, state)
+    set_adapter_state(bundle.model, bundle.complete(private or {}, state))
     per_round = cfg.train.local_steps * cfg.train.grad_accum
     batches = iter_batches(
         data.train,
@@ -85,13 +90,29 @@ def local_train(
 
 
 def local_evaluate(
-    cfg: Config, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int
+    cfg: Config,
+    state: dict[str, torch.Tensor],
+    partition_id: int,
+    num_partitions: int,
+    private: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Loss and perplexity of the received adapter on this client's held-out split."""
+    """Loss and perplexity of the received adapter (completed with this client's
+    `private` tensors) on this client's held-out split; with `eval.client_metric`,
+    the dataset's generation metric too."""
     bundle, data = _setup(cfg, partition_id, num_partitions)
-    set_adapter_state(bundle.model, state)
+    set_adapter_state(bundle.model, bundle.complete(private or {}, state))
     result = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
-    return {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": max(1, len(data.holdout))}
+    metrics = {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": max(1, len(data.holdout))}
+    if cfg.eval.client_metric:
+        metrics.update({f"eval-{k}": v for k, v in holdout_scores(cfg, bundle, data).items() if k != "eval-loss"})
+    metrics["partition-id"] = partition_id
+    return metrics
+
+
+def split_private(cfg: Config, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(shared, private) parts of an adapter state under `personalize.private`."""
+    shared = {k: v for k, v in state.items() if not cfg.personalize.is_private(k)}
+    return shared, {k: v for k, v in state.items() if cfg.personalize.is_private(k)}
 
 
 def holdout_scores(cfg: Config, bundle: ModelBundle, data: ClientData) -> dict[str, float]:
@@ -118,7 +139,7 @@ def personalize(
         cfg, train=dataclasses.replace(cfg.train, local_steps=steps, lr_schedule="constant", warmup_steps=0)
     )
     bundle, data = _setup(ft_cfg, partition_id, num_partitions)
-    set_adapter_state(bundle.model, state)
+    set_adapter_state(bundle.model, bundle.complete(state))
     before = holdout_scores(cfg, bundle, data)
     batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id, seed=cfg.seed * 1000 + 7)
     result = train_steps(bundle.model, batches, ft_cfg.train)

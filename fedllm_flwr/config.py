@@ -231,6 +231,9 @@ class EvalConfig:
     rouge 128, gsm8k 256, humaneval 384)."""
     limit: int = 0
     """Evaluate on N test examples only, taken round-robin across categories (0 = all)."""
+    client_metric: bool = False
+    """Clients also score the dataset's generation metric on their held-out split
+    (not just loss) when asked to evaluate: per-client accuracy for personalization."""
     shots: int = 8
     """gsm8k: chain-of-thought exemplars before each question ("Q: ... A: ...
     The answer is N."); 0 asks in the training prompt format instead."""
@@ -323,9 +326,17 @@ class PersonalizeConfig:
     final global adapter for this many steps on its own data (constant
     `train.lr`), and is evaluated on its held-out split before and after. 0: off."""
 
+    private: list[str] = field(default_factory=list)
+    """Partial sharing: adapter tensors whose name contains any of these strings
+    (e.g. [lora_B]) stay on each client and are never sent; the server averages
+    and sends only the rest, and each client evaluates its own combination."""
+
     def __post_init__(self) -> None:
         if self.ft_steps < 0:
             raise ValueError("personalize.ft_steps must be >= 0")
+
+    def is_private(self, name: str) -> bool:
+        return any(pattern in name for pattern in self.private)
 
 
 @dataclass
@@ -404,6 +415,8 @@ class Config:
                 f"strategy={self.strategy.name} aggregates federated replies; scenario={self.scenario.name} "
                 "averages nothing across clients. Use it with scenario=fed"
             )
+        if self.personalize.private and self.scenario.name != "fed":
+            raise ValueError("personalize.private keeps part of a federated adapter local: use it with scenario=fed")
         if self.personalize.ft_steps and self.scenario.name != "fed":
             raise ValueError("personalize.ft_steps tunes the federated adapter per client: use it with scenario=fed")
         if self.strategy.availability != "always" and self.scenario.name == "global":

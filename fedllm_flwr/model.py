@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -190,6 +190,16 @@ class ModelBundle:
     base_path: str
     device: torch.device
     dtype: torch.dtype
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The adapter as initialised from the seed (the same on every node)."""
+
+    def complete(self, state: dict[str, torch.Tensor], *rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A full adapter state: `initial`, overridden by `state` and then `rest` in order
+        (partial sharing sends part of the adapter; the rest is local or initial)."""
+        full = dict(self.initial)
+        for part in (state, *rest):
+            full.update(part)
+        return full
 
 
 # get_peft_model injects layers into the base in place, so each bundle owns its
@@ -227,7 +237,7 @@ def build_model(
         # What `save_pretrained` writes into adapter_config.json: a folder or hub id
         # that loads offline, so AutoPeftModelForCausalLM works on the saved adapter.
         model.peft_config["default"].base_model_name_or_path = base_path
-        _BUNDLES[key] = ModelBundle(model, tokenizer, base_path, device, dtype)
+        _BUNDLES[key] = ModelBundle(model, tokenizer, base_path, device, dtype, get_adapter_state(model))
     return _BUNDLES[key]
 
 

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from fedllm_flwr.config import Config
 from fedllm_flwr.data import records, server_data
 from fedllm_flwr.data.prompts import TokenizedSet
+from fedllm_flwr.errors import UserError
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
 from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_adapter_state, set_adapter_state
@@ -91,7 +92,7 @@ class ServerEvaluator:
         return results
 
     def save(self, folder: str, adapters: dict[str, ArrayRecord]) -> Path:
-        states = {name: arrays_to_state(arrays) for name, arrays in adapters.items()}
+        states = {name: self.bundle.complete(arrays_to_state(arrays)) for name, arrays in adapters.items()}
         return self.run_dir.save_adapters(self.bundle.model, folder, states)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -103,7 +104,7 @@ class ServerEvaluator:
         if due:
             per_adapter = {}
             for name, own in adapters.items():
-                set_adapter_state(self.bundle.model, arrays_to_state(own))
+                set_adapter_state(self.bundle.model, self.bundle.complete(arrays_to_state(own)))
                 per_adapter[name] = self.evaluate()
             keys = next(iter(per_adapter.values()))
             results = {k: float(np.mean([r[k] for r in per_adapter.values()])) for k in keys}
@@ -214,6 +215,17 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     trainable, total = count_parameters(bundle.model)
     initial = get_adapter_state(bundle.model)
+    if cfg.personalize.private:
+        shared = {k: v for k, v in initial.items() if not cfg.personalize.is_private(k)}
+        if len(shared) in (0, len(initial)):
+            example = next(iter(initial))
+            raise UserError(
+                f"personalize.private={list(cfg.personalize.private)} must match some but not all adapter tensors "
+                f"(it matches {len(initial) - len(shared)} of {len(initial)}; names look like {example})"
+            )
+        log(INFO, "[fedllm-flwr] partial sharing: %s of %s adapter tensors stay on the clients",
+            len(initial) - len(shared), len(initial))  # fmt: skip
+        initial = shared
     test = server_data(cfg, bundle.tokenizer)
     generation_records(cfg, test[0])  # HumanEval's problems load (or fail) before the run folder exists
     strategy = build_strategy(cfg)

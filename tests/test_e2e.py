@@ -174,3 +174,26 @@ def test_fedavg_plus_ft_saves_each_clients_adapter_and_scores(sim, tiny_model_di
     assert summary["personalization"]["clients"] == 2
     for pid in (0, 1):
         AutoPeftModelForCausalLM.from_pretrained(str(out / "ft" / "adapter" / "personalized" / f"client_{pid}"))
+
+
+def test_partial_sharing_keeps_lora_b_on_the_clients(sim, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "personalize.private=[lora_B]",
+         "eval.client_metric=true", f"run.output_dir={out}", "run.name=p"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    assert "partial sharing: 4 of 8 adapter tensors stay on the clients" in result.stdout
+    rows = [json.loads(line) for line in (out / "p" / "metrics.jsonl").read_text().splitlines()]
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "p" / "adapter" / "final" / "adapter_model.safetensors")
+    shared_fp16 = 2 * sum(t.numel() for k, t in tensors.items() if "lora_A" in k)
+    for r in rows[1:]:
+        per_client = r["bytes-down"] / 2
+        assert shared_fp16 < per_client < shared_fp16 + 2048  # only the A matrices travel
+        assert {"client_0-held-out-loss", "client_1-held-out-accuracy"} <= set(r)
+    assert rows[-1]["client_0-held-out-loss"] != rows[-1]["client_1-held-out-loss"]
+    # The server never saw a B matrix: the global adapter keeps the initial (zero) ones.
+    assert all(float(t.abs().max()) == 0.0 for k, t in tensors.items() if "lora_B" in k)

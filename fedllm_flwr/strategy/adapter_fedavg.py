@@ -175,6 +175,13 @@ class AdapterFedAvg(FedAvg):
         ok = [m for m in replies if not m.has_error()]
         self.ledger.add(server_round, "eval-bytes-up", sum(message_bytes(m) for m in ok))
         metrics = super().aggregate_evaluate(server_round, ok)
+        for message in ok:  # each client's own figures, for per-client comparisons
+            values = next(iter(message.content.metric_records.values()), None)
+            if values is not None and "partition-id" in values:
+                pid = int(values["partition-id"])
+                for key, value in values.items():
+                    if key.startswith("eval-"):
+                        self.ledger.set(server_round, f"client_{pid}-held-out-{key.removeprefix('eval-')}", value)
         if metrics is not None:
             for key, value in metrics.items():
                 self.ledger.set(server_round, f"client-{key}", value)
