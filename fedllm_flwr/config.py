@@ -231,6 +231,12 @@ class EvalConfig:
     rouge 128, gsm8k 256, humaneval 384)."""
     limit: int = 0
     """Evaluate on N test examples only, taken round-robin across categories (0 = all)."""
+    code_prompt: str = "raw"
+    """humaneval: `raw` completes the problem's prompt as plain text (the standard
+    protocol, for base models); `instruct` wraps it in the training prompt format
+    as the start of a ```python block; `chat` asks through the tokenizer's chat
+    template for the whole function and takes the first code block of the reply
+    (for chat models, which otherwise close the code and start explaining)."""
     client_metric: bool = False
     """Clients also score the dataset's generation metric on their held-out split
     (not just loss) when asked to evaluate: per-client accuracy for personalization."""
@@ -241,6 +247,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError("eval.every must be >= 1")
+        if self.code_prompt not in ("raw", "instruct", "chat"):
+            raise ValueError(f"eval.code_prompt={self.code_prompt!r}: use raw, instruct or chat")
         if not 0 <= self.shots <= 8:
             raise ValueError(f"eval.shots must be in 0..8, got {self.shots}")
 

@@ -180,3 +180,39 @@ def test_presets_read_the_shared_mini_files(shared_mini):
     assert all(
         r["output"].endswith(".") and "The answer is" in r["output"] and "####" not in r["output"] for r in train
     )
+
+
+def test_code_prompt_styles_keep_the_completion_a_function_body():
+    from fedllm_flwr.evaluate.humaneval import code_prompt, program
+
+    problem = {"prompt": "def f(x):\n    \"\"\"Double x.\"\"\"\n", "test": "def check(c):\n    assert c(2) == 4\n",
+               "entry_point": "f", "task_id": "t/0"}  # fmt: skip
+    assert code_prompt(problem) == problem["prompt"]
+    instruct = code_prompt(problem, "instruct")
+    assert "### Instruction:" in instruct and instruct.endswith("```python\n" + problem["prompt"])
+    assert program(problem, "    return 2 * x\n").startswith(problem["prompt"] + "    return 2 * x")
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("Sure:\n```python\ndef f(x):\n    return 2 * x\n```\nThis doubles x.", "\ndef f(x):\n    return 2 * x\n"),
+        ("```\ndef f(x):\n    return x\n```", "\ndef f(x):\n    return x\n"),
+        ("```py\n    return 1\n", "    return 1\n"),  # an unclosed block with a body only
+        ("def f(x): return x", "\ndef f(x): return x"),  # no block: the whole reply
+    ],
+)
+def test_extract_code_from_chat_replies(reply, expected):
+    from fedllm_flwr.evaluate.humaneval import extract_code
+
+    assert extract_code(reply) == expected
+
+
+def test_a_complete_function_from_chat_redefines_the_prompt_stub():
+    from fedllm_flwr.evaluate.humaneval import extract_code, program
+    from fedllm_flwr.evaluate.sandbox import run_program
+
+    problem = {"prompt": 'def f(x):\n    """Double x."""\n', "test": "def check(c):\n    assert c(2) == 4\n",
+               "entry_point": "f", "task_id": "t/0"}  # fmt: skip
+    code = extract_code("Here it is:\n```python\ndef f(x):\n    return 2 * x\n```")
+    assert run_program(program(problem, code), timeout=10).passed

@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -24,6 +25,46 @@ from fedllm_flwr.evaluate.sandbox import ExecResult, run_program
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 REQUIRED_KEYS = ("task_id", "prompt", "test", "entry_point")
+
+
+#: The instruction that `code_prompt(..., "instruct")` puts before a problem.
+CODE_INSTRUCTION = "Complete the following Python function."
+
+
+def code_prompt(problem: dict, style: str = "raw", tokenizer=None) -> str:
+    """What the model continues.
+
+    - `raw`: the problem's prompt itself (the standard protocol);
+    - `instruct`: the training prompt format, its response opening a ```python
+      block with the problem's prompt, so the model continues the body;
+    - `chat`: the tokenizer's chat template, asking for the whole function in a
+      code block (`extract_code` takes it out of the reply).
+    """
+    if style == "raw":
+        return problem["prompt"]
+    if style == "instruct":
+        from fedllm_flwr.data.prompts import format_prompt
+
+        return f"{format_prompt(CODE_INSTRUCTION)}```python\n{problem['prompt']}"
+    request = (
+        f"{CODE_INSTRUCTION} Reply with the complete function in one Python code block.\n\n"
+        f"```python\n{problem['prompt']}```"
+    )
+    messages = [{"role": "user", "content": request}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def extract_code(reply: str) -> str:
+    """The first fenced code block of a chat reply (the whole reply if it has none),
+    as text that can follow the problem's prompt in `program`: a complete function
+    at column 0 redefines the prompt's docstring-only stub, an indented body
+    continues it."""
+    match = _FENCE.search(reply)
+    code = match.group(1) if match else reply
+    return code if code[:1] in (" ", "\t") else "\n" + code
 
 
 def truncate_at_stop(text: str, stops: Iterable[str] = STOP_SEQUENCES) -> str:
@@ -108,6 +149,7 @@ def score(
     timeout: float = 5.0,
     workers: int = 2,
     progress: bool = True,
+    stops: Iterable[str] = STOP_SEQUENCES,
 ) -> dict[str, Any]:
     """Run every completion of every problem in the sandbox and average pass@k over problems.
 
@@ -127,7 +169,8 @@ def score(
     ks = sorted(set(ks))
     if any(k < 1 for k in ks):
         raise ValueError(f"every k must be >= 1, got {ks}")
-    truncated = [[truncate_at_stop(text) for text in samples] for samples in completions]
+    stops = tuple(stops)
+    truncated = [[truncate_at_stop(text, stops) for text in samples] for samples in completions]
     outcomes: list[list[ExecResult | None]] = [[None] * len(samples) for samples in truncated]
     with (
         ThreadPoolExecutor(max_workers=max(1, workers)) as pool,

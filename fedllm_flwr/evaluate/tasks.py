@@ -59,16 +59,21 @@ def run_generation_task(
         return rouge_eval(model, tokenizer, records, batch_size=eval_cfg.batch_size, max_new_tokens=length, desc=desc)
     if task == "humaneval":
         from fedllm_flwr.evaluate.generation import generate
-        from fedllm_flwr.evaluate.humaneval import STOP_SEQUENCES, score
+        from fedllm_flwr.evaluate.humaneval import STOP_SEQUENCES, code_prompt, extract_code, score
 
+        style = eval_cfg.code_prompt
+        stop = {"raw": STOP_SEQUENCES, "instruct": (*STOP_SEQUENCES, "\n```"), "chat": ()}[style]
+        prompts = [code_prompt(p, style, tokenizer) for p in records]
         completions = generate(
-            model, tokenizer, [p["prompt"] for p in records], batch_size=eval_cfg.batch_size,
-            max_new_tokens=length, stop=STOP_SEQUENCES, num_samples=num_samples, temperature=temperature,
-            seed=seed, desc=desc,
+            model, tokenizer, prompts, batch_size=eval_cfg.batch_size, max_new_tokens=length, stop=stop,
+            num_samples=num_samples, temperature=temperature, seed=seed, desc=desc,
         )  # fmt: skip
+        if style == "chat":
+            completions = [[extract_code(c) for c in samples] for samples in completions]
         result = score(
-            records, completions, ks=tuple(k for k in ks if k <= num_samples), timeout=timeout, progress=bool(desc)
-        )
+            records, completions, ks=tuple(k for k in ks if k <= num_samples), timeout=timeout,
+            progress=bool(desc), stops=stop,
+        )  # fmt: skip
         metrics = {k: float(v) for k, v in result.items() if k.startswith("pass@")}
         metrics["num-examples"] = len(records)
         metrics["samples-per-problem"] = num_samples
