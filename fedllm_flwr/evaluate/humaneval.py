@@ -7,9 +7,7 @@ the standard stop sequences and runs each problem's check program in
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -98,29 +96,17 @@ def load_problems(path: str | Path | None = None, limit: int = 0) -> list[dict]:
     path = default_problems_path() if path is None else Path(path)
     if not path.is_file():
         raise UserError(f"no HumanEval problems file at {path}")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    problems: list[dict] = []
+    from fedllm_flwr.data.sources import read_json_records
+
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-                missing = [key for key in REQUIRED_KEYS if not isinstance(record.get(key), str)]
-                if missing:
-                    raise UserError(
-                        f"{path}, line {lineno}: HumanEval record lacks string field(s) {', '.join(missing)}"
-                    )
-                problems.append(record)
-                if limit and len(problems) >= limit:
-                    break
+        problems = read_json_records(path, limit, key="--data")
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read HumanEval problems from {path}: {exc}") from None
+    for record in problems:
+        missing = [key for key in REQUIRED_KEYS if not isinstance(record.get(key), str)]
+        if missing:
+            where = f"{path}, line {record.get('__line__', '?')}"
+            raise UserError(f"{where}: HumanEval record lacks string field(s) {', '.join(missing)}")
     if not problems:
         raise UserError(f"{path} holds no HumanEval problems")
     return problems
