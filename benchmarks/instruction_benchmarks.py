@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from fedllm_flwr.simulation import LocalSimulation
+from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,10 +154,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _stop_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds `with LocalSimulation`, which stops the SuperLink and Ray
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_on_sigterm()
     sys.exit(main())

@@ -41,6 +41,16 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit for a script, so `with LocalSimulation(...)` unwinds
+    and stops its SuperLink and Ray as it does on Ctrl-C."""
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 class LocalSimulation:
     """A simulation SuperLink on 127.0.0.1, owned by this object.
 

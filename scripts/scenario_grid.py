@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from fedllm_flwr.report import load_run, write_report
-from fedllm_flwr.simulation import LocalSimulation
+from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,10 +65,6 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def _stop_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds `with LocalSimulation`, which stops the SuperLink and Ray
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_on_sigterm()
     sys.exit(main())
