@@ -12,7 +12,20 @@ superlinks() { pgrep -f 'flower-superlink .*--simulation' | sort; }
 alive() { local state; state=$(ps -o stat= -p "$1" 2>/dev/null); [ -n "$state" ] && [[ $state != Z* ]]; }
 before=$(superlinks)
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+stop_started() {
+  for pid in $(superlinks); do
+    if ! grep -qx "$pid" <<<"$before"; then
+      kill "$pid" 2>/dev/null || continue
+      # Wait (up to 20 s) for it to shut down its SuperExec and simulation.
+      for _ in $(seq 40); do alive "$pid" || break; sleep 0.5; done
+      alive "$pid" && kill -9 "$pid"
+      echo "Stopped the local SuperLink this run started (PID $pid)."
+    fi
+  done
+}
+# Also on Ctrl-C or SIGTERM: the SuperLink this script started never outlives it.
+trap 'rm -f "$log"; stop_started' EXIT
+trap 'exit 130' INT TERM
 flwr run . --stream "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # `flwr run --stream` exits 0 even when the run fails; the server's last line tells.
@@ -20,13 +33,4 @@ if [ "$status" -eq 0 ] && ! grep -q '\[fedllm-flwr\] done in' "$log"; then
   echo "The run did not complete (see the log above, or 'flwr ls')." >&2
   status=1
 fi
-for pid in $(superlinks); do
-  if ! grep -qx "$pid" <<<"$before"; then
-    kill "$pid" 2>/dev/null || continue
-    # Wait (up to 20 s) for it to shut down its SuperExec and simulation.
-    for _ in $(seq 40); do alive "$pid" || break; sleep 0.5; done
-    alive "$pid" && kill -9 "$pid"
-    echo "Stopped the local SuperLink this run started (PID $pid)."
-  fi
-done
 exit $status
