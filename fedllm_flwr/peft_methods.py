@@ -23,10 +23,15 @@ from peft import (
 from fedllm_flwr.config import AdapterConfig
 
 
+def _layers(cfg: AdapterConfig) -> list[int] | None:
+    """peft's `layers_to_transform`: None (every layer) unless `peft.layers` names some."""
+    return list(cfg.layers) or None
+
+
 def _lora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
+        layers_to_transform=_layers(cfg), task_type="CAUSAL_LM",
     )  # fmt: skip
 
 
@@ -35,14 +40,15 @@ def _adalora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     # real schedule length before it trains (it is only known per round).
     return AdaLoraConfig(
         init_r=cfg.r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules), total_step=1000, task_type="CAUSAL_LM",
+        target_modules=list(cfg.target_modules), layers_to_transform=_layers(cfg), total_step=1000,
+        task_type="CAUSAL_LM",
     )  # fmt: skip
 
 
 def _loha(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     return LoHaConfig(
         r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
+        layers_to_transform=_layers(cfg), task_type="CAUSAL_LM",
     )  # fmt: skip
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
 from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_adapter_state, set_adapter_state
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters, build_strategy
-from fedllm_flwr.transport import arrays_to_state, state_to_arrays
+from fedllm_flwr.transport import EMULATOR_ID_KEY, arrays_to_state, emulator_record, state_to_arrays
 
 INFO, WARNING = logging.INFO, logging.WARNING
 
@@ -49,13 +51,25 @@ def generation_records(cfg: Config, test_records: list[dict[str, str]]) -> list[
     return test_records
 
 
+@dataclass
+class View:
+    """A model the server evaluates the adapter on: `convert` maps the exchanged
+    adapter state onto `bundle`, and its metrics get `prefix`."""
+
+    prefix: str
+    bundle: ModelBundle
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda state: state
+
+
 class ServerEvaluator:
     """`evaluate_fn` for Strategy.start: evaluate, save the adapter(s), log the round.
 
     Flower calls it after round 0 (before training) and after every round; it is
     the last step of each round, so it writes that round's metrics row. In the
     local scenario it evaluates every client's own adapter: the row holds the
-    mean over clients, `-std` spreads and `client_<id>-` values.
+    mean over clients, `-std` spreads and `client_<id>-` values. With several
+    `views` (FedOT: the full model, then the emulator as `emu-`), each adapter is
+    evaluated on each; the first view is the one adapters are saved for.
     """
 
     def __init__(
@@ -65,8 +79,10 @@ class ServerEvaluator:
         test: tuple[list[dict[str, str]], TokenizedSet],
         run_dir: RunDir,
         strategy: AdapterFedAvg,
+        views: list[View] | None = None,
     ) -> None:
         self.cfg, self.bundle, self.run_dir, self.strategy = cfg, bundle, run_dir, strategy
+        self.views = views or [View("", bundle)]
         self.test_records, self.test_set = test
         self.metric = cfg.dataset.metric
         self.primary = PRIMARY.get(self.metric)
@@ -80,8 +96,8 @@ class ServerEvaluator:
             return {f"client_{pid}": a for pid, a in self.strategy.client_adapters().items()}
         return {"": arrays}
 
-    def evaluate(self) -> dict[str, float]:
-        model, tok = self.bundle.model, self.bundle.tokenizer
+    def evaluate(self, bundle: ModelBundle) -> dict[str, float]:
+        model, tok = bundle.model, bundle.tokenizer
         loss = evaluate_loss(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
         results = {"eval-loss": loss["loss"], "eval-ppl": loss["ppl"]}
         if self.primary:
@@ -92,8 +108,9 @@ class ServerEvaluator:
         return results
 
     def save(self, folder: str, adapters: dict[str, ArrayRecord]) -> Path:
-        states = {name: self.bundle.complete(arrays_to_state(arrays)) for name, arrays in adapters.items()}
-        return self.run_dir.save_adapters(self.bundle.model, folder, states)
+        main = self.views[0]
+        states = {name: main.convert(self.bundle.complete(arrays_to_state(a))) for name, a in adapters.items()}
+        return self.run_dir.save_adapters(main.bundle.model, folder, states)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         last_round = server_round == self.cfg.rounds_to_run
@@ -104,16 +121,19 @@ class ServerEvaluator:
         if due:
             per_adapter = {}
             for name, own in adapters.items():
-                set_adapter_state(self.bundle.model, self.bundle.complete(arrays_to_state(own)))
-                per_adapter[name] = self.evaluate()
+                state = self.bundle.complete(arrays_to_state(own))
+                per_adapter[name] = {}
+                for view in self.views:
+                    set_adapter_state(view.bundle.model, view.convert(state))
+                    per_adapter[name].update({view.prefix + k: v for k, v in self.evaluate(view.bundle).items()})
             keys = next(iter(per_adapter.values()))
             results = {k: float(np.mean([r[k] for r in per_adapter.values()])) for k in keys}
             if len(per_adapter) > 1:
-                for key in (self.primary, "eval-loss"):
-                    if key:
-                        results[f"{key}-std"] = float(np.std([r[key] for r in per_adapter.values()]))
+                spread = [v.prefix + k for v in self.views for k in (self.primary, "eval-loss") if k]
+                for key in spread:
+                    results[f"{key}-std"] = float(np.std([r[key] for r in per_adapter.values()]))
                 for name, r in per_adapter.items():
-                    results.update({f"{name}-{k}": r[k] for k in (self.primary, "eval-loss") if k})
+                    results.update({f"{name}-{k}": r[k] for k in spread})
         row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
         row.update({"round": server_round, **self.strategy.ledger.pop(server_round), **results})
         if due:
@@ -133,6 +153,10 @@ class ServerEvaluator:
             if self.primary:
                 spread = f" (std {results[self.primary + '-std']:.3f})" if f"{self.primary}-std" in results else ""
                 text += f"  {self.primary} {results[self.primary]:.3f}{spread}"
+            for view in self.views[1:]:
+                text += f"  {view.prefix}eval-loss {results[view.prefix + 'eval-loss']:.4f}"
+                if self.primary:
+                    text += f"  {view.prefix}{self.primary} {results[view.prefix + self.primary]:.3f}"
             parts.append(text)
         if server_round > 0:
             parts.append(f"clients ok {row['clients-ok'] or 0} failed {row['clients-failed'] or 0}")
@@ -161,7 +185,9 @@ def discover_nodes(grid: Grid, cfg: Config) -> dict[int, dict[str, Any]]:
     return info
 
 
-def personalize_clients(grid: Grid, cfg: Config, arrays: ArrayRecord, run_dir: RunDir, bundle: ModelBundle) -> dict:
+def personalize_clients(
+    grid: Grid, cfg: Config, arrays: ArrayRecord, run_dir: RunDir, evaluator: ServerEvaluator, config: ConfigRecord
+) -> dict:
     """FedAvg + FT: every node tunes the final adapter on its own data and reports
     held-out scores before and after; the personalized adapters are saved under
     adapter/personalized/client_<partition>/ and the rows in personalization.jsonl."""
@@ -169,7 +195,7 @@ def personalize_clients(grid: Grid, cfg: Config, arrays: ArrayRecord, run_dir: R
     from fedllm_flwr.transport import manifest_of, pack, unpack
 
     packed = pack(arrays)
-    config = ConfigRecord({"server-round": cfg.num_rounds, PERSONALIZE_KEY: 1})
+    config = ConfigRecord({**dict(config.items()), "server-round": cfg.num_rounds, PERSONALIZE_KEY: 1})
     messages = []
     for node in grid.get_node_ids():
         content = RecordDict(dict(packed.items()))
@@ -189,11 +215,11 @@ def personalize_clients(grid: Grid, cfg: Config, arrays: ArrayRecord, run_dir: R
         metrics = dict(next(iter(reply.content.metric_records.values())).items())
         pid = int(metrics["partition-id"])
         state = unpack(reply.content, manifest_of(arrays))
-        states[f"client_{pid}"] = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+        states[f"client_{pid}"] = state_to_arrays({k: torch.from_numpy(v.copy()) for k, v in state.items()})
         rows.append({"partition-id": pid, **{k: v for k, v in metrics.items() if k != "partition-id"}})
     rows.sort(key=lambda r: r["partition-id"])
     if states:
-        run_dir.save_adapters(bundle.model, "personalized", states)
+        evaluator.save("personalized", states)
     with open(run_dir.path / "personalization.jsonl", "w") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in rows)
     means = (
@@ -207,12 +233,50 @@ def personalize_clients(grid: Grid, cfg: Config, arrays: ArrayRecord, run_dir: R
     return {"clients": len(rows), **means}
 
 
+def offsite_summary(offsite, strategy: AdapterFedAvg, first: dict, last: dict, primary: str | None) -> dict:
+    """FedOT's figures for summary.json: the split, sizes, and both evaluation modes."""
+    plan = offsite.plan
+    return {
+        "full-layers": plan.num_layers,
+        "emulator-layers": len(plan.emulator_layers),
+        "kept-middle-layers": list(plan.middle),
+        "dropped-layers": list(plan.dropped),
+        "full-parameters": count_parameters(offsite.full.model)[1],
+        "emulator-parameters": count_parameters(offsite.emulator.model)[1],
+        "emulator-file-bytes": offsite.emulator_bytes,
+        "broadcast-message-bytes": strategy.broadcast_bytes,
+        "nodes-sent-emulator": len(strategy.delivered),
+        "distill-loss-first": offsite.distill_losses[0] if offsite.distill_losses else None,
+        "distill-loss-last": offsite.distill_losses[-1] if offsite.distill_losses else None,
+        "emu-eval-loss-round-0": first.get("emu-eval-loss"),
+        "emu-eval-loss-final": last.get("emu-eval-loss"),
+        "emu-score-round-0": first.get(f"emu-{primary}") if primary else None,
+        "emu-score-final": last.get(f"emu-{primary}") if primary else None,
+    }
+
+
 def run_server(grid: Grid, cfg: Config) -> RunDir:
     """Run the configured federated job to the end; returns the finished run folder."""
     t_start = time.perf_counter()
     records(cfg)  # read and check the whole data set before the (slower) model
     log(INFO, "[fedllm-flwr] loading base model %s (a GGUF is converted once, ~20 s)", cfg.model.name)
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    offsite, views = None, None
+    client_config = ConfigRecord()  # sent with every message
+    if cfg.algorithm.name == "fedot":
+        from fedllm_flwr.offsite import package, prepare
+
+        offsite = prepare(cfg)
+        bundle = offsite.emulator  # clients train on the emulator; its adapter state travels
+        views = [View("", offsite.full, offsite.plan.to_full)]
+        if cfg.algorithm.eval_emulator:
+            views.append(View("emu-", offsite.emulator))
+        client_config[EMULATOR_ID_KEY] = offsite.fingerprint
+        log(INFO, "[fedllm-flwr] FedOT: emulator keeps layers %s of %s (%s parameters of %s, %.1f MB): %s",
+            list(offsite.plan.emulator_layers), offsite.plan.num_layers,
+            f"{count_parameters(offsite.emulator.model)[1]:,}", f"{count_parameters(offsite.full.model)[1]:,}",
+            offsite.emulator_bytes / 1e6, offsite.folder)  # fmt: skip
+    else:
+        bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     trainable, total = count_parameters(bundle.model)
     initial = get_adapter_state(bundle.model)
     if cfg.personalize.private:
@@ -230,7 +294,9 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     generation_records(cfg, test[0])  # HumanEval's problems load (or fail) before the run folder exists
     strategy = build_strategy(cfg)
     run_dir = RunDir.create(cfg)
-    evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy)
+    evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy, views)
+    if offsite is not None:
+        strategy.set_broadcast(emulator_record(package(offsite.folder)))
     log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
     if cfg.strategy.availability != "always":
         strategy.nodes = discover_nodes(grid, cfg)
@@ -249,7 +315,8 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
         initial_arrays=state_to_arrays(initial),
         num_rounds=cfg.rounds_to_run,
         timeout=cfg.strategy.round_timeout,
-        train_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
+        train_config=ConfigRecord({"num-rounds": cfg.num_rounds, **dict(client_config.items())}),
+        evaluate_config=client_config,
         evaluate_fn=evaluator,
     )
     if not evaluator.rows or evaluator.rows[-1]["round"] != cfg.rounds_to_run:
@@ -258,7 +325,9 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
         raise RuntimeError("no client reply was aggregated in any round; adapter/final was not written")
     final = evaluator.save("final", evaluator.adapters(result.arrays))
     personalization = (
-        personalize_clients(grid, cfg, result.arrays, run_dir, bundle) if cfg.personalize.ft_steps else None
+        personalize_clients(grid, cfg, result.arrays, run_dir, evaluator, client_config)
+        if cfg.personalize.ft_steps
+        else None
     )
     first, last = evaluator.rows[0], evaluator.rows[-1]
     run_dir.write_summary(
@@ -281,6 +350,7 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
             "adapter": str(final),
             "base-model": bundle.base_path,
             "personalization": personalization,
+            "fedot": offsite_summary(offsite, strategy, first, last, evaluator.primary) if offsite else None,
         }
     )
     log(INFO, "[fedllm-flwr] done in %.1f s; adapter saved to %s", time.perf_counter() - t_start, final)

@@ -129,3 +129,21 @@ def message_bytes(message: Message | RecordDict) -> int:
         total += len(obj.deflate())
         stack.extend((obj.children or {}).values())
     return total
+
+
+EMULATOR_FILES_KEY = "emulator-files"
+EMULATOR_ID_KEY = "fedot-emulator"
+
+
+def emulator_record(files: dict[str, bytes]) -> RecordDict:
+    """A FedOT emulator folder's files as message records (each a uint8 array)."""
+    arrays = ArrayRecord({name: Array(np.frombuffer(data, dtype=np.uint8)) for name, data in files.items()})
+    return RecordDict({EMULATOR_FILES_KEY: arrays})
+
+
+def emulator_files(content: RecordDict) -> dict[str, bytes] | None:
+    """The emulator files a message carries, if any."""
+    arrays = content.array_records.get(EMULATOR_FILES_KEY)
+    if arrays is None:
+        return None
+    return {name: array.numpy().tobytes() for name, array in arrays.items()}

@@ -197,3 +197,55 @@ def test_partial_sharing_keeps_lora_b_on_the_clients(sim, tiny_model_dir, tmp_pa
     assert rows[-1]["client_0-held-out-loss"] != rows[-1]["client_1-held-out-loss"]
     # The server never saw a B matrix: the global adapter keeps the initial (zero) ones.
     assert all(float(t.abs().max()) == 0.0 for k, t in tensors.items() if "lora_B" in k)
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tmp_path_factory):
+    from tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("deep") / "model", layers=8)
+
+
+@pytest.mark.parametrize("scenario", ["fed", "local"])
+def test_fedot_clients_train_on_the_emulator_and_the_adapter_plugs_into_the_full_model(
+    sim, deep_model_dir, tmp_path, scenario
+):
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={deep_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "algorithm=fedot",
+         "algorithm.drop_rate=0.5", "algorithm.distill_steps=2", f"scenario={scenario}",
+         f"run.output_dir={out}", "run.name=ot"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    run = out / "ot"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    fedot = summary["fedot"]
+    assert fedot["full-layers"] == 8 and fedot["emulator-layers"] == 6 and fedot["dropped-layers"] == [3, 4]
+    assert fedot["emulator-parameters"] < fedot["full-parameters"]
+    # Every client trained a 6-layer model with the emulator's parameter count.
+    for r in rows[1:]:
+        assert r["model-layers"] == 6 and r["model-parameters"] == fedot["emulator-parameters"]
+    # The emulator went to each node once; later rounds carry the adapter only.
+    assert rows[1]["bytes-broadcast"] == 2 * fedot["broadcast-message-bytes"]
+    assert fedot["broadcast-message-bytes"] > fedot["emulator-file-bytes"] * 0.9
+    assert all(r.get("bytes-broadcast") is None for r in rows[2:])
+    assert rows[1]["bytes-down"] == rows[2]["bytes-down"] < 2 * fedot["broadcast-message-bytes"] / 5
+    assert fedot["distill-loss-first"] is not None
+    # Both evaluation modes, every evaluated round.
+    for r in rows:
+        for key in ("eval-loss", "emu-eval-loss", "accuracy", "emu-accuracy"):
+            assert r[key] is not None, key
+    assert rows[-1]["eval-loss"] != rows[-1]["emu-eval-loss"]
+    # The saved adapter is for the full model: its layers 0, 1, 6, 7.
+    final = run / "adapter" / "final"
+    adapters = [final] if scenario == "fed" else [final / "client_0", final / "client_1"]
+    for folder in adapters:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(deep_model_dir)
+        assert config["layers_to_transform"] == [0, 1, 6, 7]
+        model = AutoPeftModelForCausalLM.from_pretrained(str(folder))
+        assert model.get_base_model().config.num_hidden_layers == 8
+        layers = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_B" in n}
+        assert layers == {"0", "1", "6", "7"}

@@ -32,7 +32,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+def build_model(vocab_size: int, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     import torch
 
     torch.manual_seed(seed)
@@ -40,7 +40,7 @@ def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -52,10 +52,10 @@ def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def save_tiny_model(folder: Path) -> Path:
+def save_tiny_model(folder: Path, layers: int = 2) -> Path:
     """Write a tiny model + tokenizer folder loadable with `from_pretrained`."""
     tokenizer = build_tokenizer()
-    model = build_model(len(tokenizer))
+    model = build_model(len(tokenizer), layers=layers)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -75,6 +75,26 @@ class AdapterFedAvg(FedAvg):
         self.availability: Availability | None = None
         """Simulated availability; needs `nodes` (node id -> partition-id, category)."""
         self.nodes: dict[int, dict[str, Any]] = {}
+        self.broadcast: RecordDict | None = None
+        """Records each node receives once, with its first message (FedOT's emulator)."""
+        self.broadcast_bytes = 0
+        self.delivered: set[int] = set()
+        """Nodes that answered a message carrying the broadcast."""
+
+    def set_broadcast(self, records: RecordDict) -> None:
+        self.broadcast = records
+        self.broadcast_bytes = message_bytes(records)
+
+    def attach_broadcast(self, server_round: int, messages: Iterable[Message]) -> None:
+        """Add the broadcast to messages for nodes that have not answered one yet;
+        its bytes are counted apart from the per-round adapter bytes."""
+        if self.broadcast is None:
+            return
+        for message in messages:
+            if message.metadata.dst_node_id not in self.delivered:
+                for key, record in self.broadcast.items():
+                    message.content[key] = record
+                self.ledger.add(server_round, "bytes-broadcast", self.broadcast_bytes)
 
     def arrays_for(self, node_id: int, global_arrays: ArrayRecord) -> ArrayRecord:
         """The adapter sent to `node_id`: the global one (the local scenario overrides)."""
@@ -118,6 +138,7 @@ class AdapterFedAvg(FedAvg):
         messages = self._wire(arrays, sampled)
         self.ledger.add(server_round, "bytes-down", sum(message_bytes(m) for m in messages))
         self.ledger.set(server_round, "clients-sampled", len(messages))
+        self.attach_broadcast(server_round, messages)
         return messages
 
     def aggregate_train(
@@ -158,6 +179,7 @@ class AdapterFedAvg(FedAvg):
                 log(WARNING, "Round %s: reply from node %s dropped: %s", server_round, node, exc)
                 continue
             valid.append(ValidReply(node, state, float(weight), msg.content))
+            self.delivered.add(node)
         self.ledger.set(server_round, "clients-ok", len(valid))
         self.ledger.add(server_round, "clients-failed", failed)
         log(INFO, "Round %s: %s replies valid, %s failed or dropped", server_round, len(valid), failed)
@@ -168,11 +190,13 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         messages = self._wire(arrays, super().configure_evaluate(server_round, arrays, config, grid))
         self.ledger.add(server_round, "eval-bytes-down", sum(message_bytes(m) for m in messages))
+        self.attach_broadcast(server_round, messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
+        self.delivered.update(m.metadata.src_node_id for m in ok)
         self.ledger.add(server_round, "eval-bytes-up", sum(message_bytes(m) for m in ok))
         metrics = super().aggregate_evaluate(server_round, ok)
         for message in ok:  # each client's own figures, for per-client comparisons
@@ -189,7 +213,7 @@ class AdapterFedAvg(FedAvg):
 
 
 SUMMED = ("num-examples", "tokens", "examples-seen")
-MAXED = ("seconds", "peak-memory-mb")
+MAXED = ("seconds", "peak-memory-mb", "model-layers", "model-parameters")
 IDENTIFIERS = ("partition-id",)
 
 
