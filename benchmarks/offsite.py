@@ -5,6 +5,7 @@
 Runs, each `flwr run` of this app on a private SuperLink stopped by PID:
 - fedot-drop0.2, fedot-drop0.5: FedOT, LoRA on the first and last 2 layers, the
   emulator dropping 20% / 50% of the middle layers (the FS-LLM paper's settings);
+- the same with 200 steps of emulator distillation on the server (`-distill`);
 - localot-drop0.2: the same as drop 0.2 with scenario=local (each client alone);
 - fedot-drop0.0: FedOT's adapter on an emulator that drops nothing (the full
   model), separating the emulator's loss from the adapter's smaller size;
@@ -13,7 +14,7 @@ Runs, each `flwr run` of this app on a private SuperLink stopped by PID:
 Reports the server-side `full` (adapter plugged into the full model) and `emu`
 (adapter on the emulator) scores, the one-off emulator broadcast and the
 per-round adapter bytes per client. Prints one JSON object and writes
-OUT/results.md. Not a test: about 15 min on 2 CPU cores.
+OUT/results.md. Not a test: about 25 min on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "fedot-drop0.2": ["algorithm=fedot", "algorithm.drop_rate=0.2"],
     "fedot-drop0.5": ["algorithm=fedot", "algorithm.drop_rate=0.5"],
+    "fedot-drop0.2-distill": ["algorithm=fedot", "algorithm.drop_rate=0.2", "algorithm.distill_steps=200"],
+    "fedot-drop0.5-distill": ["algorithm=fedot", "algorithm.drop_rate=0.5", "algorithm.distill_steps=200"],
     "localot-drop0.2": ["algorithm=fedot", "algorithm.drop_rate=0.2", "scenario=local"],
     "fedot-drop0.0": ["algorithm=fedot", "algorithm.drop_rate=0.0"],
     "fed-lora": [],
@@ -83,6 +86,7 @@ def collect(run: Path, clients: int) -> dict:
         "emu-accuracy": rows[-1].get("emu-accuracy"),
         "emu-eval-loss": rows[-1].get("emu-eval-loss"),
         "train-loss-last": rows[-1].get("train-loss"),
+        "distill-loss": [fedot.get("distill-loss-first"), fedot.get("distill-loss-last")] if fedot else None,
         "broadcast-bytes-per-client": fedot.get("broadcast-message-bytes"),
         "round-bytes-down-per-client": trained[-1]["bytes-down"] / clients if trained else None,
         "round-bytes-up-per-client": trained[-1]["bytes-up"] / clients if trained else None,

@@ -13,7 +13,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    with LocalSimulation(tmp_path_factory.mktemp("sim")) as simulation:
+    # Module-scoped, so set up before the per-test isolated_dirs: give the
+    # SuperLink (and the apps it starts) a model cache of its own, never $HOME's.
+    work = tmp_path_factory.mktemp("sim")
+    with LocalSimulation(work, env={"FEDLLM_FLWR_CACHE": str(work / "cache")}) as simulation:
         yield simulation
 
 
