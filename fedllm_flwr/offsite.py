@@ -168,38 +168,38 @@ def distill_emulator(
     steps: int,
     lr: float,
 ) -> list[float]:
-    """Align the emulator's middle to the full model's: MSE between the hidden
-    state entering the top adapter layers in each, over non-padding tokens.
+    """Align the emulator's middle to the full model's on the hidden state that
+    enters the top adapter layers: the squared error relative to the full model's
+    state, per token, averaged over non-padding tokens. (Relative, because a few
+    hidden dimensions of models like SmolLM2 carry values in the thousands and
+    would otherwise be all a plain MSE sees.)
 
     The bottom adapter layers are shared and frozen, so both see the same input;
-    only the kept middle layers train (fp32). Returns the loss per step.
+    only the kept middle layers train, in fp32 (the emulator returns to its dtype
+    afterwards). Returns the loss per step.
     """
     k, m = len(plan.bottom), len(plan.middle)
     middle = [emulator.model.layers[i] for i in range(k, k + m)]
     dtype = next(emulator.parameters()).dtype
+    emulator.float()
     for param in emulator.parameters():
         param.requires_grad_(False)
-    params = []
-    for layer in middle:
-        layer.float()
-        for param in layer.parameters():
-            param.requires_grad_(True)
-            params.append(param)
+    params = [p for layer in middle for p in layer.parameters()]
+    for param in params:
+        param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr)
     losses: list[float] = []
     emulator.train()
     try:
         for _ in range(steps):
             batch = next(batches)
-            mask = batch["attention_mask"]
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            mask = batch["attention_mask"].float()
             with torch.no_grad():
-                target = full(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
-                target = target.hidden_states[plan.num_layers - len(plan.top)].float()
-            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                out = emulator(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
-            hidden = out.hidden_states[k + m].float()
-            weights = mask.unsqueeze(-1).float()
-            loss = ((hidden - target) ** 2 * weights).sum() / (weights.sum() * hidden.shape[-1])
+                target = full(**inputs, output_hidden_states=True).hidden_states[plan.num_layers - len(plan.top)]
+            hidden = emulator(**inputs, output_hidden_states=True).hidden_states[k + m]
+            error = ((hidden - target.float()) ** 2).sum(-1) / (target.float() ** 2).sum(-1).clamp_min(1e-6)
+            loss = (error * mask).sum() / mask.sum()
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -207,10 +207,9 @@ def distill_emulator(
             losses.append(float(loss.detach()))
     finally:
         emulator.eval()
-        for layer in middle:
-            layer.to(dtype)
-            for param in layer.parameters():
-                param.requires_grad_(False)
+        for param in params:
+            param.requires_grad_(False)
+        emulator.to(dtype)
     return losses
 
 
