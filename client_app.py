@@ -11,6 +11,7 @@ from fedllm_flwr.client import (
     offsite_config,
     partition_of,
     personalize,
+    site_config,
     split_private,
 )
 from fedllm_flwr.config import Config, load_cfg
@@ -66,15 +67,15 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The client's partition and main data category (for simulated availability)."""
-    cfg = load_cfg(context.run_config)
+    cfg = site_config(load_cfg(context.run_config), context.node_config)
     info = describe(cfg, *partition_of(context.node_config))
     return Message(content=RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
 
 
 def _cfg(msg: Message, context: Context) -> Config:
-    """The run's config; under FedOT, set to this node's emulator (installed
-    from the message when it carries one)."""
-    cfg = load_cfg(context.run_config)
+    """The run's config for this node: its own data file (dataset.source=sites)
+    and, under FedOT, its emulator (installed from the message when it carries one)."""
+    cfg = site_config(load_cfg(context.run_config), context.node_config)
     if cfg.algorithm.name == "fedot":
         emulator_id = str(msg.content["config"].get(EMULATOR_ID_KEY, ""))
         cfg = offsite_config(cfg, emulator_id, emulator_files(msg.content))

@@ -177,8 +177,25 @@ def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None
     return offsite.client_config(cfg, folder)
 
 
+def site_config(cfg: Config, node_config: dict) -> Config:
+    """With dataset.source=sites, the config that reads this SuperNode's own file
+    (`--node-config data-path=...`); otherwise `cfg` unchanged."""
+    if cfg.dataset.source != "sites":
+        return cfg
+    path = str(node_config.get("data-path", ""))
+    if not path:
+        raise ValueError(
+            f"dataset.source=sites: this SuperNode's --node-config sets no data-path (it has {dict(node_config)}); "
+            "start it with --node-config 'data-path=\"/path/to/site.jsonl\"'"
+        )
+    return dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=path))
+
+
 def partition_of(node_config: dict) -> tuple[int, int]:
-    """(partition-id, num-partitions) from a SuperNode's node config."""
+    """(partition-id, num-partitions) from a SuperNode's node config; a site
+    with its own `data-path` and no partition uses all of its file (0 of 1)."""
+    if "data-path" in node_config and "partition-id" not in node_config:
+        return 0, 1
     try:
         return int(node_config["partition-id"]), int(node_config["num-partitions"])
     except (KeyError, ValueError, TypeError):

@@ -149,8 +149,10 @@ class DatasetConfig:
     name: str = "synthetic"
     """Preset name, recorded in the run's config."""
     source: str = "synthetic"
-    """`synthetic` (built-in generator, offline) or `file` (a local JSON, JSONL
-    or JSONL.gz file, or a Hugging Face hub dataset id, named by `path`)."""
+    """`synthetic` (built-in generator, offline), `file` (a local JSON, JSONL
+    or JSONL.gz file, or a Hugging Face hub dataset id, named by `path`), or
+    `sites` (deployment: each SuperNode reads its own file, named by its
+    `--node-config data-path=...`; the server reads only `test_path`)."""
     path: str = ""
     subset: str = ""
     """Hub configuration name (`main` for openai/gsm8k); empty for none."""
@@ -182,8 +184,10 @@ class DatasetConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "file"):
-            raise ValueError(f"dataset.source={self.source!r}: use synthetic or file")
+        if self.source not in ("synthetic", "file", "sites"):
+            raise ValueError(f"dataset.source={self.source!r}: use synthetic, file or sites")
+        if self.source == "sites" and not self.test_path:
+            raise ValueError("dataset.source=sites needs dataset.test_path=<the server's own test file>")
         if self.source == "file" and not self.path:
             raise ValueError("dataset.source=file needs dataset.path=<file or hub id>")
         if self.transform not in ("", "gsm8k"):
@@ -474,6 +478,9 @@ class Config:
             raise ValueError("personalize.private keeps part of a federated adapter local: use it with scenario=fed")
         if self.personalize.ft_steps and self.scenario.name != "fed":
             raise ValueError("personalize.ft_steps tunes the federated adapter per client: use it with scenario=fed")
+        if self.dataset.source == "sites" and self.scenario.name == "global":
+            raise ValueError("scenario=global needs one holder of all data; with dataset.source=sites each site "
+                             "holds only its own")  # fmt: skip
         if self.strategy.availability != "always" and self.scenario.name == "global":
             raise ValueError("strategy.availability simulates absent clients; scenario=global has a single holder")
         if self.peft.method == "adalora" and self.scenario.name == "fed":

@@ -135,6 +135,10 @@ def read_records(
     return records
 
 
+#: Where a site's data file is named (deployment with dataset.source=sites).
+SITE_KEY = "the SuperNode's --node-config data-path"
+
+
 def load_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train, test) records for a dataset config, deterministic for `seed`."""
     if cfg.source == "synthetic":
@@ -144,6 +148,14 @@ def load_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict[str, str]], l
             )
         except ValueError as exc:
             raise UserError(f"dataset.synthetic: {exc}") from None
+    if cfg.source == "sites":
+        # A site's own file (dataset.path, set from its node config) is all training
+        # data; the server has no training data, only its test file.
+        train = read_records(cfg, cfg.path, cfg.split, cfg.limit, SITE_KEY) if cfg.path else []
+        test = [] if cfg.path else read_records(cfg, cfg.test_path, cfg.test_split or "test", 0, "dataset.test_path")
+        if not train and not test:
+            raise UserError(f"{cfg.path or cfg.test_path}: holds no records")
+        return train, test
     records = read_records(cfg, cfg.path, cfg.split, cfg.limit)
     if cfg.test_path or cfg.test_split:
         if not cfg.test_path and _is_local(cfg.path):

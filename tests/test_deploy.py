@@ -1,0 +1,70 @@
+"""Deployment runtime on loopback: TLS, SuperNode authentication, per-site data."""
+
+import json
+
+import pytest
+from conftest import ROOT, TINY_OVERRIDES
+
+from fedllm_flwr.config import load_cfg
+from fedllm_flwr.data.synthetic import generate
+from fedllm_flwr.deploy import LocalDeployment, make_credentials
+from fedllm_flwr.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+
+def write_site(path, task, n, seed):
+    path.write_text("".join(json.dumps(r) + "\n" for r in generate([task], n, seed=seed)))
+    return path
+
+
+def run_rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_credentials_are_complete_private_and_kept(tmp_path):
+    creds = make_credentials(tmp_path / "c", 2)
+    for path in (creds.folder / "ca.key", creds.server_key, creds.node_key(0), creds.node_key(1)):
+        assert path.stat().st_mode & 0o077 == 0, path  # secrets readable by the owner only
+    assert creds.node_public_key(1).read_text().startswith("ecdsa-sha2-nistp384 ")
+    before = creds.node_key(0).read_bytes()
+    make_credentials(tmp_path / "c", 3)  # adding a node keeps the others' keys
+    assert creds.node_key(0).read_bytes() == before and creds.node_key(2).is_file()
+
+
+def test_sites_need_a_server_test_file():
+    with pytest.raises(UserError, match="dataset.test_path"):
+        load_cfg(["dataset.source=sites"])
+
+
+def test_authenticated_sites_federate_and_an_unregistered_node_is_refused(tiny_model_dir, tmp_path):
+    sites = [write_site(tmp_path / "site_a.jsonl", "add", 30, 1), write_site(tmp_path / "site_b.jsonl", "reverse", 50, 2)]
+    server_test = write_site(tmp_path / "server_test.jsonl", "add", 8, 3)
+    creds = make_credentials(tmp_path / "creds", 3)
+    out = tmp_path / "runs"
+    with LocalDeployment(tmp_path / "fed", creds, env={"FEDLLM_FLWR_CACHE": str(tmp_path / "cache")}) as dep:
+        dep.register(0)
+        dep.register(1)
+        for i, site in enumerate(sites):
+            dep.start_node(i, {"data-path": str(site)})
+        intruder = dep.start_node(2, {"data-path": str(sites[0])})  # its key was never registered
+        assert intruder.process.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in intruder.log_path.read_text()
+        assert "No SuperNode found with the given public key" in (dep.workdir / "superlink.log").read_text()
+
+        overrides = " ".join(
+            [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "dataset.source=sites",
+             f"dataset.test_path={server_test}", f"run.output_dir={out}", "run.name=d"]
+        )  # fmt: skip
+        result = dep.run(ROOT, overrides, timeout=400)
+        assert "[fedllm-flwr] done in" in result.stdout, result.stdout[-3000:]
+        listing = dep.flwr("ls", "--format", "json", log_name="ls.log").stdout
+        runs = json.loads(listing[listing.index("{") :])["runs"]
+        assert runs[0]["status"] == "finished:completed"
+    rows = run_rows(out / "d")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["clients-failed"] == 0
+        # Each site trained on its own file, less its 10% held out: 27 + 45 examples.
+        assert r["num-examples"] == 27 + 45
+    assert (out / "d" / "adapter" / "final" / "adapter_config.json").is_file()
