@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,12 +257,36 @@ class LocalDeployment:
         if node is not None:
             _stop_group(node.process, sig)
 
-    def run(self, app_dir: Path, overrides: str = "", timeout: float = 600) -> subprocess.CompletedProcess:
-        """`flwr run APP --stream` on this federation, with Hydra overrides."""
+    def run(
+        self, app_dir: Path, overrides: str = "", timeout: float = 600, echo: bool = False
+    ) -> subprocess.CompletedProcess:
+        """`flwr run APP --stream` on this federation, with Hydra overrides; `echo`
+        also copies its output to this process's stdout as it comes."""
         args = ["run", str(app_dir), CONNECTION, "--stream"]
         if overrides:
             args += ["--run-config", f"overrides={_toml_string(overrides)}"]
-        return self.flwr(*args, timeout=timeout, log_name="flwr-run.log")
+        if not echo:
+            return self.flwr(*args, timeout=timeout, log_name="flwr-run.log")
+        out = self.workdir / "flwr-run.log"
+        deadline = time.monotonic() + timeout
+        with open(out, "wb") as handle:
+            proc = subprocess.Popen(
+                [_bin("flwr"), *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                for line in proc.stdout:  # type: ignore[union-attr]
+                    handle.write(line)
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+                    if time.monotonic() > deadline:
+                        raise subprocess.TimeoutExpired(proc.args, timeout)
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(errors="replace"), "")
 
     def stop(self) -> None:
         for index in list(self.nodes):

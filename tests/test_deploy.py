@@ -38,7 +38,10 @@ def test_sites_need_a_server_test_file():
 
 
 def test_authenticated_sites_federate_and_an_unregistered_node_is_refused(tiny_model_dir, tmp_path):
-    sites = [write_site(tmp_path / "site_a.jsonl", "add", 30, 1), write_site(tmp_path / "site_b.jsonl", "reverse", 50, 2)]
+    sites = [
+        write_site(tmp_path / "site_a.jsonl", "add", 30, 1),
+        write_site(tmp_path / "site_b.jsonl", "reverse", 50, 2),
+    ]
     server_test = write_site(tmp_path / "server_test.jsonl", "add", 8, 3)
     creds = make_credentials(tmp_path / "creds", 3)
     out = tmp_path / "runs"
