@@ -116,7 +116,8 @@ def markdown(results: dict) -> str:
             continue
         lines.append(
             f"| {name} | {f(r['full-accuracy'])} | {f(r['full-eval-loss'])} | {f(r['emu-accuracy'])} "
-            f"| {f(r['emu-eval-loss'])} | {r['client-model-layers']} | {f(r['client-model-parameters'], ',')} "
+            f"| {f(r['emu-eval-loss'])} | {f(r['client-model-layers'], '.0f')} "
+            f"| {f(r['client-model-parameters'], ',.0f')} "
             f"| {f(r['trainable-parameters'], ',')} | {mb(r['broadcast-bytes-per-client'])} "
             f"| {mb(r['round-bytes-down-per-client'])} | {f(r['seconds'], '.0f')} |"
         )

@@ -71,3 +71,53 @@ def test_authenticated_sites_federate_and_an_unregistered_node_is_refused(tiny_m
         # Each site trained on its own file, less its 10% held out: 27 + 45 examples.
         assert r["num-examples"] == 27 + 45
     assert (out / "d" / "adapter" / "final" / "adapter_config.json").is_file()
+
+
+def test_a_killed_supernode_fails_its_round_and_a_rejoining_one_takes_part_again(tiny_model_dir, tmp_path):
+    import signal
+    import threading
+    import time
+
+    creds = make_credentials(tmp_path / "creds", 3)
+    out = tmp_path / "runs"
+    # Rounds start with whoever is connected, at least 2 of the 3 nodes.
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=4", "strategy.min_available_nodes=2",
+         "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2", "strategy.round_timeout=120",
+         f"run.output_dir={out}", "run.name=f"]
+    )  # fmt: skip
+    with LocalDeployment(tmp_path / "fed", creds, env={"FEDLLM_FLWR_CACHE": str(tmp_path / "cache")}) as dep:
+        for i in range(3):
+            dep.register(i)
+            dep.start_node(i, {"partition-id": i, "num-partitions": 3})
+        time.sleep(5)  # all three connected before round 1 samples
+        result = {}
+        runner = threading.Thread(target=lambda: result.update(r=dep.run(ROOT, overrides, timeout=900)))
+        runner.start()
+        log, metrics = dep.workdir / "flwr-run.log", out / "f" / "metrics.jsonl"
+
+        def wait_until(done, limit=400):
+            deadline = time.monotonic() + limit
+            while runner.is_alive() and time.monotonic() < deadline:
+                if done():
+                    return True
+                time.sleep(0.5)
+            return False
+
+        def rounds_logged():
+            return [json.loads(x)["round"] for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+        # Round 2's training messages are out: kill node 2 while it works on its own.
+        assert wait_until(lambda: log.is_file() and log.read_text().count("configure_train") >= 2)
+        time.sleep(3)
+        dep.stop_node(2, signal.SIGKILL)
+        assert wait_until(lambda: 2 in rounds_logged())
+        dep.start_node(2, {"partition-id": 2, "num-partitions": 3})  # the same key: the same node rejoins
+        runner.join(timeout=900)
+        assert "[fedllm-flwr] done in" in result["r"].stdout, result["r"].stdout[-3000:]
+    rows = run_rows(out / "f")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # no round lost or repeated
+    assert rows[1]["clients-ok"] == 3
+    assert rows[2]["clients-ok"] == 2 and rows[2]["clients-failed"] == 1  # the killed node's failure is recorded
+    assert rows[2]["failed-nodes"]
+    assert rows[4]["clients-ok"] == 3  # it took part again after rejoining

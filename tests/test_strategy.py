@@ -74,6 +74,23 @@ def test_invalid_and_failed_replies_are_dropped_and_counted():
     assert ledger["clients-ok"] == 1 and ledger["clients-failed"] == 5 and ledger["clients-dropped"] == 4
 
 
+def test_a_node_that_left_mid_round_is_counted_failed_once():
+    strat = strategy_for(state(0.0))
+    strat.sampled[3] = {1, 2, 7}
+    # Node 7 died: the SuperLink answers for it with an error reply of its own (node 0).
+    lost = reply(0, Error(code=0, reason="Node Unavailable"))
+    arrays, _ = strat.aggregate_train(
+        3, [train_reply(1, state(1.0), 10, 2.0), train_reply(2, state(1.0), 10, 2.0), lost]
+    )
+    assert arrays is not None
+    ledger = strat.ledger.pop(3)
+    assert ledger["clients-ok"] == 2 and ledger["clients-failed"] == 1 and ledger["failed-nodes"] == "7"
+    strat.sampled[4] = {1, 2}  # node 2 never answered at all (the round timed out)
+    strat.aggregate_train(4, [train_reply(1, state(1.0), 10, 2.0)])
+    ledger = strat.ledger.pop(4)
+    assert ledger["clients-failed"] == 1 and ledger["failed-nodes"] == "2"
+
+
 def test_no_valid_reply_means_no_update():
     strat = strategy_for(state(0.0))
     assert strat.aggregate_train(1, [reply(1, Error(code=0, reason="x"))]) == (None, None)

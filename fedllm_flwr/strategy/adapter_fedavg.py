@@ -80,6 +80,8 @@ class AdapterFedAvg(FedAvg):
         self.broadcast_bytes = 0
         self.delivered: set[int] = set()
         """Nodes that answered a message carrying the broadcast."""
+        self.sampled: dict[int, set[int]] = {}
+        """Nodes sent a training message, by round (to tell who never answered)."""
 
     def set_broadcast(self, records: RecordDict) -> None:
         self.broadcast = records
@@ -138,6 +140,7 @@ class AdapterFedAvg(FedAvg):
         messages = self._wire(arrays, sampled)
         self.ledger.add(server_round, "bytes-down", sum(message_bytes(m) for m in messages))
         self.ledger.set(server_round, "clients-sampled", len(messages))
+        self.sampled[server_round] = {m.metadata.dst_node_id for m in messages}
         self.attach_broadcast(server_round, messages)
         return messages
 
@@ -159,11 +162,17 @@ class AdapterFedAvg(FedAvg):
 
     def validated(self, server_round: int, replies: Iterable[Message]) -> list[ValidReply]:
         """Replies that may be used, after logging and counting the others."""
-        valid, failed = [], 0
+        valid, failed, failed_nodes = [], 0, []
+        replies = list(replies)
+        sampled = self.sampled.pop(server_round, set())
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                failed += 1
+                # The SuperLink answers for a node that stopped sending heartbeats; such
+                # a reply names the SuperLink, and the node is counted below as silent.
+                if node in sampled or not sampled:
+                    failed += 1
+                    failed_nodes.append(node)
                 log(WARNING, "Round %s: node %s failed: %s", server_round, node, msg.error.reason)
                 continue
             self.ledger.add(server_round, "bytes-up", message_bytes(msg))
@@ -175,13 +184,22 @@ class AdapterFedAvg(FedAvg):
                 state = unpack(msg.content, self._expected)
             except ValueError as exc:
                 failed += 1
+                failed_nodes.append(node)
                 self.ledger.add(server_round, "clients-dropped", 1)
                 log(WARNING, "Round %s: reply from node %s dropped: %s", server_round, node, exc)
                 continue
             valid.append(ValidReply(node, state, float(weight), msg.content))
             self.delivered.add(node)
+        # A node that left mid-round (or answered after the round's timeout) sends nothing.
+        silent = sorted(sampled - {m.metadata.src_node_id for m in replies})
+        for node in silent:
+            log(WARNING, "Round %s: node %s did not answer (it left, or the round timed out)", server_round, node)
+        failed += len(silent)
+        failed_nodes += silent
         self.ledger.set(server_round, "clients-ok", len(valid))
         self.ledger.add(server_round, "clients-failed", failed)
+        if failed_nodes:
+            self.ledger.set(server_round, "failed-nodes", ",".join(str(n) for n in sorted(failed_nodes)))
         log(INFO, "Round %s: %s replies valid, %s failed or dropped", server_round, len(valid), failed)
         return valid
 
