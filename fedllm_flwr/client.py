@@ -57,6 +57,9 @@ def local_train(
     if len(data.train) == 0:
         raise ValueError(f"client {partition_id} has no training examples")
     set_adapter_state(bundle.model, bundle.complete(private or {}, state))
+    # Dropout draws depend on (seed, round, client) only, not on what this process
+    # ran before: a resumed run repeats an uninterrupted one.
+    torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1_009 + partition_id)
     per_round = cfg.train.local_steps * cfg.train.grad_accum
     batches = iter_batches(
         data.train,

@@ -463,6 +463,10 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    resume: str = ""
+    """A run folder to continue from its last completed round (adapter,
+    strategy state and round number from its checkpoint); give the same
+    overrides as the interrupted run, plus this one."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -495,6 +499,9 @@ class Config:
                 f"algorithm=fedot puts the adapter into the first and last decoder layers; peft={self.peft.method} "
                 f"cannot be limited to some layers. Use one of {', '.join(LAYERED_METHODS)}"
             )
+
+        if self.resume and self.personalize.private:
+            raise ValueError("resume cannot restore personalize.private tensors: they live on the clients only")
 
     @property
     def rounds_to_run(self) -> int:

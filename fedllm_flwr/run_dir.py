@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import PeftModel
 
@@ -22,6 +23,8 @@ from fedllm_flwr.config import Config, cfg_to_yaml
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.metrics import MetricsLog
 from fedllm_flwr.model import set_adapter_state
+
+CHECKPOINT = "checkpoint.safetensors"
 
 
 def home_dir() -> Path:
@@ -75,6 +78,54 @@ class RunDir:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         return target
+
+    def write_checkpoint(
+        self, server_round: int, arrays: dict[str, np.ndarray], strategy: dict[str, np.ndarray]
+    ) -> None:
+        """Everything a resumed run needs after `server_round`: the global adapter as
+        exchanged (fp32) and the strategy's state. Only the latest is kept; it is
+        replaced atomically, so a crash leaves the previous one intact."""
+        from safetensors.numpy import save_file
+
+        tensors = {f"adapter/{k}": np.ascontiguousarray(v) for k, v in arrays.items()}
+        tensors.update({f"strategy/{k}": np.ascontiguousarray(v) for k, v in strategy.items()})
+        tmp = self.path / ".checkpoint.tmp"
+        save_file(tensors, str(tmp), metadata={"round": str(server_round)})
+        tmp.replace(self.path / CHECKPOINT)
+
+    def read_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(round, global adapter, strategy state) of the last checkpoint."""
+        from safetensors import safe_open
+
+        path = self.path / CHECKPOINT
+        if not path.is_file():
+            raise UserError(f"resume: {self.path} has no {CHECKPOINT}; it stopped before its first round ended")
+        with safe_open(str(path), framework="numpy") as handle:
+            server_round = int(handle.metadata()["round"])
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+        adapter = {k.removeprefix("adapter/"): v for k, v in tensors.items() if k.startswith("adapter/")}
+        strategy = {k.removeprefix("strategy/"): v for k, v in tensors.items() if k.startswith("strategy/")}
+        return server_round, adapter, strategy
+
+    def rows(self) -> list[dict[str, Any]]:
+        path = self.metrics.path
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def rewind(self, server_round: int) -> list[dict[str, Any]]:
+        """Drop what was written after `server_round` (metrics rows, round adapters,
+        a final adapter) so a resumed run writes each round once; returns the rows kept."""
+        kept = [r for r in self.rows() if r["round"] <= server_round]
+        tmp = self.metrics.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.metrics.path)
+        adapters = self.path / "adapter"
+        for folder in adapters.glob("round_*") if adapters.is_dir() else []:
+            if int(folder.name.removeprefix("round_")) > server_round:
+                shutil.rmtree(folder)
+        for leftover in ("final", "personalized"):
+            shutil.rmtree(adapters / leftover, ignore_errors=True)
+        (self.path / "summary.json").unlink(missing_ok=True)
+        return kept
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

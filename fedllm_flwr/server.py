@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedllm_flwr.config import Config
+from fedllm_flwr.config import Config, cfg_to_yaml
 from fedllm_flwr.data import records, server_data
 from fedllm_flwr.data.prompts import TokenizedSet
 from fedllm_flwr.errors import UserError
@@ -140,6 +140,10 @@ class ServerEvaluator:
             row["eval-seconds"] = time.perf_counter() - t0
         if server_round > 0 and (self.cfg.run.save_every_round or last_round):
             self.save(f"round_{server_round}", adapters)
+        if server_round > 0:
+            self.run_dir.write_checkpoint(
+                server_round, {k: v.numpy() for k, v in arrays.items()}, self.strategy.state()
+            )
         now = time.perf_counter()
         row["seconds"] = now - self.last
         self.last = now
@@ -255,6 +259,42 @@ def offsite_summary(offsite, strategy: AdapterFedAvg, first: dict, last: dict, p
     }
 
 
+def resume_run(cfg: Config, strategy: AdapterFedAvg) -> tuple[RunDir, int, ArrayRecord]:
+    """Reopen `cfg.resume` at its last checkpoint: check that the config is the same
+    (but for `run` and `resume`), drop whatever was written after that round, and
+    restore the strategy. Returns (run folder, rounds done, global adapter)."""
+    from omegaconf import OmegaConf
+
+    path = Path(cfg.resume).expanduser()
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"resume={cfg.resume}: not a run folder (no config.yaml)")
+    before = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    now = OmegaConf.to_container(OmegaConf.create(cfg_to_yaml(cfg)))
+    changed = sorted(
+        f"{group}.{key}" if isinstance(now.get(group), dict) else group
+        for group in set(before) | set(now)
+        if group not in ("run", "resume") and before.get(group) != now.get(group)
+        for key in (
+            [k for k in set(before.get(group) or {}) | set(now.get(group) or {})
+             if (before.get(group) or {}).get(k) != (now.get(group) or {}).get(k)]
+            if isinstance(now.get(group), dict) else [None]
+        )
+    )  # fmt: skip
+    if changed:
+        raise UserError(
+            f"resume={cfg.resume}: the config differs from the run being resumed in {', '.join(changed)}; "
+            "give the same overrides as that run, plus resume=..."
+        )
+    run_dir = RunDir(path)
+    done, adapter, state = run_dir.read_checkpoint()
+    if done >= cfg.rounds_to_run:
+        raise UserError(f"resume={cfg.resume}: all {cfg.rounds_to_run} rounds are done already")
+    run_dir.rewind(done)
+    strategy.load_state(state)
+    log(INFO, "[fedllm-flwr] resuming %s after round %s of %s", path, done, cfg.rounds_to_run)
+    return run_dir, done, ArrayRecord({k: Array(v) for k, v in adapter.items()})
+
+
 def run_server(grid: Grid, cfg: Config) -> RunDir:
     """Run the configured federated job to the end; returns the finished run folder."""
     t_start = time.perf_counter()
@@ -293,12 +333,19 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
     test = server_data(cfg, bundle.tokenizer)
     generation_records(cfg, test[0])  # HumanEval's problems load (or fail) before the run folder exists
     strategy = build_strategy(cfg)
-    run_dir = RunDir.create(cfg)
+    done = 0  # rounds completed before this start (a resumed run)
+    if cfg.resume:
+        run_dir, done, initial_arrays = resume_run(cfg, strategy)
+    else:
+        run_dir, initial_arrays = RunDir.create(cfg), state_to_arrays(initial)
     evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy, views)
+    if done:
+        evaluator.rows = run_dir.rows()
+        strategy.round_offset = done
     if offsite is not None:
         strategy.set_broadcast(emulator_record(package(offsite.folder)))
     log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
-    if cfg.strategy.availability != "always":
+    if cfg.strategy.availability != "always" or (done and cfg.scenario.name == "local"):
         strategy.nodes = discover_nodes(grid, cfg)
     log(
         INFO,
@@ -310,15 +357,23 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
         f"{trainable:,}",
         f"{total:,}",
     )
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if done and server_round == 0:
+            return None  # a resumed run: round `done` was evaluated and logged already
+        return evaluator(server_round + done, arrays)
+
     result = strategy.start(
         grid=grid,
-        initial_arrays=state_to_arrays(initial),
-        num_rounds=cfg.rounds_to_run,
+        initial_arrays=initial_arrays,
+        num_rounds=cfg.rounds_to_run - done,
         timeout=cfg.strategy.round_timeout,
         train_config=ConfigRecord({"num-rounds": cfg.num_rounds, **dict(client_config.items())}),
         evaluate_config=client_config,
-        evaluate_fn=evaluator,
+        evaluate_fn=evaluate_fn,
     )
+    if result.arrays is None or len(result.arrays) == 0:  # no round after a resume aggregated anything
+        result.arrays = initial_arrays
     if not evaluator.rows or evaluator.rows[-1]["round"] != cfg.rounds_to_run:
         raise RuntimeError("the strategy stopped before the last round; adapter/final was not written")
     if not any(r["clients-ok"] for r in evaluator.rows[1:]):

@@ -68,12 +68,13 @@ class LocalSimulation:
         # The SuperLink starts `flower-superexec` (and that `flwr-simulation`) from PATH.
         self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
         self.process: subprocess.Popen | None = None
+        self.port = 0
         self.log_path = self.workdir / "superlink.log"
 
     def start(self) -> LocalSimulation:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.ray_tmp.mkdir(parents=True, exist_ok=True)
-        port = _free_port()  # Flower 1.42 serves every SuperLink API on one HTTP port
+        port = self.port = _free_port()  # Flower 1.42 serves every SuperLink API on one HTTP port
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
         )
@@ -140,7 +141,9 @@ class LocalSimulation:
         self.process = None
         # SuperExec and Ray's daemons start their own sessions: when a run was still
         # going, find them by what ties them to this SuperLink and stop them too.
-        for pattern in (f"--parent-pid {pgid}", str(self.ray_tmp)):
+        # A run whose server was interrupted leaves its flwr-simulation behind too.
+        patterns = [f"--parent-pid {pgid}", str(self.ray_tmp), f"--runtime-api-address 127.0.0.1:{self.port}"]
+        for pattern in patterns:
             _kill_matching(pattern)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 

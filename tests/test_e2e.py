@@ -252,3 +252,50 @@ def test_fedot_clients_train_on_the_emulator_and_the_adapter_plugs_into_the_full
         assert model.get_base_model().config.num_hidden_layers == 8
         layers = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_B" in n}
         assert layers == {"0", "1", "6", "7"}
+
+
+def test_a_run_stopped_after_round_2_resumes_to_the_same_final_adapter(sim, tiny_model_dir, tmp_path):
+    """MIFA (strategy state) under 50% availability (a schedule), 4 rounds: stopped
+    during round 3 and resumed, it ends where an uninterrupted run ends."""
+    import subprocess
+    import threading
+    import time
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "runs"
+    common = [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=4", "strategy=mifa",
+              "strategy.availability=uniform", "strategy.available_p=0.5", "strategy.min_available_nodes=3",
+              "peft.dropout=0.1", f"run.output_dir={out}"]  # fmt: skip
+    whole = sim.run(ROOT, overrides=" ".join([*common, "run.name=whole"]), num_supernodes=3, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", whole.stdout[-3000:]
+
+    result = {}
+    runner = threading.Thread(
+        target=lambda: result.update(r=sim.run(ROOT, " ".join([*common, "run.name=cut"]), num_supernodes=3))
+    )
+    runner.start()
+    metrics = out / "cut" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    # The server process dies during round 3 (`flwr stop` would let a simulation finish).
+    pattern = f"flwr-simulation --runtime-api-address 127.0.0.1:{sim.port}"
+    killed = subprocess.run(["pkill", "-9", "-f", pattern], check=False)
+    assert killed.returncode == 0
+    runner.join(timeout=300)
+    assert not (out / "cut" / "adapter" / "final").exists()
+    assert 2 <= len(metrics.read_text().splitlines()) - 1 < 4
+
+    resumed = sim.run(ROOT, overrides=" ".join([*common, "run.name=cut", f"resume={out / 'cut'}"]), num_supernodes=3)
+    assert run_status(sim)["status"] == "finished:completed", resumed.stdout[-3000:]
+    assert "resuming" in resumed.stdout
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # none missing, none twice
+    whole_rows = [json.loads(line) for line in (out / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["participants"] for r in rows[1:]] == [r["participants"] for r in whole_rows[1:]]
+    a = load_file(out / "whole" / "adapter" / "final" / "adapter_model.safetensors")
+    b = load_file(out / "cut" / "adapter" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)  # it did train

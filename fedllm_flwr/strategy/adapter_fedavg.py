@@ -82,6 +82,17 @@ class AdapterFedAvg(FedAvg):
         """Nodes that answered a message carrying the broadcast."""
         self.sampled: dict[int, set[int]] = {}
         """Nodes sent a training message, by round (to tell who never answered)."""
+        self.round_offset = 0
+        """Rounds already done before this `start` (a resumed run): Flower counts
+        from 1, so every method adds this to the round it is given."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What this strategy carries from round to round besides the global
+        adapter (none for FedAvg), as flat arrays for a checkpoint."""
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore `state()` (resuming a run)."""
 
     def set_broadcast(self, records: RecordDict) -> None:
         self.broadcast = records
@@ -135,6 +146,7 @@ class AdapterFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self._expected = manifest_of(arrays)
         sampled = self.select_train(server_round, list(super().configure_train(server_round, arrays, config, grid)))
         messages = self._wire(arrays, sampled)
@@ -147,6 +159,7 @@ class AdapterFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         valid = self.validated(server_round, replies)
         if not valid:
             return None, None
@@ -190,6 +203,8 @@ class AdapterFedAvg(FedAvg):
                 continue
             valid.append(ValidReply(node, state, float(weight), msg.content))
             self.delivered.add(node)
+        # Replies arrive in any order; a fixed one makes the fp32 sums reproducible.
+        valid.sort(key=lambda r: (_partition(r.content), r.node_id))
         # A node that left mid-round (or answered after the round's timeout) sends nothing.
         silent = sorted(sampled - {m.metadata.src_node_id for m in replies})
         for node in silent:
@@ -206,12 +221,14 @@ class AdapterFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = self._wire(arrays, super().configure_evaluate(server_round, arrays, config, grid))
         self.ledger.add(server_round, "eval-bytes-down", sum(message_bytes(m) for m in messages))
         self.attach_broadcast(server_round, messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         self.delivered.update(m.metadata.src_node_id for m in ok)
@@ -228,6 +245,12 @@ class AdapterFedAvg(FedAvg):
             for key, value in metrics.items():
                 self.ledger.set(server_round, f"client-{key}", value)
         return metrics
+
+
+def _partition(content: RecordDict) -> int:
+    metrics = next(iter(content.metric_records.values()), None)
+    value = metrics.get("partition-id") if metrics is not None else None
+    return int(value) if isinstance(value, (int, float)) else -1
 
 
 SUMMED = ("num-examples", "tokens", "examples-seen")

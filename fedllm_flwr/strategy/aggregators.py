@@ -106,6 +106,16 @@ class ServerOptFedAvg(_KeepsGlobal):
         super().__init__(**kwargs)
         self.optimizer = optimizer
 
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            **{f"m/{k}": v for k, v in self.optimizer.m.items()},
+            **{f"v/{k}": v for k, v in self.optimizer.v.items()},
+        }
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.optimizer.m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
+        self.optimizer.v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
+
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
         mean = weighted_mean([r.state for r in valid], [r.weight for r in valid])
         delta = {k: mean[k] - self.current[k] for k in mean}
@@ -155,6 +165,22 @@ class Mifa(_KeepsGlobal):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.num_clients = max(self.num_clients, len(list(grid.get_node_ids())))
         return super().configure_train(server_round, arrays, config, grid)
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {f"g/{client}/{k}": v for client, g in self.memory.updates.items() for k, v in g.items()}
+        out["num-clients"] = np.array([self.num_clients])
+        return out
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.num_clients = int(arrays["num-clients"].reshape(-1)[0])
+        self.memory = MifaMemory()
+        updates: dict[int, State] = {}
+        for key, value in arrays.items():
+            if key.startswith("g/"):
+                _, client, name = key.split("/", 2)
+                updates.setdefault(int(client), {})[name] = value
+        for client, g in sorted(updates.items()):
+            self.memory.refresh(client, g)
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
         rates = []

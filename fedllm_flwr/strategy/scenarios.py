@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply
@@ -45,9 +46,26 @@ class LocalAdapters(AdapterFedAvg):
         """Each node's own adapter (fp32), by node id."""
         self.partitions: dict[int, int] = {}
         """Each node's partition id, as it reported it."""
+        self.restored: dict[int, ArrayRecord] = {}
+        """Adapters of a resumed run by partition, until their node is known."""
 
     def arrays_for(self, node_id: int, global_arrays: ArrayRecord) -> ArrayRecord:
+        if node_id not in self.adapters and node_id in self.nodes:  # a resumed run: find it by partition
+            restored = self.restored.pop(int(self.nodes[node_id]["partition-id"]), None)
+            if restored is not None:
+                self.adapters[node_id] = restored
+                self.partitions[node_id] = int(self.nodes[node_id]["partition-id"])
         return self.adapters.get(node_id, global_arrays)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"{pid}/{k}": v.numpy() for pid, arrays in self.client_adapters().items() for k, v in arrays.items()}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        by_partition: dict[int, dict[str, np.ndarray]] = {}
+        for key, value in arrays.items():
+            pid, name = key.split("/", 1)
+            by_partition.setdefault(int(pid), {})[name] = value
+        self.restored = {pid: ArrayRecord({k: Array(v) for k, v in st.items()}) for pid, st in by_partition.items()}
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
         for reply in valid:
