@@ -15,6 +15,7 @@ from fedllm_flwr.client import (
     split_private,
 )
 from fedllm_flwr.config import Config, load_cfg
+from fedllm_flwr.metrics import process_age_seconds
 from fedllm_flwr.strategy.scenarios import DATA_KEY, PERSONALIZE_KEY, STEPS_KEY
 from fedllm_flwr.transport import (
     EMULATOR_ID_KEY,
@@ -33,6 +34,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = process_age_seconds()
     cfg = _cfg(msg, context)
     partition_id, num_partitions = partition_of(context.node_config)
     config = msg.content["config"]
@@ -46,7 +48,7 @@ def train(msg: Message, context: Context) -> Message:
     steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None
     state, metrics = local_train(
         cfg, unpack_state(msg.content), int(config["server-round"]), partition_id, num_partitions, steps,
-        private=_private(context),
+        private=_private(context), started=started,
     )  # fmt: skip
     state, private = split_private(cfg, state)
     if private:

@@ -8,6 +8,7 @@ per process, so a worker serving many rounds loads them once.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -21,10 +22,15 @@ from fedllm_flwr.train import lr_at, train_steps
 _DATA: dict[tuple, ClientData] = {}
 
 
+_LOAD_SECONDS: list[float] = []
+
+
 def _setup(cfg: Config, partition_id: int, num_partitions: int) -> tuple[ModelBundle, ClientData]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    t0 = time.perf_counter()
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    _LOAD_SECONDS.append(time.perf_counter() - t0)  # ~0 once this process has the model
     key = (repr(cfg.dataset), cfg.seed, partition_id, num_partitions)
     if key not in _DATA:
         _DATA[key] = client_data(cfg, bundle.tokenizer, partition_id, num_partitions)
@@ -39,6 +45,7 @@ def local_train(
     num_partitions: int,
     local_steps: int | None = None,
     private: dict[str, torch.Tensor] | None = None,
+    started: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the received adapter for `local_steps` (default `train.local_steps`) steps.
 
@@ -88,6 +95,8 @@ def local_train(
         "torch-threads": torch.get_num_threads(),
         "partition-id": partition_id,
         "lr": lr_at(start_step, total_steps, cfg.train),
+        "model-load-seconds": _LOAD_SECONDS[-1],
+        "process-start-seconds": started if started is not None else -1.0,
         "model-layers": bundle.model.get_base_model().config.num_hidden_layers,
         "model-parameters": sum(p.numel() for p in bundle.model.parameters()),
     }

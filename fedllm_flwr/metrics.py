@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,13 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process was created (interpreter start, imports, ...)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _clean(value: Any) -> Any:

@@ -254,7 +254,8 @@ def _partition(content: RecordDict) -> int:
 
 
 SUMMED = ("num-examples", "tokens", "examples-seen")
-MAXED = ("seconds", "peak-memory-mb", "model-layers", "model-parameters")
+MAXED = ("seconds", "peak-memory-mb", "model-layers", "model-parameters", "model-load-seconds",
+         "process-start-seconds")  # fmt: skip
 IDENTIFIERS = ("partition-id",)
 
 
