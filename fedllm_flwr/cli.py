@@ -12,6 +12,9 @@
                                         summary.md/.csv and lr.png in the sweep folder
     fedllm-flwr sweep-summary SWEEP_DIR [--keep F]
                                         (re)write the summary of a sweep folder
+    fedllm-flwr credentials DIR --nodes N [--hosts HOST,...]
+                                        a local CA, the SuperLink's TLS certificate and
+                                        one key pair per SuperNode (existing files kept)
     fedllm-flwr evaluate --task {gsm8k,humaneval,rouge,exact_match,loss}
         [--adapter DIR] [--data FILE] [--limit N] [--out FILE.json] [OVERRIDE ...]
                                         score an adapter (or the base model without
@@ -110,6 +113,19 @@ def _sweep_summary(args: argparse.Namespace) -> int:
     return 0 if not summary["failed"] else 1
 
 
+def _credentials(args: argparse.Namespace) -> int:
+    from fedllm_flwr.deploy import make_credentials
+
+    hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
+    if args.nodes < 1 or not hosts:
+        raise UserError("credentials: --nodes must be >= 1 and --hosts must name at least one host")
+    creds = make_credentials(Path(args.folder).expanduser(), args.nodes, hosts)
+    print(f"SuperLink: {creds.ca_cert} (give to every site), {creds.server_cert}, {creds.server_key}")
+    for i in range(args.nodes):
+        print(f"SuperNode {i}: {creds.node_key(i)} (private: that site only), {creds.node_public_key(i)} (register it)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sweep"]:  # Hydra parses the rest of the command line itself
@@ -138,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     summ.add_argument("sweep_dir")
     summ.add_argument("--keep", type=float, default=0.34, help="screening audit: share kept per method")
     summ.set_defaults(func=_sweep_summary)
+    cred = sub.add_parser("credentials", help="TLS certificate and SuperNode keys for a deployment")
+    cred.add_argument("folder")
+    cred.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to have (default 2)")
+    cred.add_argument("--hosts", default="127.0.0.1,localhost", help="names the SuperLink is reached by")
+    cred.set_defaults(func=_credentials)
     ev = sub.add_parser("evaluate", help="score an adapter or the base model on GSM8K, HumanEval, ROUGE-L or loss")
     ev.add_argument("--task", required=True, choices=("gsm8k", "humaneval", "rouge", "exact_match", "loss"))
     ev.add_argument("--adapter", help="a saved adapter folder (adapter/final); omit for the base model")

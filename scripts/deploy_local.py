@@ -15,6 +15,7 @@ fails, or this script is interrupted. Logs stay in `--workdir`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,11 +50,15 @@ def main() -> int:
         overrides.insert(0, "dataset.source=sites")
     if not any(o.startswith("strategy.min_available_nodes=") for o in overrides):
         overrides.append(f"strategy.min_available_nodes={nodes}")
+    # Co-located SuperNodes share this machine's cores.
+    threads = max(1, (os.cpu_count() or 1) // nodes)
+    if not any(o.startswith("train.threads=") for o in overrides):
+        overrides.append(f"train.threads={threads}")
     credentials = None if args.insecure else make_credentials(args.credentials.expanduser(), nodes)
     mode = "insecure" if credentials is None else f"TLS + SuperNode authentication ({credentials.folder})"
     print(f"[deploy] {nodes} SuperNodes, {mode}; logs in {workdir}", flush=True)
     t0 = time.perf_counter()
-    with LocalDeployment(workdir, credentials) as deployment:
+    with LocalDeployment(workdir, credentials, env={"OMP_NUM_THREADS": str(threads)}) as deployment:
         for i in range(nodes):
             if credentials is not None:
                 deployment.register(i)
