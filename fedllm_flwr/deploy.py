@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedllm_flwr.simulation import FLOWER_ENV, _bin, _free_port, _toml_string
+from fedllm_flwr.simulation import FLOWER_ENV, _bin, _free_port, _toml_string, run_flwr
 
 CONNECTION = "fedllm-deploy"
 
@@ -213,13 +213,7 @@ class LocalDeployment:
 
     def flwr(self, *args: str, timeout: float = 600, log_name: str = "flwr.log") -> subprocess.CompletedProcess:
         """A `flwr` CLI command against this SuperLink; its output also goes to a file."""
-        out = self.workdir / log_name
-        with open(out, "wb") as handle:
-            proc = subprocess.run(
-                [_bin("flwr"), *args], env=self.env, stdout=handle, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, timeout=timeout, check=False,
-            )  # fmt: skip
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(errors="replace"), "")
+        return run_flwr(args, self.env, self.workdir / log_name, timeout)
 
     def register(self, index: int) -> None:
         """Register SuperNode `index`'s public key with the SuperLink."""

@@ -224,24 +224,37 @@ def emulator_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def save_emulator(emulator: torch.nn.Module, tokenizer, cache_dir: Path) -> tuple[Path, str]:
-    """Write the emulator (and tokenizer) as a model folder named by its content
-    hash under `cache_dir/emulators/`; returns (folder, fingerprint)."""
+def _write_emulator(cache_dir: Path, fill, fingerprint: str | None = None) -> tuple[Path, str]:
+    """Fill a temporary folder under `cache_dir/emulators/` with `fill(folder)`,
+    hash it (checking `fingerprint` when given), and rename it to its hash under a
+    lock, so other processes never see a half-written emulator."""
     root = cache_dir / "emulators"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".emulator-", dir=root))
     try:
-        emulator.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        fingerprint = emulator_fingerprint(tmp)
-        target = root / fingerprint[:16]
+        fill(tmp)
+        got = emulator_fingerprint(tmp)
+        if fingerprint is not None and got != fingerprint:
+            raise ValueError(f"received emulator does not match its fingerprint ({got[:16]} != {fingerprint[:16]})")
+        target = root / got[:16]
         with file_lock(root / f".{target.name}.lock"):
             if not (target / "config.json").is_file():
                 tmp.chmod(0o755)
                 tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target, fingerprint
+    return target, got
+
+
+def save_emulator(emulator: torch.nn.Module, tokenizer, cache_dir: Path) -> tuple[Path, str]:
+    """Write the emulator (and tokenizer) as a model folder named by its content
+    hash under `cache_dir/emulators/`; returns (folder, fingerprint)."""
+
+    def fill(folder: Path) -> None:
+        emulator.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return _write_emulator(cache_dir, fill)
 
 
 def package(folder: Path) -> dict[str, bytes]:
@@ -261,25 +274,15 @@ def install(files: dict[str, bytes], fingerprint: str, cache_dir: Path) -> Path:
     found = installed(fingerprint, cache_dir)
     if found is not None:
         return found
-    root = cache_dir / "emulators"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".emulator-", dir=root))
-    try:
+    for name in files:
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"emulator file name {name!r} is not a plain file name")
+
+    def fill(folder: Path) -> None:
         for name, data in files.items():
-            if "/" in name or name.startswith("."):
-                raise ValueError(f"emulator file name {name!r} is not a plain file name")
-            (tmp / name).write_bytes(data)
-        got = emulator_fingerprint(tmp)
-        if got != fingerprint:
-            raise ValueError(f"received emulator does not match its fingerprint ({got[:16]} != {fingerprint[:16]})")
-        target = root / fingerprint[:16]
-        with file_lock(root / f".{target.name}.lock"):
-            if not (target / "config.json").is_file():
-                tmp.chmod(0o755)
-                tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            (folder / name).write_bytes(data)
+
+    return _write_emulator(cache_dir, fill, fingerprint)[0]
 
 
 @dataclass

@@ -101,13 +101,7 @@ class LocalSimulation:
 
     def flwr(self, *args: str, timeout: float = 600, log_name: str = "flwr.log") -> subprocess.CompletedProcess:
         """Run a `flwr` CLI command against this SuperLink; output goes to a file too."""
-        out = self.workdir / log_name
-        with open(out, "wb") as handle:
-            proc = subprocess.run(
-                [_bin("flwr"), *args], env=self.env, stdout=handle, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, timeout=timeout, check=False,
-            )  # fmt: skip
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(errors="replace"), "")
+        return run_flwr(args, self.env, self.workdir / log_name, timeout)
 
     def run(
         self, app_dir: Path, overrides: str = "", num_supernodes: int = 2, timeout: float = 600, cpus: float = 1
@@ -165,6 +159,16 @@ def _kill_matching(pattern: str) -> None:
         if not pids:
             return
         time.sleep(2)
+
+
+def run_flwr(args, env: dict[str, str], log_path: Path, timeout: float) -> subprocess.CompletedProcess:
+    """A `flwr` CLI command with its output in `log_path`, returned as stdout."""
+    with open(log_path, "wb") as handle:
+        proc = subprocess.run(
+            [_bin("flwr"), *args], env=env, stdout=handle, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, timeout=timeout, check=False,
+        )  # fmt: skip
+    return subprocess.CompletedProcess(proc.args, proc.returncode, log_path.read_text(errors="replace"), "")
 
 
 def _toml_string(text: str) -> str:
