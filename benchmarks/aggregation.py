@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--ft-steps", type=int, default=10)
+    parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
     parser.add_argument("extra", nargs="*", help="Hydra overrides added to every run")
     args = parser.parse_args()
     out = args.out.expanduser().resolve()
@@ -52,6 +53,8 @@ def main() -> int:
     }
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="fedllm-agg-") as tmp, LocalSimulation(Path(tmp)) as sim:
+        if args.only:
+            runs = {n: o for n, o in runs.items() if n in args.only.split(",")}
         for name, overrides in runs.items():
             if not (out / name / "summary.json").is_file():
                 ov = [*base, *overrides, f"run.output_dir={out}", f"run.name={name}"]
