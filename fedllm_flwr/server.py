@@ -140,15 +140,15 @@ class ServerEvaluator:
             row["eval-seconds"] = time.perf_counter() - t0
         if server_round > 0 and (self.cfg.run.save_every_round or last_round):
             self.save(f"round_{server_round}", adapters)
-        if server_round > 0:
-            self.run_dir.write_checkpoint(
-                server_round, {k: v.numpy() for k, v in arrays.items()}, self.strategy.state()
-            )
         now = time.perf_counter()
         row["seconds"] = now - self.last
         self.last = now
         self.run_dir.metrics.write(row)
         self.rows.append(row)
+        if server_round > 0:  # after the row: a crash in between only repeats this round
+            self.run_dir.write_checkpoint(
+                server_round, {k: v.numpy() for k, v in arrays.items()}, self.strategy.state()
+            )
         parts = [f"round {server_round}/{self.cfg.rounds_to_run}"]
         if row["train-loss"] is not None:
             parts.append(f"train-loss {row['train-loss']:.4f}")
