@@ -12,19 +12,17 @@ against it. Tests, `scripts/deploy_local.py` and the benchmarks use it.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedllm_flwr.simulation import FLOWER_ENV, _bin, _free_port, _toml_string, run_flwr
+from fedllm_flwr.simulation import FLOWER_ENV, _bin, _free_port, _toml_string, run_flwr, stop_group, wait_for_port
 
 CONNECTION = "fedllm-deploy"
 
@@ -197,19 +195,8 @@ class LocalDeployment:
             connection += "insecure = true\n"
         (self.flwr_home / "config.toml").write_text(connection)
         self.superlink = self._spawn(command, self.workdir / "superlink.log")
-        self._wait_for_port(self.port, self.superlink, "superlink.log")
+        wait_for_port(self.port, self.superlink, self.workdir / "superlink.log")
         return self
-
-    def _wait_for_port(self, port: int, process: subprocess.Popen, log_name: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"process exited with {process.returncode}; see {self.workdir / log_name}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.3)
-        raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s; see {self.workdir / log_name}")
 
     def flwr(self, *args: str, timeout: float = 600, log_name: str = "flwr.log") -> subprocess.CompletedProcess:
         """A `flwr` CLI command against this SuperLink; its output also goes to a file."""
@@ -249,7 +236,7 @@ class LocalDeployment:
         """Stop SuperNode `index` and its ClientApp processes (SIGKILL simulates a crash)."""
         node = self.nodes.pop(index, None)
         if node is not None:
-            _stop_group(node.process, sig)
+            stop_group(node.process, sig)
 
     def run(
         self, app_dir: Path, overrides: str = "", timeout: float = 600, echo: bool = False
@@ -286,7 +273,7 @@ class LocalDeployment:
         for index in list(self.nodes):
             self.stop_node(index)
         if self.superlink is not None:
-            _stop_group(self.superlink, signal.SIGTERM)
+            stop_group(self.superlink, signal.SIGTERM)
             self.superlink = None
 
     def __enter__(self) -> LocalDeployment:
@@ -294,19 +281,3 @@ class LocalDeployment:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _stop_group(process: subprocess.Popen, sig: int) -> None:
-    """Signal a process's group (it leads its own session), then SIGKILL what is left."""
-    for signal_, wait in ((sig, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, signal_)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        break
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # children may outlive the leader briefly

@@ -88,16 +88,12 @@ class LocalSimulation:
             self.process = subprocess.Popen(
                 command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; see {self.log_path}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    return self
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"flower-superlink did not open 127.0.0.1:{port} within 60 s")
+        try:
+            wait_for_port(port, self.process, self.log_path)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def flwr(self, *args: str, timeout: float = 600, log_name: str = "flwr.log") -> subprocess.CompletedProcess:
         """Run a `flwr` CLI command against this SuperLink; output goes to a file too."""
@@ -120,18 +116,7 @@ class LocalSimulation:
         if self.process is None:
             return
         pgid = self.process.pid  # leader of its own session and process group
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout=wait)
-                # Children may outlive the leader briefly; make sure the group is gone.
-                os.killpg(pgid, signal.SIGKILL)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                continue
-            break
+        stop_group(self.process, signal.SIGTERM)
         self.process = None
         # SuperExec and Ray's daemons start their own sessions: when a run was still
         # going, find them by what ties them to this SuperLink and stop them too.
@@ -159,6 +144,36 @@ def _kill_matching(pattern: str) -> None:
         if not pids:
             return
         time.sleep(2)
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60) -> None:
+    """Return once 127.0.0.1:`port` accepts connections; RuntimeError if `process`
+    exits first or nothing listens within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{Path(process.args[0]).name} exited with {process.returncode}; see {log_path}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s; see {log_path}")
+
+
+def stop_group(process: subprocess.Popen, sig: int) -> None:
+    """Signal the group a process leads (its own session), wait, then SIGKILL what is left."""
+    for signal_, wait in ((sig, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, signal_)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        break
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # children may outlive the leader briefly
 
 
 def run_flwr(args, env: dict[str, str], log_path: Path, timeout: float) -> subprocess.CompletedProcess:
