@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter
-from dataclasses import dataclass
+
+from datasets import Dataset
 
 from fedllm_flwr.config import Config
 from fedllm_flwr.data.partition import partition_dataset, split_holdout
-from fedllm_flwr.data.prompts import TokenizedSet, tokenize_records
+from fedllm_flwr.data.prompts import LazyExamples, TokenizedSet, tokenize_records
 from fedllm_flwr.data.sources import load_records, to_dataset
 
 _RECORDS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]] = {}
+_TRAIN_SETS: dict[str, Dataset] = {}
 
 
 def records(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -22,30 +25,46 @@ def records(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     return _RECORDS[key]
 
 
-@dataclass
+def train_set(cfg: Config) -> Dataset:
+    """The training records as one Arrow-backed dataset, cached per process.
+
+    Clients read only this (a partition is a view of it, not a copy); the record
+    lists behind it are not kept, so a client process holds its data once.
+    """
+    key = repr((cfg.dataset, cfg.seed))
+    if key not in _TRAIN_SETS:
+        train = _RECORDS[key][0] if key in _RECORDS else load_records(cfg.dataset, cfg.seed)[0]
+        _TRAIN_SETS[key] = to_dataset(train)
+    return _TRAIN_SETS[key]
+
+
 class ClientData:
-    train: TokenizedSet
-    holdout: TokenizedSet
-    holdout_records: list[dict[str, str]]
+    """One client's training split (tokenized as drawn) and held-out split
+    (tokenized when first evaluated)."""
+
+    def __init__(self, fit: Dataset, hold: Dataset, tokenizer, max_seq_len: int) -> None:
+        self.train = LazyExamples(fit, tokenizer, max_seq_len)
+        self._hold, self._tokenizer, self._max_seq_len = hold, tokenizer, max_seq_len
+
+    @functools.cached_property
+    def holdout_records(self) -> list[dict[str, str]]:
+        return self._hold.to_list()
+
+    @functools.cached_property
+    def holdout(self) -> TokenizedSet:
+        return tokenize_records(self.holdout_records, self._tokenizer, self._max_seq_len)
 
 
 def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) -> ClientData:
-    """One client's tokenized training split and held-out split."""
-    train, _ = records(cfg)
-    part = partition_dataset(to_dataset(train), cfg.dataset.partition, partition_id, num_partitions, cfg.seed)
+    """One client's training split and held-out split."""
+    part = partition_dataset(train_set(cfg), cfg.dataset.partition, partition_id, num_partitions, cfg.seed)
     fit, hold = split_holdout(part, cfg.dataset.partition.holdout_fraction, cfg.seed)
-    fit_records, hold_records = fit.to_list(), hold.to_list()
-    return ClientData(
-        train=tokenize_records(fit_records, tokenizer, cfg.dataset.max_seq_len),
-        holdout=tokenize_records(hold_records, tokenizer, cfg.dataset.max_seq_len),
-        holdout_records=hold_records,
-    )
+    return ClientData(fit, hold, tokenizer, cfg.dataset.max_seq_len)
 
 
 def main_category(cfg: Config, partition_id: int, num_partitions: int) -> str:
     """The most common category in a client's partition ("" when the data has none)."""
-    train, _ = records(cfg)
-    part = partition_dataset(to_dataset(train), cfg.dataset.partition, partition_id, num_partitions, cfg.seed)
+    part = partition_dataset(train_set(cfg), cfg.dataset.partition, partition_id, num_partitions, cfg.seed)
     counts = Counter(part["category"])
     return counts.most_common(1)[0][0] if counts else ""
 
