@@ -29,7 +29,8 @@ def _setup(cfg: Config, partition_id: int, num_partitions: int) -> tuple[ModelBu
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     t0 = time.perf_counter()
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    owner = None if cfg.model.share_base else partition_id
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner)
     _LOAD_SECONDS.append(time.perf_counter() - t0)  # ~0 once this process has the model
     key = (repr(cfg.dataset), cfg.seed, partition_id, num_partitions)
     if key not in _DATA:
@@ -83,6 +84,7 @@ def local_train(
         start_step=start_step,
         total_steps=total_steps,
         prox_mu=cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0,
+        compute_dtype=bundle.dtype,
     )
     metrics = {
         "train-loss": result.loss,
@@ -156,7 +158,7 @@ def personalize(
     set_adapter_state(bundle.model, bundle.complete(state))
     before = holdout_scores(cfg, bundle, data)
     batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id, seed=cfg.seed * 1000 + 7)
-    result = train_steps(bundle.model, batches, ft_cfg.train)
+    result = train_steps(bundle.model, batches, ft_cfg.train, compute_dtype=bundle.dtype)
     after = holdout_scores(cfg, bundle, data)
     metrics = {f"before-{k}": v for k, v in before.items()} | {f"after-{k}": v for k, v in after.items()}
     metrics.update({"num-examples": len(data.train), "partition-id": partition_id, "ft-loss": result.loss})

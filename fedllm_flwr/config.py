@@ -38,6 +38,22 @@ class ModelConfig:
     cache_dir: str = ""
     """Where GGUF models are converted to safetensors once. Empty means
     `$FEDLLM_FLWR_CACHE` or `~/.cache/fedllm-flwr/models`."""
+    quantization: str = "none"
+    """Load the frozen base quantized with bitsandbytes: `4bit` (NF4 with double
+    quantization, computing in the `train.precision` dtype), `8bit` (LLM.int8()),
+    or `none`. The decoder's linear layers are quantized; peft's k-bit
+    preparation keeps embeddings and norms in fp32. On SmolLM2-135M the weights
+    take 159 MB in 4-bit against 270 MB in bf16 (the 28M-parameter embedding is
+    fp32). Runs on CPU and CUDA (bitsandbytes >= 0.46)."""
+    share_base: bool = True
+    """A process serving several clients (a simulation worker) keeps one frozen
+    base model and swaps only the clients' adapters into it. false keeps a
+    separate model per client, as a per-client model cache would (memory then
+    grows with every client the worker serves)."""
+
+    def __post_init__(self) -> None:
+        if self.quantization not in ("none", "4bit", "8bit"):
+            raise ValueError(f"model.quantization={self.quantization!r}: use none, 4bit or 8bit")
 
 
 #: The PEFT methods with a builder in fedllm_flwr/peft_methods.py.
@@ -221,6 +237,14 @@ class TrainConfig:
     GradScaler) or `fp32`. Adapter weights always stay fp32."""
     threads: int = 0
     """torch threads per client process (0 = leave torch's default)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead
+    of keeping them: on SmolLM2-135M at batch 4 x ~180 tokens, a step's peak
+    memory drops by ~0.5 GB for about a third more compute."""
+    response_logits: bool = True
+    """Apply the LM head only where a response token is predicted (the loss is
+    the same): ~12% faster steps on Alpaca and no full-vocabulary logits in
+    memory. false computes every position's logits, as transformers does."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -494,6 +518,10 @@ class Config:
                 "Use it with scenario=global or scenario=local, or use peft=lora"
             )
 
+        if self.algorithm.name == "fedot" and self.model.quantization != "none":
+            raise ValueError(
+                "algorithm=fedot cuts its emulator from the full-precision base: use model.quantization=none"
+            )
         if self.algorithm.name == "fedot" and self.peft.method not in LAYERED_METHODS:
             raise ValueError(
                 f"algorithm=fedot puts the adapter into the first and last decoder layers; peft={self.peft.method} "

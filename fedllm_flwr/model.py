@@ -162,13 +162,40 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return _TOKENIZERS[path]
 
 
-def load_base_model(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Load the frozen base model (callers cache the wrapped result)."""
+def quantization_config(quantization: str, dtype: torch.dtype):
+    """bitsandbytes settings for `model.quantization` (None for `none`)."""
+    if quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantization={quantization} needs bitsandbytes: pip install 'bitsandbytes>=0.46.1'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+    )
+
+
+def load_base_model(path: str, dtype: torch.dtype, device: torch.device, quantization: str = "none") -> torch.nn.Module:
+    """Load the frozen base model (callers cache the wrapped result).
+
+    A quantized base is loaded straight onto `device` by bitsandbytes and made
+    ready for adapter training by peft's k-bit preparation.
+    """
+    quant = quantization_config(quantization, dtype)
+    kwargs = {"quantization_config": quant, "device_map": {"": device}} if quant is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as exc:
         raise UserError(f"model.name: cannot load {path!r}: {str(exc).splitlines()[0]}") from None
-    model.to(device)
+    if quant is None:
+        model.to(device)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is switched per training call (train.gradient_checkpointing).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for param in model.parameters():
         param.requires_grad_(False)
     return model
@@ -213,20 +240,22 @@ _BUNDLES: dict[tuple, ModelBundle] = {}
 
 
 def build_model(
-    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, precision: str = "auto", seed: int = 0
+    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, precision: str = "auto", seed: int = 0, owner: int | None = None
 ) -> ModelBundle:
     """The PEFT model used everywhere, cached per process.
 
     The adapter is initialised from `seed`, so the server's initial adapter is
-    reproducible; clients overwrite it with the state the server sends.
+    reproducible; clients overwrite it with the state the server sends. Every
+    caller shares one model per configuration; an `owner` (a client, under
+    `model.share_base=false`) gets a model of its own.
     """
     device = default_device()
     dtype = resolve_dtype(precision, device)
     base_path = resolve_model(model_cfg)
-    key = (base_path, dtype, str(device), repr(adapter_cfg), seed)
+    key = (base_path, dtype, str(device), model_cfg.quantization, repr(adapter_cfg), seed, owner)
     if key not in _BUNDLES:
         tokenizer = load_tokenizer(base_path)
-        base = load_base_model(base_path, dtype, device)
+        base = load_base_model(base_path, dtype, device, model_cfg.quantization)
         if adapter_cfg.method in TARGETED_METHODS:
             _check_targets(base, adapter_cfg)
         torch.manual_seed(seed)

@@ -10,13 +10,71 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fedllm_flwr.config import TrainConfig
+from fedllm_flwr.data.prompts import IGNORE_INDEX
 from fedllm_flwr.metrics import peak_memory_mb
+
+#: Model types whose causal-LM head is a plain projection of the decoder's last
+#: hidden state (no logit soft-capping or scaling), so it may be applied to the
+#: response positions alone.
+PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3")
+
+
+def _backbone(model: torch.nn.Module):
+    """(decoder, head) of a PEFT or plain causal LM whose head may be sliced, else None."""
+    if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+        return None  # virtual tokens are prepended inside PeftModel.forward
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", "") not in PLAIN_HEAD_MODELS or not hasattr(base, "get_decoder"):
+        return None
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], response_logits: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (response) tokens.
+
+    With `response_logits`, the LM head runs only at the positions that predict
+    a labelled token instead of at every position: on Alpaca-style data about
+    half of the tokens are prompt, and SmolLM2's head (576 x 49,152) is a fifth
+    of a token's FLOPs, while the full fp32 logits of a batch of 4 x 256 tokens
+    take 200 MB. The result equals the model's own loss. Prompt-learning
+    methods and heads that scale or cap logits use the model's own loss.
+    """
+    parts = _backbone(model) if response_logits else None
+    if parts is None:
+        return model(**batch, use_cache=False).loss
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden.last_hidden_state[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+@contextmanager
+def checkpointing(model: torch.nn.Module, enabled: bool):
+    """Gradient checkpointing of the decoder layers for the duration of a block:
+    their activations are recomputed in the backward pass instead of kept."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not enabled or not getattr(base, "supports_gradient_checkpointing", False):
+        yield
+        return
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old names warn
+        base.activation_checkpointing_enable({"use_reentrant": False})
+        disable = base.activation_checkpointing_disable
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = base.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        disable()
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -60,28 +118,28 @@ def train_steps(
     start_step: int = 0,
     total_steps: int | None = None,
     prox_mu: float = 0.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Run `cfg.local_steps` AdamW steps, each over `cfg.grad_accum` micro-batches.
 
     Only parameters with `requires_grad` are optimized (the adapter, kept fp32).
-    On CUDA with an fp16 base, the loss is scaled with a GradScaler. The optimizer
-    state is fresh each call, as in FedAvg's local solver. With `prox_mu` > 0
-    (FedProx), mu/2 * ||w - w_start||^2 over the trainable weights is added to
-    every micro-batch's loss, w_start being the weights the call began with (the
-    global adapter); the reported loss stays the task loss.
+    The forward pass runs under autocast to `compute_dtype` (default: the dtype
+    of the frozen weights); on CUDA in fp16 the loss is scaled with a
+    GradScaler. The optimizer state is fresh each call, as in FedAvg's local
+    solver. With `prox_mu` > 0 (FedProx), mu/2 * ||w - w_start||^2 over the
+    trainable weights is added to every micro-batch's loss, w_start being the
+    weights the call began with (the global adapter); the reported loss stays
+    the task loss.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    base_dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and base_dtype == torch.float16 else None
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=base_dtype)
-        if base_dtype in (torch.float16, torch.bfloat16)
-        else nullcontext()
-    )
+    dtype = compute_dtype or next(p.dtype for p in model.parameters() if not p.requires_grad)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+    half = dtype in (torch.float16, torch.bfloat16)
+    autocast = torch.autocast(device_type=device.type, dtype=dtype) if half else nullcontext()
     total = total_steps or cfg.local_steps
     adalora = _adalora_model(model)
     if adalora is not None:
@@ -93,36 +151,37 @@ def train_steps(
     model.train()
     t0 = time.perf_counter()
     losses, examples, tokens = [], 0, 0
-    for step in range(cfg.local_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(start_step + step, total, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            with autocast:
-                loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
-            objective = loss
-            if anchors:
-                drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-                objective = loss + 0.5 * prox_mu * drift
-            scaled = objective / cfg.grad_accum
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            losses.append(loss.item())
-            examples += batch["input_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum())
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if adalora is not None:
-            adalora.update_and_allocate(start_step + step)  # needs this step's gradients
+    with checkpointing(model, cfg.gradient_checkpointing):
+        for step in range(cfg.local_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(start_step + step, total, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in next(batches).items()}
+                with autocast:
+                    loss = lm_loss(model, batch, cfg.response_logits)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
+                objective = loss
+                if anchors:
+                    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                    objective = loss + 0.5 * prox_mu * drift
+                scaled = objective / cfg.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                losses.append(loss.item())
+                examples += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if adalora is not None:
+                adalora.update_and_allocate(start_step + step)  # needs this step's gradients
     model.eval()
     return TrainResult(
         loss=sum(losses) / len(losses),

@@ -13,9 +13,11 @@ from fedllm_flwr.data.prompts import IGNORE_INDEX, TokenizedSet, collate
 def evaluate_loss(model: torch.nn.Module, data: TokenizedSet, pad_id: int, batch_size: int = 16) -> dict[str, float]:
     """Token-weighted mean cross-entropy over response tokens, and its exp.
 
-    Uses the model's own loss, so prompt-learning methods (whose virtual tokens
-    lengthen the logits) are scored on the same response tokens as any other.
+    `lm_loss` scores the same response tokens for every method (prompt-learning
+    methods, whose virtual tokens lengthen the logits, through the model's own loss).
     """
+    from fedllm_flwr.train import lm_loss
+
     if len(data) == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "tokens": 0}
     device = next(model.parameters()).device
@@ -25,7 +27,7 @@ def evaluate_loss(model: torch.nn.Module, data: TokenizedSet, pad_id: int, batch
         batch = collate(data.input_ids[start : start + batch_size], data.labels[start : start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += model(**batch).loss.float().item() * n_targets
+        total += lm_loss(model, batch).float().item() * n_targets
         count += n_targets
     mean = total / count
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}

@@ -112,7 +112,7 @@ def load_for_eval(cfg: Config, adapter: Path | None):
     device = default_device()
     base_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base_path)
-    model = load_base_model(base_path, resolve_dtype(cfg.train.precision, device), device)
+    model = load_base_model(base_path, resolve_dtype(cfg.train.precision, device), device, cfg.model.quantization)
     if adapter is not None:
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"--adapter {adapter}: no adapter_config.json there (point at adapter/final or a round)")
