@@ -260,7 +260,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 1
-    """Server-side evaluation every N rounds (the last round always)."""
+    """Server-side evaluation after round 0 (before training), every N rounds,
+    and after the last round. 0: the server never evaluates (train only; score
+    the saved adapters later with `fedllm-flwr evaluate`)."""
     batch_size: int = 16
     max_new_tokens: int = 0
     """Generation length; 0 means the metric's own default (exact_match 16,
@@ -281,8 +283,8 @@ class EvalConfig:
     The answer is N."); 0 asks in the training prompt format instead."""
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError("eval.every must be >= 1")
+        if self.every < 0:
+            raise ValueError("eval.every must be >= 0 (0: no server-side evaluation)")
         if self.code_prompt not in ("raw", "instruct", "chat"):
             raise ValueError(f"eval.code_prompt={self.code_prompt!r}: use raw, instruct or chat")
         if not 0 <= self.shots <= 8:

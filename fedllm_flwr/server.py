@@ -114,7 +114,8 @@ class ServerEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         last_round = server_round == self.cfg.rounds_to_run
-        due = server_round == 0 or last_round or server_round % self.cfg.eval.every == 0
+        every = self.cfg.eval.every
+        due = every > 0 and (server_round == 0 or last_round or server_round % every == 0)
         adapters = self.adapters(arrays)
         t0 = time.perf_counter()
         results: dict[str, float] = {}
