@@ -1,6 +1,6 @@
 """Flower ClientApp: unpack the adapter, train or evaluate it locally, reply."""
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm_flwr import quiet_third_party_output
@@ -14,6 +14,7 @@ from fedllm_flwr.client import (
     site_config,
     split_private,
 )
+from fedllm_flwr.compression import ErrorFeedback, codecs
 from fedllm_flwr.config import Config, load_cfg
 from fedllm_flwr.metrics import process_age_seconds
 from fedllm_flwr.strategy.scenarios import DATA_KEY, PERSONALIZE_KEY, STEPS_KEY
@@ -22,11 +23,13 @@ from fedllm_flwr.transport import (
     arrays_to_state,
     emulator_files,
     pack,
+    pack_update,
     state_to_arrays,
     unpack_state,
 )
 
 PRIVATE_KEY = "private-adapter"  # this node's unshared adapter tensors (partial sharing)
+FEEDBACK_KEY = "error-feedback"  # what lossy uplink compression left out of this node's updates
 
 quiet_third_party_output()
 app = ClientApp()
@@ -38,8 +41,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _cfg(msg, context)
     partition_id, num_partitions = partition_of(context.node_config)
     config = msg.content["config"]
+    down, up = codecs(cfg.compression)
+    received = unpack_state(msg.content, codec=down)
     if config.get(PERSONALIZE_KEY):  # after the last round: FedAvg + FT
-        state, metrics = personalize(cfg, unpack_state(msg.content), partition_id, num_partitions)
+        state, metrics = personalize(cfg, received, partition_id, num_partitions)
         reply = pack(state)
         reply["metrics"] = MetricRecord(metrics)
         return Message(content=reply, reply_to=msg)
@@ -47,13 +52,16 @@ def train(msg: Message, context: Context) -> Message:
         partition_id, num_partitions = 0, 1
     steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None
     state, metrics = local_train(
-        cfg, unpack_state(msg.content), int(config["server-round"]), partition_id, num_partitions, steps,
+        cfg, received, int(config["server-round"]), partition_id, num_partitions, steps,
         private=_private(context), started=started,
     )  # fmt: skip
     state, private = split_private(cfg, state)
     if private:
         context.state[PRIVATE_KEY] = state_to_arrays(private)
-    reply = pack(state)
+    feedback = _feedback(cfg, context)
+    reply = pack_update(state, received, up, feedback)
+    if feedback is not None:
+        context.state[FEEDBACK_KEY] = ArrayRecord({"residual": Array(feedback.residual)})
     reply["metrics"] = MetricRecord(metrics)
     return Message(content=reply, reply_to=msg)
 
@@ -62,7 +70,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = _cfg(msg, context)
     partition_id, num_partitions = partition_of(context.node_config)
-    metrics = local_evaluate(cfg, unpack_state(msg.content), partition_id, num_partitions, _private(context))
+    received = unpack_state(msg.content, codec=codecs(cfg.compression)[0])
+    metrics = local_evaluate(cfg, received, partition_id, num_partitions, _private(context))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -82,6 +91,14 @@ def _cfg(msg: Message, context: Context) -> Config:
         emulator_id = str(msg.content["config"].get(EMULATOR_ID_KEY, ""))
         cfg = offsite_config(cfg, emulator_id, emulator_files(msg.content))
     return cfg
+
+
+def _feedback(cfg: Config, context: Context) -> ErrorFeedback | None:
+    """This node's error feedback for a lossy uplink codec, with its residual so far."""
+    if not cfg.compression.lossy_feedback:
+        return None
+    kept = context.state.array_records.get(FEEDBACK_KEY)
+    return ErrorFeedback(codecs(cfg.compression)[1], kept["residual"].numpy() if kept is not None else None)
 
 
 def _private(context: Context) -> dict | None:

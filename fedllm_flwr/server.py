@@ -196,10 +196,11 @@ def personalize_clients(
     """FedAvg + FT: every node tunes the final adapter on its own data and reports
     held-out scores before and after; the personalized adapters are saved under
     adapter/personalized/client_<partition>/ and the rows in personalization.jsonl."""
+    from fedllm_flwr.compression import codecs
     from fedllm_flwr.strategy import PERSONALIZE_KEY
     from fedllm_flwr.transport import manifest_of, pack, unpack
 
-    packed = pack(arrays)
+    packed = pack(arrays, codecs(cfg.compression)[0])
     config = ConfigRecord({**dict(config.items()), "server-round": cfg.num_rounds, PERSONALIZE_KEY: 1})
     messages = []
     for node in grid.get_node_ids():

@@ -80,5 +80,5 @@ def test_bad_replies_are_refused_with_a_reason(change, message):
 def test_a_reply_without_the_packed_array_is_refused():
     content = pack(adapter())
     content["arrays"] = ArrayRecord({"other": Array(np.zeros(3, dtype=np.float16))})
-    with pytest.raises(ValueError, match="holding one array"):
+    with pytest.raises(ValueError, match="holding the packed array"):
         unpack(content)

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from fedllm_flwr.compression import codecs
 from fedllm_flwr.config import Config
 from fedllm_flwr.strategy.adapter_fedavg import (
     AdapterFedAvg,
@@ -47,8 +48,11 @@ def build_strategy(cfg: Config) -> AdapterFedAvg:
     elif s.name == "mifa":
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all}
     # fedavg and fedprox aggregate alike; fedprox's term is in the clients' loss.
+    down, up = codecs(cfg.compression)
     strategy = kind(
         **extra,
+        down=down,
+        up=up,
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes,

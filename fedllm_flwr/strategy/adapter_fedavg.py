@@ -1,10 +1,12 @@
 """AdapterFedAvg: Flower's FedAvg over PEFT adapter weights only.
 
 The global adapter is a per-tensor fp32 ArrayRecord on the server. Messages
-carry it packed as fp16 (see `fedllm_flwr.transport`). Each training reply is
-validated against the global adapter (names, shapes, dtype, finite values, a
-positive weight) and dropped with a logged reason if it fails; the rest are
-averaged in fp32, weighted by `num-examples`. `RoundLedger` keeps the per-round
+carry it encoded by the downlink codec (fp16 by default; see
+`fedllm_flwr.transport`), and clients answer with their update encoded by the
+uplink codec, which the server adds to what it sent them. Each training reply
+is validated against the global adapter (names, shapes, codec, dtype, finite
+values, a positive weight) and dropped with a logged reason if it fails; the
+rest are averaged in fp32, weighted by `num-examples`. `RoundLedger` keeps the per-round
 accounting (bytes both ways, clients ok/failed/dropped).
 """
 
@@ -22,8 +24,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedllm_flwr.compression import Codec
 from fedllm_flwr.strategy.availability import Availability
-from fedllm_flwr.transport import ARRAYS_KEY, MANIFEST_KEY, manifest_of, message_bytes, pack, unpack
+from fedllm_flwr.transport import ARRAYS_KEY, MANIFEST_KEY, is_relative, manifest_of, message_bytes, pack, unpack
 
 
 class RoundLedger:
@@ -65,11 +68,17 @@ class ValidReply:
 class AdapterFedAvg(FedAvg):
     """FedAvg that exchanges only adapter weights and never averages in a bad reply."""
 
-    def __init__(self, *, transport_dtype: str = "fp16", **kwargs: Any) -> None:
+    def __init__(self, *, down: Codec | None = None, up: Codec | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_client_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_client_metrics)
         super().__init__(arrayrecord_key=ARRAYS_KEY, **kwargs)
-        self.transport_dtype = transport_dtype
+        self.down = down or Codec("fp16")
+        """How the server encodes the adapters it sends."""
+        self.up = up or Codec("fp16")
+        """How clients must encode their replies."""
+        self.sent: dict[int, dict[str, np.ndarray]] = {}
+        """What each node was sent to train on this round, as it decodes it (the
+        base its relative reply is added to)."""
         self.ledger = RoundLedger()
         self._expected: list[tuple[str, tuple[int, ...]]] = []
         self.availability: Availability | None = None
@@ -128,14 +137,20 @@ class AdapterFedAvg(FedAvg):
         log(INFO, "Round %s: %s of %s sampled clients available", server_round, len(chosen), len(messages))
         return chosen
 
-    def _wire(self, arrays: ArrayRecord, messages: Iterable[Message]) -> list[Message]:
-        """Give each message its own content with its adapter packed for the wire."""
-        out, packed_by_id = [], {}
+    def _wire(self, arrays: ArrayRecord, messages: Iterable[Message], remember: bool = False) -> list[Message]:
+        """Give each message its own content with its adapter encoded for the wire;
+        `remember` what each node decodes from it (training messages)."""
+        out, packed_by_id, decoded_by_id = [], {}, {}
         for message in messages:
-            own = self.arrays_for(message.metadata.dst_node_id, arrays)
+            node = message.metadata.dst_node_id
+            own = self.arrays_for(node, arrays)
             if id(own) not in packed_by_id:
-                packed_by_id[id(own)] = pack(own, self.transport_dtype)
+                packed_by_id[id(own)] = pack(own, self.down)
+                if remember:  # the exact values the node will decode, for its relative reply
+                    decoded_by_id[id(own)] = unpack(packed_by_id[id(own)])
             packed = packed_by_id[id(own)]
+            if remember:
+                self.sent[node] = decoded_by_id[id(own)]
             content = RecordDict(dict(message.content.items()))
             content[ARRAYS_KEY] = packed[ARRAYS_KEY]
             content[MANIFEST_KEY] = packed[MANIFEST_KEY]
@@ -143,13 +158,25 @@ class AdapterFedAvg(FedAvg):
             out.append(message)
         return out
 
+    def reconstruct(self, node: int, content: RecordDict) -> dict[str, np.ndarray]:
+        """The adapter a reply stands for: its update added to what `node` was sent,
+        or the adapter itself when the reply is not relative. ValueError if invalid."""
+        values = unpack(content, self._expected, self.up if is_relative(content) else None)
+        if not is_relative(content):
+            return values
+        base = self.sent.get(node)
+        if base is None:
+            raise ValueError("the reply is an update, but this node was sent no adapter to train this round")
+        return {k: base[k] + v for k, v in values.items()}
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
         self._expected = manifest_of(arrays)
         sampled = self.select_train(server_round, list(super().configure_train(server_round, arrays, config, grid)))
-        messages = self._wire(arrays, sampled)
+        self.sent = {}
+        messages = self._wire(arrays, sampled, remember=True)
         self.ledger.add(server_round, "bytes-down", sum(message_bytes(m) for m in messages))
         self.ledger.set(server_round, "clients-sampled", len(messages))
         self.sampled[server_round] = {m.metadata.dst_node_id for m in messages}
@@ -194,7 +221,7 @@ class AdapterFedAvg(FedAvg):
                 weight = metrics.get(self.weighted_by_key) if metrics is not None else None
                 if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
                     raise ValueError(f"metric {self.weighted_by_key!r} must be a positive number, got {weight!r}")
-                state = unpack(msg.content, self._expected)
+                state = self.reconstruct(node, msg.content)
             except ValueError as exc:
                 failed += 1
                 failed_nodes.append(node)
