@@ -20,3 +20,5 @@ def quiet_third_party_output() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     # peft's prefix tuning still hands its prefix over as `past_key_values`.
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+    # bitsandbytes' 8-bit matmul says so on every call (model.quantization=8bit).
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

@@ -7,6 +7,7 @@ stops early and leaves nothing that looks complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -22,8 +23,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedllm_flwr.config import Config, cfg_to_yaml
-from fedllm_flwr.data import records, server_data
-from fedllm_flwr.data.prompts import TokenizedSet
+from fedllm_flwr.data import records, test_records
+from fedllm_flwr.data.prompts import TokenizedSet, tokenize_records
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
@@ -42,13 +43,13 @@ ROW_KEYS = (
 )  # fmt: skip
 
 
-def generation_records(cfg: Config, test_records: list[dict[str, str]]) -> list[dict]:
+def generation_records(cfg: Config, test: list[dict[str, str]]) -> list[dict]:
     """What the server generates for: the test records, or HumanEval's problems."""
     if cfg.dataset.metric == "humaneval":
         from fedllm_flwr.evaluate.humaneval import load_problems
 
         return load_problems(limit=cfg.eval.limit)
-    return test_records
+    return test
 
 
 @dataclass
@@ -76,19 +77,24 @@ class ServerEvaluator:
         self,
         cfg: Config,
         bundle: ModelBundle,
-        test: tuple[list[dict[str, str]], TokenizedSet],
+        test: list[dict[str, str]],
         run_dir: RunDir,
         strategy: AdapterFedAvg,
         views: list[View] | None = None,
     ) -> None:
         self.cfg, self.bundle, self.run_dir, self.strategy = cfg, bundle, run_dir, strategy
         self.views = views or [View("", bundle)]
-        self.test_records, self.test_set = test
+        self.test_records = test
         self.metric = cfg.dataset.metric
         self.primary = PRIMARY.get(self.metric)
         self.gen_records = generation_records(cfg, self.test_records)
         self.last = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
+
+    @functools.cached_property
+    def test_set(self) -> TokenizedSet:
+        """The test records tokenized, when first evaluated (never, with eval.every=0)."""
+        return tokenize_records(self.test_records, self.bundle.tokenizer, self.cfg.dataset.max_seq_len)
 
     def adapters(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
         """The adapter(s) a round produced, by folder name ("" for the global one)."""
@@ -143,6 +149,7 @@ class ServerEvaluator:
             self.save(f"round_{server_round}", adapters)
         now = time.perf_counter()
         row["seconds"] = now - self.last
+        row["time"] = time.time()  # when the row was written (Unix time), to line runs up with other logs
         self.last = now
         self.run_dir.metrics.write(row)
         self.rows.append(row)
@@ -332,8 +339,8 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
         log(INFO, "[fedllm-flwr] partial sharing: %s of %s adapter tensors stay on the clients",
             len(initial) - len(shared), len(initial))  # fmt: skip
         initial = shared
-    test = server_data(cfg, bundle.tokenizer)
-    generation_records(cfg, test[0])  # HumanEval's problems load (or fail) before the run folder exists
+    test = test_records(cfg)
+    generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
     strategy = build_strategy(cfg)
     done = 0  # rounds completed before this start (a resumed run)
     if cfg.resume:

@@ -79,10 +79,13 @@ def spread_subset(items: list[dict[str, str]], limit: int) -> list[dict[str, str
     return interleaved[:limit]
 
 
-def server_data(cfg: Config, tokenizer) -> tuple[list[dict[str, str]], TokenizedSet]:
-    """The server's test records (`eval.limit` of them, spread across categories) and
-    their tokenized form."""
+def test_records(cfg: Config) -> list[dict[str, str]]:
+    """The server's test records: `eval.limit` of them (spread across categories), or all."""
     _, test = records(cfg)
-    if cfg.eval.limit:
-        test = spread_subset(test, cfg.eval.limit)
+    return spread_subset(test, cfg.eval.limit) if cfg.eval.limit else test
+
+
+def server_data(cfg: Config, tokenizer) -> tuple[list[dict[str, str]], TokenizedSet]:
+    """The server's test records and their tokenized form."""
+    test = test_records(cfg)
     return test, tokenize_records(test, tokenizer, cfg.dataset.max_seq_len)
