@@ -299,3 +299,31 @@ def test_a_run_stopped_after_round_2_resumes_to_the_same_final_adapter(sim, tiny
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)  # it did train
+
+
+def test_compressed_messages_shrink_and_the_run_still_trains(sim, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs"
+    sent = {}
+    for codec in ("fp16", "int8", "topk"):
+        # The top-k run also checks eval.every=0: no server-side evaluation at all.
+        extra = ["eval.every=0"] if codec == "topk" else []
+        overrides = " ".join(
+            [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"compression={codec}", *extra,
+             f"run.output_dir={out}", f"run.name={codec}"]
+        )  # fmt: skip
+        result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+        assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+        rows = [json.loads(line) for line in (out / codec / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["clients-ok"] == 2 and not r.get("clients-dropped") for r in rows[1:])
+        sent[codec] = (rows[1]["bytes-down"], rows[1]["bytes-up"], rows)
+        # LoRA's B starts at zero: nonzero B in the final adapter is the clients' updates, decoded and added.
+        from safetensors.torch import load_file
+
+        tensors = load_file(out / codec / "adapter" / "final" / "adapter_model.safetensors")
+        assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k), codec
+    assert sent["int8"][0] < sent["fp16"][0] == sent["topk"][0]  # top-k comes down in fp16
+    assert sent["topk"][1] < sent["int8"][1] < sent["fp16"][1]
+    assert all(r["eval-loss"] is not None for r in sent["int8"][2])
+    assert all(r["eval-loss"] is None for r in sent["topk"][2])
+    summary = json.loads((out / "topk" / "summary.json").read_text())
+    assert summary["eval-loss-final"] is None and (out / "topk" / "adapter" / "final").is_dir()
