@@ -1,42 +1,28 @@
-"""Flower ClientApp: unpack the adapter, train or evaluate it locally, reply."""
+"""Flower ClientApp: unpack the adapter, train or evaluate it locally, reply.
+
+The ML stack is imported with the first message, not with this module: Flower's
+simulation imports the module in its own process to check that it loads before
+it starts any worker, and a heavy import here (~10 s on 2 CPU cores) would hold
+back every worker's start by as much.
+"""
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedllm_flwr import quiet_third_party_output
-from fedllm_flwr.client import (
-    describe,
-    local_evaluate,
-    local_train,
-    offsite_config,
-    partition_of,
-    personalize,
-    site_config,
-    split_private,
-)
-from fedllm_flwr.compression import ErrorFeedback, codecs
-from fedllm_flwr.config import Config, load_cfg
-from fedllm_flwr.metrics import process_age_seconds
-from fedllm_flwr.strategy.scenarios import DATA_KEY, PERSONALIZE_KEY, STEPS_KEY
-from fedllm_flwr.transport import (
-    EMULATOR_ID_KEY,
-    arrays_to_state,
-    emulator_files,
-    pack,
-    pack_update,
-    state_to_arrays,
-    unpack_state,
-)
-
 PRIVATE_KEY = "private-adapter"  # this node's unshared adapter tensors (partial sharing)
 FEEDBACK_KEY = "error-feedback"  # what lossy uplink compression left out of this node's updates
 
-quiet_third_party_output()
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from fedllm_flwr.client import local_train, partition_of, personalize, split_private
+    from fedllm_flwr.compression import codecs
+    from fedllm_flwr.metrics import process_age_seconds
+    from fedllm_flwr.strategy.scenarios import DATA_KEY, PERSONALIZE_KEY, STEPS_KEY
+    from fedllm_flwr.transport import pack, pack_update, state_to_arrays, unpack_state
+
     started = process_age_seconds()
     cfg = _cfg(msg, context)
     partition_id, num_partitions = partition_of(context.node_config)
@@ -68,6 +54,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from fedllm_flwr.client import local_evaluate, partition_of
+    from fedllm_flwr.compression import codecs
+    from fedllm_flwr.transport import unpack_state
+
     cfg = _cfg(msg, context)
     partition_id, num_partitions = partition_of(context.node_config)
     received = unpack_state(msg.content, codec=codecs(cfg.compression)[0])
@@ -77,15 +67,30 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The client's partition and main data category (for simulated availability)."""
+    """The client's partition and main data category (for simulated availability),
+    or a warm-up: load the model and this client's data ahead of training."""
+    from fedllm_flwr.client import describe, partition_of, site_config, warm_up
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.warmup import WARM_UP_KEY
+
+    _quiet()
     cfg = site_config(load_cfg(context.run_config), context.node_config)
-    info = describe(cfg, *partition_of(context.node_config))
+    config = msg.content.config_records.get("config")
+    if config is not None and config.get(WARM_UP_KEY):
+        info = warm_up(cfg, context.node_config)
+    else:
+        info = describe(cfg, *partition_of(context.node_config))
     return Message(content=RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
 
 
-def _cfg(msg: Message, context: Context) -> Config:
+def _cfg(msg: Message, context: Context):
     """The run's config for this node: its own data file (dataset.source=sites)
     and, under FedOT, its emulator (installed from the message when it carries one)."""
+    from fedllm_flwr.client import offsite_config, site_config
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.transport import EMULATOR_ID_KEY, emulator_files
+
+    _quiet()
     cfg = site_config(load_cfg(context.run_config), context.node_config)
     if cfg.algorithm.name == "fedot":
         emulator_id = str(msg.content["config"].get(EMULATOR_ID_KEY, ""))
@@ -93,8 +98,16 @@ def _cfg(msg: Message, context: Context) -> Config:
     return cfg
 
 
-def _feedback(cfg: Config, context: Context) -> ErrorFeedback | None:
+def _quiet() -> None:
+    from fedllm_flwr import quiet_third_party_output
+
+    quiet_third_party_output()
+
+
+def _feedback(cfg, context: Context):
     """This node's error feedback for a lossy uplink codec, with its residual so far."""
+    from fedllm_flwr.compression import ErrorFeedback, codecs
+
     if not cfg.compression.lossy_feedback:
         return None
     kept = context.state.array_records.get(FEEDBACK_KEY)
@@ -103,5 +116,7 @@ def _feedback(cfg: Config, context: Context) -> ErrorFeedback | None:
 
 def _private(context: Context) -> dict | None:
     """This node's own adapter tensors kept from its last round, if any."""
+    from fedllm_flwr.transport import arrays_to_state
+
     kept = context.state.array_records.get(PRIVATE_KEY)
     return arrays_to_state(kept) if kept is not None else None

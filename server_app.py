@@ -6,12 +6,10 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedllm_flwr import quiet_third_party_output
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.server import run_server
+from fedllm_flwr.warmup import send_warm_up
 
-quiet_third_party_output()
 app = ServerApp()
 
 
@@ -19,6 +17,12 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_cfg(context.run_config)
+        if cfg.run.warm_up:
+            send_warm_up(grid)  # simulation workers start up while this process imports the ML stack
+        from fedllm_flwr import quiet_third_party_output
+        from fedllm_flwr.server import run_server
+
+        quiet_third_party_output()
         run_server(grid, cfg)
     except UserError as exc:
         # One clear line in the run's log. Raising fails the run (`flwr ls` shows

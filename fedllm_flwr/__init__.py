@@ -3,12 +3,19 @@
 __version__ = "0.1.0"
 
 
+_QUIET = False
+
+
 def quiet_third_party_output() -> None:
     """Silence per-load progress bars and deprecation chatter from HF libraries.
 
     Called by the apps and the CLI (not on import), so a user's own process
-    keeps whatever verbosity it chose.
+    keeps whatever verbosity it chose. Only the first call does anything.
     """
+    global _QUIET
+    if _QUIET:
+        return
+    _QUIET = True
     import warnings
 
     import datasets

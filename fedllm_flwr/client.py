@@ -165,6 +165,23 @@ def personalize(
     return get_adapter_state(bundle.model), metrics
 
 
+def warm_up(cfg: Config, node_config: dict) -> dict[str, int | str]:
+    """Load what this process will need to train (the model, the client's data)
+    before the first round asks for it. Best effort: a problem is reported in the
+    reply, and the server's own checks name it to the user."""
+    try:
+        partition_id, num_partitions = partition_of(node_config)
+        if cfg.algorithm.name == "fedot":  # the model is the emulator the first round brings: data only
+            from fedllm_flwr.data import train_set
+
+            train_set(cfg)
+        else:
+            _setup(cfg, partition_id, num_partitions)
+    except Exception as exc:  # noqa: BLE001 - nothing here may fail the run
+        return {"warm": 0, "reason": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return {"warm": 1}
+
+
 def describe(cfg: Config, partition_id: int, num_partitions: int) -> dict[str, int | str]:
     """What a client tells the server before training: its partition and main data category."""
     from fedllm_flwr.data import main_category

@@ -487,6 +487,11 @@ class RunConfig:
     working directory."""
     save_every_round: bool = True
     """Keep `adapter/round_<n>/` for every round (each is one adapter, ~1 MB)."""
+    warm_up: bool = True
+    """Simulation: before loading anything itself, the server sends a warm-up
+    message so the workers import the stack, load the base model and read their
+    data while it starts (the first round no longer waits for both in turn).
+    Deployed SuperNodes start a process per message and are never warmed up."""
     stop_after: int = 0
     """Stop after this many rounds (0 = `num_rounds`). The learning-rate schedule
     still spans `num_rounds`, so the run is an exact prefix of the full one: a
