@@ -39,8 +39,12 @@ run: install
 test: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
+# The efficiency suite (~45 min on 2 CPU cores): JSON and summary.md in BENCH_OUT.
+# Job P reads Stanford Alpaca from DATA/alpaca/.
+BENCH_OUT ?= $(HOME)/fedllm-flwr/efficiency
+DATA ?= ../shared/data
 bench: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/federated_overhead.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/efficiency.py --out "$(BENCH_OUT)" --data "$(DATA)"
 
 lint: install
 	$(BIN)/pip install -q 'ruff>=0.6'

@@ -1,0 +1,448 @@
+"""The efficiency suite: every saving measured against a baseline in the same invocation.
+
+    python benchmarks/efficiency.py --out ~/fedllm-flwr/efficiency [--data ../shared/data] [--parts a,b]
+
+Parts (each a ratio against a baseline run here, now, on this machine):
+1. `throughput`: tokens/s of our ClientApp's training function (`client.local_train`)
+   against a bare PyTorch + peft loop (benchmarks/bare_loop.py) on the same batches,
+   one process, 1 thread (a client's share of job P) and 2 threads;
+2. `overhead`: wall time of a `flwr run .` simulation (2 SuperNodes, 1 CPU each,
+   no server-side evaluation) against two bare loops doing the same steps side by
+   side, on job P and on the default config, with the peak memory of all
+   processes (RSS and PSS sums) and a breakdown of where the federated run's time went;
+3. `compression`: bytes per client per round and final eval loss after N rounds
+   of the default job for each codec, against fp16;
+4. `memory`: peak memory of one simulation worker serving 1, 2, 4 and 8 clients,
+   with a shared base model and with a model per client;
+5. `quantization`: 8-bit and 4-bit base against bf16 on the default job: step
+   time, peak memory per client, eval loss after N rounds.
+
+Job P, the reference job peers can run too: SmolLM2-135M-Instruct, LoRA r=8
+alpha=16 on q_proj,v_proj, Stanford Alpaca (`--data`/alpaca/) split IID over 2
+clients, 3 rounds x 10 local steps, batch 4, max sequence length 256, 1 CPU per
+client, both clients training at once.
+
+Writes OUT/<part>.json as each part finishes (a part already there is reused;
+`--fresh` reruns it), then OUT/results.json and OUT/summary.md, and prints the
+results as one JSON object. Progress goes to stderr. Not a test: ~40 min on
+2 CPU cores. Every SuperLink, SuperNode and Ray process it starts is on
+127.0.0.1 and stopped by PID when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import procmem  # noqa: E402
+from efficiency_report import check_targets, summary  # noqa: E402
+
+from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("throughput", "overhead", "compression", "memory", "quantization")
+
+
+def job_p(data: Path) -> list[str]:
+    return [
+        "dataset=alpaca", f"dataset.path={data / 'alpaca' / 'alpaca_data.jsonl.gz'}", "dataset.partition.method=iid",
+        "dataset.max_seq_len=256", "peft=lora", "peft.r=8", "peft.alpha=16", "peft.target_modules=[q_proj,v_proj]",
+        "num_rounds=3", "train.local_steps=10", "train.batch_size=4", "train.threads=1",
+    ]  # fmt: skip
+
+
+DEFAULT_JOB = ["train.threads=1"]  # the default config, 2 clients at 1 CPU (thread) each
+TRAIN_ONLY = ["eval.every=0", "strategy.fraction_evaluate=0"]
+
+
+def log(message: str) -> None:
+    print(f"[efficiency] {message}", file=sys.stderr, flush=True)
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- the examples a client draws, for the bare loop ----------------------------
+
+
+def drawn_batches(cfg, partition: int, num_partitions: int, rounds: int):
+    """(tokenizer, batches) client `partition` trains on over `rounds` rounds, in order."""
+    from fedllm_flwr.data import client_data
+    from fedllm_flwr.data.prompts import iter_batches
+    from fedllm_flwr.model import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(cfg.model))
+    data = client_data(cfg, tokenizer, partition, num_partitions)
+    stream = iter_batches(data.train, cfg.train.batch_size, tokenizer.pad_token_id, seed=cfg.seed * 1000 + partition)
+    return tokenizer, [next(stream) for _ in range(rounds * cfg.train.local_steps * cfg.train.grad_accum)]
+
+
+def write_examples(batches, path: Path) -> Path:
+    with open(path, "w") as handle:
+        for batch in batches:
+            for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+                keep = mask.bool()
+                handle.write(json.dumps({"input_ids": ids[keep].tolist(), "labels": labels[keep].tolist()}) + "\n")
+    return path
+
+
+def lora_settings(cfg) -> dict:
+    p = cfg.peft
+    return {"r": p.r, "alpha": p.alpha, "dropout": p.dropout, "target_modules": list(p.target_modules)}
+
+
+def bare_spec(cfg, examples: Path, pad_id: int, threads: int) -> dict:
+    from fedllm_flwr.model import resolve_model
+
+    return {
+        "model": resolve_model(cfg.model), "examples": str(examples), "batch_size": cfg.train.batch_size,
+        "pad_id": pad_id, "lr": cfg.train.lr, "threads": threads, "seed": cfg.seed, "lora": lora_settings(cfg),
+    }  # fmt: skip
+
+
+# -- 1. throughput ------------------------------------------------------------
+
+
+def throughput(job: list[str], threads: int, reps: int = 2) -> dict:
+    """Tokens/s of `local_train` and of the bare loop on the same round-1 batches, alternating."""
+    import bare_loop
+    import torch
+
+    from fedllm_flwr.client import local_train
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
+
+    torch.set_num_threads(threads)
+    cfg = load_cfg([*job, f"train.threads={threads}"])
+    _, batches = drawn_batches(cfg, 0, 2, rounds=1)
+    clear_model_cache()
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    start = get_adapter_state(bundle.model)
+    bare = bare_loop.load_lora_model(bundle.base_path, lora_settings(cfg))
+    ours, theirs = [], []
+    for rep in range(reps + 1):  # the first pair warms up both
+        _, metrics = local_train(cfg, start, 1, 0, 2)
+        result = bare_loop.train(bare, batches, cfg.train.lr)
+        if rep:
+            ours.append(metrics["tokens"] / metrics["seconds"])
+            theirs.append(result["tokens"] / result["seconds"])
+    del bare
+    clear_model_cache()
+    return {
+        "threads": threads,
+        "steps": cfg.train.local_steps,
+        "batch_size": cfg.train.batch_size,
+        "tokens_per_step": metrics["tokens"] / cfg.train.local_steps,
+        "ours_tokens_per_second": max(ours),
+        "bare_tokens_per_second": max(theirs),
+        "ratio": round(max(ours) / max(theirs), 3),
+        "all_ours": [round(x, 1) for x in ours],
+        "all_bare": [round(x, 1) for x in theirs],
+    }
+
+
+# -- 2. federated overhead ----------------------------------------------------
+
+
+def side_by_side(commands: list[list[str]], threads: int, label: str) -> tuple[float, list[dict], dict]:
+    """Run `commands` at once (one client each); (wall seconds, their JSON results, peak memory)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+
+    def processes():
+        return [p for p in procmem.descendants() if procmem.label(p) == label]
+
+    with procmem.ProcessMemory(processes) as memory:
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, text=True) for c in commands]
+        outputs = [p.communicate()[0] for p in procs]
+        seconds = time.perf_counter() - t0
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a {label} process failed")
+    return seconds, [json.loads(o.strip().splitlines()[-1]) for o in outputs], memory.peak()
+
+
+def bare_loops(cfg, job: list[str], tmp: Path) -> dict:
+    """Two clients' steps of all rounds, side by side: in bare PyTorch + peft loops,
+    then with our training function (`client.local_train`) and no Flower."""
+    threads = cfg.train.threads or 1
+    bare, ours = [], []
+    for partition in (0, 1):
+        tokenizer, batches = drawn_batches(cfg, partition, 2, cfg.num_rounds)
+        examples = write_examples(batches, tmp / f"examples-{partition}.jsonl")
+        spec = tmp / f"bare-{partition}.json"
+        spec.write_text(json.dumps(bare_spec(cfg, examples, tokenizer.pad_token_id, threads)))
+        bare.append([sys.executable, str(ROOT / "benchmarks" / "bare_loop.py"), str(spec)])
+        ours.append([sys.executable, __file__, "--trainer-loop", str(partition), "--", *job])
+    out = {}
+    for name, commands, label in (("bare", bare, "bare loop"), ("trainer", ours, "trainer loop")):
+        seconds, results, peak = side_by_side(commands, threads, label)
+        out[name] = {
+            "seconds": round(seconds, 2),
+            "step_seconds": [round(r["seconds"], 2) for r in results],
+            "tokens": [r["tokens"] for r in results],
+            "peak_memory_mb": peak,
+        }
+    return out
+
+
+def trainer_loop(partition: int, job: list[str]) -> None:
+    """One client's rounds with our ClientApp's training function and no Flower (a subprocess)."""
+    import torch
+
+    from fedllm_flwr import quiet_third_party_output
+    from fedllm_flwr.client import local_train
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.model import build_model, get_adapter_state
+
+    quiet_third_party_output()
+    cfg = load_cfg(job)
+    torch.set_num_threads(cfg.train.threads or 1)
+    state = get_adapter_state(build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).model)
+    seconds, tokens = 0.0, 0
+    for server_round in range(1, cfg.num_rounds + 1):
+        state, metrics = local_train(cfg, state, server_round, partition, 2)
+        seconds, tokens = seconds + metrics["seconds"], tokens + metrics["tokens"]
+    print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
+
+
+def flwr_job(sim: LocalSimulation, name: str, overrides: list[str], out: Path, nodes: int = 2, cpus: float = 1,
+             memory: bool = False) -> dict:  # fmt: skip
+    """One `flwr run .` of `overrides` into OUT/runs/<name>; timed, optionally memory-sampled."""
+    runs = out / "runs"
+    full = [*overrides, f"run.output_dir={runs}", f"run.name={name}"]
+    log(f"flwr run . ({nodes} SuperNodes x {cpus} CPU): {' '.join(overrides)}")
+    sampler = procmem.ProcessMemory(lambda: [p for p in procmem.descendants() if procmem.label(p) != "bare loop"])
+    if memory:
+        sampler.__enter__()
+    started = time.time()
+    t0 = time.perf_counter()
+    try:
+        result = sim.run(ROOT, overrides=" ".join(full), num_supernodes=nodes, timeout=5400, cpus=cpus)
+    finally:
+        if memory:
+            sampler.__exit__()
+    seconds = time.perf_counter() - t0
+    run = runs / name
+    if result.returncode != 0 or not (run / "summary.json").is_file():
+        raise RuntimeError(f"flwr run {name} failed:\n{result.stdout[-3000:]}")
+    rows = rows_of(run)
+    report = {"seconds": round(seconds, 2), "rows": rows, "summary": json.loads((run / "summary.json").read_text())}
+    report["timeline"] = timeline(started, started + seconds, rows)
+    if memory:
+        report["peak_memory_mb"] = sampler.peak()
+    return report
+
+
+def timeline(start: float, end: float, rows: list[dict]) -> dict:
+    """Where a run's wall time went: before round 1, each round (and the clients'
+    own training time in it), and after the last round."""
+    stamps = [r["time"] for r in rows]
+    rounds = []
+    for previous, row in zip(stamps, rows[1:], strict=False):
+        train = row.get("train-seconds") or 0.0
+        rounds.append({"round": row["round"], "seconds": round(row["time"] - previous, 2),
+                       "client_train_seconds": round(train, 2),
+                       "client_model_load_seconds": round(row.get("model-load-seconds") or 0.0, 2)})  # fmt: skip
+    return {
+        "before_round_1": round(stamps[0] - start, 2),
+        "rounds": rounds,
+        "after_last_round": round(end - stamps[-1], 2),
+    }
+
+
+def overhead(sim: LocalSimulation, name: str, job: list[str], out: Path) -> dict:
+    from fedllm_flwr.config import load_cfg
+
+    cfg = load_cfg(job)
+    with tempfile.TemporaryDirectory(prefix="fedllm-bare-") as tmp:
+        log(f"{name}: two clients' loops side by side ({cfg.num_rounds} x {cfg.train.local_steps} steps each)")
+        loops = bare_loops(cfg, job, Path(tmp))
+    fed = flwr_job(sim, f"overhead-{name}", [*job, *TRAIN_ONLY], out, memory=True)
+    per_client = [
+        {"down": r["bytes-down"] / r["clients-sampled"], "up": r["bytes-up"] / r["clients-ok"]} for r in fed["rows"][1:]
+    ]
+    return {
+        "job": job,
+        **loops,
+        "flwr": {k: v for k, v in fed.items() if k not in ("rows", "summary")},
+        "ratio": round(fed["seconds"] / loops["bare"]["seconds"], 3),
+        "ratio_to_our_trainer_without_flower": round(fed["seconds"] / loops["trainer"]["seconds"], 3),
+        "bytes_per_client_per_round": per_client[0],
+    }
+
+
+# -- 3. compression, 4. shared base model, 5. quantized base -------------------------
+
+
+def final(report: dict) -> dict:
+    last = report["rows"][-1]
+    return {"eval_loss": last.get("eval-loss"), "accuracy": last.get("accuracy")}
+
+
+def compression(sim: LocalSimulation, out: Path, rounds: int) -> dict:
+    modes = {
+        "fp16": ["compression=fp16"],
+        "fp32": ["compression=fp32"],
+        "int8": ["compression=int8"],
+        "int8_row": ["compression=int8", "compression.int8_scale=row"],
+        "topk": ["compression=topk"],
+        "topk_no_feedback": ["compression=topk", "compression.error_feedback=false"],
+    }
+    results = {}
+    for mode, overrides in modes.items():
+        report = flwr_job(sim, f"compression-{mode}", [*DEFAULT_JOB, f"num_rounds={rounds}", f"eval.every={rounds}",
+                                                       *overrides], out)  # fmt: skip
+        rows = report["rows"][1:]
+        results[mode] = {
+            "bytes_down_per_client_per_round": sum(r["bytes-down"] / r["clients-sampled"] for r in rows) / len(rows),
+            "bytes_up_per_client_per_round": sum(r["bytes-up"] / r["clients-ok"] for r in rows) / len(rows),
+            **final(report),
+            "seconds": report["seconds"],
+        }
+    base = results["fp16"]
+    for values in results.values():
+        for key in ("bytes_down_per_client_per_round", "bytes_up_per_client_per_round", "eval_loss"):
+            values[key.replace("per_client_per_round", "ratio").replace("eval_loss", "eval_loss_ratio")] = round(
+                values[key] / base[key], 4
+            )
+    return {"rounds": rounds, "modes": results}
+
+
+def memory(sim: LocalSimulation, out: Path) -> dict:
+    results = []
+    for clients in (1, 2, 4, 8):
+        for share in (True, False) if clients > 1 else (True,):
+            nodes = [f"strategy.min_available_nodes={clients}", f"strategy.min_train_nodes={clients}",
+                     f"strategy.min_evaluate_nodes={clients}"]  # fmt: skip
+            job = [*DEFAULT_JOB, *TRAIN_ONLY, *nodes, "num_rounds=2", "train.local_steps=2",
+                   f"model.share_base={str(share).lower()}"]  # fmt: skip
+            report = flwr_job(sim, f"memory-{clients}-{'shared' if share else 'own'}", job, out, nodes=clients, cpus=2)
+            rows = report["rows"][1:]
+            results.append(
+                {
+                    "clients_per_worker": clients,
+                    "shared_base": share,
+                    "worker_peak_rss_mb": max(r["peak-memory-mb"] for r in rows),
+                    "model_load_seconds_max": max(r.get("model-load-seconds") or 0.0 for r in rows),
+                    "seconds": report["seconds"],
+                }
+            )
+    one = next(r for r in results if r["clients_per_worker"] == 1)["worker_peak_rss_mb"]
+    for r in results:
+        r["vs_1_client"] = round(r["worker_peak_rss_mb"] / one, 3)
+    return {"workers": 1, "runs": results}
+
+
+def quantization(sim: LocalSimulation, out: Path, rounds: int) -> dict:
+    from fedllm_flwr.config import load_cfg
+
+    results = {}
+    for quant in ("none", "8bit", "4bit"):
+        job = [*DEFAULT_JOB, f"num_rounds={rounds}", f"eval.every={rounds}", f"model.quantization={quant}"]
+        report = flwr_job(sim, f"quantization-{quant}", job, out)
+        rows = report["rows"][1:]
+        steps = load_cfg(job).train.local_steps
+        results["bf16" if quant == "none" else quant] = {
+            "step_seconds": round(sum(r["train-seconds"] for r in rows) / len(rows) / steps, 3),
+            "client_peak_rss_mb": max(r["peak-memory-mb"] for r in rows),
+            **final(report),
+            "seconds": report["seconds"],
+        }
+    base = results["bf16"]
+    for values in results.values():
+        values["step_seconds_ratio"] = round(values["step_seconds"] / base["step_seconds"], 3)
+        values["peak_memory_ratio"] = round(values["client_peak_rss_mb"] / base["client_peak_rss_mb"], 3)
+        values["eval_loss_ratio"] = round(values["eval_loss"] / base["eval_loss"], 4)
+    return {"rounds": rounds, "bases": results}
+
+
+# -- the suite ----------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the compression and quantization runs")
+    parser.add_argument("--fresh", action="store_true", help="rerun parts whose results are already in --out")
+    parser.add_argument("--trainer-loop", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("job", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trainer_loop is not None:
+        trainer_loop(args.trainer_loop, args.job)
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    out, data = args.out.expanduser().resolve(), args.data.expanduser().resolve()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; use {', '.join(PARTS)}")
+    alpaca = data / "alpaca" / "alpaca_data.jsonl.gz"
+    if {"throughput", "overhead"} & set(parts) and not alpaca.is_file():
+        parser.error(f"job P needs Stanford Alpaca at {alpaca} (--data names the folder holding alpaca/)")
+    out.mkdir(parents=True, exist_ok=True)
+    from fedllm_flwr import quiet_third_party_output
+
+    quiet_third_party_output()
+    results = {"machine": machine()}
+    for part in PARTS:
+        path = out / f"{part}.json"
+        if part in parts and (args.fresh or not path.is_file()):
+            log(f"part {part}")
+            results[part] = run_part(part, out, data, args.rounds)
+            path.write_text(json.dumps(results[part], indent=1))
+        elif path.is_file():
+            results[part] = json.loads(path.read_text())
+    results["targets"] = check_targets(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "summary.md").write_text(summary(results))
+    log(f"wrote {out / 'results.json'} and {out / 'summary.md'}")
+    print(json.dumps(results))
+    return 0
+
+
+def run_part(part: str, out: Path, data: Path, rounds: int) -> dict:
+    if part == "throughput":
+        return {
+            "job_p": [throughput(job_p(data), threads) for threads in (1, 2)],
+            "default": [throughput(DEFAULT_JOB, threads) for threads in (1, 2)],
+        }
+    with tempfile.TemporaryDirectory(prefix="fedllm-eff-") as tmp, LocalSimulation(Path(tmp)) as sim:
+        if part == "overhead":
+            return {
+                "job_p": overhead(sim, "job_p", job_p(data), out),
+                "default": overhead(sim, "default", DEFAULT_JOB, out),
+            }
+        if part == "compression":
+            return compression(sim, out, rounds)
+        if part == "memory":
+            return memory(sim, out)
+        return quantization(sim, out, rounds)
+
+
+if __name__ == "__main__":
+    stop_on_sigterm()
+    sys.exit(main())
