@@ -260,13 +260,16 @@ def timeline(start: float, end: float, rows: list[dict]) -> dict:
     }
 
 
-def overhead(sim: LocalSimulation, name: str, job: list[str], out: Path) -> dict:
+def overhead(sim: LocalSimulation, name: str, job: list[str], out: Path, loops: dict | None = None) -> dict:
+    """`flwr run` of `job` against two clients' loops side by side (run now, unless
+    `loops` gives those of the same steps measured earlier in this invocation)."""
     from fedllm_flwr.config import load_cfg
 
     cfg = load_cfg(job)
-    with tempfile.TemporaryDirectory(prefix="fedllm-bare-") as tmp:
-        log(f"{name}: two clients' loops side by side ({cfg.num_rounds} x {cfg.train.local_steps} steps each)")
-        loops = bare_loops(cfg, job, Path(tmp))
+    if loops is None:
+        with tempfile.TemporaryDirectory(prefix="fedllm-bare-") as tmp:
+            log(f"{name}: two clients' loops side by side ({cfg.num_rounds} x {cfg.train.local_steps} steps each)")
+            loops = bare_loops(cfg, job, Path(tmp))
     fed = flwr_job(sim, f"overhead-{name}", [*job, *TRAIN_ONLY], out, memory=True)
     per_client = [
         {"down": r["bytes-down"] / r["clients-sampled"], "up": r["bytes-up"] / r["clients-ok"]} for r in fed["rows"][1:]
@@ -432,8 +435,13 @@ def run_part(part: str, out: Path, data: Path, rounds: int) -> dict:
         }
     with tempfile.TemporaryDirectory(prefix="fedllm-eff-") as tmp, LocalSimulation(Path(tmp)) as sim:
         if part == "overhead":
+            p = overhead(sim, "job_p", job_p(data), out)
+            # The same job with gradient checkpointing: memory for compute, against the same loops.
+            lean = [*job_p(data), "train.gradient_checkpointing=true"]
+            loops = {k: p[k] for k in ("bare", "trainer")}
             return {
-                "job_p": overhead(sim, "job_p", job_p(data), out),
+                "job_p": p,
+                "job_p_checkpointing": overhead(sim, "job_p_checkpointing", lean, out, loops),
                 "default": overhead(sim, "default", DEFAULT_JOB, out),
             }
         if part == "compression":
