@@ -57,7 +57,8 @@ def test_authenticated_sites_federate_and_an_unregistered_node_is_refused(tiny_m
 
         overrides = " ".join(
             [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "dataset.source=sites",
-             f"dataset.test_path={server_test}", f"run.output_dir={out}", "run.name=d"]
+             f"dataset.test_path={server_test}", "strategy.fraction_evaluate=0", f"run.output_dir={out}",
+             "run.name=d"]
         )  # fmt: skip
         result = dep.run(ROOT, overrides, timeout=400)
         assert "[fedllm-flwr] done in" in result.stdout, result.stdout[-3000:]
@@ -80,10 +81,11 @@ def test_a_killed_supernode_fails_its_round_and_a_rejoining_one_takes_part_again
 
     creds = make_credentials(tmp_path / "creds", 3)
     out = tmp_path / "runs"
-    # Rounds start with whoever is connected, at least 2 of the 3 nodes.
+    # Rounds start with whoever is connected, at least 2 of the 3 nodes. No client evaluation:
+    # on a deployment every message starts a ClientApp process, and training is what is tested.
     overrides = " ".join(
         [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=4", "strategy.min_available_nodes=2",
-         "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2", "strategy.round_timeout=120",
+         "strategy.min_train_nodes=2", "strategy.round_timeout=120", "strategy.fraction_evaluate=0",
          f"run.output_dir={out}", "run.name=f"]
     )  # fmt: skip
     with LocalDeployment(tmp_path / "fed", creds, env={"FEDLLM_FLWR_CACHE": str(tmp_path / "cache")}) as dep:

@@ -99,20 +99,20 @@ def sweep(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_three_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path):
+def test_a_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    done = sweep("-m", "train.lr=1e-4,1e-3,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES,
-                 "num_rounds=2", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    done = sweep("-m", "train.lr=1e-4,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES,
+                 "num_rounds=1", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["jobs"] == 4 and summary["completed"] == 3 and summary["failed"] == ["job_3"]
-    job_3 = json.loads((sweep_dir / "job_3" / "job.json").read_text())
-    assert "train.lr must be > 0" in job_3["error"]
-    for n, lr in enumerate([1e-4, 1e-3, 1e-2]):
+    assert summary["jobs"] == 3 and summary["completed"] == 2 and summary["failed"] == ["job_2"]
+    job_2 = json.loads((sweep_dir / "job_2" / "job.json").read_text())
+    assert "train.lr must be > 0" in job_2["error"]
+    for n, lr in enumerate([1e-4, 1e-2]):
         run = sweep_dir / f"job_{n}"
         assert f"lr: {lr}" in (run / "config.yaml").read_text()
         assert (run / "adapter" / "final" / "adapter_config.json").is_file()
-    assert summary["best"]["lora"]["job"] in {"job_0", "job_1", "job_2"}
+    assert summary["best"]["lora"]["job"] in {"job_0", "job_1"}
     assert (sweep_dir / "lr.png").is_file() and "Best configuration per method" in done.stdout
 
 
