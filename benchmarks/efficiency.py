@@ -390,6 +390,7 @@ def main() -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the compression and quantization runs")
     parser.add_argument("--fresh", action="store_true", help="rerun parts whose results are already in --out")
+    parser.add_argument("--repeat", type=int, default=1, help="repetitions of the overhead part (the median is shown)")
     parser.add_argument("--trainer-loop", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("job", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -415,7 +416,7 @@ def main() -> int:
         path = out / f"{part}.json"
         if part in parts and (args.fresh or not path.is_file()):
             log(f"part {part}")
-            results[part] = run_part(part, out, data, args.rounds)
+            results[part] = run_part(part, out, data, args.rounds, args.repeat)
             path.write_text(json.dumps(results[part], indent=1))
         elif path.is_file():
             results[part] = json.loads(path.read_text())
@@ -427,7 +428,16 @@ def main() -> int:
     return 0
 
 
-def run_part(part: str, out: Path, data: Path, rounds: int) -> dict:
+def median_rep(reps: list[dict]) -> dict:
+    """The repetition with the median ratio, with every repetition's ratios beside it."""
+    chosen = sorted(reps, key=lambda r: r["ratio"])[(len(reps) - 1) // 2]
+    keys = ("ratio", "ratio_to_our_trainer_without_flower")
+    summary = [{**{k: r[k] for k in keys}, "flwr_seconds": r["flwr"]["seconds"], "bare_seconds": r["bare"]["seconds"],
+                "trainer_seconds": r["trainer"]["seconds"]} for r in reps]  # fmt: skip
+    return {**chosen, "repetitions": summary}
+
+
+def run_part(part: str, out: Path, data: Path, rounds: int, repeat: int = 1) -> dict:
     if part == "throughput":
         return {
             "job_p": [throughput(job_p(data), threads) for threads in (1, 2)],
@@ -435,15 +445,18 @@ def run_part(part: str, out: Path, data: Path, rounds: int) -> dict:
         }
     with tempfile.TemporaryDirectory(prefix="fedllm-eff-") as tmp, LocalSimulation(Path(tmp)) as sim:
         if part == "overhead":
-            p = overhead(sim, "job_p", job_p(data), out)
-            # The same job with gradient checkpointing: memory for compute, against the same loops.
-            lean = [*job_p(data), "train.gradient_checkpointing=true"]
-            loops = {k: p[k] for k in ("bare", "trainer")}
-            return {
-                "job_p": p,
-                "job_p_checkpointing": overhead(sim, "job_p_checkpointing", lean, out, loops),
-                "default": overhead(sim, "default", DEFAULT_JOB, out),
-            }
+            reps = []
+            for rep in range(repeat):
+                p = overhead(sim, f"job_p-{rep}", job_p(data), out)
+                # The same job with gradient checkpointing: memory for compute, against the same loops.
+                lean = [*job_p(data), "train.gradient_checkpointing=true"]
+                loops = {k: p[k] for k in ("bare", "trainer")}
+                reps.append({
+                    "job_p": p,
+                    "job_p_checkpointing": overhead(sim, f"job_p_checkpointing-{rep}", lean, out, loops),
+                    "default": overhead(sim, f"default-{rep}", DEFAULT_JOB, out),
+                })  # fmt: skip
+            return {name: median_rep([r[name] for r in reps]) for name in reps[0]}
         if part == "compression":
             return compression(sim, out, rounds)
         if part == "memory":

@@ -88,6 +88,14 @@ def summary(results: dict) -> str:
         header = ["job", "flwr run (s)", "bare loops (s)", "ratio", "our trainer, no Flower (s)", "ratio",
                   "bytes down / client / round", "bytes up"]  # fmt: skip
         lines += table(header, rows)
+        reps = [(job, r["repetitions"]) for job, r in over.items() if len(r.get("repetitions", [])) > 1]
+        if reps:
+            lines += ["The median of " + str(len(reps[0][1])) + " repetitions is shown; every repetition's ratio "
+                      "to the bare loops (to our trainer without Flower):", ""]  # fmt: skip
+            for job, runs in reps:
+                ratios = (f"{x['ratio']:.3f} ({x['ratio_to_our_trainer_without_flower']:.3f})" for x in runs)
+                lines.append(f"- {job}: " + ", ".join(ratios))
+            lines.append("")
         lines += ["Peak memory of all processes, summed (MB; PSS splits shared pages among the processes sharing them, "
                   "RSS counts them in each):", ""]  # fmt: skip
         rows = [[job] + [r[k]["peak_memory_mb"][m] for k in ("flwr", "bare", "trainer") for m in ("pss-mb", "rss-mb")]
