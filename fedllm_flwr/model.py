@@ -72,6 +72,43 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: Marks a model folder this project converted (and so may add siblings to).
+CONVERTED = ".fedllm-flwr-converted"
+
+
+def _save_atomically(model: torch.nn.Module, target: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def weights_in(path: str, dtype: torch.dtype) -> str:
+    """The folder to load a converted model's weights in `dtype` from.
+
+    The conversion is fp32; loading it in bf16 reads and casts every tensor into
+    private memory (360 MB per process for SmolLM2-135M). A copy stored in the
+    compute dtype, written once beside it, is instead memory-mapped: its pages
+    are read when used and shared by every process on the machine that loads the
+    same file (the server and each simulation worker), ~135 MB per process after
+    loading. Other folders (hub ids, your own) are loaded as they are.
+    """
+    folder = Path(path)
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype not in names or not (folder / CONVERTED).is_file():
+        return path
+    target = folder.with_name(f"{folder.name}-{names[dtype]}")
+    if not (target / "config.json").is_file():
+        with file_lock(folder.parent / f".{target.name}.lock"):
+            if not (target / "config.json").is_file():
+                log.info("Storing %s in %s once, to load it memory-mapped", folder.name, names[dtype])
+                _save_atomically(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), target)
+    return str(target)
+
+
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     """Convert a GGUF file once into a plain HF folder (fp32 safetensors).
 
@@ -84,6 +121,8 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     tag = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:10]
     target = cache_dir / f"{gguf.stem}-{tag}"
     if (target / "config.json").is_file():
+        if not (target / CONVERTED).is_file():  # converted before the marker existed
+            (target / CONVERTED).touch()
         return target
     with file_lock(cache_dir / f".{target.name}.lock"):
         if (target / "config.json").is_file():
@@ -101,6 +140,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
         try:
             plain.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            (tmp / CONVERTED).touch()
             tmp.chmod(0o755)
             tmp.rename(target)
         finally:
@@ -186,7 +226,9 @@ def load_base_model(path: str, dtype: torch.dtype, device: torch.device, quantiz
     quant = quantization_config(quantization, dtype)
     kwargs = {"quantization_config": quant, "device_map": {"": device}} if quant is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            weights_in(path, dtype) if quant is None else path, dtype=dtype, **kwargs
+        )
     except OSError as exc:
         raise UserError(f"model.name: cannot load {path!r}: {str(exc).splitlines()[0]}") from None
     if quant is None:

@@ -87,3 +87,28 @@ def test_fp16_on_cpu_is_refused(tiny_cfg):
         pytest.skip("fp16 is allowed on CUDA")
     with pytest.raises(UserError, match="fp16 needs CUDA"):
         build_model(cfg.model, cfg.peft, "fp16", 0)
+
+
+def test_a_converted_model_is_stored_once_in_the_compute_dtype(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from fedllm_flwr.model import CONVERTED, weights_in
+
+    folder = tmp_path / "converted"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / CONVERTED).touch()
+    target = weights_in(str(folder), torch.bfloat16)
+    assert target == f"{folder}-bf16"
+    with safe_open(f"{target}/model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118 (not a dict)
+    written = (tmp_path / "converted-bf16" / "model.safetensors").stat().st_mtime_ns
+    assert weights_in(str(folder), torch.bfloat16) == target
+    assert (tmp_path / "converted-bf16" / "model.safetensors").stat().st_mtime_ns == written  # once
+    copy = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16).state_dict()
+    cast = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(copy[k], cast[k]) for k in cast)  # the same weights as casting on load
+    assert weights_in(str(folder), torch.float32) == str(folder)
+    assert weights_in(str(tiny_model_dir), torch.bfloat16) == str(tiny_model_dir)  # not ours: loaded as it is
