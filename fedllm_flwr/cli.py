@@ -15,7 +15,7 @@
     fedllm-flwr credentials DIR --nodes N [--hosts HOST,...]
                                         a local CA, the SuperLink's TLS certificate and
                                         one key pair per SuperNode (existing files kept)
-    fedllm-flwr evaluate --task {gsm8k,humaneval,rouge,exact_match,loss}
+    fedllm-flwr evaluate --task {gsm8k,humaneval,rouge,exact_match,loss,preference}
         [--adapter DIR] [--data FILE] [--limit N] [--out FILE.json] [OVERRIDE ...]
                                         score an adapter (or the base model without
                                         --adapter); the result is the last stdout line (JSON)
@@ -159,8 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     cred.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to have (default 2)")
     cred.add_argument("--hosts", default="127.0.0.1,localhost", help="names the SuperLink is reached by")
     cred.set_defaults(func=_credentials)
-    ev = sub.add_parser("evaluate", help="score an adapter or the base model on GSM8K, HumanEval, ROUGE-L or loss")
-    ev.add_argument("--task", required=True, choices=("gsm8k", "humaneval", "rouge", "exact_match", "loss"))
+    ev = sub.add_parser(
+        "evaluate",
+        help="score an adapter or the base model on GSM8K, HumanEval, ROUGE-L, loss, or a "
+        "reward model's preference accuracy",
+    )
+    ev.add_argument(
+        "--task", required=True, choices=("gsm8k", "humaneval", "rouge", "exact_match", "loss", "preference")
+    )
     ev.add_argument("--adapter", help="a saved adapter folder (adapter/final); omit for the base model")
     ev.add_argument("--data", help="evaluate every record of this file (default: the dataset's test split)")
     ev.add_argument("--limit", type=int, default=0, help="score the first N examples only (0 = all)")

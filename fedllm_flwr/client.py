@@ -30,9 +30,9 @@ def _setup(cfg: Config, partition_id: int, num_partitions: int) -> tuple[ModelBu
         torch.set_num_threads(cfg.train.threads)
     t0 = time.perf_counter()
     owner = None if cfg.model.share_base else partition_id
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner)
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner, cfg.task.name)
     _LOAD_SECONDS.append(time.perf_counter() - t0)  # ~0 once this process has the model
-    key = (repr(cfg.dataset), cfg.seed, partition_id, num_partitions)
+    key = (repr(cfg.dataset), cfg.seed, partition_id, num_partitions, cfg.task.name, bundle.base_path)
     if key not in _DATA:
         _DATA[key] = client_data(cfg, bundle.tokenizer, partition_id, num_partitions)
     return bundle, _DATA[key]
@@ -69,12 +69,14 @@ def local_train(
     # ran before: a resumed run repeats an uninterrupted one.
     torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1_009 + partition_id)
     per_round = cfg.train.local_steps * cfg.train.grad_accum
+    collate, loss_fn = _task_fns(cfg)
     batches = iter_batches(
         data.train,
         cfg.train.batch_size,
         bundle.tokenizer.pad_token_id,
         seed=cfg.seed * 1000 + partition_id,
         start=(server_round - 1) * per_round,
+        collate_fn=collate,
     )
     start_step, total_steps = (server_round - 1) * cfg.train.local_steps, cfg.num_rounds * cfg.train.local_steps
     result = train_steps(
@@ -85,6 +87,7 @@ def local_train(
         total_steps=total_steps,
         prox_mu=cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0,
         compute_dtype=bundle.dtype,
+        loss_fn=loss_fn,
     )
     metrics = {
         "train-loss": result.loss,
@@ -117,12 +120,32 @@ def local_evaluate(
     the dataset's generation metric too."""
     bundle, data = _setup(cfg, partition_id, num_partitions)
     set_adapter_state(bundle.model, bundle.complete(private or {}, state))
+    if cfg.task.name == "reward":
+        from fedllm_flwr.reward import evaluate_preferences
+
+        scores = evaluate_preferences(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
+        return {
+            "eval-loss": scores["eval-loss"],
+            "eval-preference-accuracy": scores["preference-accuracy"],
+            "eval-margin": scores["margin"],
+            "num-examples": max(1, len(data.holdout)),
+            "partition-id": partition_id,
+        }
     result = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
     metrics = {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": max(1, len(data.holdout))}
     if cfg.eval.client_metric:
         metrics.update({f"eval-{k}": v for k, v in holdout_scores(cfg, bundle, data).items() if k != "eval-loss"})
     metrics["partition-id"] = partition_id
     return metrics
+
+
+def _task_fns(cfg: Config):
+    """(collate_fn, loss_fn) of the configured task (None, None: prompt-masked LM examples)."""
+    if cfg.task.name != "reward":
+        return None, None
+    from fedllm_flwr.reward import collate_pairs, reward_loss_fn
+
+    return collate_pairs, reward_loss_fn(cfg.reward_loss)
 
 
 def split_private(cfg: Config, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -125,6 +125,12 @@ class FieldsConfig:
     output: str = "output"
     category: str = "category"
     """Optional; used by the `natural` partition and per-category accuracy."""
+    chosen: str = "chosen"
+    """task=reward: the preferred response of a (prompt, chosen, rejected) pair;
+    the prompt is `instruction` (+ `input`), and may be empty when the responses
+    carry the whole conversation (as in Anthropic's HH)."""
+    rejected: str = "rejected"
+    """task=reward: the response that is not preferred."""
 
 
 @dataclass
@@ -427,6 +433,52 @@ class CompressionConfig:
         return self.error_feedback and self.up in ("int8", "topk")
 
 
+@dataclass
+class TaskConfig:
+    name: str = "lm"
+    """`lm`: the adapter learns to write responses (causal LM loss on response
+    tokens). `reward`: a reward model. A scalar head on the base model scores a
+    whole sequence (the last non-padding token's hidden state); the head trains
+    with the adapter and travels with it. Trained on (prompt, chosen, rejected)
+    pairs with `reward_loss`; scored by preference accuracy (r_chosen >
+    r_rejected) and mean margin on held-out pairs."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("lm", "reward"):
+            raise ValueError(f"task.name={self.name!r}: use lm or reward")
+
+
+#: Pairwise reward losses (conf/reward_loss/; fedllm_flwr/reward.py).
+REWARD_LOSSES = ("logsigmoid", "bce", "hinge", "mse", "smooth_l1", "focal")
+
+
+@dataclass
+class RewardLossConfig:
+    """The loss of a reward model on d = r_chosen - r_rejected (task=reward)."""
+
+    name: str = "logsigmoid"
+    """`logsigmoid`: -log sigmoid(d), Bradley-Terry's negative log-likelihood
+    (TRL's reward trainer). `bce`: binary cross-entropy of the logit d toward
+    "chosen wins" (target 1 - label_smoothing; with no smoothing it equals
+    logsigmoid, and it is also the KL divergence to the smoothed target, up to
+    that target's constant entropy). `hinge`: max(0, margin - d). `mse`:
+    (d - margin)^2. `smooth_l1`: Huber loss of d - margin. `focal`:
+    -(1 - sigmoid(d))^gamma log sigmoid(d), which down-weights pairs already
+    ranked right."""
+    margin: float = 1.0
+    """hinge, mse, smooth_l1: the reward gap d aimed at."""
+    label_smoothing: float = 0.0
+    """bce: the target is 1 - label_smoothing (the chance that the label is wrong)."""
+    gamma: float = 2.0
+    """focal: how strongly well-ranked pairs are down-weighted (0 gives logsigmoid)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in REWARD_LOSSES:
+            raise ValueError(f"reward_loss.name={self.name!r}: use one of {', '.join(REWARD_LOSSES)}")
+        if self.margin <= 0 or not 0 <= self.label_smoothing < 0.5 or self.gamma < 0:
+            raise ValueError("reward_loss: margin > 0, label_smoothing in [0, 0.5) and gamma >= 0 are required")
+
+
 #: Training algorithms beyond plain adapter tuning (conf/algorithm/).
 ALGORITHMS = ("none", "fedot")
 
@@ -535,6 +587,8 @@ class Config:
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    reward_loss: RewardLossConfig = field(default_factory=RewardLossConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     resume: str = ""
@@ -578,12 +632,28 @@ class Config:
                 f"cannot be limited to some layers. Use one of {', '.join(LAYERED_METHODS)}"
             )
 
+        if self.task.name == "reward":
+            self._check_reward()
         if self.resume and self.personalize.private:
             raise ValueError("resume cannot restore personalize.private tensors: they live on the clients only")
         if self.resume and self.compression.lossy_feedback:
             raise ValueError(
                 "resume cannot restore the clients' error-feedback residuals (compression.error_feedback), which "
                 "live on the clients only; resume with compression.error_feedback=false or restart the run"
+            )
+
+    def _check_reward(self) -> None:
+        if self.peft.method not in TARGETED_METHODS:
+            raise ValueError(
+                f"task=reward scores a sequence through the model's last hidden state; use one of "
+                f"{', '.join(TARGETED_METHODS)} (peft={self.peft.method} adds virtual tokens)"
+            )
+        if self.algorithm.name != "none":
+            raise ValueError("task=reward trains a reward head on the full base model; use algorithm=none")
+        if self.personalize.ft_steps or self.eval.client_metric:
+            raise ValueError(
+                "task=reward: clients always report preference accuracy on their held-out pairs; "
+                "personalize.ft_steps and eval.client_metric apply to task=lm"
             )
 
     @property

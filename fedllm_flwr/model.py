@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from fedllm_flwr.config import TARGETED_METHODS, AdapterConfig, ModelConfig
 from fedllm_flwr.errors import UserError
@@ -217,18 +222,23 @@ def quantization_config(quantization: str, dtype: torch.dtype):
     )
 
 
-def load_base_model(path: str, dtype: torch.dtype, device: torch.device, quantization: str = "none") -> torch.nn.Module:
+def load_base_model(
+    path: str, dtype: torch.dtype, device: torch.device, quantization: str = "none", task: str = "lm"
+) -> torch.nn.Module:
     """Load the frozen base model (callers cache the wrapped result).
 
     A quantized base is loaded straight onto `device` by bitsandbytes and made
-    ready for adapter training by peft's k-bit preparation.
+    ready for adapter training by peft's k-bit preparation. For task=reward the
+    causal LM's head is replaced by a one-output scoring head (new, so
+    initialised from the global seed).
     """
     quant = quantization_config(quantization, dtype)
     kwargs = {"quantization_config": quant, "device_map": {"": device}} if quant is not None else {}
+    if task == "reward":
+        kwargs["num_labels"] = 1
+    loader = AutoModelForSequenceClassification if task == "reward" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            weights_in(path, dtype) if quant is None else path, dtype=dtype, **kwargs
-        )
+        model = loader.from_pretrained(weights_in(path, dtype) if quant is None else path, dtype=dtype, **kwargs)
     except OSError as exc:
         raise UserError(f"model.name: cannot load {path!r}: {str(exc).splitlines()[0]}") from None
     if quant is None:
@@ -282,28 +292,37 @@ _BUNDLES: dict[tuple, ModelBundle] = {}
 
 
 def build_model(
-    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, precision: str = "auto", seed: int = 0, owner: int | None = None
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig,
+    precision: str = "auto",
+    seed: int = 0,
+    owner: int | None = None,
+    task: str = "lm",
 ) -> ModelBundle:
     """The PEFT model used everywhere, cached per process.
 
     The adapter is initialised from `seed`, so the server's initial adapter is
     reproducible; clients overwrite it with the state the server sends. Every
     caller shares one model per configuration; an `owner` (a client, under
-    `model.share_base=false`) gets a model of its own.
+    `model.share_base=false`) gets a model of its own. `task` is `lm` (a causal
+    LM) or `reward` (a sequence scorer whose head trains with the adapter).
     """
     device = default_device()
     dtype = resolve_dtype(precision, device)
     base_path = resolve_model(model_cfg)
-    key = (base_path, dtype, str(device), model_cfg.quantization, repr(adapter_cfg), seed, owner)
+    key = (base_path, dtype, str(device), model_cfg.quantization, repr(adapter_cfg), seed, owner, task)
     if key not in _BUNDLES:
         tokenizer = load_tokenizer(base_path)
-        base = load_base_model(base_path, dtype, device, model_cfg.quantization)
+        torch.manual_seed(seed)  # a reward model's new head is drawn here
+        base = load_base_model(base_path, dtype, device, model_cfg.quantization, task)
+        if task == "reward":  # the head reads the last token that is not padding
+            base.config.pad_token_id = tokenizer.pad_token_id
         if adapter_cfg.method in TARGETED_METHODS:
             _check_targets(base, adapter_cfg)
         torch.manual_seed(seed)
         # Adapter weights are created fp32 (peft's autocast_adapter_dtype) even on
         # a bf16/fp16 base, so the optimizer updates full-precision weights.
-        model = get_peft_model(base, peft_config(adapter_cfg, base_path), autocast_adapter_dtype=True)
+        model = get_peft_model(base, peft_config(adapter_cfg, base_path, task), autocast_adapter_dtype=True)
         for name, param in model.named_parameters():
             if ".ranknum." in name:  # AdaLoRA's constant rank divisor; peft leaves it trainable
                 param.requires_grad_(False)

@@ -31,7 +31,7 @@ def _layers(cfg: AdapterConfig) -> list[int] | None:
 def _lora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        layers_to_transform=_layers(cfg), task_type="CAUSAL_LM",
+        layers_to_transform=_layers(cfg),
     )  # fmt: skip
 
 
@@ -41,23 +41,18 @@ def _adalora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     return AdaLoraConfig(
         init_r=cfg.r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules), layers_to_transform=_layers(cfg), total_step=1000,
-        task_type="CAUSAL_LM",
     )  # fmt: skip
 
 
 def _loha(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     return LoHaConfig(
         r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        layers_to_transform=_layers(cfg), task_type="CAUSAL_LM",
+        layers_to_transform=_layers(cfg),
     )  # fmt: skip
 
 
 def _ia3(cfg: AdapterConfig, base_path: str) -> PeftConfig:
-    return IA3Config(
-        target_modules=list(cfg.target_modules),
-        feedforward_modules=list(cfg.feedforward_modules),
-        task_type="CAUSAL_LM",
-    )
+    return IA3Config(target_modules=list(cfg.target_modules), feedforward_modules=list(cfg.feedforward_modules))
 
 
 def _prompt_tuning(cfg: AdapterConfig, base_path: str) -> PeftConfig:
@@ -67,19 +62,16 @@ def _prompt_tuning(cfg: AdapterConfig, base_path: str) -> PeftConfig:
             prompt_tuning_init="TEXT",
             prompt_tuning_init_text=cfg.init_text,
             tokenizer_name_or_path=base_path,
-            task_type="CAUSAL_LM",
         )
-    return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
 
 
 def _p_tuning(cfg: AdapterConfig, base_path: str) -> PeftConfig:
-    return PromptEncoderConfig(
-        num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=cfg.encoder_hidden_size, task_type="CAUSAL_LM"
-    )
+    return PromptEncoderConfig(num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=cfg.encoder_hidden_size)
 
 
 def _prefix_tuning(cfg: AdapterConfig, base_path: str) -> PeftConfig:
-    return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
 
 
 BUILDERS: dict[str, Callable[[AdapterConfig, str], PeftConfig]] = {
@@ -93,6 +85,13 @@ BUILDERS: dict[str, Callable[[AdapterConfig, str], PeftConfig]] = {
 }
 
 
-def peft_config(cfg: AdapterConfig, base_path: str) -> PeftConfig:
-    """peft's config for `cfg.method`; `base_path` serves text initialisation."""
-    return BUILDERS[cfg.method](cfg, base_path)
+#: peft's task type for each of our tasks. A SEQ_CLS adapter also trains and saves
+#: the classification head (`score` on Llama models) through peft's modules_to_save.
+TASK_TYPES = {"lm": "CAUSAL_LM", "reward": "SEQ_CLS"}
+
+
+def peft_config(cfg: AdapterConfig, base_path: str, task: str = "lm") -> PeftConfig:
+    """peft's config for `cfg.method` on `task`; `base_path` serves text initialisation."""
+    config = BUILDERS[cfg.method](cfg, base_path)
+    config.task_type = TASK_TYPES[task]
+    return config

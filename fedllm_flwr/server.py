@@ -23,8 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedllm_flwr.config import Config, cfg_to_yaml
-from fedllm_flwr.data import records, test_records
-from fedllm_flwr.data.prompts import TokenizedSet, tokenize_records
+from fedllm_flwr.data import records, test_records, tokenize_set
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
@@ -85,16 +84,18 @@ class ServerEvaluator:
         self.cfg, self.bundle, self.run_dir, self.strategy = cfg, bundle, run_dir, strategy
         self.views = views or [View("", bundle)]
         self.test_records = test
+        self.reward = cfg.task.name == "reward"
         self.metric = cfg.dataset.metric
-        self.primary = PRIMARY.get(self.metric)
-        self.gen_records = generation_records(cfg, self.test_records)
+        self.primary = "preference-accuracy" if self.reward else PRIMARY.get(self.metric)
+        self.gen_records = [] if self.reward else generation_records(cfg, self.test_records)
         self.last = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
 
     @functools.cached_property
-    def test_set(self) -> TokenizedSet:
-        """The test records tokenized, when first evaluated (never, with eval.every=0)."""
-        return tokenize_records(self.test_records, self.bundle.tokenizer, self.cfg.dataset.max_seq_len)
+    def test_set(self):
+        """The test records tokenized (pairs for task=reward), when first evaluated
+        (never, with eval.every=0)."""
+        return tokenize_set(self.cfg, self.test_records, self.bundle.tokenizer)
 
     def adapters(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
         """The adapter(s) a round produced, by folder name ("" for the global one)."""
@@ -104,6 +105,11 @@ class ServerEvaluator:
 
     def evaluate(self, bundle: ModelBundle) -> dict[str, float]:
         model, tok = bundle.model, bundle.tokenizer
+        if self.reward:  # preference accuracy, mean margin, Bradley-Terry loss on the test pairs
+            from fedllm_flwr.reward import evaluate_preferences
+
+            scores = evaluate_preferences(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
+            return {k: v for k, v in scores.items() if k != "pairs"}
         loss = evaluate_loss(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
         results = {"eval-loss": loss["loss"], "eval-ppl": loss["ppl"]}
         if self.primary:
@@ -325,7 +331,7 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
             f"{count_parameters(offsite.emulator.model)[1]:,}", f"{count_parameters(offsite.full.model)[1]:,}",
             offsite.emulator_bytes / 1e6, offsite.folder)  # fmt: skip
     else:
-        bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+        bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task=cfg.task.name)
     trainable, total = count_parameters(bundle.model)
     initial = get_adapter_state(bundle.model)
     if cfg.personalize.private:
@@ -340,7 +346,8 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
             len(initial) - len(shared), len(initial))  # fmt: skip
         initial = shared
     test = test_records(cfg)
-    generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
+    if cfg.task.name == "lm":
+        generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
     strategy = build_strategy(cfg)
     done = 0  # rounds completed before this start (a resumed run)
     if cfg.resume:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -119,6 +119,7 @@ def train_steps(
     total_steps: int | None = None,
     prox_mu: float = 0.0,
     compute_dtype: torch.dtype | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run `cfg.local_steps` AdamW steps, each over `cfg.grad_accum` micro-batches.
 
@@ -129,7 +130,8 @@ def train_steps(
     solver. With `prox_mu` > 0 (FedProx), mu/2 * ||w - w_start||^2 over the
     trainable weights is added to every micro-batch's loss, w_start being the
     weights the call began with (the global adapter); the reported loss stays
-    the task loss.
+    the task loss. `loss_fn(model, batch)` is the task loss (default: `lm_loss`;
+    a pairwise reward loss for task=reward).
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -159,7 +161,7 @@ def train_steps(
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in next(batches).items()}
                 with autocast:
-                    loss = lm_loss(model, batch, cfg.response_logits)
+                    loss = loss_fn(model, batch) if loss_fn else lm_loss(model, batch, cfg.response_logits)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
                 objective = loss

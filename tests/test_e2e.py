@@ -333,3 +333,25 @@ def test_compressed_messages_shrink_and_the_run_still_trains(sim, tiny_model_dir
     assert all(r["eval-loss"] is None for r in sent["topk"][2])
     summary = json.loads((out / "topk" / "summary.json").read_text())
     assert summary["eval-loss-final"] is None and (out / "topk" / "adapter" / "final").is_dir()
+
+
+@pytest.mark.parametrize("scenario", ["fed", "local"])
+def test_a_reward_model_federates_and_reports_preference_accuracy(sim, tiny_model_dir, tmp_path, scenario):
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "task=reward", "reward_loss=hinge",
+         f"scenario={scenario}", f"run.output_dir={out}", "run.name=rm"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    rows = [json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert 0.0 <= r["preference-accuracy"] <= 1.0 and r["margin"] is not None and r["eval-loss"] is not None
+    assert all(r["clients-ok"] == 2 and r["client-eval-preference-accuracy"] is not None for r in rows[1:])
+    assert "client_1-held-out-preference-accuracy" in rows[-1]
+    summary = json.loads((out / "rm" / "summary.json").read_text())
+    assert summary["metric"] == "preference-accuracy" and summary["score-final"] == rows[-1]["preference-accuracy"]
+    from peft import AutoPeftModelForSequenceClassification
+
+    final = out / "rm" / "adapter" / "final" / ("client_0" if scenario == "local" else "")
+    AutoPeftModelForSequenceClassification.from_pretrained(str(final), num_labels=1)

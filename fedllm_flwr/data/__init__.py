@@ -10,18 +10,23 @@ from datasets import Dataset
 
 from fedllm_flwr.config import Config
 from fedllm_flwr.data.partition import partition_dataset, split_holdout
-from fedllm_flwr.data.prompts import LazyExamples, TokenizedSet, tokenize_records
+from fedllm_flwr.data.prompts import LazyExamples, tokenize_records
 from fedllm_flwr.data.sources import load_records, to_dataset
 
 _RECORDS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]] = {}
 _TRAIN_SETS: dict[str, Dataset] = {}
 
 
+def _pairs(cfg: Config) -> bool:
+    return cfg.task.name == "reward"
+
+
 def records(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(train, test) records of the configured dataset, cached per process."""
-    key = repr((cfg.dataset, cfg.seed))
+    """(train, test) records of the configured dataset (preference pairs for
+    task=reward), cached per process."""
+    key = repr((cfg.dataset, cfg.seed, _pairs(cfg)))
     if key not in _RECORDS:
-        _RECORDS[key] = load_records(cfg.dataset, cfg.seed)
+        _RECORDS[key] = load_records(cfg.dataset, cfg.seed, _pairs(cfg))
     return _RECORDS[key]
 
 
@@ -31,35 +36,48 @@ def train_set(cfg: Config) -> Dataset:
     Clients read only this (a partition is a view of it, not a copy); the record
     lists behind it are not kept, so a client process holds its data once.
     """
-    key = repr((cfg.dataset, cfg.seed))
+    key = repr((cfg.dataset, cfg.seed, _pairs(cfg)))
     if key not in _TRAIN_SETS:
-        train = _RECORDS[key][0] if key in _RECORDS else load_records(cfg.dataset, cfg.seed)[0]
+        train = _RECORDS[key][0] if key in _RECORDS else load_records(cfg.dataset, cfg.seed, _pairs(cfg))[0]
         _TRAIN_SETS[key] = to_dataset(train)
     return _TRAIN_SETS[key]
+
+
+def tokenize_set(cfg: Config, items: list[dict[str, str]], tokenizer):
+    """Evaluation records tokenized for the configured task: a TokenizedSet, or a
+    PairSet of preference pairs (task=reward)."""
+    if _pairs(cfg):
+        from fedllm_flwr.reward import PairSet
+
+        return PairSet(items, tokenizer, cfg.dataset.max_seq_len)
+    return tokenize_records(items, tokenizer, cfg.dataset.max_seq_len)
 
 
 class ClientData:
     """One client's training split (tokenized as drawn) and held-out split
     (tokenized when first evaluated)."""
 
-    def __init__(self, fit: Dataset, hold: Dataset, tokenizer, max_seq_len: int) -> None:
-        self.train = LazyExamples(fit, tokenizer, max_seq_len)
-        self._hold, self._tokenizer, self._max_seq_len = hold, tokenizer, max_seq_len
+    def __init__(self, cfg: Config, fit: Dataset, hold: Dataset, tokenizer) -> None:
+        tokenize = None
+        if _pairs(cfg):
+            from fedllm_flwr.reward import tokenize_pair as tokenize
+        self.train = LazyExamples(fit, tokenizer, cfg.dataset.max_seq_len, tokenize)
+        self._cfg, self._hold, self._tokenizer = cfg, hold, tokenizer
 
     @functools.cached_property
     def holdout_records(self) -> list[dict[str, str]]:
         return self._hold.to_list()
 
     @functools.cached_property
-    def holdout(self) -> TokenizedSet:
-        return tokenize_records(self.holdout_records, self._tokenizer, self._max_seq_len)
+    def holdout(self):
+        return tokenize_set(self._cfg, self.holdout_records, self._tokenizer)
 
 
 def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) -> ClientData:
     """One client's training split and held-out split."""
     part = partition_dataset(train_set(cfg), cfg.dataset.partition, partition_id, num_partitions, cfg.seed)
     fit, hold = split_holdout(part, cfg.dataset.partition.holdout_fraction, cfg.seed)
-    return ClientData(fit, hold, tokenizer, cfg.dataset.max_seq_len)
+    return ClientData(cfg, fit, hold, tokenizer)
 
 
 def main_category(cfg: Config, partition_id: int, num_partitions: int) -> str:
@@ -85,7 +103,7 @@ def test_records(cfg: Config) -> list[dict[str, str]]:
     return spread_subset(test, cfg.eval.limit) if cfg.eval.limit else test
 
 
-def server_data(cfg: Config, tokenizer) -> tuple[list[dict[str, str]], TokenizedSet]:
-    """The server's test records and their tokenized form."""
+def server_data(cfg: Config, tokenizer):
+    """The server's test records and their tokenized form (see `tokenize_set`)."""
     test = test_records(cfg)
-    return test, tokenize_records(test, tokenizer, cfg.dataset.max_seq_len)
+    return test, tokenize_set(cfg, test, tokenizer)

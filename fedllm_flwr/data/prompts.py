@@ -100,8 +100,11 @@ class LazyExamples:
     indexable sequence of records (a `datasets.Dataset` view costs no copy).
     """
 
-    def __init__(self, records: Sequence[dict[str, str]], tokenizer, max_seq_len: int) -> None:
+    def __init__(self, records: Sequence[dict[str, str]], tokenizer, max_seq_len: int, tokenize=None) -> None:
         self.records, self.tokenizer, self.max_seq_len = records, tokenizer, max_seq_len
+        self.tokenize = tokenize or tokenize_example
+        """(record, tokenizer, max_seq_len, bos) -> example or None; a preference
+        pair for task=reward (`fedllm_flwr.reward.tokenize_pair`)."""
         self._bos = _bos(tokenizer)
         self._cache: dict[int, Example | None] = {}
 
@@ -111,7 +114,7 @@ class LazyExamples:
     def example(self, index: int) -> Example | None:
         """The tokenized record, or None when truncation leaves it no target token."""
         if index not in self._cache:
-            self._cache[index] = tokenize_example(self.records[index], self.tokenizer, self.max_seq_len, self._bos)
+            self._cache[index] = self.tokenize(self.records[index], self.tokenizer, self.max_seq_len, self._bos)
         return self._cache[index]
 
     @property
@@ -142,8 +145,12 @@ def _positions(n: int, seed: int, position: int) -> Iterator[int]:
         epoch, offset = epoch + 1, 0
 
 
+def collate_examples(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    return collate([ids for ids, _ in rows], [labels for _, labels in rows], pad_id)
+
+
 def iter_batches(
-    data: TokenizedSet | LazyExamples, batch_size: int, pad_id: int, seed: int, start: int = 0
+    data: TokenizedSet | LazyExamples, batch_size: int, pad_id: int, seed: int, start: int = 0, collate_fn=None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An endless stream of shuffled batches, starting at batch number `start`.
 
@@ -151,7 +158,9 @@ def iter_batches(
     permutations, so a client resuming at `start` in the next round continues
     through its data instead of replaying the first batches. Records of a
     `LazyExamples` that truncation drops are skipped where they fall.
+    `collate_fn(rows, pad_id)` makes a batch (default: prompt-masked LM examples).
     """
+    collate_fn = collate_fn or collate_examples
     n = len(data)
     if n == 0:
         raise ValueError("no training examples")
@@ -174,5 +183,5 @@ def iter_batches(
             continue
         rows.append(example)
         if len(rows) == batch_size:
-            yield collate([ids for ids, _ in rows], [labels for _, labels in rows], pad_id)
+            yield collate_fn(rows, pad_id)
             rows = []

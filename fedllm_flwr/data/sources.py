@@ -1,7 +1,8 @@
 """Instruction records from the built-in generator, local files or the hub.
 
 Every source yields records with the same four fields (instruction, input,
-output, category) after the field mapping, and every problem is reported with
+output, category) after the field mapping, or for preference pairs (task=reward)
+instruction, input, chosen, rejected, category; every problem is reported with
 the file, line and field it concerns.
 """
 
@@ -20,6 +21,7 @@ from fedllm_flwr.data import synthetic
 from fedllm_flwr.errors import UserError
 
 COLUMNS = ("instruction", "input", "output", "category")
+PAIR_COLUMNS = ("instruction", "input", "chosen", "rejected", "category")
 
 
 def _open_text(path: Path):
@@ -64,17 +66,19 @@ def read_json_records(path: Path, limit: int = 0, key: str = "dataset.path") -> 
     return records
 
 
-def map_fields(records: list[dict], fields: FieldsConfig, origin: str) -> list[dict[str, str]]:
-    """Rename user fields to the four standard ones; instruction and output are required."""
+def map_fields(records: list[dict], fields: FieldsConfig, origin: str, pairs: bool = False) -> list[dict[str, str]]:
+    """Rename user fields to the standard ones; instruction and output are required
+    (for `pairs`: chosen and rejected; the prompt may be empty)."""
+    columns, required = (PAIR_COLUMNS, ("chosen", "rejected")) if pairs else (COLUMNS, ("instruction", "output"))
     out = []
     for index, rec in enumerate(records):
         where = f"{origin}, line {rec['__line__']}" if "__line__" in rec else f"{origin}, record {index}"
         row = {}
-        for column in COLUMNS:
+        for column in columns:
             source = getattr(fields, column)
             value = rec.get(source)
             if value is None:
-                if column in ("instruction", "output"):
+                if column in required:
                     present = ", ".join(k for k in rec if k != "__line__")
                     raise UserError(
                         f"{where}: missing field {source!r} (dataset.fields.{column}); the record has: {present}"
@@ -120,7 +124,7 @@ def _is_local(path: str) -> bool:
 
 
 def read_records(
-    cfg: DatasetConfig, path: str, split: str, limit: int, key: str = "dataset.path"
+    cfg: DatasetConfig, path: str, split: str, limit: int, key: str = "dataset.path", pairs: bool = False
 ) -> list[dict[str, str]]:
     """Records of one local file or hub split, mapped to the standard fields and transformed."""
     if _is_local(path):
@@ -128,8 +132,8 @@ def read_records(
         raw, origin = read_json_records(file, limit, key), str(file)
     else:
         raw, origin = _load_hub(path, cfg.subset, split, limit), path
-    records = map_fields(raw, cfg.fields, origin)
-    if cfg.transform == "gsm8k":
+    records = map_fields(raw, cfg.fields, origin, pairs)
+    if cfg.transform == "gsm8k" and not pairs:
         for rec in records:
             rec["output"] = gsm8k_rewrite(rec["output"])
     return records
@@ -139,24 +143,29 @@ def read_records(
 SITE_KEY = "the SuperNode's --node-config data-path"
 
 
-def load_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(train, test) records for a dataset config, deterministic for `seed`."""
+def load_records(
+    cfg: DatasetConfig, seed: int, pairs: bool = False
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, test) records for a dataset config, deterministic for `seed`;
+    preference pairs (task=reward) with `pairs`."""
     if cfg.source == "synthetic":
         try:
-            return synthetic.generate_splits(
+            train, test = synthetic.generate_splits(
                 list(cfg.synthetic.tasks), cfg.synthetic.train_per_task, cfg.synthetic.test_per_task, seed
             )
+            return (synthetic.to_pairs(train, seed), synthetic.to_pairs(test, seed + 1)) if pairs else (train, test)
         except ValueError as exc:
             raise UserError(f"dataset.synthetic: {exc}") from None
     if cfg.source == "sites":
         # A site's own file (dataset.path, set from its node config) is all training
         # data; the server has no training data, only its test file.
-        train = read_records(cfg, cfg.path, cfg.split, cfg.limit, SITE_KEY) if cfg.path else []
-        test = [] if cfg.path else read_records(cfg, cfg.test_path, cfg.test_split or "test", 0, "dataset.test_path")
+        train = read_records(cfg, cfg.path, cfg.split, cfg.limit, SITE_KEY, pairs) if cfg.path else []
+        test_split = cfg.test_split or "test"
+        test = [] if cfg.path else read_records(cfg, cfg.test_path, test_split, 0, "dataset.test_path", pairs)
         if not train and not test:
             raise UserError(f"{cfg.path or cfg.test_path}: holds no records")
         return train, test
-    records = read_records(cfg, cfg.path, cfg.split, cfg.limit)
+    records = read_records(cfg, cfg.path, cfg.split, cfg.limit, pairs=pairs)
     if cfg.test_path or cfg.test_split:
         if not cfg.test_path and _is_local(cfg.path):
             raise UserError(
@@ -165,7 +174,7 @@ def load_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict[str, str]], l
                 "out dataset.test_fraction of the training file"
             )
         key = "dataset.test_path" if cfg.test_path else "dataset.path"
-        test = read_records(cfg, cfg.test_path or cfg.path, cfg.test_split or "test", 0, key)
+        test = read_records(cfg, cfg.test_path or cfg.path, cfg.test_split or "test", 0, key, pairs)
         if not records or not test:
             raise UserError(f"{cfg.path}: needs training and test records, found {len(records)} and {len(test)}")
         return records, test
@@ -180,4 +189,5 @@ def load_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict[str, str]], l
 
 
 def to_dataset(records: list[dict[str, str]]) -> Dataset:
-    return Dataset.from_dict({c: [r[c] for r in records] for c in COLUMNS})
+    columns = PAIR_COLUMNS if records and "chosen" in records[0] else COLUMNS
+    return Dataset.from_dict({c: [r[c] for r in records] for c in columns})

@@ -7,6 +7,7 @@ no download. Answers are short strings judged by exact match.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 
@@ -167,3 +168,47 @@ def generate_splits(
             f"synthetic task(s) {short} have too few distinct examples for train_per_task={train_per_task}"
         )
     return train, test
+
+
+def _off_by(answer: str, rng: random.Random, spread: int) -> str:
+    return str(int(answer) + rng.choice([d for d in range(-spread, spread + 1) if d]))
+
+
+def _words(instruction: str) -> list[str]:
+    return instruction.split(": ", 1)[1].split()
+
+
+def _other_order(words: list[str], wrong_of: list[str], rng: random.Random) -> str:
+    orders = [p for p in itertools.permutations(words) if list(p) != wrong_of]
+    return " ".join(rng.choice(orders))
+
+
+def wrong_answer(record: dict[str, str], rng: random.Random) -> str:
+    """A plausible wrong answer to a generated record: the mistake a model
+    learning that family would make (an off-by-a-few sum, the words in the
+    wrong order, a unit off by a factor of ten, ...). Never the right answer."""
+    family, answer, instruction = record["category"], record["output"], record["instruction"]
+    if family in ("add", "subtract"):
+        return _off_by(answer, rng, 10)
+    if family == "count_letters":
+        return _off_by(answer, rng, 2)
+    if family == "km_to_m":
+        return str(int(answer) // 10) if rng.random() < 0.5 else str(int(answer) * 10)
+    words = _words(instruction)
+    if family in ("reverse", "sort"):
+        return _other_order(words, answer.split(), rng)
+    if family == "uppercase":
+        return " ".join(words) if rng.random() < 0.5 else " ".join([words[0].upper(), *words[1:]])
+    if family == "last_word":
+        return rng.choice(words[:-1])
+    raise ValueError(f"no wrong answers for task family {family!r}")
+
+
+def to_pairs(records: list[dict[str, str]], seed: int) -> list[dict[str, str]]:
+    """Preference pairs: chosen = the record's answer, rejected = a plausible wrong one."""
+    rng = random.Random(f"pairs:{seed}")
+    return [
+        {"instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
+         "rejected": wrong_answer(r, rng), "category": r["category"]}
+        for r in records
+    ]  # fmt: skip

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedllm_flwr.config import Config, load_cfg, to_config
 from fedllm_flwr.errors import UserError
 
-TASKS = ("gsm8k", "humaneval", "rouge", "exact_match", "loss")
+TASKS = ("gsm8k", "humaneval", "rouge", "exact_match", "loss", "preference")
 #: The dataset preset a task reads when neither a run config nor `dataset=` names one.
 TASK_DATASET = {"gsm8k": "gsm8k", "rouge": "dolly"}
 
@@ -94,12 +94,13 @@ def evaluation_records(req: EvalRequest, cfg: Config) -> list[dict]:
         from fedllm_flwr.evaluate.humaneval import load_problems
 
         return load_problems(req.data, limit=req.limit)
+    pairs = req.task == "preference"
     if req.data is not None:
-        records = read_records(cfg.dataset, str(req.data), cfg.dataset.split, 0, key="--data")
+        records = read_records(cfg.dataset, str(req.data), cfg.dataset.split, 0, key="--data", pairs=pairs)
     else:
         if cfg.dataset.source != "file" and req.task in ("gsm8k", "rouge"):
             raise UserError(f"--task {req.task} needs data: give --data FILE or a dataset preset (e.g. dataset=dolly)")
-        _, records = load_records(cfg.dataset, cfg.seed)
+        _, records = load_records(cfg.dataset, cfg.seed, pairs)
     return spread_subset(records, req.limit) if req.limit else records
 
 
@@ -112,7 +113,10 @@ def load_for_eval(cfg: Config, adapter: Path | None):
     device = default_device()
     base_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base_path)
-    model = load_base_model(base_path, resolve_dtype(cfg.train.precision, device), device, cfg.model.quantization)
+    dtype = resolve_dtype(cfg.train.precision, device)
+    model = load_base_model(base_path, dtype, device, cfg.model.quantization, cfg.task.name)
+    if cfg.task.name == "reward":
+        model.config.pad_token_id = tokenizer.pad_token_id
     if adapter is not None:
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"--adapter {adapter}: no adapter_config.json there (point at adapter/final or a round)")
@@ -140,6 +144,11 @@ def evaluate_command(req: EvalRequest) -> dict[str, Any]:
         raise UserError(f"--adapter {req.adapter} is not a folder")
     quiet_third_party_output()
     cfg = resolve_config(req)
+    if (req.task == "preference") != (cfg.task.name == "reward"):
+        raise UserError(
+            f"--task {req.task} does not fit task={cfg.task.name}: --task preference scores reward models "
+            "(task=reward), the other tasks score language models"
+        )
     records = evaluation_records(req, cfg)
     if not records:
         raise UserError("no examples to evaluate")
@@ -149,14 +158,21 @@ def evaluate_command(req: EvalRequest) -> dict[str, Any]:
     print(f"[fedllm-flwr] {req.task}: {len(records)} examples, base {base_path}, "
           f"adapter {req.adapter or 'none'}", file=sys.stderr, flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    if req.task == "loss":
+    if req.task == "preference":
+        from fedllm_flwr.reward import PairSet, evaluate_preferences
+
+        data = PairSet(records, tokenizer, cfg.dataset.max_seq_len)
+        metrics = evaluate_preferences(model, data, tokenizer.pad_token_id, cfg.eval.batch_size)
+        metrics["dropped"] = data.dropped
+        samples: list[dict] = []
+    elif req.task == "loss":
         from fedllm_flwr.data.prompts import tokenize_records
         from fedllm_flwr.evaluate.loss import evaluate_loss
 
         data = tokenize_records(records, tokenizer, cfg.dataset.max_seq_len)
         metrics = evaluate_loss(model, data, tokenizer.pad_token_id, cfg.eval.batch_size)
         metrics.update({"num-examples": len(data), "dropped": data.dropped})
-        samples: list[dict] = []
+        samples = []
     else:
         metrics, samples = run_generation_task(
             req.task, model, tokenizer, records, cfg.eval, desc=req.task, num_samples=req.num_samples,
