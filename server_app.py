@@ -17,13 +17,13 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_cfg(context.run_config)
-        if cfg.run.warm_up:
-            send_warm_up(grid)  # simulation workers start up while this process imports the ML stack
+        # Simulation workers start up while this process imports the ML stack.
+        warm_ups = send_warm_up(grid) if cfg.run.warm_up else []
         from fedllm_flwr import quiet_third_party_output
         from fedllm_flwr.server import run_server
 
         quiet_third_party_output()
-        run_server(grid, cfg)
+        run_server(grid, cfg, warm_ups)
     except UserError as exc:
         # One clear line in the run's log. Raising fails the run (`flwr ls` shows
         # it with this message); re-raised bare, the traceback stays short.

@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_ad
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters, build_strategy
 from fedllm_flwr.transport import EMULATOR_ID_KEY, arrays_to_state, emulator_record, state_to_arrays
+from fedllm_flwr.warmup import await_warm_up
 
 INFO, WARNING = logging.INFO, logging.WARNING
 
@@ -310,8 +311,9 @@ def resume_run(cfg: Config, strategy: AdapterFedAvg) -> tuple[RunDir, int, Array
     return run_dir, done, ArrayRecord({k: Array(v) for k, v in adapter.items()})
 
 
-def run_server(grid: Grid, cfg: Config) -> RunDir:
-    """Run the configured federated job to the end; returns the finished run folder."""
+def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
+    """Run the configured federated job to the end; returns the finished run folder.
+    `warm_ups`: ids of warm-up messages in flight, answered before the first round."""
     t_start = time.perf_counter()
     records(cfg)  # read and check the whole data set before the (slower) model
     log(INFO, "[fedllm-flwr] loading base model %s (a GGUF is converted once, ~20 s)", cfg.model.name)
@@ -379,6 +381,8 @@ def run_server(grid: Grid, cfg: Config) -> RunDir:
             return None  # a resumed run: round `done` was evaluated and logged already
         return evaluator(server_round + done, arrays)
 
+    if warm_ups:
+        await_warm_up(grid, list(warm_ups), cfg.strategy.round_timeout)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,

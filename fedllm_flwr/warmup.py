@@ -8,6 +8,13 @@ workers do their start-up at the same time as the server's. Only in
 simulation: a deployed SuperNode starts a fresh ClientApp process for every
 message, so warming one up would only cost the site its start-up twice.
 
+The server waits for the warm-ups' replies before its first round: Flower's
+simulation may run two messages for the same node at once, each on its own
+worker, and writes each one's node context back when it ends, so a warm-up
+still running when a round starts could overwrite what the round's messages
+keep in the node's state (SecAgg+'s protocol state, error feedback, private
+adapter tensors) with its stale copy.
+
 Light on purpose: the ServerApp calls this before importing the ML stack.
 """
 
@@ -28,11 +35,11 @@ def is_simulation(grid: Grid) -> bool:
     return type(grid).__name__ == "InMemoryGrid"
 
 
-def send_warm_up(grid: Grid, wait: float = 3.0) -> int:
+def send_warm_up(grid: Grid, wait: float = 3.0) -> list[str]:
     """Push a warm-up QUERY to the first connected nodes without waiting for
-    replies; returns how many were sent (0 outside simulation)."""
+    replies; returns their message ids (none outside simulation)."""
     if not is_simulation(grid):
-        return 0
+        return []
     deadline = time.monotonic() + wait
     nodes = list(grid.get_node_ids())
     while not nodes and time.monotonic() < deadline:  # the simulation registers its nodes as the server starts
@@ -42,6 +49,15 @@ def send_warm_up(grid: Grid, wait: float = 3.0) -> int:
     messages = [
         Message(content, dst_node_id=node, message_type=MessageType.QUERY) for node in sorted(nodes)[:MAX_NODES]
     ]
-    if messages:
-        grid.push_messages(messages)
-    return len(messages)
+    return list(grid.push_messages(messages)) if messages else []
+
+
+def await_warm_up(grid: Grid, message_ids: list[str], timeout: float, poll: float = 0.1) -> int:
+    """Wait until every warm-up in `message_ids` was answered (or `timeout`
+    seconds passed); returns how many were. Their replies are dropped."""
+    pending, deadline = set(message_ids), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        pending -= {reply.metadata.reply_to_message_id for reply in grid.pull_messages(pending)}
+        if pending:
+            time.sleep(poll)
+    return len(message_ids) - len(pending)

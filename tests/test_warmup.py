@@ -7,7 +7,7 @@ from conftest import ROOT
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedllm_flwr.model import _BUNDLES, clear_model_cache
-from fedllm_flwr.warmup import MAX_NODES, WARM_UP_KEY, send_warm_up
+from fedllm_flwr.warmup import MAX_NODES, WARM_UP_KEY, await_warm_up, send_warm_up
 
 
 class Recorder:
@@ -28,12 +28,34 @@ class InMemoryGrid(Recorder):  # the name Flower's simulation grid has
 
 def test_warm_up_goes_to_simulated_nodes_only_and_to_a_few_of_them(task_identity):
     deployed = Recorder([1, 2])
-    assert send_warm_up(deployed) == 0 and deployed.pushed == []  # a SuperNode would start a process for nothing
+    assert send_warm_up(deployed) == [] and deployed.pushed == []  # a SuperNode would start a process for nothing
     simulated = InMemoryGrid(list(range(100, 100 + 3 * MAX_NODES)))
-    assert send_warm_up(simulated) == MAX_NODES
+    assert len(send_warm_up(simulated)) == MAX_NODES
     assert all(m.metadata.message_type == MessageType.QUERY for m in simulated.pushed)
     assert all(m.content["config"][WARM_UP_KEY] == 1 for m in simulated.pushed)
-    assert send_warm_up(InMemoryGrid([]), wait=0.1) == 0
+    assert send_warm_up(InMemoryGrid([]), wait=0.1) == []
+
+
+class SlowReplies(Recorder):
+    """A simulation grid that answers one pending warm-up per pull."""
+
+    def pull_messages(self, message_ids):
+        self.pulls = getattr(self, "pulls", 0) + 1
+        first = sorted(message_ids)[:1]
+        return [Message(RecordDict(), reply_to=m) for m in self.pushed if m.metadata.message_id in first]
+
+
+def test_the_first_round_waits_until_every_warm_up_was_answered(task_identity):
+    grid = type("InMemoryGrid", (SlowReplies,), {})([1, 2, 3])
+    ids = send_warm_up(grid)
+    for i, m in zip(ids, grid.pushed, strict=True):
+        m.metadata.__dict__["_message_id"] = i
+    assert await_warm_up(grid, ids, timeout=5, poll=0) == 3 and grid.pulls == 3
+    grid.pulls = 0
+    assert await_warm_up(InMemoryGrid([1]), [], timeout=5) == 0  # nothing sent, nothing to wait for
+    unanswered = InMemoryGrid([1])
+    unanswered.pull_messages = lambda ids: []
+    assert await_warm_up(unanswered, ["a", "b"], timeout=0.2, poll=0.05) == 0  # a lost warm-up does not hang the run
 
 
 def query(overrides: str, node_config=None):
