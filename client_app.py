@@ -10,9 +10,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 PRIVATE_KEY = "private-adapter"  # this node's unshared adapter tensors (partial sharing)
+CLIPPING_NORM_KEY = "clipping_norm"  # in the train config under privacy=dp (Flower's KEY_CLIPPING_NORM)
 FEEDBACK_KEY = "error-feedback"  # what lossy uplink compression left out of this node's updates
 
-app = ClientApp()
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
+    """privacy=secagg: Flower's SecAgg+ client mod, for the protocol's messages only."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    from flwr.client.mod import secaggplus_mod
+
+    return secaggplus_mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 @app.train()
@@ -44,8 +57,13 @@ def train(msg: Message, context: Context) -> Message:
     state, private = split_private(cfg, state)
     if private:
         context.state[PRIVATE_KEY] = state_to_arrays(private)
+    if cfg.privacy.name == "secagg":  # the update, flat, for secaggplus_mod to mask
+        from fedllm_flwr.transport import secagg_reply
+
+        return Message(content=secagg_reply(state, received, metrics), reply_to=msg)
     feedback = _feedback(cfg, context)
-    reply = pack_update(state, received, up, feedback)
+    clip = config.get(CLIPPING_NORM_KEY)  # privacy=dp: Flower's DP wrapper sends the norm
+    reply = pack_update(state, received, up, feedback, float(clip) if clip is not None else None)
     if feedback is not None:
         context.state[FEEDBACK_KEY] = ArrayRecord({"residual": Array(feedback.residual)})
     reply["metrics"] = MetricRecord(metrics)

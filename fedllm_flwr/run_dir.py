@@ -9,6 +9,7 @@ directory never decides where results land.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -128,4 +129,15 @@ class RunDir:
         return kept
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        """summary.json; non-finite figures (an epsilon without noise) become null, as in metrics.jsonl."""
+        (self.path / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

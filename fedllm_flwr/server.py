@@ -184,14 +184,20 @@ class ServerEvaluator:
         return MetricRecord({k: float(v) for k, v in results.items()}) if results else None
 
 
-def discover_nodes(grid: Grid, cfg: Config) -> dict[int, dict[str, Any]]:
-    """Ask every connected node for its partition and main data category (a QUERY
-    message each), once `strategy.min_available_nodes` are connected."""
+def connected_nodes(grid: Grid, cfg: Config) -> list[int]:
+    """The connected nodes, once `strategy.min_available_nodes` are (or the round timeout passed)."""
     deadline = time.monotonic() + cfg.strategy.round_timeout
     nodes = list(grid.get_node_ids())
     while len(nodes) < cfg.strategy.min_available_nodes and time.monotonic() < deadline:
         time.sleep(1.0)
         nodes = list(grid.get_node_ids())
+    return nodes
+
+
+def discover_nodes(grid: Grid, cfg: Config) -> dict[int, dict[str, Any]]:
+    """Ask every connected node for its partition and main data category (a QUERY
+    message each), once `strategy.min_available_nodes` are connected."""
+    nodes = connected_nodes(grid, cfg)
     messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     info = {}
     for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
@@ -273,6 +279,34 @@ def offsite_summary(offsite, strategy: AdapterFedAvg, first: dict, last: dict, p
         "emu-score-round-0": first.get(f"emu-{primary}") if primary else None,
         "emu-score-final": last.get(f"emu-{primary}") if primary else None,
     }
+
+
+def privacy_summary(cfg: Config, runner) -> dict | None:
+    if cfg.privacy.name == "none":
+        return None
+    out: dict[str, Any] = {"name": cfg.privacy.name}
+    if cfg.privacy.name == "dp":
+        budget = runner.budget
+        out.update({"epsilon": budget.epsilon(), "delta": budget.delta, "releases": budget.rounds,
+                    "noise-multiplier": budget.noise_multiplier, "clipping-norm": cfg.privacy.clipping_norm,
+                    "sample-rate": budget.sample_rate, "sampled-clients": runner.num_sampled_clients})  # fmt: skip
+    return out
+
+
+def private_runner(grid: Grid, cfg: Config, strategy: AdapterFedAvg):
+    """What runs the rounds: `strategy`, or under privacy=dp Flower's DP wrapper around it
+    (noise for the expected number of sampled clients, n = q N)."""
+    if cfg.privacy.name != "dp":
+        return strategy
+    from fedllm_flwr.strategy.privacy import AccountedClientSideDP
+
+    p, s = cfg.privacy, cfg.strategy
+    population = len(connected_nodes(grid, cfg))
+    rate = s.fraction_train * (s.available_p if s.availability == "uniform" else 1.0)
+    sampled = max(1, round(rate * population))
+    log(INFO, "[fedllm-flwr] privacy=dp: clip %g, noise multiplier %g, %s of %s clients a round (q=%.3f), delta %g",
+        p.clipping_norm, p.noise_multiplier, sampled, population, rate, p.delta)  # fmt: skip
+    return AccountedClientSideDP(strategy, p.noise_multiplier, p.clipping_norm, sampled, rate, p.delta)
 
 
 def resume_run(cfg: Config, strategy: AdapterFedAvg) -> tuple[RunDir, int, ArrayRecord]:
@@ -381,9 +415,10 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
             return None  # a resumed run: round `done` was evaluated and logged already
         return evaluator(server_round + done, arrays)
 
+    runner = private_runner(grid, cfg, strategy)
     if warm_ups:
         await_warm_up(grid, list(warm_ups), cfg.strategy.round_timeout)
-    result = strategy.start(
+    result = runner.start(
         grid=grid,
         initial_arrays=initial_arrays,
         num_rounds=cfg.rounds_to_run - done,
@@ -426,6 +461,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
             "base-model": bundle.base_path,
             "personalization": personalization,
             "fedot": offsite_summary(offsite, strategy, first, last, evaluator.primary) if offsite else None,
+            "privacy": privacy_summary(cfg, runner),
         }
     )
     log(INFO, "[fedllm-flwr] done in %.1f s; adapter saved to %s", time.perf_counter() - t_start, final)

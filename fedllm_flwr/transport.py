@@ -85,11 +85,31 @@ def pack(
 
 
 def pack_update(
-    state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], codec: Codec, feedback: ErrorFeedback | None
+    state: dict[str, torch.Tensor],
+    received: dict[str, torch.Tensor],
+    codec: Codec,
+    feedback: ErrorFeedback | None,
+    clip: float | None = None,
 ) -> RecordDict:
-    """A client's reply: its trained adapter minus the adapter it received, encoded."""
-    update = {k: (state[k].float() - received[k].float()) for k in received}
+    """A client's reply: its trained adapter minus the adapter it received, encoded
+    (and first scaled to L2 norm `clip`, under differential privacy)."""
+    update = {k: (state[k].float() - received[k].float()).numpy() for k in received}
+    if clip is not None:
+        from fedllm_flwr.dp import clip_update
+
+        update, _ = clip_update(update, clip)
     return pack(update, codec, relative=True, feedback=feedback)
+
+
+def secagg_reply(state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], metrics: dict) -> RecordDict:
+    """privacy=secagg: the update as one flat fp32 vector in Flower's legacy FitRes
+    layout, which the SecAgg+ client mod quantizes and masks before it leaves."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    flat = np.concatenate([(state[k].float() - received[k].float()).numpy().reshape(-1) for k in received])
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([flat]), int(metrics["num-examples"]), dict(metrics))
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
 
 
 def _read_manifest(content: RecordDict) -> tuple[Manifest, ConfigRecord]:

@@ -65,6 +65,12 @@ def test_authenticated_sites_federate_and_an_unregistered_node_is_refused(tiny_m
         listing = dep.flwr("ls", "--format", "json", log_name="ls.log").stdout
         runs = json.loads(listing[listing.index("{") :])["runs"]
         assert runs[0]["status"] == "finished:completed"
+        # The same sites again under SecAgg+: each protocol stage is a message to every site.
+        result = dep.run(ROOT, overrides.replace("run.name=d", "run.name=s") + " privacy=secagg num_rounds=1",
+                         timeout=400)  # fmt: skip
+        assert "[fedllm-flwr] done in" in result.stdout, result.stdout[-3000:]
+    secure = run_rows(out / "s")[1]
+    assert secure["clients-ok"] == 2 and secure["clients-failed"] == 0 and secure["secagg-clients"] == 2
     rows = run_rows(out / "d")
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:

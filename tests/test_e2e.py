@@ -355,3 +355,43 @@ def test_a_reward_model_federates_and_reports_preference_accuracy(sim, tiny_mode
 
     final = out / "rm" / "adapter" / "final" / ("client_0" if scenario == "local" else "")
     AutoPeftModelForSequenceClassification.from_pretrained(str(final), num_labels=1)
+
+
+def test_differential_privacy_clips_noises_and_accounts_every_round(sim, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs"
+    clip = 0.01  # below any update the tiny model makes in 2 steps, so every one is clipped
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "privacy=dp", "privacy.noise_multiplier=0.5",
+         f"privacy.clipping_norm={clip}", "eval.every=2", f"run.output_dir={out}", "run.name=dp"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    rows = [json.loads(line) for line in (out / "dp" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and 0 < r["update-norm-max"] <= clip * (1 + 1e-6)
+        assert r["noise-std"] == pytest.approx(0.5 * clip / 2)
+    assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] and rows[2]["delta"] == 1e-5
+    summary = json.loads((out / "dp" / "summary.json").read_text())["privacy"]
+    assert summary["epsilon"] == pytest.approx(rows[2]["epsilon"], rel=1e-5)
+    assert summary["releases"] == 2 and summary["sample-rate"] == 1.0
+
+
+def test_secure_aggregation_runs_in_simulation(sim, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs"
+    nodes = ["strategy.min_available_nodes=3", "strategy.min_train_nodes=3", "strategy.min_evaluate_nodes=3"]
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, *nodes, "num_rounds=2", "privacy=secagg", "eval.every=2",
+         "strategy.fraction_evaluate=0", f"run.output_dir={out}", "run.name=secagg"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=3, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    rows = [json.loads(line) for line in (out / "secagg" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 3 and r["clients-failed"] == 0, result.stdout[-3000:]
+        assert r["bytes-up"] > 0 and r["train-loss"] > 0
+    assert rows[2]["eval-loss"] is not None
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "secagg" / "adapter" / "final" / "adapter_model.safetensors")
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # the unmasked mean was applied

@@ -47,6 +47,10 @@ def build_strategy(cfg: Config) -> AdapterFedAvg:
         kind, extra = RobustAggregate, {"kind": s.name, "trim": s.trim}
     elif s.name == "mifa":
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all}
+    if cfg.privacy.name == "secagg":  # fedavg or fedprox in the fed scenario (config checks)
+        from fedllm_flwr.strategy.secagg import SecAggFedAvg
+
+        kind, extra = SecAggFedAvg, {"secagg": cfg.privacy}
     # fedavg and fedprox aggregate alike; fedprox's term is in the clients' loss.
     down, up = codecs(cfg.compression)
     strategy = kind(

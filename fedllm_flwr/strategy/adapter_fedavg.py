@@ -79,6 +79,15 @@ class AdapterFedAvg(FedAvg):
         self.sent: dict[int, dict[str, np.ndarray]] = {}
         """What each node was sent to train on this round, as it decodes it (the
         base its relative reply is added to)."""
+        self.clip_norm: float | None = None
+        """privacy=dp: the L2 bound every client's update must keep; the server
+        enforces it on the decoded update (codec rounding may add a hair) and
+        refuses replies that are not updates."""
+        self.uniform_weights = False
+        """privacy=dp: every reply weighs the same (the noise is calibrated to a
+        client moving the mean by at most clip_norm / n)."""
+        self._norms: list[float] = []
+        self._reclipped = 0
         self.ledger = RoundLedger()
         self._expected: list[tuple[str, tuple[int, ...]]] = []
         self.availability: Availability | None = None
@@ -163,11 +172,26 @@ class AdapterFedAvg(FedAvg):
         or the adapter itself when the reply is not relative. ValueError if invalid."""
         values = unpack(content, self._expected, self.up if is_relative(content) else None)
         if not is_relative(content):
+            if self.clip_norm is not None:
+                raise ValueError("privacy=dp needs a clipped update, and the reply is a whole adapter")
             return values
         base = self.sent.get(node)
         if base is None:
             raise ValueError("the reply is an update, but this node was sent no adapter to train this round")
+        if self.clip_norm is not None:
+            values = self.enforce_clip(values)
         return {k: base[k] + v for k, v in values.items()}
+
+    def enforce_clip(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The update within the DP clipping norm, its norm logged for the round."""
+        from fedllm_flwr.dp import clip_update, update_norm
+
+        norm = update_norm(update)
+        clipped, _ = clip_update(update, self.clip_norm)
+        self._norms.append(min(norm, update_norm(clipped)))
+        if norm > self.clip_norm:
+            self._reclipped += 1
+        return clipped
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -203,6 +227,7 @@ class AdapterFedAvg(FedAvg):
     def validated(self, server_round: int, replies: Iterable[Message]) -> list[ValidReply]:
         """Replies that may be used, after logging and counting the others."""
         valid, failed, failed_nodes = [], 0, []
+        self._norms, self._reclipped = [], 0
         replies = list(replies)
         sampled = self.sampled.pop(server_round, set())
         for msg in replies:
@@ -228,7 +253,7 @@ class AdapterFedAvg(FedAvg):
                 self.ledger.add(server_round, "clients-dropped", 1)
                 log(WARNING, "Round %s: reply from node %s dropped: %s", server_round, node, exc)
                 continue
-            valid.append(ValidReply(node, state, float(weight), msg.content))
+            valid.append(ValidReply(node, state, 1.0 if self.uniform_weights else float(weight), msg.content))
             self.delivered.add(node)
         # Replies arrive in any order; a fixed one makes the fp32 sums reproducible.
         valid.sort(key=lambda r: (_partition(r.content), r.node_id))
@@ -238,6 +263,9 @@ class AdapterFedAvg(FedAvg):
             log(WARNING, "Round %s: node %s did not answer (it left, or the round timed out)", server_round, node)
         failed += len(silent)
         failed_nodes += silent
+        if self._norms:  # privacy=dp: the update norms the mean was taken over
+            self.ledger.set(server_round, "update-norm-max", max(self._norms))
+            self.ledger.set(server_round, "updates-reclipped", self._reclipped)
         self.ledger.set(server_round, "clients-ok", len(valid))
         self.ledger.add(server_round, "clients-failed", failed)
         if failed_nodes:

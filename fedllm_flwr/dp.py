@@ -1,0 +1,59 @@
+"""Differential privacy for adapter updates: clipping and the privacy budget.
+
+No Flower here. A client's update (its trained adapter minus the one it was
+sent, every shared tensor as one vector) is scaled to L2 norm at most C, so
+one client changes the mean of n updates by at most C / n; the server then
+adds N(0, (z C / n)^2) noise per coordinate (Flower's client-side fixed
+clipping wrapper, `fedllm_flwr.strategy.privacy`). That is the Gaussian
+mechanism with noise multiplier z at the level of a client (DP-FedAvg,
+McMahan et al. 2018): the guarantee covers everything a client holds.
+
+The budget is tracked with Opacus's RDP accountant: one subsampled Gaussian
+step per round at sampling rate q (the chance a client takes part in a
+round), converted to (epsilon, delta).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def clip_update(update: dict[str, np.ndarray], clipping_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """`update` scaled to L2 norm at most `clipping_norm` (all tensors as one
+    vector), and the norm it had. Kept in float64 while scaling, so the clipped
+    norm does not exceed the bound by rounding."""
+    norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.values()))
+    if norm <= clipping_norm:
+        return update, norm
+    factor = clipping_norm / norm * (1 - 1e-6)  # float32 storage must not round back above the bound
+    return {k: (v.astype(np.float64) * factor).astype(np.float32) for k, v in update.items()}, norm
+
+
+def update_norm(update: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.values()))
+
+
+class PrivacyBudget:
+    """(epsilon, delta) spent so far by `rounds` Gaussian releases at noise
+    multiplier z and sampling rate q (Opacus's RDP accountant)."""
+
+    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float) -> None:
+        from opacus.accountants import RDPAccountant
+
+        self.noise_multiplier, self.sample_rate, self.delta = noise_multiplier, sample_rate, delta
+        self._accountant = RDPAccountant()
+        self.rounds = 0
+
+    def step(self) -> None:
+        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.rounds += 1
+
+    def epsilon(self) -> float:
+        """Epsilon at `delta` after the rounds so far (inf without noise, 0 before any)."""
+        if self.rounds == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        return float(self._accountant.get_epsilon(delta=self.delta))

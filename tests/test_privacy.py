@@ -1,0 +1,237 @@
+"""Privacy: differential privacy (clipping, noise, budget) and secure aggregation (SecAgg+)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+from fedllm_flwr.compression import Codec
+from fedllm_flwr.config import load_cfg
+from fedllm_flwr.dp import PrivacyBudget, clip_update, update_norm
+from fedllm_flwr.errors import UserError
+from fedllm_flwr.strategy import AdapterFedAvg
+from fedllm_flwr.strategy.privacy import AccountedClientSideDP
+from fedllm_flwr.transport import manifest_of, pack, pack_update, unpack
+
+FP16 = Codec("fp16")
+
+
+@pytest.fixture(autouse=True)
+def _messages(task_identity):
+    pass
+
+
+def adapter(seed=0, scale=0.02, size=4000):
+    rng = np.random.default_rng(seed)
+    return {f"layers.{i}.lora_{ab}.weight": (rng.standard_normal(size // 4) * scale).astype(np.float32)
+            for i in range(2) for ab in "AB"}  # fmt: skip
+
+
+def test_clipping_bounds_the_norm_and_leaves_small_updates_alone():
+    update = adapter(scale=1.0)
+    clipped, norm = clip_update(update, 0.5)
+    assert norm > 0.5 and update_norm(clipped) <= 0.5
+    direction = np.concatenate(list(clipped.values())) / np.concatenate(list(update.values()))
+    assert np.allclose(direction, direction[0])  # scaled, not reshaped
+    small = adapter(scale=1e-4)
+    same, _ = clip_update(small, 0.5)
+    assert same is small
+
+
+def test_the_budget_grows_with_rounds_and_shrinks_with_noise_and_sampling():
+    def eps(z, q, rounds):
+        budget = PrivacyBudget(z, q, 1e-5)
+        for _ in range(rounds):
+            budget.step()
+        return budget.epsilon()
+
+    assert eps(1.0, 1.0, 0) == 0.0 and math.isinf(eps(0.0, 1.0, 1))
+    assert eps(1.0, 1.0, 1) < eps(1.0, 1.0, 3) < eps(1.0, 1.0, 10)
+    assert eps(2.0, 1.0, 3) < eps(1.0, 1.0, 3)
+    assert eps(1.0, 0.5, 3) < eps(1.0, 1.0, 3)
+
+
+def train_reply(node: int, content: RecordDict, n: int = 10) -> Message:
+    content["metrics"] = MetricRecord({"num-examples": n, "train-loss": 1.0})
+    sent = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=sent)
+
+
+def dp_strategy(noise=1.0, clip=0.1, clients=3):
+    global_state = adapter(seed=9)
+    inner = AdapterFedAvg(min_available_nodes=1, min_train_nodes=1)
+    inner._expected = manifest_of(global_state)
+    runner = AccountedClientSideDP(inner, noise, clip, clients, 1.0, 1e-5)
+    for node in range(1, clients + 1):
+        inner.sent[node] = unpack(pack(global_state, FP16))
+    return runner, inner
+
+
+def test_the_server_never_averages_an_update_above_the_clipping_norm():
+    runner, inner = dp_strategy(noise=0.0, clip=0.1)
+    inner.up = Codec(
+        "fp32"
+    )  # fp16 rounding could lift a clipped norm a hair above the bound (the server clips that too)
+    base = {k: torch.from_numpy(v) for k, v in inner.sent[1].items()}
+    replies = []
+    for node, scale in ((1, 0.001), (2, 0.05), (3, 0.5)):
+        trained = {k: v + scale * torch.randn_like(v) for k, v in base.items()}
+        clip = 0.1 if node != 3 else None  # node 3 ignores the norm it was sent
+        replies.append(train_reply(node, pack_update(trained, base, inner.up, None, clip), n=10 * node))
+    arrays, _ = runner.aggregate_train(1, replies)
+    row = inner.ledger.pop(1)
+    assert row["update-norm-max"] <= 0.1 and row["updates-reclipped"] == 1 and row["clients-ok"] == 3
+    mean = {k: arrays[k].numpy() - inner.sent[1][k] for k in arrays}
+    assert update_norm(mean) <= 0.1  # equal weights: each clipped update counts 1/3, whatever num-examples says
+    assert row["epsilon"] is not None and math.isinf(row["epsilon"])  # no noise, no privacy
+
+
+def test_the_noise_on_the_mean_has_the_configured_spread_and_the_budget_is_logged():
+    runner, inner = dp_strategy(noise=2.0, clip=0.1, clients=3)
+    base = {k: torch.from_numpy(v) for k, v in inner.sent[1].items()}
+    replies = [train_reply(n, pack_update(base, base, FP16, None, 0.1)) for n in (1, 2, 3)]  # zero updates
+    arrays, _ = runner.aggregate_train(1, replies)
+    noise = np.concatenate([arrays[k].numpy() - inner.sent[1][k] for k in arrays])
+    assert noise.std() == pytest.approx(2.0 * 0.1 / 3, rel=0.1)
+    row = inner.ledger.pop(1)
+    assert 0 < row["epsilon"] < math.inf and row["delta"] == 1e-5 and row["noise-std"] == pytest.approx(0.2 / 3)
+
+
+def test_a_failed_client_skips_the_round_as_flowers_dp_wrapper_does():
+    from flwr.app import Error
+
+    runner, inner = dp_strategy(clients=2)
+    base = {k: torch.from_numpy(v) for k, v in inner.sent[1].items()}
+    failed = Message(
+        Error(code=0, reason="gone"), reply_to=Message(RecordDict(), dst_node_id=2, message_type=MessageType.TRAIN)
+    )
+    arrays, _ = runner.aggregate_train(1, [train_reply(1, pack_update(base, base, FP16, None, 0.1)), failed])
+    assert arrays is None and runner.budget.rounds == 0  # nothing released, nothing spent
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["privacy=dp", "scenario=local"], "aggregates nothing"),
+        (["privacy=dp", "strategy=median"], "robust aggregators"),
+        (["privacy=dp", "strategy=fedadam"], "sensitivity"),
+        (["privacy=secagg", "compression=topk"], "masked integer vectors"),
+        (["privacy=dp", "strategy.availability=per_client", "strategy.available_per_client=[1.0,0.5]"], "uniformly"),
+    ],
+)
+def test_unsound_combinations_are_refused(tiny_model_dir, overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, *overrides])
+
+
+def test_dp_composes_with_compression():
+    cfg = load_cfg(["privacy=dp", "compression=int8"])
+    assert cfg.privacy.name == "dp" and cfg.compression.up == "int8"
+
+
+# -- secure aggregation -------------------------------------------------------------------
+
+
+class LocalGrid:
+    """The ClientApp (with its SecAgg+ mod) in this process, one Context per node;
+    `drop` makes (stage, node) pairs fail, as a node leaving mid-protocol would."""
+
+    def __init__(self, overrides: str, nodes: int, drop=()):
+        from flwr.app import Context
+
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": nodes},
+                             state=RecordDict(), run_config={"overrides": overrides})
+            for i in range(nodes)
+        }  # fmt: skip
+        self.drop, self.seen = set(drop), []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+        import client_app
+
+        out = []
+        for message in messages:
+            message = own_copy(message)
+            node = message.metadata.dst_node_id
+            stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get("stage", "")
+            if (stage, node) in self.drop:
+                out.append(Message(Error(code=0, reason="left"), reply_to=message))
+                continue
+            reply = client_app.app(message, self.contexts[node])
+            self.seen.append((stage, reply.content))
+            out.append(reply)
+        return out
+
+
+def own_copy(message: Message) -> Message:
+    """What a node receives over the wire: its own records (the SecAgg+ mod pops keys off the config)."""
+    from flwr.app import ConfigRecord
+
+    content = RecordDict(dict(message.content.items()))
+    for key, record in message.content.config_records.items():
+        content[key] = ConfigRecord(dict(record.items()))
+    m = message.metadata
+    return Message(content, dst_node_id=m.dst_node_id, message_type=m.message_type, group_id=m.group_id)
+
+
+def secure_round(tiny_model_dir, drop=()):
+    """One SecAgg+ round on 3 tiny clients, and the plain weighted mean of the same updates."""
+    from fedllm_flwr.client import local_train
+    from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
+    from fedllm_flwr.strategy import build_strategy
+    from fedllm_flwr.strategy.secagg import SecAggGrid
+    from fedllm_flwr.transport import state_to_arrays
+
+    clear_model_cache()
+    overrides = [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=secagg", "privacy.max_weight=100",
+                 "strategy.min_available_nodes=3", "strategy.min_train_nodes=3", "peft.dropout=0.0"]  # fmt: skip
+    cfg = load_cfg(overrides)
+    start = get_adapter_state(build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).model)
+    strategy = build_strategy(cfg)
+    grid = LocalGrid(" ".join(overrides), 3, drop)
+    arrays = state_to_arrays(start)
+    from flwr.app import ConfigRecord
+
+    messages = strategy.configure_train(1, arrays, ConfigRecord({"num-rounds": 1}), grid)
+    replies = SecAggGrid(grid, strategy).send_and_receive(messages)
+    new, _ = strategy.aggregate_train(1, replies)
+    received = {k: torch.from_numpy(v) for k, v in next(iter(strategy.sent.values())).items()}
+    kept = [i for i in range(3) if ("collect_masked_vectors", 100 + i) not in set(drop)]
+    updates, weights = [], []
+    for pid in kept:
+        state, metrics = local_train(cfg, received, 1, pid, 3)
+        updates.append({k: (state[k] - received[k]).numpy() for k in received})
+        weights.append(metrics["num-examples"])
+    plain = {
+        k: received[k].numpy() + sum(w * u[k] for w, u in zip(weights, updates, strict=True)) / sum(weights)
+        for k in received
+    }
+    return strategy, grid, new, plain
+
+
+def test_secure_aggregation_gives_the_plain_weighted_mean_within_its_quantization(tiny_model_dir):
+    strategy, grid, new, plain = secure_round(tiny_model_dir)
+    # 3 clients x half a step of 16 / 2**22, over the sum of their weights / max_weight (~1.1 here)
+    assert max(float(np.abs(new[k].numpy() - plain[k]).max()) for k in plain) < 2e-5
+    assert any(float(np.abs(new[k].numpy() - plain[k]).max()) > 0 for k in plain)  # it did quantize
+    row = strategy.ledger.pop(1)
+    assert row["clients-ok"] == 3 and row["clients-failed"] == 0 and row["bytes-up"] > 0
+    # What left a client in the masked stage carries no adapter arrays, only the masked vector.
+    masked = [content for stage, content in grid.seen if stage == "collect_masked_vectors"]
+    assert len(masked) == 3 and all(len(a) == 0 for c in masked for a in c.array_records.values())
+
+
+def test_secure_aggregation_survives_a_client_leaving_mid_protocol(tiny_model_dir):
+    strategy, grid, new, plain = secure_round(tiny_model_dir, drop=[("collect_masked_vectors", 102)])
+    assert max(float(np.abs(new[k].numpy() - plain[k]).max()) for k in plain) < 2e-5  # the mean of the two left
+    row = strategy.ledger.pop(1)
+    assert row["clients-ok"] == 2 and row["clients-failed"] == 1 and row["failed-nodes"] == "102"
