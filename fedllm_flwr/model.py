@@ -326,14 +326,32 @@ def build_model(
         for name, param in model.named_parameters():
             if ".ranknum." in name:  # AdaLoRA's constant rank divisor; peft leaves it trainable
                 param.requires_grad_(False)
-            elif param.requires_grad and param.dtype != torch.float32:  # prompt encoders: base dtype
+            elif param.requires_grad and param.dtype != torch.float32:  # prompt encoders, heads: base dtype
                 param.data = param.data.float()
+        if task == "reward":
+            _feed_heads_their_dtype(model)
         model.eval()  # dropout only inside train_steps
         # What `save_pretrained` writes into adapter_config.json: a folder or hub id
         # that loads offline, so AutoPeftModelForCausalLM works on the saved adapter.
         model.peft_config["default"].base_model_name_or_path = base_path
         _BUNDLES[key] = ModelBundle(model, tokenizer, base_path, device, dtype, get_adapter_state(model))
     return _BUNDLES[key]
+
+
+def _cast_to_weight_dtype(module: torch.nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    if x.is_floating_point() and x.dtype != module.weight.dtype:
+        return (x.to(module.weight.dtype), *args[1:])
+    return None
+
+
+def _feed_heads_their_dtype(model: PeftModel) -> None:
+    """A trained head (peft's modules_to_save, e.g. a reward model's score) keeps
+    fp32 weights on a bf16/fp16 base: cast what reaches it to its own dtype (so
+    rewards come out in fp32). peft does this for its adapter layers, not for these."""
+    for name, module in model.named_modules():
+        if ".modules_to_save." in f".{name}." and isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(_cast_to_weight_dtype)
 
 
 def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -69,6 +69,19 @@ def test_the_head_trains_with_the_adapter_and_travels_in_its_state(reward_cfg):
     assert 0.0 <= scores["eval-preference-accuracy"] <= 1.0 and math.isfinite(scores["eval-margin"])
 
 
+def test_on_a_bf16_base_the_head_stays_fp32_and_scores_in_fp32(reward_cfg):
+    cfg = reward_cfg("train.precision=bf16")
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task="reward")
+    assert next(p for n, p in bundle.model.named_parameters() if "embed" in n).dtype == torch.bfloat16
+    state = get_adapter_state(bundle.model)
+    trained, metrics = local_train(cfg, state, 1, 0, 2)
+    assert math.isfinite(metrics["train-loss"]) and any(not torch.equal(trained[k], state[k]) for k in state)
+    head = next(p for n, p in bundle.model.named_parameters() if "score" in n and p.requires_grad)
+    assert head.dtype == torch.float32
+    batch = bundle.tokenizer(["a b", "c"], return_tensors="pt", padding=True)
+    assert bundle.model(**batch).logits.dtype == torch.float32
+
+
 @pytest.mark.parametrize("name", REWARD_LOSSES)
 def test_every_loss_pushes_chosen_above_rejected(reward_cfg, name):
     cfg = reward_cfg(f"reward_loss={name}")
