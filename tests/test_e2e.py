@@ -335,7 +335,7 @@ def test_compressed_messages_shrink_and_the_run_still_trains(sim, tiny_model_dir
     assert summary["eval-loss-final"] is None and (out / "topk" / "adapter" / "final").is_dir()
 
 
-@pytest.mark.parametrize("scenario", ["fed", "local"])
+@pytest.mark.parametrize("scenario", ["fed", "local", "global"])
 def test_a_reward_model_federates_and_reports_preference_accuracy(sim, tiny_model_dir, tmp_path, scenario):
     out = tmp_path / "runs"
     overrides = " ".join(
@@ -347,8 +347,11 @@ def test_a_reward_model_federates_and_reports_preference_accuracy(sim, tiny_mode
     rows = [json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert 0.0 <= r["preference-accuracy"] <= 1.0 and r["margin"] is not None and r["eval-loss"] is not None
-    assert all(r["clients-ok"] == 2 and r["client-eval-preference-accuracy"] is not None for r in rows[1:])
-    assert "client_1-held-out-preference-accuracy" in rows[-1]
+    if scenario == "global":  # one holder of all the pairs
+        assert all(r["clients-ok"] == 1 for r in rows[1:])
+    else:
+        assert all(r["clients-ok"] == 2 and r["client-eval-preference-accuracy"] is not None for r in rows[1:])
+        assert "client_1-held-out-preference-accuracy" in rows[-1]
     summary = json.loads((out / "rm" / "summary.json").read_text())
     assert summary["metric"] == "preference-accuracy" and summary["score-final"] == rows[-1]["preference-accuracy"]
     from peft import AutoPeftModelForSequenceClassification
