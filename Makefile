@@ -39,7 +39,7 @@ run: install
 test: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
-# The efficiency suite (~45 min on 2 CPU cores): JSON and summary.md in BENCH_OUT.
+# The efficiency suite (~1 h on 2 CPU cores): JSON and summary.md in BENCH_OUT.
 # Job P reads Stanford Alpaca from DATA/alpaca/.
 BENCH_OUT ?= $(HOME)/fedllm-flwr/efficiency
 DATA ?= ../shared/data

@@ -24,7 +24,7 @@ client, both clients training at once.
 
 Writes OUT/<part>.json as each part finishes (a part already there is reused;
 `--fresh` reruns it), then OUT/results.json and OUT/summary.md, and prints the
-results as one JSON object. Progress goes to stderr. Not a test: ~40 min on
+results as one JSON object. Progress goes to stderr. Not a test: ~1 h on
 2 CPU cores. Every SuperLink, SuperNode and Ray process it starts is on
 127.0.0.1 and stopped by PID when it ends.
 """

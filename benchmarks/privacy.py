@@ -18,7 +18,7 @@ Reports, per setting: final exact-match accuracy and eval loss on the server's t
 set, mean seconds per round, bytes up per client per round, and for DP the
 epsilon and the largest update norm the server averaged. Writes OUT/results.json
 and OUT/results.md and prints the results as one JSON object. Not a test:
-~12 min on 2 CPU cores.
+~20 min on 2 CPU cores.
 """
 
 from __future__ import annotations
