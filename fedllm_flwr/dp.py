@@ -24,7 +24,7 @@ def clip_update(update: dict[str, np.ndarray], clipping_norm: float) -> tuple[di
     """`update` scaled to L2 norm at most `clipping_norm` (all tensors as one
     vector), and the norm it had. Kept in float64 while scaling, so the clipped
     norm does not exceed the bound by rounding."""
-    norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.values()))
+    norm = update_norm(update)
     if norm <= clipping_norm:
         return update, norm
     factor = clipping_norm / norm * (1 - 1e-6)  # float32 storage must not round back above the bound

@@ -186,11 +186,11 @@ class AdapterFedAvg(FedAvg):
         """The update within the DP clipping norm, its norm logged for the round."""
         from fedllm_flwr.dp import clip_update, update_norm
 
-        norm = update_norm(update)
-        clipped, _ = clip_update(update, self.clip_norm)
-        self._norms.append(min(norm, update_norm(clipped)))
+        clipped, norm = clip_update(update, self.clip_norm)
         if norm > self.clip_norm:
             self._reclipped += 1
+            norm = update_norm(clipped)
+        self._norms.append(norm)
         return clipped
 
     def configure_train(
