@@ -328,8 +328,7 @@ def build_model(
                 param.requires_grad_(False)
             elif param.requires_grad and param.dtype != torch.float32:  # prompt encoders, heads: base dtype
                 param.data = param.data.float()
-        if task == "reward":
-            _feed_heads_their_dtype(model)
+        _feed_heads_their_dtype(model)
         model.eval()  # dropout only inside train_steps
         # What `save_pretrained` writes into adapter_config.json: a folder or hub id
         # that loads offline, so AutoPeftModelForCausalLM works on the saved adapter.
