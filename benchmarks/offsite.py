@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tables import num
+
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,9 +101,6 @@ def collect(run: Path, clients: int) -> dict:
 
 
 def markdown(results: dict) -> str:
-    def f(x, spec=".3f"):
-        return format(x, spec) if isinstance(x, (int, float)) else "-"
-
     def mb(x):
         return f"{x / 1e6:.2f} MB" if isinstance(x, (int, float)) else "-"
 
@@ -115,15 +114,15 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | failed |" + " |" * 10)
             continue
         lines.append(
-            f"| {name} | {f(r['full-accuracy'])} | {f(r['full-eval-loss'])} | {f(r['emu-accuracy'])} "
-            f"| {f(r['emu-eval-loss'])} | {f(r['client-model-layers'], '.0f')} "
-            f"| {f(r['client-model-parameters'], ',.0f')} "
-            f"| {f(r['trainable-parameters'], ',')} | {mb(r['broadcast-bytes-per-client'])} "
-            f"| {mb(r['round-bytes-down-per-client'])} | {f(r['seconds'], '.0f')} |"
+            f"| {name} | {num(r['full-accuracy'])} | {num(r['full-eval-loss'])} | {num(r['emu-accuracy'])} "
+            f"| {num(r['emu-eval-loss'])} | {num(r['client-model-layers'], '.0f')} "
+            f"| {num(r['client-model-parameters'], ',.0f')} "
+            f"| {num(r['trainable-parameters'], ',')} | {mb(r['broadcast-bytes-per-client'])} "
+            f"| {mb(r['round-bytes-down-per-client'])} | {num(r['seconds'], '.0f')} |"
         )
     lines.append("")
     lines.append("Round 0 (before training): " + ", ".join(
-        f"{n} full {f(r.get('accuracy-round-0'))} / emu {f(r.get('emu-accuracy-round-0'))}"
+        f"{n} full {num(r.get('accuracy-round-0'))} / emu {num(r.get('emu-accuracy-round-0'))}"
         for n, r in results.items() if r.get("status") == "completed"
     ))  # fmt: skip
     return "\n".join(lines) + "\n"

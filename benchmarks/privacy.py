@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tables import num
+
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,20 +72,17 @@ def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -
 
 
 def markdown(results: dict) -> str:
-    def f(x, spec=".3f"):
-        return format(x, spec) if isinstance(x, (int, float)) else "-"
-
     lines = [
         "| setting | accuracy (round 0) | eval loss | s / round | bytes up / client / round | epsilon (delta) "
         "| largest update norm averaged |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        eps = f"{f(r['epsilon'], '.3g')} ({r['delta']:g})" if r["epsilon"] is not None else "-"
+        eps = f"{num(r['epsilon'], '.3g')} ({r['delta']:g})" if r["epsilon"] is not None else "-"
         lines.append(
-            f"| {name} | {f(r['accuracy'])} ({f(r['accuracy_round_0'])}) | {f(r['eval_loss'], '.4f')} "
-            f"| {f(r['seconds_per_round'], '.1f')} | {r['bytes_up_per_client_per_round']:,} | {eps} "
-            f"| {f(r['update_norm_max'], '.3g')} |"
+            f"| {name} | {num(r['accuracy'])} ({num(r['accuracy_round_0'])}) | {num(r['eval_loss'], '.4f')} "
+            f"| {num(r['seconds_per_round'], '.1f')} | {r['bytes_up_per_client_per_round']:,} | {eps} "
+            f"| {num(r['update_norm_max'], '.3g')} |"
         )
     return "\n".join(lines) + "\n"
 

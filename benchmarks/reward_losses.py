@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from tables import num
 
 LOSSES = ("logsigmoid", "bce", "hinge", "mse", "smooth_l1", "focal")
 
@@ -46,19 +47,16 @@ def job_row(folder: Path) -> dict | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    def f(x):
-        return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
-
     lines = [
         "| loss | scenario | test pairs: accuracy (round 0) | test accuracy | test margin | test BT loss "
         "| clients' held-out accuracy (mean; per client) | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (LOSSES.index(r["loss"]), r["scenario"])):
-        per = ", ".join(f(x) for x in r["held-out-accuracy-per-client"])
+        per = ", ".join(num(x) for x in r["held-out-accuracy-per-client"])
         lines.append(
-            f"| {r['loss']} | {r['scenario']} | {f(r['test-accuracy-round-0'])} | {f(r['test-accuracy'])} "
-            f"| {f(r['test-margin'])} | {f(r['test-bt-loss'])} | {f(r['held-out-accuracy'])} ({per}) "
+            f"| {r['loss']} | {r['scenario']} | {num(r['test-accuracy-round-0'])} | {num(r['test-accuracy'])} "
+            f"| {num(r['test-margin'])} | {num(r['test-bt-loss'])} | {num(r['held-out-accuracy'])} ({per}) "
             f"| {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
