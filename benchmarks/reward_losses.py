@@ -9,7 +9,7 @@ rejected = a plausible wrong one, split by family over 2 SuperNodes. Then
 tabulates, per loss and scenario, held-out preference accuracy: on the server's
 test pairs (families of both clients; for `local`, the mean over the clients'
 own adapters) and on each client's held-out pairs, with the mean margin.
-Writes OUT/results.md and prints one JSON object. Not a test: ~25 min on 2 CPU cores.
+Writes OUT/results.md and prints one JSON object. Not a test: ~45 min on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 from tables import num
+
+from fedllm_flwr.simulation import stop_on_sigterm
 
 LOSSES = ("logsigmoid", "bce", "hinge", "mse", "smooth_l1", "focal")
 
@@ -75,9 +77,15 @@ def main() -> int:
     ]  # fmt: skip
     if not (sweep / "summary.json").is_file():
         print("$ " + " ".join(command[2:]), file=sys.stderr, flush=True)
-        done = subprocess.run(command, check=False)
-        if done.returncode != 0:
-            return done.returncode
+        sweep_process = subprocess.Popen(command)
+        try:
+            returncode = sweep_process.wait()
+        except BaseException:  # SIGTERM or Ctrl-C: the sweep stops its own SuperLink and Ray
+            sweep_process.terminate()
+            sweep_process.wait(timeout=120)
+            raise
+        if returncode != 0:
+            return returncode
     rows = [r for p in sorted(sweep.iterdir()) if p.is_dir() and (r := job_row(p))]
     (out / "results.md").write_text(markdown(rows))
     print(json.dumps(rows))
@@ -85,4 +93,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

@@ -90,7 +90,7 @@ class LocalSimulation:
             )
         try:
             wait_for_port(port, self.process, self.log_path)
-        except RuntimeError:
+        except BaseException:  # also SIGTERM (stop_on_sigterm) or Ctrl-C while it starts
             self.stop()
             raise
         return self

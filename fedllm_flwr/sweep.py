@@ -63,14 +63,15 @@ class JobRunner:
         self.app_dir = conf_dir().parent
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._sim = None
+        atexit.register(self.close)  # also on SystemExit from SIGTERM (see sweep_main)
 
     def _simulation(self):
         if self._sim is None:
             from fedllm_flwr.simulation import LocalSimulation
 
             self._tmp = tempfile.TemporaryDirectory(prefix="fedllm-sweep-")
+            # start() stops what it began if it fails or is interrupted; a later job retries.
             self._sim = LocalSimulation(Path(self._tmp.name)).start()
-            atexit.register(self.close)
         return self._sim
 
     def run(self, name: str, overrides: list[str], stage: str = "full") -> Job:
@@ -518,8 +519,10 @@ def sweep_main(argv: list[str]) -> int:
     import hydra
 
     from fedllm_flwr.config import conf_dir
+    from fedllm_flwr.simulation import stop_on_sigterm
 
     _register_resolver()
+    stop_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the running job's `flwr run`, then the SuperLink
     main = hydra.main(config_path=str(conf_dir()), config_name="sweep", version_base=None)(_job)
     saved = sys.argv
     sys.argv = ["fedllm-flwr sweep", *argv]

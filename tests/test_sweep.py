@@ -1,8 +1,13 @@
 """FedHPO sweeps: statistics and summary on fake job folders, and a real multirun."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 from conftest import TINY_OVERRIDES
@@ -129,3 +134,47 @@ def test_screening_runs_the_kept_share_to_the_full_budget(tiny_model_dir, tmp_pa
     assert all(s["rounds"] == 1 and s["num-rounds"] == 2 for s in screened)
     full = [p for p in sweep_dir.iterdir() if p.name.startswith("full_")]
     assert len(full) == 1 and json.loads((full[0] / "summary.json").read_text())["rounds"] == 2
+
+
+def _pids_with_env(entry: str) -> dict[int, str]:
+    """Live processes whose environment holds `entry` (KEY=VALUE), with their command
+    lines: every process a sweep starts inherits its environment, Ray's included."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the sweep's processes through /proc")
+def test_sigterm_mid_job_stops_the_sweeps_superlink_and_ray(tiny_model_dir, tmp_path):
+    mark = uuid.uuid4().hex
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "fedllm_flwr.cli", "sweep", "-m", "train.lr=1e-4,1e-3", f"model.name={tiny_model_dir}",
+           *TINY_OVERRIDES, "num_rounds=50", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, "FEDLLM_TEST_MARK": mark}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (sweep_dir / "job_0" / "metrics.jsonl").is_file():  # round 0 evaluated, Ray's workers up
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        running = _pids_with_env(f"FEDLLM_TEST_MARK={mark}")
+        assert any("superlink" in c for c in running.values()) and any("ray" in c for c in running.values()), running
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = _pids_with_env(f"FEDLLM_TEST_MARK={mark}")
+    for pid in left:  # leave nothing behind, whatever the verdict
+        os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not left, left
