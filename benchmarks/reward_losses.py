@@ -9,7 +9,7 @@ rejected = a plausible wrong one, split by family over 2 SuperNodes. Then
 tabulates, per loss and scenario, held-out preference accuracy: on the server's
 test pairs (families of both clients; for `local`, the mean over the clients'
 own adapters) and on each client's held-out pairs, with the mean margin.
-Writes OUT/results.md and prints one JSON object. Not a test: ~45 min on 2 CPU cores.
+Writes OUT/results.md and prints one JSON object. Not a test: ~85 min on 2 CPU cores (~7 min a job).
 """
 
 from __future__ import annotations
