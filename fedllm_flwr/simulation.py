@@ -124,6 +124,7 @@ class LocalSimulation:
         patterns = [f"--parent-pid {pgid}", str(self.ray_tmp), f"--runtime-api-address 127.0.0.1:{self.port}"]
         for pattern in patterns:
             _kill_matching(pattern)
+        _kill_found(lambda: _pids_using(self.ray_tmp))  # Ray's agents outlive a killed raylet for minutes
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self) -> LocalSimulation:
@@ -135,9 +136,34 @@ class LocalSimulation:
 
 def _kill_matching(pattern: str) -> None:
     """SIGTERM, then SIGKILL, every process whose command line contains `pattern`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+
+    def find() -> list[int]:
         found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True, check=False)
-        pids = [int(p) for p in found.stdout.split() if int(p) != os.getpid()]
+        return [int(p) for p in found.stdout.split()]
+
+    _kill_found(find)
+
+
+def _pids_using(folder: Path) -> list[int]:
+    """Processes with a file open under `folder`. Ray's processes keep their logs in
+    its temp dir, also those whose command line reads only `ray::DashboardAgent`."""
+    prefix = str(folder) + os.sep
+    pids = []
+    if not Path("/proc").is_dir():  # not Linux: the command-line patterns have to do
+        return pids
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+            if any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
+    return pids
+
+
+def _kill_found(find) -> None:
+    """SIGTERM, then SIGKILL, every process `find()` lists (never this one)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [pid for pid in find() if pid != os.getpid()]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)

@@ -137,15 +137,18 @@ def test_screening_runs_the_kept_share_to_the_full_budget(tiny_model_dir, tmp_pa
     assert len(full) == 1 and json.loads((full[0] / "summary.json").read_text())["rounds"] == 2
 
 
-def _pids_with_env(entry: str) -> dict[int, str]:
-    """Live processes whose environment holds `entry` (KEY=VALUE), with their command
-    lines: every process a sweep starts inherits its environment, Ray's included."""
+def _sweep_processes(mark: str, ray_prefix: str) -> dict[int, str]:
+    """Live processes of a sweep, with their command lines: those whose environment
+    holds `mark` (KEY=VALUE), and those with a file open under `ray_prefix` (Ray's
+    agents, started with an environment of Ray's making, keep their logs there)."""
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+            marked = mark.encode() in (proc / "environ").read_bytes().split(b"\0")
+            marked = marked or any(os.readlink(fd).startswith(ray_prefix) for fd in (proc / "fd").iterdir())
+            if marked:
                 found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
         except OSError:  # gone meanwhile, or not ours to read
             continue
@@ -162,19 +165,20 @@ def test_sigterm_mid_job_stops_the_sweeps_superlink_and_ray(tiny_model_dir, tmp_
     log_path = tmp_path / "sweep.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env={**os.environ, "FEDLLM_TEST_MARK": mark}, stdout=log, stderr=subprocess.STDOUT)
+    ray_prefix = f"{os.environ.get('FEDLLM_RAY_TMP', '/tmp')}/ray-{proc.pid}-"  # LocalSimulation's Ray temp dir
     try:
         deadline = time.monotonic() + 300
         while not (sweep_dir / "job_0" / "metrics.jsonl").is_file():  # round 0 evaluated, Ray's workers up
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.5)
-        running = _pids_with_env(f"FEDLLM_TEST_MARK={mark}")
+        running = _sweep_processes(f"FEDLLM_TEST_MARK={mark}", ray_prefix)
         assert any("superlink" in c for c in running.values()) and any("ray" in c for c in running.values()), running
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    left = _pids_with_env(f"FEDLLM_TEST_MARK={mark}")
+    left = _sweep_processes(f"FEDLLM_TEST_MARK={mark}", ray_prefix)
     for pid in left:  # leave nothing behind, whatever the verdict
         with contextlib.suppress(ProcessLookupError):  # it may have exited since the scan
             os.kill(pid, signal.SIGKILL)
