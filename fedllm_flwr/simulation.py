@@ -121,11 +121,9 @@ class LocalSimulation:
         # SuperExec and Ray's daemons start their own sessions: when a run was still
         # going, find them by what ties them to this SuperLink and stop them too.
         # A run whose server was interrupted leaves its flwr-simulation behind too.
-        patterns = [f"--parent-pid {pgid}", str(self.ray_tmp), f"--runtime-api-address 127.0.0.1:{self.port}"]
-        for pattern in patterns:
+        for pattern in (f"--parent-pid {pgid}", f"--runtime-api-address 127.0.0.1:{self.port}"):
             _kill_matching(pattern)
-        _kill_found(lambda: _pids_using(self.ray_tmp))  # Ray's agents outlive a killed raylet for minutes
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        stop_ray(self.ray_tmp)
 
     def __enter__(self) -> LocalSimulation:
         return self.start()
@@ -142,6 +140,16 @@ def _kill_matching(pattern: str) -> None:
         return [int(p) for p in found.stdout.split()]
 
     _kill_found(find)
+
+
+def stop_ray(temp_dir: Path) -> None:
+    """Stop every process of the Ray instance whose temp dir is `temp_dir`, then remove it.
+
+    By command line (raylet, GCS) and by the files they hold open there: Ray's agents
+    rename themselves `ray::DashboardAgent` and outlive a killed raylet for minutes."""
+    _kill_matching(str(temp_dir))
+    _kill_found(lambda: _pids_using(temp_dir))
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _pids_using(folder: Path) -> list[int]:

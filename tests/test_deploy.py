@@ -135,12 +135,11 @@ def test_simulation_runs_on_an_existing_ray_cluster(tiny_model_dir, tmp_path):
     """`ray start --head` on 127.0.0.1, then a simulation SuperLink whose environment
     names it in RAY_ADDRESS: the ClientApp actors run on that cluster."""
     import os
-    import shutil
     import subprocess
     import tempfile
     from pathlib import Path
 
-    from fedllm_flwr.simulation import FLOWER_ENV, LocalSimulation, _free_port, _kill_matching
+    from fedllm_flwr.simulation import FLOWER_ENV, LocalSimulation, _free_port, stop_ray
 
     # Ray's socket paths must stay short: its temp dir goes straight under /tmp.
     port, head_tmp = _free_port(), Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
@@ -163,5 +162,4 @@ def test_simulation_runs_on_an_existing_ray_cluster(tiny_model_dir, tmp_path):
         logs = head_tmp / "session_latest" / "logs"
         assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
     finally:
-        _kill_matching(str(head_tmp))  # every process of the head, by PID
-        shutil.rmtree(head_tmp, ignore_errors=True)
+        stop_ray(head_tmp)  # every process of the head, by PID
