@@ -112,3 +112,70 @@ def test_outgoing_messages_carry_only_the_packed_fp16_adapter():
     assert list(content[MANIFEST_KEY]["names"]) == list(glob)
     assert isinstance(glob, ArrayRecord) and glob["a.lora_A.weight"].dtype == "float32"  # server copy untouched
     assert strat.ledger.pop(1)["bytes-down"] > 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num-examples": float("nan")},
+        {"num-examples": float("inf")},
+        {"num-examples": -5},
+        {"num-examples": 2.5},  # not a count
+        {"train-loss": float("nan")},
+        {"train-loss": float("-inf")},
+        {"lr": float("nan")},
+    ],
+)
+def test_a_reply_with_a_non_finite_or_impossible_number_is_dropped(bad):
+    strat = strategy_for(state(0.0))
+    poisoned = train_reply(2, state(5.0), 10, 1.0)
+    metrics = dict(poisoned.content["metrics"].items()) | bad
+    poisoned.content["metrics"] = MetricRecord(metrics)
+    arrays, metrics = strat.aggregate_train(1, [train_reply(1, state(1.0), 10, 2.0), poisoned])
+    assert np.allclose(arrays["a.lora_A.weight"].numpy(), 1.0)  # finite, and only the sound reply
+    assert metrics["train-loss"] == pytest.approx(2.0) and metrics["num-examples"] == 10
+    ledger = strat.ledger.pop(1)
+    assert ledger["clients-ok"] == 1 and ledger["clients-dropped"] == 1 and ledger["failed-nodes"] == "2"
+
+
+def test_a_claim_beyond_the_nodes_partition_size_is_dropped():
+    strat = strategy_for(state(0.0))
+    strat.max_examples = {1: 10, 2: 30}
+    replies = [train_reply(1, state(1.0), 10, 2.0), train_reply(2, state(3.0), 31, 1.0)]
+    arrays, _ = strat.aggregate_train(1, replies)
+    assert np.allclose(arrays["a.lora_A.weight"].numpy(), 1.0)
+    assert strat.ledger.pop(1)["clients-dropped"] == 1
+
+
+def metric_rows(*rows: dict) -> list[RecordDict]:
+    return [RecordDict({"metrics": MetricRecord(row)}) for row in rows]
+
+
+def test_a_metric_some_clients_report_is_weighted_over_those_that_do():
+    rows = metric_rows(
+        {"num-examples": 10, "train-loss": 1.0},
+        {"num-examples": 30, "train-loss": 2.0},
+        {"num-examples": 60, "train-loss": 3.0, "accuracy": 0.9, "tokens": 7},
+    )
+    out = aggregate_client_metrics(rows, "num-examples")
+    assert out["accuracy"] == pytest.approx(0.9)  # only the third client has it
+    assert out["tokens"] == 7  # keys come from every row, not the first one's
+    assert out["train-loss"] == pytest.approx((10 * 1 + 30 * 2 + 60 * 3) / 100)
+
+
+def eval_reply(node: int, metrics: dict) -> Message:
+    sent = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=sent)
+
+
+def test_evaluation_ignores_a_client_with_nothing_to_evaluate_and_drops_nan():
+    strat = strategy_for(state(0.0))
+    replies = [
+        eval_reply(1, {"eval-loss": 2.0, "num-examples": 4, "partition-id": 0}),
+        eval_reply(2, {"num-examples": 0, "partition-id": 1}),  # an empty held-out split
+        eval_reply(3, {"eval-loss": float("nan"), "num-examples": 4, "partition-id": 2}),
+    ]
+    metrics = strat.aggregate_evaluate(1, replies)
+    assert metrics["eval-loss"] == pytest.approx(2.0) and metrics["num-examples"] == 4
+    ledger = strat.ledger.pop(1)
+    assert ledger["eval-dropped"] == 1 and "client_2-held-out-loss" not in ledger

@@ -5,7 +5,9 @@ carry it encoded by the downlink codec (fp16 by default; see
 `fedllm_flwr.transport`), and clients answer with their update encoded by the
 uplink codec, which the server adds to what it sent them. Each training reply
 is validated against the global adapter (names, shapes, codec, dtype, finite
-values, a positive weight) and dropped with a logged reason if it fails; the
+values, every reply number finite and the weight a positive count no larger
+than the node's partition where the server knows it) and dropped with a logged
+reason if it fails; the
 rest are averaged in fp32, weighted by `num-examples`. `RoundLedger` keeps the per-round
 accounting (bytes both ways, clients ok/failed/dropped).
 """
@@ -17,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
+
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -53,6 +57,24 @@ def weighted_mean(states: list[dict[str, np.ndarray]], weights: list[float]) -> 
         for key, value in state.items():
             out[key] += value.astype(np.float32) * np.float32(weight / total)
     return out
+
+
+def check_metrics(metrics: MetricRecord | None, weighted_by_key: str, allow_zero_weight: bool = False) -> float:
+    """The reply's weight, after checking every number it carries: each must be
+    finite, the weight a non-negative count (positive unless `allow_zero_weight`).
+    ValueError, naming the key, otherwise: the reply is dropped, never averaged in."""
+    if metrics is None:
+        raise ValueError("the reply carries no metrics")
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(not math.isfinite(float(v)) for v in values):
+            raise ValueError(f"metric {key!r} is not finite ({value!r})")
+    weight = metrics.get(weighted_by_key)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"metric {weighted_by_key!r} must be a number, got {weight!r}")
+    if weight < 0 or (weight == 0 and not allow_zero_weight) or float(weight) != int(weight):
+        raise ValueError(f"metric {weighted_by_key!r} must be a positive whole count, got {weight!r}")
+    return float(weight)
 
 
 @dataclass
@@ -100,6 +122,9 @@ class AdapterFedAvg(FedAvg):
         """Nodes that answered a message carrying the broadcast."""
         self.sampled: dict[int, set[int]] = {}
         """Nodes sent a training message, by round (to tell who never answered)."""
+        self.max_examples: dict[int, int] = {}
+        """Node id -> the most `num-examples` it may claim (its partition's training
+        size, where the server knows it: simulation). A larger claim is dropped."""
         self.round_offset = 0
         """Rounds already done before this `start` (a resumed run): Flower counts
         from 1, so every method adds this to the round it is given."""
@@ -242,10 +267,12 @@ class AdapterFedAvg(FedAvg):
                 continue
             self.ledger.add(server_round, "bytes-up", message_bytes(msg))
             try:
-                metrics = next(iter(msg.content.metric_records.values()), None)
-                weight = metrics.get(self.weighted_by_key) if metrics is not None else None
-                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-                    raise ValueError(f"metric {self.weighted_by_key!r} must be a positive number, got {weight!r}")
+                if len(msg.content.metric_records) != 1:
+                    raise ValueError(f"the reply must carry one metric record, it has {len(msg.content.metric_records)}")
+                weight = check_metrics(next(iter(msg.content.metric_records.values())), self.weighted_by_key)
+                limit = self.max_examples.get(node)
+                if limit is not None and weight > limit:
+                    raise ValueError(f"it claims {weight:g} examples, but its partition has {limit}")
                 state = self.reconstruct(node, msg.content)
             except ValueError as exc:
                 failed += 1
@@ -288,7 +315,10 @@ class AdapterFedAvg(FedAvg):
         ok = [m for m in replies if not m.has_error()]
         self.delivered.update(m.metadata.src_node_id for m in ok)
         self.ledger.add(server_round, "eval-bytes-up", sum(message_bytes(m) for m in ok))
-        metrics = super().aggregate_evaluate(server_round, ok)
+        ok = self.validated_evaluations(server_round, ok)
+        # Not FedAvg's own: it requires every reply to carry the same keys, and a
+        # client with nothing to evaluate reports no loss.
+        metrics = self.evaluate_metrics_aggr_fn([m.content for m in ok], self.weighted_by_key) if ok else None
         for message in ok:  # each client's own figures, for per-client comparisons
             values = next(iter(message.content.metric_records.values()), None)
             if values is not None and "partition-id" in values:
@@ -300,6 +330,23 @@ class AdapterFedAvg(FedAvg):
             for key, value in metrics.items():
                 self.ledger.set(server_round, f"client-{key}", value)
         return metrics
+
+
+    def validated_evaluations(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Evaluation replies whose numbers are all sound; the others are logged and counted."""
+        valid = []
+        for msg in replies:
+            try:
+                if len(msg.content.metric_records) != 1:
+                    raise ValueError("the reply must carry one metric record")
+                check_metrics(next(iter(msg.content.metric_records.values())), self.weighted_by_key, True)
+            except ValueError as exc:
+                self.ledger.add(server_round, "eval-dropped", 1)
+                log(WARNING, "Round %s: evaluation from node %s dropped: %s", server_round, msg.metadata.src_node_id,
+                    exc)  # fmt: skip
+                continue
+            valid.append(msg)
+        return valid
 
 
 def _partition(content: RecordDict) -> int:
@@ -315,15 +362,19 @@ IDENTIFIERS = ("partition-id",)
 
 
 def aggregate_client_metrics(records: list, weighted_by_key: str) -> MetricRecord:
-    """Weighted mean of losses, sums of counts, maxima of time and memory."""
+    """Weighted mean of losses, sums of counts, maxima of time and memory.
+
+    Keys come from every row, and each is weighted over the rows that carry it:
+    a figure only some clients report is their weighted mean, not diluted by
+    the others' weights."""
     rows = [next(iter(r.metric_records.values())) for r in records]
-    weights = [float(row[weighted_by_key]) for row in rows]
-    total = sum(weights)
+    keys = list(dict.fromkeys(key for row in rows for key in row))
     out = MetricRecord()
-    for key in rows[0]:
-        values = [float(row[key]) for row in rows if key in row]
+    for key in keys:
         if key in IDENTIFIERS:
             continue
+        having = [row for row in rows if key in row]
+        values = [float(row[key]) for row in having]
         if key.startswith("eval-") and len(values) > 1:  # spread across clients
             out[f"{key}-std"] = float(np.std(values))
         if key in SUMMED:
@@ -331,5 +382,7 @@ def aggregate_client_metrics(records: list, weighted_by_key: str) -> MetricRecor
         elif key in MAXED:
             out[key] = max(values)
         else:
-            out[key] = sum(v * w for v, w in zip(values, weights, strict=False)) / total
+            weights = [float(row[weighted_by_key]) for row in having]
+            if sum(weights) > 0:
+                out[key] = sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
     return out
