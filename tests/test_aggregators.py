@@ -71,7 +71,7 @@ def test_server_optimizers_by_hand():
 
 def test_mifa_update_with_one_stale_client_by_hand():
     """3 clients; round 1 all answer, round 2 client 2 does not: its old G stays in the mean."""
-    mifa = prepared(Mifa(), w(0.0, 0.0), num_clients=3)
+    mifa = prepared(Mifa(lr_for={1: 0.1, 2: 0.05}.get), w(0.0, 0.0), num_clients=3)
     replies = [reply(0, w(0.1, 0.0)), reply(1, w(0.2, 0.3)), reply(2, w(0.6, 0.0))]
     arrays, _ = mifa.aggregate_train(1, replies)
     g = {0: [1.0, 0.0], 1: [2.0, 3.0], 2: [6.0, 0.0]}  # (w_i - w_0) / 0.1
@@ -89,13 +89,34 @@ def test_mifa_update_with_one_stale_client_by_hand():
     assert mifa.ledger.pop(2)["mifa-clients-remembered"] == 3
 
 
+def test_mifa_takes_the_rate_from_the_schedule_not_the_replies():
+    """A reply with no `lr`, or a zero one, changes nothing: the server knows the schedule."""
+    mifa = prepared(Mifa(lr_for=lambda r: 0.1), w(0.0), num_clients=2)
+    no_lr = reply(0, w(0.1))
+    no_lr.content["metrics"] = MetricRecord({"num-examples": 10, "partition-id": 0})
+    arrays, _ = mifa.aggregate_train(1, [no_lr, reply(1, w(0.3), lr=0.0)])
+    np.testing.assert_allclose(to_state(arrays)["w"], [0.1 * (1 + 3) / 2], rtol=1e-3)
+
+
+def test_mifa_rate_follows_the_runs_schedule(tiny_cfg):
+    from fedllm_flwr.strategy import round_lr
+    from fedllm_flwr.train import lr_at
+
+    cfg = tiny_cfg("strategy=mifa", "num_rounds=3", "train.lr=0.05")
+    strategy = build_strategy(cfg)
+    steps = cfg.train.local_steps
+    for rnd in (1, 2, 3):
+        assert strategy.lr_for(rnd) == round_lr(cfg, rnd) == lr_at((rnd - 1) * steps, 3 * steps, cfg.train)
+    assert round_lr(cfg, 3) < round_lr(cfg, 1)  # the cosine schedule decays across rounds
+
+
 def test_mifa_counts_unseen_clients_as_zero_or_waits_for_all():
     memory = MifaMemory()
     memory.refresh(0, w(3.0))
     np.testing.assert_allclose(memory.mean_over(3)["w"], [1.0])  # two clients not seen yet
     memory.refresh(0, w(6.0))  # a refresh replaces, the sum stays exact
     np.testing.assert_allclose(memory.sum["w"], [6.0])
-    waiting = prepared(Mifa(wait_for_all=True), w(0.0), num_clients=3)
+    waiting = prepared(Mifa(wait_for_all=True, lr_for=lambda r: 0.1), w(0.0), num_clients=3)
     assert waiting.aggregate_train(1, [reply(0, w(0.1)), reply(1, w(0.2))])[0] is None
     arrays, _ = waiting.aggregate_train(2, [reply(2, w(0.3))])
     np.testing.assert_allclose(to_state(arrays)["w"], [0.1 * (1 + 2 + 3) / 3], rtol=1e-3)

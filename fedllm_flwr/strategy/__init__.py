@@ -1,5 +1,6 @@
 """Server-side aggregation: the only place where client replies are combined."""
 
+from functools import partial
 from typing import Any
 
 from fedllm_flwr.compression import codecs
@@ -34,6 +35,14 @@ __all__ = [
 ]
 
 
+def round_lr(cfg: Config, server_round: int) -> float:
+    """The learning rate every client starts round `server_round` with."""
+    from fedllm_flwr.train import lr_at
+
+    steps = cfg.train.local_steps
+    return lr_at((server_round - 1) * steps, cfg.num_rounds * steps, cfg.train)
+
+
 def build_strategy(cfg: Config) -> AdapterFedAvg:
     s = cfg.strategy
     kinds: dict[str, Any] = {"fed": AdapterFedAvg, "global": GlobalFedAvg, "local": LocalAdapters}
@@ -46,7 +55,7 @@ def build_strategy(cfg: Config) -> AdapterFedAvg:
     elif s.name in ("median", "trimmed_mean"):
         kind, extra = RobustAggregate, {"kind": s.name, "trim": s.trim}
     elif s.name == "mifa":
-        kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all}
+        kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}
     if cfg.privacy.name == "secagg":  # fedavg or fedprox in the fed scenario (config checks)
         from fedllm_flwr.strategy.secagg import SecAggFedAvg
 

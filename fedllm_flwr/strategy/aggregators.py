@@ -11,15 +11,19 @@
 - `Mifa` (strategy=mifa; Gu et al. 2021, "Fast Federated Learning in the
   Presence of Arbitrary Device Unavailability"): the server remembers, for every
   client, its latest update divided by the learning rate it used,
-  G_i = (w_i - w_t) / lr_i, and moves the global adapter by
+  G_i = (w_i - w_t) / lr_t, and moves the global adapter by
   lr_t * mean over all clients of G_i, the stale G_i of clients that did not
-  answer included. A running sum keeps each refresh O(1) per client.
+  answer included. lr_t is the clients' rate at the round's first step, from
+  the schedule the server knows (`lr_for`), never read from a reply. A running
+  sum keeps each refresh O(1) per client.
 - FedProx needs no server change: its proximal term lives in the clients' loss
   (`train.train_steps(prox_mu=...)`); the server averages as FedAvg does.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from logging import INFO
 from typing import Any
 
@@ -156,8 +160,10 @@ class MifaMemory:
 
 
 class Mifa(_KeepsGlobal):
-    def __init__(self, *, wait_for_all: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, lr_for: Callable[[int], float], wait_for_all: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.lr_for = lr_for
+        """Round -> the learning rate clients start that round with (the run's schedule)."""
         self.wait_for_all = wait_for_all
         self.memory = MifaMemory()
         self.num_clients = 0
@@ -183,19 +189,18 @@ class Mifa(_KeepsGlobal):
             self.memory.refresh(client, g)
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
-        rates = []
+        lr_t = float(self.lr_for(server_round))
+        if not math.isfinite(lr_t) or lr_t <= 0:
+            raise ValueError(f"MIFA needs a positive learning rate, the schedule gives {lr_t} for round {server_round}")
         for reply in valid:
             metrics = next(iter(reply.content.metric_records.values()))
-            lr = float(metrics["lr"])
             client = int(metrics.get("partition-id", reply.node_id))
-            self.memory.refresh(client, {k: (reply.state[k] - self.current[k]) / lr for k in reply.state})
-            rates.append(lr)
+            self.memory.refresh(client, {k: (reply.state[k] - self.current[k]) / lr_t for k in reply.state})
         seen = len(self.memory.updates)
         self.ledger.set(server_round, "mifa-clients-remembered", seen)
         if self.wait_for_all and seen < self.num_clients:
             log(INFO, "Round %s: MIFA waits until every client answered once (%s of %s)", server_round, seen,
                 self.num_clients)  # fmt: skip
             return None
-        lr_t = float(np.mean(rates))
         mean = self.memory.mean_over(self.num_clients)
         return to_arrays({k: self.current[k] + lr_t * mean[k] for k in self.current})
