@@ -117,8 +117,11 @@ def local_evaluate(
 ) -> dict[str, float]:
     """Loss and perplexity of the received adapter (completed with this client's
     `private` tensors) on this client's held-out split; with `eval.client_metric`,
-    the dataset's generation metric too."""
+    the dataset's generation metric too. A client with an empty held-out split
+    reports `num-examples` 0 and no figures."""
     bundle, data = _setup(cfg, partition_id, num_partitions)
+    if len(data.holdout) == 0:  # nothing held out: no figures (weight 0), never a NaN loss
+        return {"num-examples": 0, "partition-id": partition_id}
     set_adapter_state(bundle.model, bundle.complete(private or {}, state))
     if cfg.task.name == "reward":
         from fedllm_flwr.reward import evaluate_preferences
@@ -128,11 +131,11 @@ def local_evaluate(
             "eval-loss": scores["eval-loss"],
             "eval-preference-accuracy": scores["preference-accuracy"],
             "eval-margin": scores["margin"],
-            "num-examples": max(1, len(data.holdout)),
+            "num-examples": len(data.holdout),
             "partition-id": partition_id,
         }
     result = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
-    metrics = {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": max(1, len(data.holdout))}
+    metrics = {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": len(data.holdout)}
     if cfg.eval.client_metric:
         metrics.update({f"eval-{k}": v for k, v in holdout_scores(cfg, bundle, data).items() if k != "eval-loss"})
     metrics["partition-id"] = partition_id
