@@ -31,7 +31,7 @@ from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_ad
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters, build_strategy
 from fedllm_flwr.transport import EMULATOR_ID_KEY, arrays_to_state, emulator_record, state_to_arrays
-from fedllm_flwr.warmup import await_warm_up
+from fedllm_flwr.warmup import await_warm_up, is_simulation
 
 INFO, WARNING = logging.INFO, logging.WARNING
 
@@ -208,6 +208,17 @@ def discover_nodes(grid: Grid, cfg: Config) -> dict[int, dict[str, Any]]:
         info[reply.metadata.src_node_id] = dict(reply.content["info"].items())
     log(INFO, "[fedllm-flwr] nodes: %s", {n: (i["partition-id"], i["category"]) for n, i in sorted(info.items())})
     return info
+
+
+def example_limits(cfg: Config, nodes: dict[int, dict[str, Any]]) -> dict[int, int]:
+    """Node id -> the most training examples it holds, from the server's own copy
+    of the data (simulation; a deployed site's data is its own, see the README).
+    Under scenario=global the one training node holds every record."""
+    from fedllm_flwr.data import train_set, train_size
+
+    if cfg.scenario.name == "global":
+        return {node: len(train_set(cfg)) for node in nodes}
+    return {node: train_size(cfg, int(i["partition-id"]), int(i["num-partitions"])) for node, i in nodes.items()}
 
 
 def personalize_clients(
@@ -399,6 +410,9 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
     if cfg.strategy.availability != "always" or (done and cfg.scenario.name == "local"):
         strategy.nodes = discover_nodes(grid, cfg)
+    if is_simulation(grid) and cfg.dataset.source != "sites":  # the server holds every partition's data
+        strategy.nodes = strategy.nodes or discover_nodes(grid, cfg)
+        strategy.max_examples = example_limits(cfg, strategy.nodes)
     log(
         INFO,
         "[fedllm-flwr] scenario %s, base %s (%s), adapter %s: %s trainable of %s parameters",

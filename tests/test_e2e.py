@@ -398,3 +398,41 @@ def test_secure_aggregation_runs_in_simulation(sim, tiny_model_dir, tmp_path):
 
     tensors = load_file(out / "secagg" / "adapter" / "final" / "adapter_model.safetensors")
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # the unmasked mean was applied
+
+
+def poisoned_app(root, folder):
+    """This app with a ClientApp that spoils one client's replies (tests/poisoned_client.py)."""
+    import shutil
+
+    folder.mkdir()
+    for name in ("server_app.py", "client_app.py", "README.md"):
+        shutil.copy(root / name, folder / name)
+    shutil.copy(root / "tests" / "poisoned_client.py", folder / "poisoned_client.py")
+    text = (root / "pyproject.toml").read_text()
+    (folder / "pyproject.toml").write_text(text.replace('clientapp = "client_app:app"', 'clientapp = "poisoned_client:app"'))
+    return folder
+
+
+def test_a_client_poisoning_every_round_is_dropped_and_learning_goes_on(sim, tiny_model_dir, tmp_path):
+    """Partition 1 sends NaN tensors, NaN and Inf weights, a wrong shape and a wrong codec."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    app = poisoned_app(ROOT, tmp_path / "app")
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=5", "train.lr=0.01",
+         "strategy.fraction_evaluate=0", f"run.output_dir={out}", "run.name=poisoned"]
+    )  # fmt: skip
+    result = sim.run(app, overrides=overrides, num_supernodes=2, timeout=500)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    rows = [json.loads(line) for line in (out / "poisoned" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 1 and r["clients-dropped"] == 1 and r["clients-failed"] == 1, r
+    losses = [r["eval-loss"] for r in rows]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    tensors = load_file(out / "poisoned" / "adapter" / "final" / "adapter_model.safetensors")
+    assert all(np.isfinite(t).all() for t in tensors.values())
+    assert "reply from node" in result.stdout and "dropped" in result.stdout

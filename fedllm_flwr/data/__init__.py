@@ -80,6 +80,13 @@ def client_data(cfg: Config, tokenizer, partition_id: int, num_partitions: int) 
     return ClientData(cfg, fit, hold, tokenizer)
 
 
+def train_size(cfg: Config, partition_id: int, num_partitions: int) -> int:
+    """How many training records client `partition_id` of `num_partitions` holds
+    (what it may claim as `num-examples`)."""
+    part = partition_dataset(train_set(cfg), cfg.dataset.partition, partition_id, num_partitions, cfg.seed)
+    return len(split_holdout(part, cfg.dataset.partition.holdout_fraction, cfg.seed)[0])
+
+
 def main_category(cfg: Config, partition_id: int, num_partitions: int) -> str:
     """The most common category in a client's partition ("" when the data has none)."""
     part = partition_dataset(train_set(cfg), cfg.dataset.partition, partition_id, num_partitions, cfg.seed)
