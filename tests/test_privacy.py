@@ -235,3 +235,47 @@ def test_secure_aggregation_survives_a_client_leaving_mid_protocol(tiny_model_di
     assert max(float(np.abs(new[k].numpy() - plain[k]).max()) for k in plain) < 2e-5  # the mean of the two left
     row = strategy.ledger.pop(1)
     assert row["clients-ok"] == 2 and row["clients-failed"] == 1 and row["failed-nodes"] == "102"
+
+
+def test_a_round_with_a_dropped_reply_releases_a_mean_whose_sensitivity_matches_the_noise():
+    """3 expected, one reply dropped (NaN): the 2 updates are summed over 3, not averaged over 2,
+    so each client still moves the released mean by at most C / 3, what the noise is sized for."""
+    runner, inner = dp_strategy(noise=0.0, clip=0.1, clients=3)
+    inner.up = Codec("fp32")
+    base = {k: torch.from_numpy(v) for k, v in inner.sent[1].items()}
+    updates = {n: {k: 0.05 * torch.randn_like(v) for k, v in base.items()} for n in (1, 2, 3)}
+    replies = [train_reply(n, pack_update({k: base[k] + u[k] for k in base}, base, inner.up, None, 0.1))
+               for n, u in updates.items()]  # fmt: skip
+    replies[2].content["metrics"] = MetricRecord({"num-examples": float("nan"), "train-loss": 1.0})
+    arrays, _ = runner.aggregate_train(1, replies)
+    assert inner.ledger.pop(1)["clients-dropped"] == 1
+    clipped = {n: clip_update({k: v.numpy() for k, v in updates[n].items()}, 0.1)[0] for n in (1, 2)}
+    for key in arrays:
+        released = arrays[key].numpy() - inner.sent[1][key]
+        np.testing.assert_allclose(released, (clipped[1][key] + clipped[2][key]) / 3, atol=1e-6)
+    one = {k: arrays[k].numpy() - inner.sent[1][k] - clipped[2][k] / 3 for k in arrays}
+    assert update_norm(one) <= 0.1 / 3 + 1e-6  # client 1's whole influence: C / n
+
+
+def test_the_accountant_gets_the_runs_rate_and_noise_and_matches_opacus_by_hand(tiny_model_dir):
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+    from opacus.accountants.rdp import RDPAccountant
+
+    from fedllm_flwr.server import private_runner
+    from fedllm_flwr.strategy import build_strategy
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(1, 11))
+
+    cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=dp", "privacy.noise_multiplier=1.3",
+                    "strategy.fraction_train=0.5", "strategy.availability=uniform", "strategy.available_p=0.8"])  # fmt: skip
+    runner = private_runner(Grid(), cfg, build_strategy(cfg))
+    assert runner.budget.sample_rate == pytest.approx(0.4) and runner.budget.noise_multiplier == 1.3
+    assert runner.num_sampled_clients == 4 and runner.inner.dp_denominator == 4  # q N = 0.4 * 10
+    for _ in range(5):
+        runner.budget.step()
+    alphas = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=0.4, noise_multiplier=1.3, steps=5, orders=alphas)
+    expected, _ = get_privacy_spent(orders=alphas, rdp=rdp, delta=cfg.privacy.delta)
+    assert runner.budget.epsilon() == pytest.approx(expected, rel=1e-9)

@@ -105,9 +105,11 @@ class AdapterFedAvg(FedAvg):
         """privacy=dp: the L2 bound every client's update must keep; the server
         enforces it on the decoded update (codec rounding may add a hair) and
         refuses replies that are not updates."""
-        self.uniform_weights = False
-        """privacy=dp: every reply weighs the same (the noise is calibrated to a
-        client moving the mean by at most clip_norm / n)."""
+        self.dp_denominator: int | None = None
+        """privacy=dp: the new adapter is the one sent plus the sum of the clipped
+        updates over this fixed count (the clients expected per round), not over
+        the replies that arrived: one client moves it by at most clip_norm / n,
+        the sensitivity the noise is sized for, however many replies were dropped."""
         self._norms: list[float] = []
         self._reclipped = 0
         self.ledger = RoundLedger()
@@ -245,9 +247,21 @@ class AdapterFedAvg(FedAvg):
         return self.combine(server_round, valid), metrics
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
-        """The new global adapter: the fp32 mean weighted by num-examples."""
+        """The new global adapter: the fp32 mean weighted by num-examples (under
+        privacy=dp, the sum of the updates over `dp_denominator`)."""
+        if self.dp_denominator:
+            return ArrayRecord({k: Array(v) for k, v in self.fixed_denominator_mean(valid).items()})
         mean = weighted_mean([r.state for r in valid], [r.weight for r in valid])
         return ArrayRecord({k: Array(v) for k, v in mean.items()})
+
+    def fixed_denominator_mean(self, valid: list[ValidReply]) -> dict[str, np.ndarray]:
+        """What every node was sent plus sum(update_i) / dp_denominator, in fp32 (DP-FedAvg)."""
+        base = self.sent[valid[0].node_id]  # privacy=dp runs the fed scenario: one adapter sent to all
+        out = {k: np.zeros_like(v, dtype=np.float32) for k, v in base.items()}
+        for reply in valid:
+            for key, value in reply.state.items():
+                out[key] += (value - self.sent[reply.node_id][key]).astype(np.float32)
+        return {k: (base[k] + v / np.float32(self.dp_denominator)).astype(np.float32) for k, v in out.items()}
 
     def validated(self, server_round: int, replies: Iterable[Message]) -> list[ValidReply]:
         """Replies that may be used, after logging and counting the others."""
@@ -280,7 +294,7 @@ class AdapterFedAvg(FedAvg):
                 self.ledger.add(server_round, "clients-dropped", 1)
                 log(WARNING, "Round %s: reply from node %s dropped: %s", server_round, node, exc)
                 continue
-            valid.append(ValidReply(node, state, 1.0 if self.uniform_weights else float(weight), msg.content))
+            valid.append(ValidReply(node, state, 1.0 if self.dp_denominator else float(weight), msg.content))
             self.delivered.add(node)
         # Replies arrive in any order; a fixed one makes the fp32 sums reproducible.
         valid.sort(key=lambda r: (_partition(r.content), r.node_id))

@@ -3,9 +3,11 @@ wrapper, with the budget accounted each round (see `fedllm_flwr.dp`).
 
 Clients clip their updates to `clipping_norm` (the wrapper puts it in the train
 config; our ClientApp clips before encoding) and our strategy enforces the bound
-on the decoded updates and averages them with equal weights. Flower's wrapper
-adds N(0, (z C / n)^2) to that mean, where n is the number of clients sampled
-per round, and skips the round if any sampled client failed. Each round that
+on the decoded updates and sums them over a fixed n, the number of clients
+expected per round (DP-FedAvg's fixed denominator), whatever number of replies
+arrived and passed validation. Flower's wrapper adds N(0, (z C / n)^2) to that
+mean, so the noise always matches the sensitivity C / n; it skips the round if
+any sampled client failed outright. Each round that
 released a noised mean steps the accountant; `epsilon` and `delta` go into the
 round's metrics row.
 """
@@ -31,7 +33,7 @@ class AccountedClientSideDP(DifferentialPrivacyClientSideFixedClipping):
         sample_rate: float, delta: float,
     ) -> None:  # fmt: skip
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        strategy.clip_norm, strategy.uniform_weights = clipping_norm, True
+        strategy.clip_norm, strategy.dp_denominator = clipping_norm, num_sampled_clients
         self.inner = strategy
         self.budget = PrivacyBudget(noise_multiplier, sample_rate, delta)
 
