@@ -43,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
     down, up = codecs(cfg.compression)
     received = unpack_state(msg.content, codec=down)
     if config.get(PERSONALIZE_KEY):  # after the last round: FedAvg + FT
-        state, metrics = personalize(cfg, received, partition_id, num_partitions)
+        state, metrics = personalize(cfg, received, partition_id, num_partitions, _private(context))
         reply = pack(state)
         reply["metrics"] = MetricRecord(metrics)
         return Message(content=reply, reply_to=msg)

@@ -171,19 +171,27 @@ def holdout_scores(cfg: Config, bundle: ModelBundle, data: ClientData) -> dict[s
 
 
 def personalize(
-    cfg: Config, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int
+    cfg: Config,
+    state: dict[str, torch.Tensor],
+    partition_id: int,
+    num_partitions: int,
+    private: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """FedAvg + FT: score the global adapter on this client's held-out split, tune
-    it `personalize.ft_steps` steps on the client's data at constant `train.lr`,
-    and score it again. Returns the personalized adapter and before/after metrics."""
+    """FedAvg + FT: score the global adapter (completed with this client's
+    `private` tensors) on this client's held-out split, tune it
+    `personalize.ft_steps` steps on the client's data at constant `train.lr`, and
+    score it again. Returns the whole personalized adapter and before/after metrics.
+    Dropout and the batch order depend on (seed, client) only."""
     steps = cfg.personalize.ft_steps
     ft_cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, local_steps=steps, lr_schedule="constant", warmup_steps=0)
     )
     bundle, data = _setup(ft_cfg, partition_id, num_partitions)
-    set_adapter_state(bundle.model, bundle.complete(state))
+    set_adapter_state(bundle.model, bundle.complete(private or {}, state))
     before = holdout_scores(cfg, bundle, data)
-    batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id, seed=cfg.seed * 1000 + 7)
+    seed = cfg.seed * 1_000_003 + 500_009 + partition_id  # apart from every round's (see local_train)
+    torch.manual_seed(seed)
+    batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id, seed=seed)
     result = train_steps(bundle.model, batches, ft_cfg.train, compute_dtype=bundle.dtype)
     after = holdout_scores(cfg, bundle, data)
     metrics = {f"before-{k}": v for k, v in before.items()} | {f"after-{k}": v for k, v in after.items()}

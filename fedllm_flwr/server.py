@@ -229,7 +229,7 @@ def personalize_clients(
     adapter/personalized/client_<partition>/ and the rows in personalization.jsonl."""
     from fedllm_flwr.compression import codecs
     from fedllm_flwr.strategy import PERSONALIZE_KEY
-    from fedllm_flwr.transport import manifest_of, pack, unpack
+    from fedllm_flwr.transport import pack, unpack
 
     packed = pack(arrays, codecs(cfg.compression)[0])
     config = ConfigRecord({**dict(config.items()), "server-round": cfg.num_rounds, PERSONALIZE_KEY: 1})
@@ -251,7 +251,13 @@ def personalize_clients(
             continue
         metrics = dict(next(iter(reply.content.metric_records.values())).items())
         pid = int(metrics["partition-id"])
-        state = unpack(reply.content, manifest_of(arrays))
+        # The whole personalized adapter: the shared tensors and, under partial
+        # sharing, the node's private ones (saved here, at the end of the run).
+        try:
+            state = unpack(reply.content)
+        except ValueError as exc:
+            log(WARNING, "[fedllm-flwr] node %s: personalized adapter dropped: %s", reply.metadata.src_node_id, exc)
+            continue
         states[f"client_{pid}"] = state_to_arrays({k: torch.from_numpy(v.copy()) for k, v in state.items()})
         rows.append({"partition-id": pid, **{k: v for k, v in metrics.items() if k != "partition-id"}})
     rows.sort(key=lambda r: r["partition-id"])
