@@ -183,7 +183,7 @@ def own_copy(message: Message) -> Message:
     return Message(content, dst_node_id=m.dst_node_id, message_type=m.message_type, group_id=m.group_id)
 
 
-def secure_round(tiny_model_dir, drop=()):
+def secure_round(tiny_model_dir, drop=(), max_weight=100):
     """One SecAgg+ round on 3 tiny clients, and the plain weighted mean of the same updates."""
     from fedllm_flwr.client import local_train
     from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
@@ -192,7 +192,7 @@ def secure_round(tiny_model_dir, drop=()):
     from fedllm_flwr.transport import state_to_arrays
 
     clear_model_cache()
-    overrides = [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=secagg", "privacy.max_weight=100",
+    overrides = [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=secagg", f"privacy.max_weight={max_weight}",
                  "strategy.min_available_nodes=3", "strategy.min_train_nodes=3", "peft.dropout=0.0"]  # fmt: skip
     cfg = load_cfg(overrides)
     start = get_adapter_state(build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).model)
@@ -279,3 +279,26 @@ def test_the_accountant_gets_the_runs_rate_and_noise_and_matches_opacus_by_hand(
     rdp = compute_rdp(q=0.4, noise_multiplier=1.3, steps=5, orders=alphas)
     expected, _ = get_privacy_spent(orders=alphas, rdp=rdp, delta=cfg.privacy.delta)
     assert runner.budget.epsilon() == pytest.approx(expected, rel=1e-9)
+
+
+def test_secure_aggregation_refuses_a_weight_above_max_weight(tiny_model_dir):
+    """SecAgg+ would cap it and skew the mean: deployment stops at the first round's weights."""
+    with pytest.raises(UserError, match="privacy.max_weight=3 is below a client's"):
+        secure_round(tiny_model_dir, max_weight=3)
+
+
+def test_secure_aggregation_refuses_max_weight_below_a_known_partition_before_round_1(tiny_model_dir):
+    from fedllm_flwr.strategy import build_strategy
+
+    cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=secagg", "privacy.max_weight=3"])
+    strategy = build_strategy(cfg)
+    strategy.max_examples = {1: 2, 2: 30}  # simulation: the server knows each partition's size
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    with pytest.raises(UserError, match="set privacy.max_weight=30 or more"):
+        strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid())

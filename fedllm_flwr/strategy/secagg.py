@@ -31,6 +31,7 @@ from flwr.common.logger import log
 
 from fedllm_flwr.compression import Codec
 from fedllm_flwr.config import PrivacyConfig
+from fedllm_flwr.errors import UserError
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, aggregate_client_metrics
 from fedllm_flwr.transport import message_bytes, pack
 
@@ -47,6 +48,20 @@ class SecAggFedAvg(AdapterFedAvg):
 
     def start(self, grid, *args, **kwargs):  # noqa: ANN001 - Flower's signature
         return super().start(SecAggGrid(grid, self), *args, **kwargs)
+
+    def check_weight(self, weight: float) -> None:
+        """SecAgg+ caps every client's weight at `privacy.max_weight` (the client only
+        warns), which would silently skew the mean: a larger weight stops the run."""
+        if weight > self.secagg.max_weight:
+            raise UserError(
+                f"privacy.max_weight={self.secagg.max_weight:g} is below a client's {weight:g} training examples: "
+                f"SecAgg+ would cap its weight and skew the mean; set privacy.max_weight={weight:g} or more"
+            )
+
+    def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001 - Flower's signature
+        if self.max_examples:  # simulation: every partition's size is known before round 1
+            self.check_weight(max(self.max_examples.values()))
+        return super().configure_train(server_round, arrays, config, grid)
 
     def validated(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -129,6 +144,8 @@ class SecAggGrid:
             strategy.sampled.pop(round_, None)
             return []
         results = captured["results"]
+        for _, fit in results:  # the weights reach the server in the clear (see the module docstring)
+            strategy.check_weight(fit.num_examples)
         mean = [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(results[0][1].parameters)]
         log(INFO, "Round %s: SecAgg+ summed the updates of %s clients (%s dropped out)", round_, len(results),
             len(dropped))  # fmt: skip
