@@ -284,7 +284,7 @@ class AdapterFedAvg(FedAvg):
                 if len(msg.content.metric_records) != 1:
                     raise ValueError(f"the reply must carry one metric record, it has {len(msg.content.metric_records)}")
                 weight = check_metrics(next(iter(msg.content.metric_records.values())), self.weighted_by_key)
-                limit = self.max_examples.get(node)
+                limit = self.claim_limit(node)
                 if limit is not None and weight > limit:
                     raise ValueError(f"it claims {weight:g} examples, but its partition has {limit}")
                 state = self.reconstruct(node, msg.content)
@@ -345,6 +345,10 @@ class AdapterFedAvg(FedAvg):
                 self.ledger.set(server_round, f"client-{key}", value)
         return metrics
 
+
+    def claim_limit(self, node: int) -> int | None:
+        """The most examples a reply from `node` may claim (None: unknown)."""
+        return self.max_examples.get(node)
 
     def validated_evaluations(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Evaluation replies whose numbers are all sound; the others are logged and counted."""

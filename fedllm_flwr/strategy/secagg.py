@@ -58,6 +58,11 @@ class SecAggFedAvg(AdapterFedAvg):
                 f"SecAgg+ would cap its weight and skew the mean; set privacy.max_weight={weight:g} or more"
             )
 
+    def claim_limit(self, node: int) -> int | None:
+        """None: the one reply is the protocol's sum over clients, whose weights
+        `SecAggGrid` checked one by one."""
+        return None
+
     def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001 - Flower's signature
         if self.max_examples:  # simulation: every partition's size is known before round 1
             self.check_weight(max(self.max_examples.values()))
@@ -144,8 +149,14 @@ class SecAggGrid:
             strategy.sampled.pop(round_, None)
             return []
         results = captured["results"]
-        for _, fit in results:  # the weights reach the server in the clear (see the module docstring)
+        for proxy, fit in results:  # the weights reach the server in the clear (see the module docstring)
             strategy.check_weight(fit.num_examples)
+            limit = strategy.max_examples.get(getattr(proxy, "node_id", None))
+            if limit is not None and fit.num_examples > limit:
+                log(WARNING, "Round %s: node %s claims %s examples, but its partition has %s; no update", round_,
+                    proxy.node_id, fit.num_examples, limit)  # fmt: skip
+                strategy.sampled.pop(round_, None)
+                return []
         mean = [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(results[0][1].parameters)]
         log(INFO, "Round %s: SecAgg+ summed the updates of %s clients (%s dropped out)", round_, len(results),
             len(dropped))  # fmt: skip
