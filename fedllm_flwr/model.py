@@ -179,9 +179,15 @@ def resolve_model(cfg: ModelConfig) -> str:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Compute dtype of the frozen base model for `train.precision`."""
+    """Compute dtype of the frozen base model for `train.precision`.
+
+    `auto` is bf16 on CPU and on GPUs that support it (no loss scaling
+    needed), fp16 (trained with a GradScaler) on older GPUs.
+    """
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
     if precision == "fp16" and device.type != "cuda":
         raise UserError("train.precision=fp16 needs CUDA (loss scaling); use bf16 or fp32 on CPU")
     return DTYPES[precision]

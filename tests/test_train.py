@@ -97,3 +97,12 @@ def test_partition_of_requires_both_keys():
     assert partition_of({"partition-id": 1, "num-partitions": 3}) == (1, 3)
     with pytest.raises(ValueError, match="partition-id and num-partitions"):
         partition_of({"partition-id": 0})
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_precision_prefers_bf16_where_the_gpu_supports_it(monkeypatch, bf16, expected):
+    from fedllm_flwr.model import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
