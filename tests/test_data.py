@@ -1,4 +1,5 @@
 import gzip
+import os
 import json
 
 import pytest
@@ -148,3 +149,48 @@ def test_eval_subset_keeps_every_category():
     assert {c: sum(r["category"] == c for r in subset) for c in ("add", "reverse", "uppercase", "km_to_m")} == {
         "add": 10, "reverse": 10, "uppercase": 10, "km_to_m": 10,
     }  # fmt: skip
+
+
+def _write(data: bytes):
+    """A case writer: put these bytes in the file."""
+    return lambda path: path.write_bytes(data)
+
+
+def _deny_read(monkeypatch):
+    """Opening any data file fails as it does without read permission (works as root too)."""
+    from fedllm_flwr.data import sources
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sources, "open", refuse, raising=False)
+
+
+def _gzip_bytes(text: str) -> bytes:
+    return gzip.compress(text.encode())
+
+
+UNREADABLE = [
+    ("latin1.jsonl", _write('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")), "not UTF-8 text"),
+    ("utf16.json", _write('[{"instruction": "q", "output": "a"}]'.encode("utf-16")), "not UTF-8 text"),
+    ("image.jsonl", _write(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00"), "not UTF-8 text"),
+    ("cut.jsonl.gz", _write(_gzip_bytes('{"instruction": "q", "output": "a"}\n' * 50)[:-12]), "truncated"),
+    ("junk.jsonl.gz", _write(b"this is not gzip at all\n"), "not a valid gzip file"),
+    ("folder.jsonl", lambda path: path.mkdir(), "is a directory"),
+    ("pipe.jsonl", lambda path: os.mkfifo(path), "not a regular file"),
+    ("locked.jsonl", _write(b'{"instruction": "q", "output": "a"}\n'), "permission denied"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "cause"), UNREADABLE, ids=[case[0] for case in UNREADABLE])
+def test_unreadable_file_is_one_user_error_naming_file_and_cause(tmp_path, monkeypatch, name, make, cause):
+    path = tmp_path / name
+    make(path)
+    if name == "locked.jsonl":
+        _deny_read(monkeypatch)
+    cfg = DatasetConfig(source="file", path=str(path))
+    with pytest.raises(UserError) as info:
+        load_records(cfg, 0)
+    message = str(info.value)
+    assert str(path) in message and cause in message
+    assert "\n" not in message and "does not exist" not in message

@@ -12,6 +12,7 @@ import gzip
 import json
 import random
 import re
+import zlib
 from pathlib import Path
 
 from datasets import Dataset
@@ -24,45 +25,82 @@ COLUMNS = ("instruction", "input", "output", "category")
 PAIR_COLUMNS = ("instruction", "input", "chosen", "rejected", "category")
 
 
-def _open_text(path: Path):
+def _unreadable(path: Path, cause: str) -> UserError:
+    return UserError(f"{path}: cannot read the data file: {cause}")
+
+
+def _check_regular_file(path: Path, key: str) -> None:
+    """A missing path, a directory or a special file (FIFO, device) as a UserError."""
+    if path.is_file():
+        return
+    if not path.exists():
+        hint = "" if path.is_absolute() else f" (relative to {Path.cwd()}: give an absolute path)"
+        raise UserError(f"{key}: data file {path} does not exist{hint}")
+    kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+    raise _unreadable(path, f"it is {kind}; give the path of a .json, .jsonl or .jsonl.gz file")
+
+
+def _read_text(path: Path, key: str) -> str:
+    """The whole text of a data file (gunzipped for .gz), decoded as UTF-8.
+
+    Every way the file can be unreadable (not a regular file, no permission, a
+    truncated or corrupt .gz, bytes that are not UTF-8) is one UserError naming
+    the file and the cause.
+    """
+    _check_regular_file(path, key)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except PermissionError:
+        raise _unreadable(path, "permission denied (the process may not read it)") from None
+    except OSError as exc:
+        raise _unreadable(path, exc.strerror or type(exc).__name__) from None
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        try:
+            data = gzip.decompress(data)
+        except EOFError:
+            raise _unreadable(path, "the gzip file is truncated (it ends before its end-of-stream marker)") from None
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise _unreadable(path, f"not a valid gzip file ({exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _unreadable(
+            path,
+            f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): a binary file, or text in "
+            "another encoding such as latin-1 or UTF-16; save it as UTF-8 JSON",
+        ) from None
 
 
 def read_json_records(path: Path, limit: int = 0, key: str = "dataset.path") -> list[dict]:
     """Objects from a .json (array) or .jsonl[.gz] file, with line-precise errors."""
-    if not path.is_file():
-        hint = "" if path.is_absolute() else f" (relative to {Path.cwd()}: give an absolute path)"
-        raise UserError(f"{key}: data file {path} does not exist{hint}")
-    is_array = path.name.endswith((".json", ".json.gz"))
-    with _open_text(path) as handle:
-        if is_array:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(data, list):
-                raise UserError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
-            records = data[:limit] if limit else data
-            for index, rec in enumerate(records):
-                if not isinstance(rec, dict):
-                    raise UserError(f"{path}: item {index} is a {type(rec).__name__}, not an object")
-            return records
-        records = []
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}, line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    text = _read_text(path, key)
+    if path.name.endswith((".json", ".json.gz")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+        records = data[:limit] if limit else data
+        for index, rec in enumerate(records):
             if not isinstance(rec, dict):
-                raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(rec).__name__}")
-            rec["__line__"] = lineno
-            records.append(rec)
-            if limit and len(records) >= limit:
-                break
+                raise UserError(f"{path}: item {index} is a {type(rec).__name__}, not an object")
+        return records
+    records = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}, line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(rec).__name__}")
+        rec["__line__"] = lineno
+        records.append(rec)
+        if limit and len(records) >= limit:
+            break
     return records
 
 
