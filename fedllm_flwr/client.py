@@ -17,7 +17,7 @@ from fedllm_flwr.data import ClientData, client_data
 from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
-from fedllm_flwr.train import lr_at, train_steps
+from fedllm_flwr.train import lr_at, response_tokens, train_steps
 
 _DATA: dict[tuple, ClientData] = {}
 
@@ -69,7 +69,7 @@ def local_train(
     # ran before: a resumed run repeats an uninterrupted one.
     torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1_009 + partition_id)
     per_round = cfg.train.local_steps * cfg.train.grad_accum
-    collate, loss_fn = _task_fns(cfg)
+    collate, loss_fn, items_fn = _task_fns(cfg)
     batches = iter_batches(
         data.train,
         cfg.train.batch_size,
@@ -88,11 +88,13 @@ def local_train(
         prox_mu=cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0,
         compute_dtype=bundle.dtype,
         loss_fn=loss_fn,
+        items_fn=items_fn,
     )
     metrics = {
         "train-loss": result.loss,
         "num-examples": len(data.train),
         "examples-seen": result.examples,
+        "skipped-steps": result.skipped_steps,
         "tokens": result.tokens,
         "seconds": result.seconds,
         "peak-memory-mb": result.peak_memory_mb,
@@ -143,12 +145,13 @@ def local_evaluate(
 
 
 def _task_fns(cfg: Config):
-    """(collate_fn, loss_fn) of the configured task (None, None: prompt-masked LM examples)."""
+    """(collate_fn, loss_fn, items_fn) of the configured task (None, None,
+    response_tokens: prompt-masked LM examples)."""
     if cfg.task.name != "reward":
-        return None, None
-    from fedllm_flwr.reward import collate_pairs, reward_loss_fn
+        return None, None, response_tokens
+    from fedllm_flwr.reward import collate_pairs, pair_count, reward_loss_fn
 
-    return collate_pairs, reward_loss_fn(cfg.reward_loss)
+    return collate_pairs, reward_loss_fn(cfg.reward_loss), pair_count
 
 
 def split_private(cfg: Config, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

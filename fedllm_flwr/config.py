@@ -234,7 +234,9 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     """Micro-batches per optimizer step: 8 x 1 x ~70 tokens = ~560 tokens a step
-    on the default task."""
+    on the default task. Each micro-batch's loss is weighted by its share of the
+    step's response tokens, so the step's gradient is that of one batch of
+    batch_size x grad_accum examples."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""

@@ -96,6 +96,11 @@ def pairwise_loss(d: torch.Tensor, cfg: RewardLossConfig) -> torch.Tensor:
     raise ValueError(f"unknown reward loss {cfg.name!r}")
 
 
+def pair_count(batch: dict[str, torch.Tensor]) -> int:
+    """How many pairs a `collate_pairs` batch holds: the items a pairwise loss averages over."""
+    return batch["input_ids"].shape[0] // 2
+
+
 def reward_loss_fn(cfg: RewardLossConfig):
     """The training loss for `train_steps`: `cfg`'s loss on a batch of pairs."""
 

@@ -57,6 +57,12 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], response_log
     return F.cross_entropy(logits.float(), targets[keep])
 
 
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many labelled (response) tokens a prompt-masked LM batch predicts: the
+    count `lm_loss` averages over."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 @contextmanager
 def checkpointing(model: torch.nn.Module, enabled: bool):
     """Gradient checkpointing of the decoder layers for the duration of a block:
@@ -99,16 +105,27 @@ def _adalora_model(model: torch.nn.Module):
     return tuner if hasattr(tuner, "update_and_allocate") and hasattr(tuner, "rankallocator") else None
 
 
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler | None:
+    """Loss scaling for fp16 on CUDA, where small gradients would underflow; bf16 and
+    fp32 keep fp32's exponent range and need none."""
+    return torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+
+
 @dataclass
 class TrainResult:
     loss: float
-    """Mean loss over the steps' micro-batches (response tokens only)."""
+    """Mean over the optimizer steps of each step's loss, itself the mean over the
+    items (response tokens, or pairs) of its micro-batches."""
     steps: int
+    """Optimizer steps asked for, including those the loss scaler skipped."""
     examples: int
     tokens: int
     """Non-padding tokens processed."""
     seconds: float
     peak_memory_mb: float
+    skipped_steps: int = 0
+    """Steps not taken: the fp16 loss scaler found a non-finite loss or gradient, or
+    no micro-batch had an item to learn from."""
 
 
 def train_steps(
@@ -120,18 +137,28 @@ def train_steps(
     prox_mu: float = 0.0,
     compute_dtype: torch.dtype | None = None,
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    items_fn: Callable[[dict[str, torch.Tensor]], int] = response_tokens,
 ) -> TrainResult:
     """Run `cfg.local_steps` AdamW steps, each over `cfg.grad_accum` micro-batches.
 
     Only parameters with `requires_grad` are optimized (the adapter, kept fp32).
     The forward pass runs under autocast to `compute_dtype` (default: the dtype
     of the frozen weights); on CUDA in fp16 the loss is scaled with a
-    GradScaler. The optimizer state is fresh each call, as in FedAvg's local
-    solver. With `prox_mu` > 0 (FedProx), mu/2 * ||w - w_start||^2 over the
-    trainable weights is added to every micro-batch's loss, w_start being the
-    weights the call began with (the global adapter); the reported loss stays
-    the task loss. `loss_fn(model, batch)` is the task loss (default: `lm_loss`;
-    a pairwise reward loss for task=reward).
+    GradScaler, which skips a step whose loss or gradients are not finite (any
+    other precision raises FloatingPointError on a non-finite loss). The
+    optimizer state is fresh each call, as in FedAvg's local solver.
+
+    A step's gradient is that of the mean loss over every item of its
+    micro-batches: `loss_fn` returns a micro-batch's mean over its items
+    (`items_fn`: response tokens by default, pairs for task=reward), weighted by
+    that micro-batch's share of the step's items, so a micro-batch of 3 response
+    tokens counts a hundredth of one of 300, as in one large batch (transformers
+    does the same with `num_items_in_batch`). `loss_fn(model, batch)` is the
+    task loss (default: `lm_loss`; a pairwise reward loss for task=reward).
+
+    With `prox_mu` > 0 (FedProx), mu/2 * ||w - w_start||^2 over the trainable
+    weights is added once per step, w_start being the weights the call began
+    with (the global adapter); the reported loss stays the task loss.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,9 +166,10 @@ def train_steps(
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = compute_dtype or next(p.dtype for p in model.parameters() if not p.requires_grad)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+    scaler = grad_scaler(device, dtype)
     half = dtype in (torch.float16, torch.bfloat16)
     autocast = torch.autocast(device_type=device.type, dtype=dtype) if half else nullcontext()
+    loss_fn = loss_fn or (lambda m, b: lm_loss(m, b, cfg.response_logits))
     total = total_steps or cfg.local_steps
     adalora = _adalora_model(model)
     if adalora is not None:
@@ -152,44 +180,61 @@ def train_steps(
     anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
     model.train()
     t0 = time.perf_counter()
-    losses, examples, tokens = [], 0, 0
+    step_losses, examples, tokens, skipped = [], 0, 0, 0
     with checkpointing(model, cfg.gradient_checkpointing):
         for step in range(cfg.local_steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(start_step + step, total, cfg)
             optimizer.zero_grad(set_to_none=True)
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in next(batches).items()}
-                with autocast:
-                    loss = loss_fn(model, batch) if loss_fn else lm_loss(model, batch, cfg.response_logits)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
-                objective = loss
-                if anchors:
-                    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-                    objective = loss + 0.5 * prox_mu * drift
-                scaled = objective / cfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                losses.append(loss.item())
+            # The step's micro-batches are drawn first: each one's weight needs the step's item count.
+            micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
+            counts = [items_fn(batch) for batch in micro]
+            n_items = sum(counts)
+            if n_items == 0:  # nothing to predict in any micro-batch: no gradient, no step
+                skipped += 1
+                continue
+            step_loss = 0.0
+            for batch, count in zip(micro, counts, strict=True):
                 examples += batch["input_ids"].shape[0]
                 tokens += int(batch["attention_mask"].sum())
+                if count == 0:
+                    continue
+                with autocast:
+                    loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    if scaler is None:
+                        raise FloatingPointError(f"non-finite loss {loss.item()} at local step {step}")
+                    step_loss = math.nan  # the scaler finds the non-finite gradients and skips the step
+                objective = loss * (count / n_items)
+                if anchors:
+                    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                    objective = objective + 0.5 * prox_mu * drift / cfg.grad_accum
+                (scaler.scale(objective) if scaler else objective).backward()
+                step_loss += loss.item() * count / n_items
             if scaler:
                 scaler.unscale_(optimizer)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if scaler:
+                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
+                skipped += int(scaler.get_scale() < scale)  # a skipped step lowers the scale
             else:
                 optimizer.step()
+            if math.isfinite(step_loss):
+                step_losses.append(step_loss)
             if adalora is not None:
                 adalora.update_and_allocate(start_step + step)  # needs this step's gradients
     model.eval()
+    if not step_losses:
+        raise FloatingPointError(f"none of the {cfg.local_steps} local steps had a finite loss to learn from")
     return TrainResult(
-        loss=sum(losses) / len(losses),
+        loss=sum(step_losses) / len(step_losses),
         steps=cfg.local_steps,
         examples=examples,
         tokens=tokens,
         seconds=time.perf_counter() - t0,
         peak_memory_mb=peak_memory_mb(device),
+        skipped_steps=skipped,
     )

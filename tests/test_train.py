@@ -106,3 +106,95 @@ def test_auto_precision_prefers_bf16_where_the_gpu_supports_it(monkeypatch, bf16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert resolve_dtype("auto", torch.device("cuda")) == expected
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+
+
+def _step_gradients(model, micro_batches, monkeypatch, **train_kwargs):
+    """The gradients of one optimizer step over `micro_batches` (the step itself not taken)."""
+    seen = {}
+
+    def record(self, *args, **kwargs):
+        seen.update({id(p): p.grad.detach().clone() for group in self.param_groups for p in group["params"]})
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    cfg = TrainConfig(local_steps=1, grad_accum=len(micro_batches), max_grad_norm=0.0, lr_schedule="constant")
+    train_steps(model, iter(micro_batches), cfg, compute_dtype=torch.float32, **train_kwargs)
+    return [seen[id(p)] for p in model.parameters() if p.requires_grad]
+
+
+def _lm_rows(cfg, bundle):
+    """Four examples; the first two keep only their last response token, so the two
+    micro-batches predict 2 and dozens of tokens."""
+    from fedllm_flwr.data.prompts import IGNORE_INDEX, collate
+    from fedllm_flwr.train import response_tokens
+
+    data = client_data(cfg, bundle.tokenizer, 0, 1)
+    rows = [data.train.example(i) for i in range(4)]
+    ids = [r[0] for r in rows]
+    labels = [[IGNORE_INDEX] * (len(r[1]) - 1) + r[1][-1:] if i < 2 else r[1] for i, r in enumerate(rows)]
+    pad = bundle.tokenizer.pad_token_id
+    micro = [collate(ids[:2], labels[:2], pad), collate(ids[2:], labels[2:], pad)]
+    assert [response_tokens(b) for b in micro][0] == 2 < response_tokens(micro[1])
+    return micro, [collate(ids, labels, pad)], {}
+
+
+def _reward_rows(cfg, bundle):
+    """Micro-batches of 1 pair and 3 pairs."""
+    from fedllm_flwr.reward import collate_pairs, pair_count, reward_loss_fn
+
+    data = client_data(cfg, bundle.tokenizer, 0, 1)
+    rows = [data.train.example(i) for i in range(4)]
+    pad = bundle.tokenizer.pad_token_id
+    micro = [collate_pairs(rows[:1], pad), collate_pairs(rows[1:], pad)]
+    return micro, [collate_pairs(rows, pad)], {"loss_fn": reward_loss_fn(cfg.reward_loss), "items_fn": pair_count}
+
+
+@pytest.mark.parametrize(("task", "rows"), [("lm", _lm_rows), ("reward", _reward_rows)])
+def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(tiny_cfg, monkeypatch, task, rows):
+    """Each micro-batch counts by its items (response tokens; pairs), not as an equal share."""
+    clear_model_cache()
+    cfg = tiny_cfg("peft.dropout=0", "train.precision=fp32", *(["task=reward"] if task == "reward" else []))
+    bundle = build_model(cfg.model, cfg.peft, "fp32", cfg.seed, task=task)
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at zero, which would leave A without a gradient
+        for p in bundle.model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05)
+    micro, whole, kwargs = rows(cfg, bundle)
+    accumulated = _step_gradients(bundle.model, micro, monkeypatch, **kwargs)
+    large = _step_gradients(bundle.model, whole, monkeypatch, **kwargs)
+    assert all(g.abs().max() > 0 for g in large)
+    for a, b in zip(accumulated, large, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_the_fp16_loss_scaler_skips_a_step_with_a_non_finite_loss(setup, monkeypatch):
+    """On CUDA in fp16 an overflowing loss skips its step instead of ending the client's
+    round (here with the CPU's GradScaler, which works the same way)."""
+    import fedllm_flwr.train as train
+    from fedllm_flwr.train import lm_loss
+
+    cfg, bundle, data = setup
+    monkeypatch.setattr(train, "grad_scaler", lambda device, dtype: torch.amp.GradScaler("cpu"))
+    calls = []
+
+    def overflowing_second_step(model, batch):
+        calls.append(1)
+        loss = lm_loss(model, batch)
+        return loss * float("inf") if len(calls) == 2 else loss
+
+    taken = []
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: taken.append(1) or original(self, *a, **k))
+    result = train_steps(
+        bundle.model,
+        iter_batches(data.train, 4, bundle.tokenizer.pad_token_id, 0),
+        TrainConfig(local_steps=3),
+        loss_fn=overflowing_second_step,
+    )
+    assert len(calls) == 3 and len(taken) == 2 and result.skipped_steps == 1
+    assert math.isfinite(result.loss) and result.steps == 3
+    calls.clear()
+    monkeypatch.setattr(train, "grad_scaler", lambda device, dtype: None)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):  # no scaler: a non-finite loss is an error
+        train_steps(bundle.model, iter_batches(data.train, 4, bundle.tokenizer.pad_token_id, 0),
+                    TrainConfig(local_steps=3), loss_fn=overflowing_second_step)  # fmt: skip

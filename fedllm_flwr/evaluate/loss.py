@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fedllm_flwr.data.prompts import IGNORE_INDEX, TokenizedSet, collate
+from fedllm_flwr.data.prompts import TokenizedSet, collate
 
 
 @torch.no_grad()
@@ -16,7 +16,7 @@ def evaluate_loss(model: torch.nn.Module, data: TokenizedSet, pad_id: int, batch
     `lm_loss` scores the same response tokens for every method (prompt-learning
     methods, whose virtual tokens lengthen the logits, through the model's own loss).
     """
-    from fedllm_flwr.train import lm_loss
+    from fedllm_flwr.train import lm_loss, response_tokens
 
     if len(data) == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "tokens": 0}
@@ -26,7 +26,7 @@ def evaluate_loss(model: torch.nn.Module, data: TokenizedSet, pad_id: int, batch
     for start in range(0, len(data), batch_size):
         batch = collate(data.input_ids[start : start + batch_size], data.labels[start : start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        n_targets = response_tokens(batch)
         total += lm_loss(model, batch).float().item() * n_targets
         count += n_targets
     mean = total / count

@@ -373,7 +373,7 @@ def _partition(content: RecordDict) -> int:
     return int(value) if isinstance(value, (int, float)) else -1
 
 
-SUMMED = ("num-examples", "tokens", "examples-seen")
+SUMMED = ("num-examples", "tokens", "examples-seen", "skipped-steps")
 MAXED = ("seconds", "peak-memory-mb", "model-layers", "model-parameters", "model-load-seconds",
          "process-start-seconds")  # fmt: skip
 IDENTIFIERS = ("partition-id",)
