@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run this app with `flwr run . --stream` on Flower's local simulation SuperLink,
-# then stop that SuperLink if this script started it (Flower leaves it running).
+# then stop that SuperLink if this invocation started it (Flower leaves it running).
+# Only that one: a SuperLink another run or test started meanwhile is left alone.
 # Extra arguments go to `flwr run`, e.g.:
 #   scripts/run_local.sh --run-config 'overrides="num_rounds=5"'
 set -u
@@ -8,7 +9,16 @@ cd "$(dirname "$0")/.."
 # Dependencies come from this environment; no per-run `uv sync` (it would fetch CUDA torch).
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 
+# `flwr` starts the SuperLink with a copy of its own environment, so the one this
+# invocation started carries this marker; none other does.
+export FEDLLM_FLWR_RUN_LOCAL="$$-$(date +%s%N)"
 superlinks() { pgrep -f 'flower-superlink .*--simulation' | sort; }
+ours() {
+  local pid
+  for pid in $(superlinks); do
+    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "FEDLLM_FLWR_RUN_LOCAL=$FEDLLM_FLWR_RUN_LOCAL" && echo "$pid"
+  done
+}
 alive() { local state; state=$(ps -o stat= -p "$1" 2>/dev/null); [ -n "$state" ] && [[ $state != Z* ]]; }
 # Process groups under PID (the SuperLink runs each simulation in a session of its own).
 groups_below() {
@@ -23,8 +33,7 @@ groups_below() {
 stop_started() {
   local own_group pid group groups
   own_group=$(ps -o pgid= -p $$ | tr -d ' ')
-  for pid in $(superlinks); do
-    grep -qx "$pid" <<<"$before" && continue
+  for pid in $(ours); do
     groups=$(groups_below "$pid")
     kill "$pid" 2>/dev/null || continue
     # Wait (up to 20 s) for it to shut down its SuperExec and simulation.
@@ -37,7 +46,6 @@ stop_started() {
     echo "Stopped the local SuperLink this run started (PID $pid)."
   done
 }
-before=$(superlinks)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"; stop_started' EXIT
 # On Ctrl-C or SIGTERM, stop streaming, then the EXIT trap stops the SuperLink.
