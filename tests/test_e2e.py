@@ -186,11 +186,11 @@ def test_fedavg_plus_ft_saves_each_clients_adapter_and_scores(sim, tiny_model_di
         AutoPeftModelForCausalLM.from_pretrained(str(out / "ft" / "adapter" / "personalized" / f"client_{pid}"))
 
 
-def test_partial_sharing_keeps_lora_b_on_the_clients(sim, tiny_model_dir, tmp_path):
+def test_partial_sharing_keeps_lora_b_on_the_clients_and_fine_tunes_with_it(sim, tiny_model_dir, tmp_path):
     out = tmp_path / "runs"
     overrides = " ".join(
         [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "personalize.private=[lora_B]",
-         "eval.client_metric=true", f"run.output_dir={out}", "run.name=p"]
+         "personalize.ft_steps=2", "eval.client_metric=true", f"run.output_dir={out}", "run.name=p"]
     )  # fmt: skip
     result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
@@ -207,6 +207,16 @@ def test_partial_sharing_keeps_lora_b_on_the_clients(sim, tiny_model_dir, tmp_pa
     assert rows[-1]["client_0-held-out-loss"] != rows[-1]["client_1-held-out-loss"]
     # The server never saw a B matrix: the global adapter keeps the initial (zero) ones.
     assert all(float(t.abs().max()) == 0.0 for k, t in tensors.items() if "lora_B" in k)
+    # FedAvg + FT after the last round starts from each node's own B: the personalized
+    # adapters differ from each other and carry trained B matrices.
+    ft = [json.loads(line) for line in (out / "p" / "personalization.jsonl").read_text().splitlines()]
+    assert [r["partition-id"] for r in ft] == [0, 1] and all(finite(r["after-eval-loss"], 0) for r in ft)
+    assert ft[0]["before-eval-loss"] == pytest.approx(rows[-1]["client_0-held-out-loss"], rel=1e-4)
+    assert json.loads((out / "p" / "summary.json").read_text())["personalization"]["clients"] == 2
+    own = [load_file(out / "p" / "adapter" / "personalized" / f"client_{pid}" / "adapter_model.safetensors")
+           for pid in (0, 1)]  # fmt: skip
+    assert all(float(t.abs().max()) > 0 for k, t in own[0].items() if "lora_B" in k)
+    assert any(not (own[0][k] == own[1][k]).all() for k in own[0] if "lora_B" in k)
 
 
 @pytest.fixture(scope="module")
