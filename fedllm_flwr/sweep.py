@@ -139,6 +139,8 @@ class JobRecord:
     seconds: float | None
     bytes_per_client_round: float | None
     rounds: int | None
+    rounds_logged: int
+    """The last round in metrics.jsonl (0: none trained), also for a job that failed."""
     per_round: dict[int, tuple[float, float]]
     """Round -> (task metric, -eval loss): the screening key, higher is better."""
     error: str
@@ -178,6 +180,7 @@ def _job_record(folder: Path) -> JobRecord | None:
         seconds=job.get("seconds"),
         bytes_per_client_round=statistics.fmean(traffic) if traffic else None,
         rounds=summary.get("rounds"),
+        rounds_logged=rows[-1]["round"] if rows else 0,
         per_round=per_round,
         error=job.get("error", ""),
     )
@@ -474,13 +477,15 @@ def _promote(sweep_dir: Path, cfg) -> dict[str, Any]:
     for r in promoted:
         overrides = [o for o in r.overrides if not o.startswith("run.stop_after=")]
         runner.run(f"full_{r.name.rpartition('_')[2]}", overrides, "full")
+    # Rounds each job really ran (a job that failed before training ran none), against
+    # the full budget for every job that screening found runnable.
     rounds_full = cfg.num_rounds
     return {
         "rounds": cfg.sweep.screen_rounds,
         "screened": len(records),
         "promoted": len(promoted),
-        "rounds-run": len(records) * cfg.sweep.screen_rounds + len(promoted) * rounds_full,
-        "rounds-full-grid": len(records) * rounds_full,
+        "rounds-run": sum(r.rounds_logged for r in records) + len(promoted) * rounds_full,
+        "rounds-full-grid": len(done) * rounds_full,
     }
 
 

@@ -105,36 +105,29 @@ def sweep(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_a_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path):
+def test_a_screened_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path):
+    """Three rates, one of them invalid: the two valid jobs run 1 of 2 rounds, the better
+    half goes on to the full budget, and the failed job is recorded, not fatal."""
     sweep_dir = tmp_path / "sweep"
-    done = sweep("-m", "train.lr=1e-4,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES,
-                 "num_rounds=1", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["jobs"] == 3 and summary["completed"] == 2 and summary["failed"] == ["job_2"]
-    job_2 = json.loads((sweep_dir / "job_2" / "job.json").read_text())
-    assert "train.lr must be > 0" in job_2["error"]
-    for n, lr in enumerate([1e-4, 1e-2]):
-        run = sweep_dir / f"job_{n}"
-        assert f"lr: {lr}" in (run / "config.yaml").read_text()
-        assert (run / "adapter" / "final" / "adapter_config.json").is_file()
-    assert summary["best"]["lora"]["job"] in {"job_0", "job_1"}
-    assert (sweep_dir / "lr.png").is_file() and "Best configuration per method" in done.stdout
-
-
-@pytest.mark.slow
-def test_screening_runs_the_kept_share_to_the_full_budget(tiny_model_dir, tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    done = sweep("-m", "train.lr=1e-4,1e-2", f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2",
+    done = sweep("-m", "train.lr=1e-4,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2",
                  "sweep.screen_rounds=1", "sweep.keep=0.5", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    screening = summary["screening"]
-    assert screening == {"rounds": 1, "screened": 2, "promoted": 1, "rounds-run": 4, "rounds-full-grid": 4}
+    assert summary["failed"] == ["job_2"]
+    job_2 = json.loads((sweep_dir / "job_2" / "job.json").read_text())
+    assert "train.lr must be > 0" in job_2["error"]
     screened = [json.loads((sweep_dir / f"job_{n}" / "summary.json").read_text()) for n in range(2)]
-    assert all(s["rounds"] == 1 and s["num-rounds"] == 2 for s in screened)
+    for n, (lr, s) in enumerate(zip([1e-4, 1e-2], screened, strict=True)):
+        assert f"lr: {lr}" in (sweep_dir / f"job_{n}" / "config.yaml").read_text()
+        assert s["rounds"] == 1 and s["num-rounds"] == 2
     full = [p for p in sweep_dir.iterdir() if p.name.startswith("full_")]
     assert len(full) == 1 and json.loads((full[0] / "summary.json").read_text())["rounds"] == 2
+    assert (full[0] / "adapter" / "final" / "adapter_config.json").is_file()
+    # 2 x 1 screening rounds + 2 for the promoted job, against 2 runnable jobs x 2; the failed job ran none.
+    assert summary["screening"] == {"rounds": 1, "screened": 3, "promoted": 1, "rounds-run": 4, "rounds-full-grid": 4}
+    assert summary["jobs"] == 4 and summary["completed"] == 3
+    assert summary["best"]["lora"]["job"] == full[0].name
+    assert (sweep_dir / "lr.png").is_file() and "Best configuration per method" in done.stdout
 
 
 def _sweep_processes(mark: str, ray_prefix: str) -> dict[int, str]:
