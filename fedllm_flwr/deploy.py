@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedllm_flwr.simulation import FLOWER_ENV, _bin, _free_port, _toml_string, run_flwr, stop_group, wait_for_port
+from fedllm_flwr.simulation import _bin, _free_port, _toml_string, flower_env, run_flwr, stop_group, wait_for_port
 
 CONNECTION = "fedllm-deploy"
 
@@ -156,8 +156,7 @@ class LocalDeployment:
         self.workdir = Path(workdir)
         self.credentials = credentials
         self.flwr_home = self.workdir / "flwr-home"
-        self.env = {**os.environ, **FLOWER_ENV, **(env or {})}
-        self.env["FLWR_HOME"] = str(self.flwr_home)
+        self.env = flower_env(self.flwr_home, env)
         self.port = 0
         self.superlink: subprocess.Popen | None = None
         self.nodes: dict[int, Node] = {}

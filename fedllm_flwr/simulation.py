@@ -41,6 +41,15 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower processes we start: ours, FLOWER_ENV, `extra`, a
+    FLWR_HOME of their own, and this interpreter's bin folder first on PATH (a
+    SuperLink starts `flower-superexec`, and that `flwr-simulation`, from PATH)."""
+    env = {**os.environ, **FLOWER_ENV, **(extra or {}), "FLWR_HOME": str(flwr_home)}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
 def stop_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit for a script, so `with LocalSimulation(...)` unwinds
     and stops its SuperLink and Ray as it does on Ctrl-C."""
@@ -63,10 +72,8 @@ class LocalSimulation:
         self.flwr_home = self.workdir / "flwr-home"
         # Ray's socket paths must stay short: keep its temp dir near /tmp.
         self.ray_tmp = Path(os.environ.get("FEDLLM_RAY_TMP", "/tmp")) / f"ray-{os.getpid()}-{_free_port()}"
-        self.env = {**os.environ, **FLOWER_ENV, **(env or {})}
-        self.env.update({"FLWR_HOME": str(self.flwr_home), "RAY_TMPDIR": str(self.ray_tmp)})
-        # The SuperLink starts `flower-superexec` (and that `flwr-simulation`) from PATH.
-        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
+        self.env = flower_env(self.flwr_home, env)
+        self.env["RAY_TMPDIR"] = str(self.ray_tmp)
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.log_path = self.workdir / "superlink.log"
@@ -126,6 +133,62 @@ class LocalSimulation:
         stop_ray(self.ray_tmp)
 
     def __enter__(self) -> LocalSimulation:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LocalRay:
+    """A Ray head on 127.0.0.1 that several simulations share, owned by this object.
+
+    A simulation SuperLink whose environment names it in RAY_ADDRESS runs its
+    ClientApp actors there instead of starting (and stopping) a Ray instance of
+    its own for every run.
+
+    with LocalRay() as ray, LocalSimulation(workdir, env={"RAY_ADDRESS": ray.address}) as sim:
+        ...
+    """
+
+    def __init__(self, num_cpus: int | None = None) -> None:
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.port = 0
+        self.temp_dir: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> LocalRay:
+        import tempfile
+
+        self.port = _free_port()
+        # Ray's socket paths must stay short: its temp dir goes straight under /tmp.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-head-", dir=os.environ.get("FEDLLM_RAY_TMP", "/tmp")))
+        command = [
+            _bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+            f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}", "--include-dashboard=false",
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        try:
+            started = subprocess.run(
+                command, env={**os.environ, **FLOWER_ENV}, capture_output=True, text=True, timeout=120, check=False,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            if started.returncode != 0:
+                raise RuntimeError(f"ray start --head failed: {started.stderr[-2000:]}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every process of this head, by the files they hold in its temp dir."""
+        if self.temp_dir is not None:
+            stop_ray(self.temp_dir)
+            self.temp_dir = None
+
+    def __enter__(self) -> LocalRay:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

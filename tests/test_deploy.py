@@ -134,24 +134,11 @@ def test_a_killed_supernode_fails_its_round_and_a_rejoining_one_takes_part_again
 def test_simulation_runs_on_an_existing_ray_cluster(tiny_model_dir, tmp_path):
     """`ray start --head` on 127.0.0.1, then a simulation SuperLink whose environment
     names it in RAY_ADDRESS: the ClientApp actors run on that cluster."""
-    import os
-    import subprocess
-    import tempfile
-    from pathlib import Path
+    from fedllm_flwr.simulation import LocalRay, LocalSimulation
 
-    from fedllm_flwr.simulation import FLOWER_ENV, LocalSimulation, _free_port, stop_ray
-
-    # Ray's socket paths must stay short: its temp dir goes straight under /tmp.
-    port, head_tmp = _free_port(), Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
-    start = subprocess.run(
-        ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={head_tmp}",
-         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-        env={**os.environ, **FLOWER_ENV}, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    try:
-        assert start.returncode == 0, start.stderr[-2000:]
-        out = tmp_path / "runs"
-        env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "FEDLLM_FLWR_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "runs"
+    with LocalRay(num_cpus=2) as ray:
+        env = {"RAY_ADDRESS": ray.address, "FEDLLM_FLWR_CACHE": str(tmp_path / "cache")}
         with LocalSimulation(tmp_path / "sim", env=env) as sim:
             overrides = " ".join(
                 [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"run.output_dir={out}", "run.name=r"]
@@ -159,7 +146,7 @@ def test_simulation_runs_on_an_existing_ray_cluster(tiny_model_dir, tmp_path):
             result = sim.run(ROOT, overrides, num_supernodes=2, timeout=400)
             assert "[fedllm-flwr] done in" in result.stdout, result.stdout[-3000:]
             assert not list(sim.ray_tmp.glob("session_*"))  # the simulation started no Ray of its own
-        logs = head_tmp / "session_latest" / "logs"
+        logs = ray.temp_dir / "session_latest" / "logs"
         assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
-    finally:
-        stop_ray(head_tmp)  # every process of the head, by PID
+        head = ray.temp_dir
+    assert not head.exists()  # stopped, every process of the head by PID, and its folder removed
