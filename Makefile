@@ -8,7 +8,12 @@ BIN := $(VENV)/bin
 # CPU build by default: an unpinned `torch` resolves to a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test run test bench lint clean
+# Test workers: a `flwr run` spends most of its time starting processes and waiting,
+# so three workers keep 2 cores busy. One test at a time per worker: the slow tests
+# come first (tests/conftest.py) and each worker takes its share of them.
+TEST_WORKERS ?= 3
+
+.PHONY: install install-test run test test-fast bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +42,11 @@ run: install
 	PATH="$(abspath $(BIN)):$$PATH" scripts/run_local.sh
 
 test: install-test
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk=1
+
+# The unit tier alone: no `flwr run`, no deployment, no 135M model (under a minute).
+test-fast: install-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
 # The efficiency suite (~1 h on 2 CPU cores): JSON and summary.md in BENCH_OUT.
 # Job P reads Stanford Alpaca from DATA/alpaca/.

@@ -170,6 +170,11 @@ class LocalRay:
             f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}", "--include-dashboard=false",
             "--disable-usage-stats",
         ]  # fmt: skip
+        # Ray's own defaults for these are fixed numbers (10001, 8265, 52365, ...): two heads
+        # on one machine (tests on several workers) would collide.
+        for option in ("ray-client-server-port", "dashboard-port", "dashboard-agent-listen-port",
+                       "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"):  # fmt: skip
+            command.append(f"--{option}={_free_port()}")
         try:
             started = subprocess.run(
                 command, env={**os.environ, **FLOWER_ENV}, capture_output=True, text=True, timeout=120, check=False,

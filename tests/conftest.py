@@ -25,6 +25,21 @@ TINY_OVERRIDES = [
 ]
 
 
+#: Modules whose slow tests start first, in this order (sweeps and deployments hold the
+#: longest runs), so that under `pytest -n N` no long test starts last; the unit tests
+#: fill the gaps at the end.
+SLOW_FIRST = ("test_sweep.py", "test_deploy.py", "test_e2e.py", "test_smollm2.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> tuple[int, int]:
+        module = item.path.name
+        order = SLOW_FIRST.index(module) if module in SLOW_FIRST else len(SLOW_FIRST)
+        return (0 if item.get_closest_marker("slow") else 1, order)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
