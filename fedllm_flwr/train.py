@@ -64,17 +64,20 @@ def response_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 @contextmanager
-def checkpointing(model: torch.nn.Module, enabled: bool):
+def checkpointing(model: torch.nn.Module, enabled: bool, every: int = 1):
     """Gradient checkpointing of the decoder layers for the duration of a block:
-    their activations are recomputed in the backward pass instead of kept."""
+    the activations of one layer in `every` are recomputed in the backward pass
+    instead of kept."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not enabled or not getattr(base, "supports_gradient_checkpointing", False):
         yield
         return
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old names warn
-        base.activation_checkpointing_enable({"use_reentrant": False})
+        base.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every)
         disable = base.activation_checkpointing_disable
     else:
+        if every != 1:
+            raise ValueError("train.checkpoint_every > 1 needs transformers with activation_checkpointing_enable")
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         disable = base.gradient_checkpointing_disable
     try:
@@ -181,7 +184,7 @@ def train_steps(
     model.train()
     t0 = time.perf_counter()
     step_losses, examples, tokens, skipped = [], 0, 0, 0
-    with checkpointing(model, cfg.gradient_checkpointing):
+    with checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_every):
         for step in range(cfg.local_steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(start_step + step, total, cfg)

@@ -43,23 +43,30 @@ def test_response_logits_give_the_models_own_loss_and_gradients(bundle_data, met
         torch.testing.assert_close(g_sliced[name], g_own[name], rtol=1e-4, atol=1e-7)
 
 
-def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(bundle_data):
+@pytest.mark.parametrize("every", [1, 2])
+def test_gradient_checkpointing_recomputes_one_layer_in_n_and_trains_the_same(bundle_data, every):
     cfg, bundle, data = bundle_data()
     model, start = bundle.model, get_adapter_state(bundle.model)
-    # A pre-hook inside the checkpointed forward: the recompute stops early, after the
-    # last saved tensor it needs, so a forward hook need not fire a second time.
-    attention = model.get_base_model().model.layers[0].self_attn
-    calls = []
-    hook = attention.register_forward_pre_hook(lambda *_: calls.append(1))
+    # A pre-hook inside each layer's checkpointed forward: the recompute stops early, after
+    # the last saved tensor it needs, so a forward hook need not fire a second time.
+    layers = model.get_base_model().model.layers
+    calls = [0] * len(layers)
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]  # fmt: skip
     results = {}
     for enabled in (False, True):
         set_adapter_state(model, start)
-        calls.clear()
-        train = cfg.train.__class__(**{**vars(cfg.train), "local_steps": 2, "gradient_checkpointing": enabled})
+        calls[:] = [0] * len(layers)
+        train = cfg.train.__class__(
+            **{**vars(cfg.train), "local_steps": 2, "gradient_checkpointing": enabled, "checkpoint_every": every}
+        )
         train_steps(model, iter_batches(data.train, 4, bundle.tokenizer.pad_token_id, seed=0), train)
-        results[enabled] = (get_adapter_state(model), len(calls))
-    hook.remove()
-    assert results[False][1] == 2 and results[True][1] == 4  # each layer runs again in the backward pass
+        results[enabled] = (get_adapter_state(model), list(calls))
+    for hook in hooks:
+        hook.remove()
+    assert results[False][1] == [2] * len(layers)  # 2 steps, one forward each
+    recomputed = [i for i, n in enumerate(results[True][1]) if n == 4]  # and again in the backward pass
+    assert len(recomputed) == len(layers) // every and set(results[True][1]) <= {2, 4}
     for name, value in results[False][0].items():
         torch.testing.assert_close(results[True][0][name], value, rtol=1e-4, atol=1e-6)
     assert not model.get_base_model().is_gradient_checkpointing  # switched off again after the call
