@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--steps", type=int, default=6, help="steps per variant (the first is a warm-up)")
-    parser.add_argument("--every", default="1,2,3", help="train.checkpoint_every values to measure")
+    parser.add_argument("--every", default="1,2", help="train.checkpoint_every values to measure")
     parser.add_argument("--profile", action="store_true", help="profile one step per variant")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: LOOP:EVERY in a child process
     parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
@@ -125,7 +125,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = load_cfg(job(args.data, None))
-    _, batches = drawn_batches(cfg, 0, 2, rounds=1)
+    _, batches = drawn_batches(cfg, 0, 2, rounds=args.steps)  # one step a round in this job
     everies = [int(e) for e in args.every.split(",") if e]
     variants = [("ours", None), *[("ours", e) for e in everies], ("bare", None), ("bare", 1)]
     results = []

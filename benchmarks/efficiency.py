@@ -15,7 +15,10 @@ Parts (each a ratio against a baseline run here, now, on this machine):
 4. `memory`: peak memory of one simulation worker serving 1, 2, 4 and 8 clients,
    with a shared base model and with a model per client;
 5. `quantization`: 8-bit and 4-bit base against bf16 on the default job: step
-   time, peak memory per client, eval loss after N rounds.
+   time, peak memory per client, eval loss after N rounds;
+6. `checkpointing`: a job P client step with gradient checkpointing (every layer,
+   every 2nd) against none, ours and a bare loop with the same checkpointing, one
+   process per variant (benchmarks/checkpointing.py).
 
 Job P, the reference job peers can run too: SmolLM2-135M-Instruct, LoRA r=8
 alpha=16 on q_proj,v_proj, Stanford Alpaca (`--data`/alpaca/) split IID over 2
@@ -49,7 +52,7 @@ from efficiency_report import check_targets, summary  # noqa: E402
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("throughput", "overhead", "compression", "memory", "quantization")
+PARTS = ("throughput", "overhead", "compression", "memory", "quantization", "checkpointing")
 
 
 def job_p(data: Path) -> list[str]:
@@ -405,7 +408,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; use {', '.join(PARTS)}")
     alpaca = data / "alpaca" / "alpaca_data.jsonl.gz"
-    if {"throughput", "overhead"} & set(parts) and not alpaca.is_file():
+    if {"throughput", "overhead", "checkpointing"} & set(parts) and not alpaca.is_file():
         parser.error(f"job P needs Stanford Alpaca at {alpaca} (--data names the folder holding alpaca/)")
     out.mkdir(parents=True, exist_ok=True)
     from fedllm_flwr import quiet_third_party_output
@@ -438,6 +441,10 @@ def median_rep(reps: list[dict]) -> dict:
 
 
 def run_part(part: str, out: Path, data: Path, rounds: int, repeat: int = 1) -> dict:
+    if part == "checkpointing":
+        command = [sys.executable, str(ROOT / "benchmarks" / "checkpointing.py"), "--out", str(out), "--data", str(data)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        return json.loads((out / "checkpointing.json").read_text())
     if part == "throughput":
         return {
             "job_p": [throughput(job_p(data), threads) for threads in (1, 2)],
