@@ -45,11 +45,17 @@ def test_only_the_adapter_changes(setup):
     assert any(not torch.equal(after[k], adapter[k]) for k in adapter)
 
 
-def test_gradient_accumulation_takes_one_step_per_accum_batches(setup, monkeypatch):
-    cfg, bundle, data = setup
+def count_optimizer_steps(monkeypatch) -> list:
+    """A list that gets one entry per AdamW step taken (the step still runs)."""
     steps = []
     original = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    return steps
+
+
+def test_gradient_accumulation_takes_one_step_per_accum_batches(setup, monkeypatch):
+    cfg, bundle, data = setup
+    steps = count_optimizer_steps(monkeypatch)
     result = train_steps(
         bundle.model,
         iter_batches(data.train, 2, bundle.tokenizer.pad_token_id, 0),
@@ -182,9 +188,7 @@ def test_the_fp16_loss_scaler_skips_a_step_with_a_non_finite_loss(setup, monkeyp
         loss = lm_loss(model, batch)
         return loss * float("inf") if len(calls) == 2 else loss
 
-    taken = []
-    original = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: taken.append(1) or original(self, *a, **k))
+    taken = count_optimizer_steps(monkeypatch)
     result = train_steps(
         bundle.model,
         iter_batches(data.train, 4, bundle.tokenizer.pad_token_id, 0),
