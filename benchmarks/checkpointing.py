@@ -133,8 +133,20 @@ def main() -> None:
         batches_file = Path(tmp) / "batches.pt"
         torch.save(batches[: args.steps], batches_file)
         for loop, every in variants:
-            command = [sys.executable, __file__, "--out", str(args.out), "--data", str(args.data),
-                       "--steps", str(args.steps), "--variant", f"{loop}:{every or ''}", "--batches", str(batches_file)]
+            command = [
+                sys.executable,
+                __file__,
+                "--out",
+                str(args.out),
+                "--data",
+                str(args.data),
+                "--steps",
+                str(args.steps),
+                "--variant",
+                f"{loop}:{every or ''}",
+                "--batches",
+                str(batches_file),
+            ]
             if args.profile and (every is None or every == 1):
                 command.append("--profile")
             print(f"[checkpointing] {loop}, checkpoint_every={every}", file=sys.stderr, flush=True)

@@ -442,7 +442,14 @@ def median_rep(reps: list[dict]) -> dict:
 
 def run_part(part: str, out: Path, data: Path, rounds: int, repeat: int = 1) -> dict:
     if part == "checkpointing":
-        command = [sys.executable, str(ROOT / "benchmarks" / "checkpointing.py"), "--out", str(out), "--data", str(data)]
+        command = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "checkpointing.py"),
+            "--out",
+            str(out),
+            "--data",
+            str(data),
+        ]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         return json.loads((out / "checkpointing.json").read_text())
     if part == "throughput":

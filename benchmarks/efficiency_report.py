@@ -146,8 +146,9 @@ def summary(results: dict) -> str:
         lines += table(header, rows)
     if "checkpointing" in results:
         lines += ["## 6. Gradient checkpointing: a job P client step (1 thread), ours and a bare loop", ""]
+        variants = results["checkpointing"]["variants"]
         rows = [[r["loop"], r["checkpoint_every"] or "off", r["median_step_seconds"], r["time_vs_no_checkpointing"],
-                 r["peak_rss_mb"], r["rss_vs_no_checkpointing"]] for r in results["checkpointing"]["variants"]]  # fmt: skip
+                 r["peak_rss_mb"], r["rss_vs_no_checkpointing"]] for r in variants]  # fmt: skip
         header = ["loop", "checkpoint every", "step (s)", "vs off", "peak RSS (MB)", "vs off"]
         lines += table(header, rows)
     lines += ["## Targets", ""] + [f"- {'met' if ok else 'missed'}: {name}" for name, ok in results["targets"].items()]

@@ -7,11 +7,11 @@ a test-only app folder; never part of the shipped app.
 
 import math
 
-import client_app as shipped
 import numpy as np
 from flwr.app import Array, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.clientapp import ClientApp
 
+import client_app as shipped
 from fedllm_flwr.transport import ARRAYS_KEY, MANIFEST_KEY, PACKED_KEY
 
 POISONED_PARTITION = 1

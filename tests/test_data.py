@@ -1,6 +1,6 @@
 import gzip
-import os
 import json
+import os
 
 import pytest
 from tiny import build_tokenizer

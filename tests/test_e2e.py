@@ -239,9 +239,7 @@ def test_fedot_clients_train_on_the_emulator_and_the_adapter_plugs_into_the_full
         assert layers == {"0", "1", "6", "7"}
 
 
-def test_mifa_under_half_availability_logs_who_took_part_and_resumes_to_the_same_adapter(
-    sim, tiny_model_dir, tmp_path
-):
+def test_mifa_under_half_availability_logs_who_took_part_and_resumes_to_the_same_adapter(sim, tiny_model_dir, tmp_path):
     """MIFA (strategy state) under 50% availability (a schedule), 4 rounds: the run logs
     who took part each round; stopped during round 3 and resumed, it ends where the
     uninterrupted run ends."""
@@ -406,7 +404,9 @@ def poisoned_app(root, folder):
         shutil.copy(root / name, folder / name)
     shutil.copy(root / "tests" / "poisoned_client.py", folder / "poisoned_client.py")
     text = (root / "pyproject.toml").read_text()
-    (folder / "pyproject.toml").write_text(text.replace('clientapp = "client_app:app"', 'clientapp = "poisoned_client:app"'))
+    (folder / "pyproject.toml").write_text(
+        text.replace('clientapp = "client_app:app"', 'clientapp = "poisoned_client:app"')
+    )
     return folder
 
 

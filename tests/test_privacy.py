@@ -268,8 +268,9 @@ def test_the_accountant_gets_the_runs_rate_and_noise_and_matches_opacus_by_hand(
         def get_node_ids(self):
             return list(range(1, 11))
 
+    sampling = ["strategy.fraction_train=0.5", "strategy.availability=uniform", "strategy.available_p=0.8"]
     cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=dp", "privacy.noise_multiplier=1.3",
-                    "strategy.fraction_train=0.5", "strategy.availability=uniform", "strategy.available_p=0.8"])  # fmt: skip
+                    *sampling])  # fmt: skip
     runner = private_runner(Grid(), cfg, build_strategy(cfg))
     assert runner.budget.sample_rate == pytest.approx(0.4) and runner.budget.noise_multiplier == 1.3
     assert runner.num_sampled_clients == 4 and runner.inner.dp_denominator == 4  # q N = 0.4 * 10

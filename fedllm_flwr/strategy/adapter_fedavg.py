@@ -14,13 +14,12 @@ accounting (bytes both ways, clients ok/failed/dropped).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
-
-import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -282,7 +281,9 @@ class AdapterFedAvg(FedAvg):
             self.ledger.add(server_round, "bytes-up", message_bytes(msg))
             try:
                 if len(msg.content.metric_records) != 1:
-                    raise ValueError(f"the reply must carry one metric record, it has {len(msg.content.metric_records)}")
+                    raise ValueError(
+                        f"the reply must carry one metric record, it has {len(msg.content.metric_records)}"
+                    )
                 weight = check_metrics(next(iter(msg.content.metric_records.values())), self.weighted_by_key)
                 limit = self.claim_limit(node)
                 if limit is not None and weight > limit:
@@ -344,7 +345,6 @@ class AdapterFedAvg(FedAvg):
             for key, value in metrics.items():
                 self.ledger.set(server_round, f"client-{key}", value)
         return metrics
-
 
     def claim_limit(self, node: int) -> int | None:
         """The most examples a reply from `node` may claim (None: unknown)."""
