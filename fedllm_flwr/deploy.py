@@ -22,7 +22,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedllm_flwr.simulation import _bin, _free_port, _toml_string, flower_env, run_flwr, stop_group, wait_for_port
+from fedllm_flwr.simulation import (
+    _bin,
+    _free_port,
+    _toml_string,
+    flower_env,
+    run_flwr,
+    staged_copy,
+    stop_group,
+    wait_for_port,
+)
 
 CONNECTION = "fedllm-deploy"
 
@@ -241,8 +250,9 @@ class LocalDeployment:
         self, app_dir: Path, overrides: str = "", timeout: float = 600, echo: bool = False
     ) -> subprocess.CompletedProcess:
         """`flwr run APP --stream` on this federation, with Hydra overrides; `echo`
-        also copies its output to this process's stdout as it comes."""
-        args = ["run", str(app_dir), CONNECTION, "--stream"]
+        also copies its output to this process's stdout as it comes (APP staged once
+        into the work dir: see `simulation.stage_app`)."""
+        args = ["run", str(staged_copy(app_dir, self.workdir)), CONNECTION, "--stream"]
         if overrides:
             args += ["--run-config", f"overrides={_toml_string(overrides)}"]
         if not echo:

@@ -1,0 +1,47 @@
+"""The harness that runs `flwr run` for sweeps, tests and benchmarks: the app it stages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flwr.cli.build import build_fab_from_disk
+
+from fedllm_flwr.simulation import stage_app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_staged_repository_packs_into_the_same_fab(tmp_path):
+    staged = stage_app(ROOT, tmp_path / "app")
+    assert build_fab_from_disk(staged) == build_fab_from_disk(ROOT)
+    assert not (staged / ".venv").exists() and not (staged / ".git").exists()
+    assert (staged / "fedllm_flwr" / "server.py").is_file() and (staged / "pyproject.toml").is_file()
+
+
+def test_staging_skips_what_flower_leaves_out_and_nothing_it_packs(tmp_path):
+    app = tmp_path / "app"
+    files = {
+        "pyproject.toml": (ROOT / "pyproject.toml").read_text(),
+        ".gitignore": "outputs/\n*.log\nsecret.json\n",
+        "pkg/mod.py": "x = 1\n",
+        "pkg/conf/a.yaml": "a: 1\n",
+        "pkg/data.json": "{}\n",
+        "pkg/weights.bin": "not packaged",
+        "pkg/test_mod.py": "excluded by Flower's own patterns\n",
+        "secret.json": "{}\n",
+        "run.log": "ignored\n",
+        "outputs/result.json": "{}\n",
+        ".venv/lib/site.py": "y = 2\n",
+        "build/lib/x.py": "z = 3\n",
+        "docs/README.md": "# docs\n",
+    }
+    for name, text in files.items():
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(text)
+    os.symlink(app / "pkg" / "mod.py", app / "pkg" / "link.py")
+    staged = stage_app(app, tmp_path / "staged")
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+    kept = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    assert kept == [".gitignore", "docs/README.md", "pkg/conf/a.yaml", "pkg/data.json", "pkg/mod.py",
+                    "pkg/test_mod.py", "pyproject.toml", "secret.json"]  # fmt: skip
