@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 from datasets import Dataset
 
@@ -76,3 +79,18 @@ def test_holdout_split():
     train, hold = split_holdout(make(["a"], 20), 0.1, seed=0)
     assert len(train) == 18 and len(hold) == 2
     assert not set(train["instruction"]) & set(hold["instruction"])
+
+
+def test_partitioning_imports_no_plotting_stack_and_the_plots_still_load():
+    """flwr_datasets' plotting helpers load when used, not with every worker's import."""
+    code = (
+        "import sys\n"
+        "import fedllm_flwr.data.partition, fedllm_flwr.client, fedllm_flwr.server\n"
+        "assert not {'seaborn', 'matplotlib', 'scipy.stats'} & set(sys.modules), 'plots imported'\n"
+        "import flwr_datasets\n"
+        "from flwr_datasets.visualization import plot_label_distributions\n"
+        "assert callable(flwr_datasets.visualization.plot_comparison_label_distribution)\n"
+        "assert 'seaborn' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]

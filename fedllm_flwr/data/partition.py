@@ -10,14 +10,58 @@ shared by several clients when there are fewer), so any `num-partitions` works.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import io
+import os
 import random
+import sys
+import types
 
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
-from fedllm_flwr.config import PartitionConfig
-from fedllm_flwr.errors import UserError
+
+class _Deferred(types.ModuleType):
+    """Stands in for a module until something is looked up in it, then loads it.
+
+    Dunder lookups other than `__all__` do not load it: tools that scan
+    `sys.modules` (inspect, torch at import) ask every module for `__file__`."""
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__") and attr.endswith("__") and attr != "__all__":
+            raise AttributeError(attr)
+        sys.modules.pop(self.__name__, None)
+        real = importlib.import_module(self.__name__)
+        self.__dict__.update(real.__dict__)  # whoever holds the stand-in now sees the module
+        return getattr(real, attr)
+
+
+def _defer_flwr_datasets_plots() -> None:
+    """Load `flwr_datasets.visualization` on first use rather than with the package.
+
+    flwr_datasets' `__init__` imports its plotting helpers (seaborn, scipy,
+    matplotlib): over 1 s of the ~9 s it takes a simulation worker, and the
+    ServerApp, to import our stack at every run's start. We only partition; the
+    subpackage still loads in full when anything in it is used.
+    """
+    name = "flwr_datasets.visualization"
+    if "flwr_datasets" in sys.modules or name in sys.modules:
+        return
+    package = importlib.util.find_spec("flwr_datasets")  # a top-level spec: imports nothing
+    if package is None or not package.submodule_search_locations:
+        return
+    stand_in = _Deferred(name)
+    # Its submodules stay importable without loading it.
+    stand_in.__path__ = [os.path.join(p, "visualization") for p in package.submodule_search_locations]
+    sys.modules[name] = stand_in
+
+
+_defer_flwr_datasets_plots()
+
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner  # noqa: E402
+
+from fedllm_flwr.config import PartitionConfig  # noqa: E402
+from fedllm_flwr.errors import UserError  # noqa: E402
 
 GROUP_COLUMN = "__group__"
 
