@@ -2,10 +2,11 @@
 
 `fedllm-flwr sweep -m train.lr=1e-4,3e-4 peft=lora,prompt_tuning` is a Hydra
 multirun (`conf/sweep.yaml`). Each job runs as `flwr run` of this app on one
-private simulation SuperLink kept for the whole sweep, so a job takes the same
-code path as `flwr run .`. A job that fails is recorded (`job.json`, with the
-reason) and the sweep goes on. At the end, `SweepCallback` writes the summary;
-`fedllm-flwr sweep-summary DIR` rewrites it for any sweep folder.
+private simulation SuperLink and one Ray instance kept for the whole sweep, so a
+job takes the same code path as `flwr run .` without paying their start-up again.
+A job that fails is recorded (`job.json`, with the reason) and the sweep goes on.
+At the end, `SweepCallback` writes the summary; `fedllm-flwr sweep-summary DIR`
+rewrites it for any sweep folder.
 
 Screening (`sweep.screen_rounds=R`): every job first runs only R rounds
 (`run.stop_after`, an exact prefix of the full run); per PEFT method the best
@@ -54,7 +55,8 @@ class Job:
 
 
 class JobRunner:
-    """Runs jobs as `flwr run` on one simulation SuperLink owned by the sweep."""
+    """Runs jobs as `flwr run` on one simulation SuperLink and one Ray instance,
+    both owned by the sweep: a job pays neither's start-up again."""
 
     def __init__(self, sweep_dir: Path, supernodes: int, timeout: float) -> None:
         from fedllm_flwr.config import conf_dir
@@ -63,15 +65,18 @@ class JobRunner:
         self.app_dir = conf_dir().parent
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._sim = None
+        self._ray = None
         atexit.register(self.close)  # also on SystemExit from SIGTERM (see sweep_main)
 
     def _simulation(self):
         if self._sim is None:
-            from fedllm_flwr.simulation import LocalSimulation
+            from fedllm_flwr.simulation import LocalRay, LocalSimulation
 
-            self._tmp = tempfile.TemporaryDirectory(prefix="fedllm-sweep-")
             # start() stops what it began if it fails or is interrupted; a later job retries.
-            self._sim = LocalSimulation(Path(self._tmp.name)).start()
+            if self._ray is None:
+                self._ray = LocalRay().start()
+            self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="fedllm-sweep-")
+            self._sim = LocalSimulation(Path(self._tmp.name), env={"RAY_ADDRESS": self._ray.address}).start()
         return self._sim
 
     def run(self, name: str, overrides: list[str], stage: str = "full") -> Job:
@@ -115,6 +120,9 @@ class JobRunner:
         if self._sim is not None:
             self._sim.stop()
             self._sim = None
+        if self._ray is not None:
+            self._ray.stop()
+            self._ray = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
