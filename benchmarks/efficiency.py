@@ -18,7 +18,10 @@ Parts (each a ratio against a baseline run here, now, on this machine):
    time, peak memory per client, eval loss after N rounds;
 6. `checkpointing`: a job P client step with gradient checkpointing (every layer,
    every 2nd) against none, ours and a bare loop with the same checkpointing, one
-   process per variant (benchmarks/checkpointing.py).
+   process per variant (benchmarks/checkpointing.py);
+7. `sweep`: a `fedllm-flwr sweep` of job P over four learning rates (2 rounds x 5
+   steps, no evaluation): each job's wall time minus its clients' training time,
+   the first job (which starts the sweep's SuperLink and Ray) and the others.
 
 Job P, the reference job peers can run too: SmolLM2-135M-Instruct, LoRA r=8
 alpha=16 on q_proj,v_proj, Stanford Alpaca (`--data`/alpaca/) split IID over 2
@@ -52,7 +55,7 @@ from efficiency_report import check_targets, summary  # noqa: E402
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("throughput", "overhead", "compression", "memory", "quantization", "checkpointing")
+PARTS = ("throughput", "overhead", "compression", "memory", "quantization", "checkpointing", "sweep")
 
 
 def job_p(data: Path) -> list[str]:
@@ -372,6 +375,50 @@ def quantization(sim: LocalSimulation, out: Path, rounds: int) -> dict:
     return {"rounds": rounds, "bases": results}
 
 
+# -- 7. a sweep's cost per job ---------------------------------------------------------
+
+SWEEP_LRS = "1e-4,3e-4,1e-3,3e-3"
+
+
+def sweep_overhead(out: Path, data: Path) -> dict:
+    """A four-job learning-rate sweep of (a shorter) job P: per job, wall time as the
+    sweep measured it, the clients' training time (each round's slowest client) and
+    the difference, which is what a job costs beyond training."""
+    import shutil
+
+    folder = out / "sweep"
+    shutil.rmtree(folder, ignore_errors=True)
+    job = [*job_p(data), "num_rounds=2", "train.local_steps=5", *TRAIN_ONLY]
+    command = [str(Path(sys.executable).parent / "fedllm-flwr"), "sweep", "-m", f"train.lr={SWEEP_LRS}", *job,
+               f"hydra.sweep.dir={folder}"]  # fmt: skip
+    log(f"fedllm-flwr sweep of {SWEEP_LRS.count(',') + 1} jobs: {' '.join(job)}")
+    t0 = time.perf_counter()
+    with open(out / "sweep.log", "wb") as handle:
+        subprocess.run(command, check=True, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    total = time.perf_counter() - t0
+    jobs = []
+    for n in range(SWEEP_LRS.count(",") + 1):
+        run = folder / f"job_{n}"
+        record = json.loads((run / "job.json").read_text())
+        if record["status"] != "completed":
+            raise RuntimeError(f"sweep job {n} failed: {record['error']}")
+        rows = rows_of(run)
+        train = sum(r.get("train-seconds") or 0.0 for r in rows[1:])
+        jobs.append({"job": n, "seconds": record["seconds"], "client_train_seconds": round(train, 2),
+                     "overhead_seconds": round(record["seconds"] - train, 2),
+                     "timeline": timeline(rows[0]["time"], rows[-1]["time"], rows)["rounds"]})  # fmt: skip
+    later = [j["overhead_seconds"] for j in jobs[1:]]
+    return {
+        "job": job,
+        "learning_rates": SWEEP_LRS.split(","),
+        "sweep_seconds": round(total, 1),
+        "jobs": jobs,
+        "first_job_overhead_seconds": jobs[0]["overhead_seconds"],
+        "later_jobs_overhead_seconds_max": max(later),
+        "later_jobs_overhead_seconds_mean": round(sum(later) / len(later), 2),
+    }
+
+
 # -- the suite ----------------------------------------------------------------------
 
 
@@ -408,7 +455,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; use {', '.join(PARTS)}")
     alpaca = data / "alpaca" / "alpaca_data.jsonl.gz"
-    if {"throughput", "overhead", "checkpointing"} & set(parts) and not alpaca.is_file():
+    if {"throughput", "overhead", "checkpointing", "sweep"} & set(parts) and not alpaca.is_file():
         parser.error(f"job P needs Stanford Alpaca at {alpaca} (--data names the folder holding alpaca/)")
     out.mkdir(parents=True, exist_ok=True)
     from fedllm_flwr import quiet_third_party_output
@@ -452,6 +499,8 @@ def run_part(part: str, out: Path, data: Path, rounds: int, repeat: int = 1) -> 
         ]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         return json.loads((out / "checkpointing.json").read_text())
+    if part == "sweep":
+        return sweep_overhead(out, data)
     if part == "throughput":
         return {
             "job_p": [throughput(job_p(data), threads) for threads in (1, 2)],
