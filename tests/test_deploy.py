@@ -129,24 +129,3 @@ def test_a_killed_supernode_fails_its_round_and_a_rejoining_one_takes_part_again
     assert rows[2]["clients-ok"] == 2 and rows[2]["clients-failed"] == 1  # the killed node's failure is recorded
     assert rows[2]["failed-nodes"]
     assert rows[4]["clients-ok"] == 3  # it took part again after rejoining
-
-
-def test_simulation_runs_on_an_existing_ray_cluster(tiny_model_dir, tmp_path):
-    """`ray start --head` on 127.0.0.1, then a simulation SuperLink whose environment
-    names it in RAY_ADDRESS: the ClientApp actors run on that cluster."""
-    from fedllm_flwr.simulation import LocalRay, LocalSimulation
-
-    out = tmp_path / "runs"
-    with LocalRay(num_cpus=2) as ray:
-        env = {"RAY_ADDRESS": ray.address, "FEDLLM_FLWR_CACHE": str(tmp_path / "cache")}
-        with LocalSimulation(tmp_path / "sim", env=env) as sim:
-            overrides = " ".join(
-                [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"run.output_dir={out}", "run.name=r"]
-            )
-            result = sim.run(ROOT, overrides, num_supernodes=2, timeout=400)
-            assert "[fedllm-flwr] done in" in result.stdout, result.stdout[-3000:]
-            assert not list(sim.ray_tmp.glob("session_*"))  # the simulation started no Ray of its own
-        logs = ray.temp_dir / "session_latest" / "logs"
-        assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
-        head = ray.temp_dir
-    assert not head.exists()  # stopped, every process of the head by PID, and its folder removed

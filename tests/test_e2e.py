@@ -13,15 +13,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
+def ray_head():
+    """One Ray instance for the module: a run would otherwise start and stop its own."""
+    with LocalRay() as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory, ray_head):
     # Module-scoped, so set up before the per-test isolated_dirs: give the
     # SuperLink (and the apps it starts) a model cache of its own, never $HOME's.
     work = tmp_path_factory.mktemp("sim")
-    # One Ray instance for the module: a run would otherwise start and stop its own.
-    with LocalRay() as ray:
-        env = {"FEDLLM_FLWR_CACHE": str(work / "cache"), "RAY_ADDRESS": ray.address}
-        with LocalSimulation(work, env=env) as simulation:
-            yield simulation
+    env = {"FEDLLM_FLWR_CACHE": str(work / "cache"), "RAY_ADDRESS": ray_head.address}
+    with LocalSimulation(work, env=env) as simulation:
+        yield simulation
 
 
 def run_status(sim) -> dict:
@@ -35,7 +40,7 @@ def finite(value, low: float = -math.inf, high: float = math.inf) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and low <= value <= high
 
 
-def test_two_supernodes_two_rounds(sim, tiny_model_dir, tmp_path):
+def test_two_supernodes_two_rounds(sim, ray_head, tiny_model_dir, tmp_path):
     out = tmp_path / "runs"
     overrides = " ".join(
         [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"run.output_dir={out}", "run.name=e2e"]
@@ -45,6 +50,10 @@ def test_two_supernodes_two_rounds(sim, tiny_model_dir, tmp_path):
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
     run = out / "e2e"
     assert "[fedllm-flwr] run folder: " + str(run) in result.stdout
+    # The ClientApp actors ran on the module's Ray head (RAY_ADDRESS); the simulation started no Ray of its own.
+    assert not list(sim.ray_tmp.glob("session_*"))
+    logs = ray_head.temp_dir / "session_latest" / "logs"
+    assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]

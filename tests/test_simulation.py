@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from fedllm_flwr.simulation import stage_app
+from fedllm_flwr.simulation import LocalRay, _pids_using, stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +46,11 @@ def test_staging_skips_what_flower_leaves_out_and_nothing_it_packs(tmp_path):
     kept = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
     assert kept == [".gitignore", "docs/README.md", "pkg/conf/a.yaml", "pkg/data.json", "pkg/mod.py",
                     "pkg/test_mod.py", "pyproject.toml", "secret.json"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_ray_head_on_loopback_stops_every_process_by_its_files_and_leaves_no_folder():
+    with LocalRay(num_cpus=1) as ray:
+        head = ray.temp_dir
+        assert ray.address.startswith("127.0.0.1:") and _pids_using(head)  # raylet, GCS, agents
+    assert not head.exists() and not _pids_using(head)
