@@ -221,7 +221,7 @@ def trainer_loop(partition: int, job: list[str]) -> None:
     print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
 
 
-def flwr_job(sim: LocalSimulation, name: str, overrides: list[str], out: Path, nodes: int = 2, cpus: float = 1,
+def flwr_job(sim: LocalSimulation, name: str, overrides: list[str], out: Path, nodes: int = 2, cpus: int = 1,
              memory: bool = False) -> dict:  # fmt: skip
     """One `flwr run .` of `overrides` into OUT/runs/<name>; timed, optionally memory-sampled."""
     runs = out / "runs"

@@ -67,8 +67,11 @@ class LocalSimulation:
         result = sim.run(app_dir, overrides="num_rounds=2", num_supernodes=2)
     """
 
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None, client_cpus: int = 1) -> None:
         self.workdir = Path(workdir)
+        #: Whole CPUs each simulated client claims unless a run says otherwise: Flower starts
+        #: as many ClientApp workers as the Ray cluster's CPUs divided by this.
+        self.client_cpus = client_cpus
         self.flwr_home = self.workdir / "flwr-home"
         # Ray's socket paths must stay short: keep its temp dir near /tmp.
         self.ray_tmp = Path(os.environ.get("FEDLLM_RAY_TMP", "/tmp")) / f"ray-{os.getpid()}-{_free_port()}"
@@ -107,14 +110,17 @@ class LocalSimulation:
         return run_flwr(args, self.env, self.workdir / log_name, timeout)
 
     def run(
-        self, app_dir: Path, overrides: str = "", num_supernodes: int = 2, timeout: float = 600, cpus: float = 1
+        self,
+        app_dir: Path,
+        overrides: str = "",
+        num_supernodes: int = 2,
+        timeout: float = 600,
+        cpus: int | None = None,
     ) -> subprocess.CompletedProcess:
         """`flwr run APP --stream` with Hydra overrides and N simulated SuperNodes
         (APP staged once into the work dir: see `stage_app`)."""
-        args = [
-            "run", str(self.staged(app_dir)), "--stream",
-            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}",
-        ]  # fmt: skip
+        resources = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus or self.client_cpus}"
+        args = ["run", str(self.staged(app_dir)), "--stream", "--federation-config", resources]
         if overrides:
             args += ["--run-config", f"overrides={_toml_string(overrides)}"]
         return self.flwr(*args, timeout=timeout, log_name="flwr-run.log")
