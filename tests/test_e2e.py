@@ -23,9 +23,13 @@ def ray_head():
 def sim(tmp_path_factory, ray_head):
     # Module-scoped, so set up before the per-test isolated_dirs: give the
     # SuperLink (and the apps it starts) a model cache of its own, never $HOME's.
+    # Each client claims every CPU of the module's Ray head, so a run starts one ClientApp
+    # worker that serves its clients in turn: the start-up of a worker (importing the ML
+    # stack, ~9 s of CPU) is paid once per run, not once per client. Runs that need
+    # clients side by side pass `cpus=1`.
     work = tmp_path_factory.mktemp("sim")
     env = {"FEDLLM_FLWR_CACHE": str(work / "cache"), "RAY_ADDRESS": ray_head.address}
-    with LocalSimulation(work, env=env) as simulation:
+    with LocalSimulation(work, env=env, client_cpus=ray_head.num_cpus) as simulation:
         yield simulation
 
 
@@ -45,15 +49,21 @@ def test_two_supernodes_two_rounds(sim, ray_head, tiny_model_dir, tmp_path):
     overrides = " ".join(
         [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"run.output_dir={out}", "run.name=e2e"]
     )
-    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    logs = ray_head.temp_dir / "session_latest" / "logs"
+
+    def actors() -> int:
+        return sum("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
+
+    before = actors()
+    # One CPU per client: the two clients train side by side in two ClientApp workers.
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400, cpus=1)
     assert result.returncode == 0, result.stdout[-3000:]
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
     run = out / "e2e"
     assert "[fedllm-flwr] run folder: " + str(run) in result.stdout
     # The ClientApp actors ran on the module's Ray head (RAY_ADDRESS); the simulation started no Ray of its own.
     assert not list(sim.ray_tmp.glob("session_*"))
-    logs = ray_head.temp_dir / "session_latest" / "logs"
-    assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
+    assert actors() - before == min(2, ray_head.num_cpus)
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -101,33 +111,15 @@ def test_bad_input_fails_the_run_early_and_leaves_no_final_adapter(sim, tiny_mod
     assert not (out / "bad").exists()
 
 
-@pytest.mark.parametrize("scenario", ["global", "local"])
-def test_scenarios_run_with_the_same_command(sim, tiny_model_dir, tmp_path, scenario):
-    out = tmp_path / "runs"
-    overrides = " ".join(
-        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"scenario={scenario}",
-         f"run.output_dir={out}", "run.name=s"]
-    )  # fmt: skip
-    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
-    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
-    run = out / "s"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    final = run / "adapter" / "final"
-    if scenario == "global":
-        assert all(r["clients-sampled"] == 1 and r["clients-ok"] == 1 for r in rows[1:])
-        assert rows[1]["examples-seen"] == 2 * 2 * 4  # 2 clients' worth of 2 steps x batch 4
-        assert (final / "adapter_config.json").is_file()
-    else:
-        assert all(r["clients-ok"] == 2 for r in rows[1:])
-        assert all(finite(r["accuracy-std"], 0, 1) and finite(r["client_1-eval-loss"], 0) for r in rows[1:])
-        assert rows[-1]["client_0-eval-loss"] != rows[-1]["client_1-eval-loss"]  # two different adapters
-        assert sorted(p.name for p in final.iterdir()) == ["client_0", "client_1"]
-        AutoPeftModelForCausalLM.from_pretrained(str(final / "client_1"))
+@pytest.mark.parametrize(
+    ("scenario", "preset", "nodes", "metric"), [("global", "gsm8k", 3, "accuracy"), ("local", "dolly", 4, "rougeL")]
+)
+def test_scenarios_and_benchmark_presets_run_with_the_same_command(
+    sim, tiny_model_dir, tmp_path, scenario, preset, nodes, metric
+):
+    """Each scenario on one of FS-LLM's benchmark presets (local files in the presets'
+    formats): the scenario's participation and adapters, the preset's metric."""
 
-
-@pytest.mark.parametrize(("preset", "nodes", "metric"), [("gsm8k", 3, "accuracy"), ("dolly", 4, "rougeL")])
-def test_benchmark_presets_train_and_score_their_metric(sim, tiny_model_dir, tmp_path, preset, nodes, metric):
     def write(name, rows):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return tmp_path / name
@@ -147,15 +139,28 @@ def test_benchmark_presets_train_and_score_their_metric(sim, tiny_model_dir, tmp
     out = tmp_path / "runs"
     overrides = " ".join(
         [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, f"dataset={preset}", *data, "dataset.max_seq_len=64",
-         "num_rounds=1", "eval.shots=1", "eval.limit=4", "strategy.min_available_nodes=3",
-         f"run.output_dir={out}", "run.name=b"]
+         "num_rounds=2", "eval.shots=1", "eval.limit=4", "strategy.min_available_nodes=3", f"scenario={scenario}",
+         f"run.output_dir={out}", "run.name=s"]
     )  # fmt: skip
     result = sim.run(ROOT, overrides=overrides, num_supernodes=nodes, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
-    rows = [json.loads(line) for line in (out / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert all(finite(r[metric], 0, 1) for r in rows) and rows[1]["clients-ok"] == nodes
-    summary = json.loads((out / "b" / "summary.json").read_text())
+    run = out / "s"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(finite(r[metric], 0, 1) for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["metric"] == metric and summary["score-final"] == rows[-1][metric]
+    final = run / "adapter" / "final"
+    if scenario == "global":
+        assert all(r["clients-sampled"] == 1 and r["clients-ok"] == 1 for r in rows[1:])
+        assert rows[1]["examples-seen"] == nodes * 2 * 4  # every client's worth of 2 steps x batch 4
+        assert (final / "adapter_config.json").is_file()
+    else:
+        assert all(r["clients-ok"] == nodes for r in rows[1:])
+        assert all(finite(r[f"{metric}-std"], 0, 1) and finite(r["client_1-eval-loss"], 0) for r in rows[1:])
+        assert rows[-1]["client_0-eval-loss"] != rows[-1]["client_1-eval-loss"]  # different adapters
+        assert sorted(p.name for p in final.iterdir()) == [f"client_{i}" for i in range(nodes)]
+        AutoPeftModelForCausalLM.from_pretrained(str(final / "client_1"))
 
 
 def test_partial_sharing_keeps_lora_b_on_the_clients_and_fine_tunes_with_it(sim, tiny_model_dir, tmp_path):
