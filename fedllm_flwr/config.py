@@ -611,6 +611,10 @@ class SweepConfig:
 
     supernodes: int = 2
     """Simulated SuperNodes per job."""
+    client_cpus: int = 1
+    """Whole CPUs each simulated client claims: the sweep's Ray instance offers all of this
+    machine's, so a job starts (CPUs / client_cpus) ClientApp workers, each importing
+    the ML stack and loading the base model once per job."""
     timeout: float = 3600.0
     """Seconds a job may run before it is recorded as failed."""
     screen_rounds: int = 0
@@ -623,6 +627,8 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.supernodes < 1:
             raise ValueError("sweep.supernodes must be >= 1")
+        if self.client_cpus <= 0:
+            raise ValueError("sweep.client_cpus must be > 0")
         if self.screen_rounds < 0 or not 0.0 < self.keep <= 1.0:
             raise ValueError("sweep.screen_rounds must be >= 0 and sweep.keep in (0, 1]")
 

@@ -54,14 +54,32 @@ class Job:
         (folder / JOB_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
 
+def first_error(log: str) -> str:
+    """The first error a failed job's `flwr run` output reports: the message inside
+    the CLI's boxed "Error" panel, else the first line naming an error, else the tail."""
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("╭─ Error"):
+            inside = []
+            for row in lines[i + 1 :]:
+                if not row.lstrip().startswith("│"):
+                    break
+                inside.append(row.strip().strip("│").strip())
+            if any(inside):
+                return " ".join(part for part in inside if part)
+    errors = [line for line in lines if "ERROR" in line or "Error" in line]
+    return (errors[0] if errors else log.strip()[-500:]).strip()
+
+
 class JobRunner:
     """Runs jobs as `flwr run` on one simulation SuperLink and one Ray instance,
     both owned by the sweep: a job pays neither's start-up again."""
 
-    def __init__(self, sweep_dir: Path, supernodes: int, timeout: float) -> None:
+    def __init__(self, sweep_dir: Path, supernodes: int, timeout: float, client_cpus: int = 1) -> None:
         from fedllm_flwr.config import conf_dir
 
         self.sweep_dir, self.supernodes, self.timeout = sweep_dir, supernodes, timeout
+        self.client_cpus = client_cpus
         self.app_dir = conf_dir().parent
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._sim = None
@@ -76,7 +94,8 @@ class JobRunner:
             if self._ray is None:
                 self._ray = LocalRay().start()
             self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="fedllm-sweep-")
-            self._sim = LocalSimulation(Path(self._tmp.name), env={"RAY_ADDRESS": self._ray.address}).start()
+            env = {"RAY_ADDRESS": self._ray.address}
+            self._sim = LocalSimulation(Path(self._tmp.name), env=env, client_cpus=self.client_cpus).start()
         return self._sim
 
     def run(self, name: str, overrides: list[str], stage: str = "full") -> Job:
@@ -108,8 +127,7 @@ class JobRunner:
             job.status = "completed"
         else:
             job.status = "failed"
-            errors = [line for line in log.splitlines() if "ERROR" in line or "Error" in line]
-            job.error = (errors[0] if errors else log.strip()[-500:]).strip()
+            job.error = first_error(log)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "flwr-run.log").write_text(log)
         job.save(folder)
@@ -446,7 +464,7 @@ def _runner(sweep_dir: Path, cfg) -> JobRunner:
     if _RUNNER is None or _RUNNER.sweep_dir != sweep_dir:
         if _RUNNER is not None:
             _RUNNER.close()
-        _RUNNER = JobRunner(sweep_dir, cfg.sweep.supernodes, cfg.sweep.timeout)
+        _RUNNER = JobRunner(sweep_dir, cfg.sweep.supernodes, cfg.sweep.timeout, cfg.sweep.client_cpus)
     return _RUNNER
 
 

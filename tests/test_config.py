@@ -76,6 +76,7 @@ def test_run_config_string_reaches_hydra():
         ("train.precision=fp8", r"train\.precision must be auto, bf16, fp16 or fp32"),
         ("num_rounds=0", r"num_rounds must be >= 1"),
         ("dataset=file", r"dataset\.source=file needs dataset\.path"),
+        ("sweep.client_cpus=0", r"sweep\.client_cpus must be > 0"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_valid_ones(override, message):

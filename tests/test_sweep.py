@@ -14,7 +14,7 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.sweep import _kept, _ranks, read_sweep, screening_audit, spearman, summarize
+from fedllm_flwr.sweep import _kept, _ranks, first_error, read_sweep, screening_audit, spearman, summarize
 
 
 def fake_job(root, name, lr, scores, losses, method="lora", stage="full", status="completed"):
@@ -97,6 +97,19 @@ def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):
         summarize(tmp_path)
 
 
+def test_a_failed_jobs_reason_is_the_message_inside_flowers_error_panel():
+    log = (
+        "Using SuperLink: sim (127.0.0.1:5)\n"
+        "╭─ Error ─────────────────╮\n"
+        "│ 'float' object cannot be │\n"
+        "│ interpreted as an integer │\n"
+        "╰─────────────────────────╯\n"
+    )
+    assert first_error(log) == "'float' object cannot be interpreted as an integer"
+    assert first_error("ok\nERROR: the run failed\nlater Error") == "ERROR: the run failed"
+    assert first_error("no clue here") == "no clue here"
+
+
 def sweep(*args: str) -> subprocess.CompletedProcess:
     """`fedllm-flwr sweep ARGS` in its own process, as a user runs it (Hydra configures
     logging and global state for the whole process)."""
@@ -110,7 +123,8 @@ def test_a_screened_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_p
     half goes on to the full budget, and the failed job is recorded, not fatal."""
     sweep_dir = tmp_path / "sweep"
     done = sweep("-m", "train.lr=1e-4,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2",
-                 "sweep.screen_rounds=1", "sweep.keep=0.5", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+                 "sweep.screen_rounds=1", "sweep.keep=0.5", "sweep.client_cpus=2",
+                 f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["failed"] == ["job_2"]
@@ -154,7 +168,7 @@ def test_sigterm_mid_job_stops_the_sweeps_superlink_and_ray(tiny_model_dir, tmp_
     mark = uuid.uuid4().hex
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "fedllm_flwr.cli", "sweep", "-m", "train.lr=1e-4,1e-3", f"model.name={tiny_model_dir}",
-           *TINY_OVERRIDES, "num_rounds=50", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+           *TINY_OVERRIDES, "num_rounds=50", "sweep.client_cpus=2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     log_path = tmp_path / "sweep.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env={**os.environ, "FEDLLM_TEST_MARK": mark}, stdout=log, stderr=subprocess.STDOUT)
