@@ -15,6 +15,7 @@ import torch
 from fedllm_flwr.config import Config
 from fedllm_flwr.data import ClientData, client_data
 from fedllm_flwr.data.prompts import iter_batches
+from fedllm_flwr.data.sites import partition_of
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
 from fedllm_flwr.train import lr_at, response_tokens, train_steps
@@ -219,17 +220,6 @@ def warm_up(cfg: Config, node_config: dict) -> dict[str, int | str]:
     return {"warm": 1}
 
 
-def describe(cfg: Config, partition_id: int, num_partitions: int) -> dict[str, int | str]:
-    """What a client tells the server before training: its partition and main data category."""
-    from fedllm_flwr.data import main_category
-
-    return {
-        "partition-id": partition_id,
-        "num-partitions": num_partitions,
-        "category": main_category(cfg, partition_id, num_partitions),
-    }
-
-
 def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None) -> Config:
     """FedOT: the config that trains on the emulator `emulator_id`, installing it
     from `files` (sent with the node's first message) or finding it installed."""
@@ -243,30 +233,3 @@ def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None
     if folder is None:
         raise ValueError(f"emulator {emulator_id[:16]} is not installed on this node and the message does not carry it")
     return offsite.client_config(cfg, folder)
-
-
-def site_config(cfg: Config, node_config: dict) -> Config:
-    """With dataset.source=sites, the config that reads this SuperNode's own file
-    (`--node-config data-path=...`); otherwise `cfg` unchanged."""
-    if cfg.dataset.source != "sites":
-        return cfg
-    path = str(node_config.get("data-path", ""))
-    if not path:
-        raise ValueError(
-            f"dataset.source=sites: this SuperNode's --node-config sets no data-path (it has {dict(node_config)}); "
-            "start it with --node-config 'data-path=\"/path/to/site.jsonl\"'"
-        )
-    return dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=path))
-
-
-def partition_of(node_config: dict) -> tuple[int, int]:
-    """(partition-id, num-partitions) from a SuperNode's node config; a site
-    with its own `data-path` and no partition uses all of its file (0 of 1)."""
-    if "data-path" in node_config and "partition-id" not in node_config:
-        return 0, 1
-    try:
-        return int(node_config["partition-id"]), int(node_config["num-partitions"])
-    except (KeyError, ValueError, TypeError):
-        raise ValueError(
-            f"the SuperNode's --node-config must set integer partition-id and num-partitions, got {dict(node_config)}"
-        ) from None

@@ -27,10 +27,11 @@ from fedllm_flwr.data import records, test_records, tokenize_set
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
+from fedllm_flwr.keys import EMULATOR_ID_KEY
 from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_adapter_state, set_adapter_state
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters, build_strategy
-from fedllm_flwr.transport import EMULATOR_ID_KEY, arrays_to_state, emulator_record, state_to_arrays
+from fedllm_flwr.transport import arrays_to_state, emulator_record, state_to_arrays
 from fedllm_flwr.warmup import await_warm_up, is_simulation
 
 INFO, WARNING = logging.INFO, logging.WARNING
@@ -228,7 +229,7 @@ def personalize_clients(
     held-out scores before and after; the personalized adapters are saved under
     adapter/personalized/client_<partition>/ and the rows in personalization.jsonl."""
     from fedllm_flwr.compression import codecs
-    from fedllm_flwr.strategy import PERSONALIZE_KEY
+    from fedllm_flwr.keys import PERSONALIZE_KEY
     from fedllm_flwr.transport import pack, unpack
 
     packed = pack(arrays, codecs(cfg.compression)[0])

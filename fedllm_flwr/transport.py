@@ -20,12 +20,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedllm_flwr.compression import Codec, ErrorFeedback, Manifest, sizes_of
+from fedllm_flwr.keys import ARRAYS_KEY, EMULATOR_FILES_KEY, MANIFEST_KEY, PACKED_KEY, RELATIVE_KEY
 
-ARRAYS_KEY = "arrays"
-MANIFEST_KEY = "adapter-manifest"
-PACKED_KEY = "adapter"
-"""The encoded values; a codec may add arrays beside it (int8 `scales`, top-k `indices`)."""
-RELATIVE_KEY = "relative"
 ACCEPTED_DTYPES = ("float16", "float32", "int8", "int32")
 FP16 = Codec("fp16")
 
@@ -192,10 +188,6 @@ def message_bytes(message: Message | RecordDict) -> int:
         total += len(obj.deflate())
         stack.extend((obj.children or {}).values())
     return total
-
-
-EMULATOR_FILES_KEY = "emulator-files"
-EMULATOR_ID_KEY = "fedot-emulator"
 
 
 def emulator_record(files: dict[str, bytes]) -> RecordDict:

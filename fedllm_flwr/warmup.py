@@ -25,7 +25,8 @@ import time
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-WARM_UP_KEY = "warm-up"
+from fedllm_flwr.keys import WARM_UP_KEY
+
 #: Warm-ups go to at most this many nodes: a simulation has no more workers
 #: than CPUs, and every worker needs warming only once.
 MAX_NODES = 8

@@ -12,7 +12,7 @@ from flwr.app import Array, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.clientapp import ClientApp
 
 import client_app as shipped
-from fedllm_flwr.transport import ARRAYS_KEY, MANIFEST_KEY, PACKED_KEY
+from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY, PACKED_KEY
 
 POISONED_PARTITION = 1
 

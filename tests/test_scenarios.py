@@ -4,8 +4,9 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedllm_flwr.config import load_cfg
-from fedllm_flwr.strategy import DATA_KEY, STEPS_KEY, AdapterFedAvg, GlobalFedAvg, LocalAdapters, build_strategy
-from fedllm_flwr.transport import MANIFEST_KEY, pack, state_to_arrays, unpack_state
+from fedllm_flwr.keys import DATA_KEY, MANIFEST_KEY, STEPS_KEY
+from fedllm_flwr.strategy import AdapterFedAvg, GlobalFedAvg, LocalAdapters, build_strategy
+from fedllm_flwr.transport import pack, state_to_arrays, unpack_state
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from fedllm_flwr.keys import MANIFEST_KEY
 from fedllm_flwr.strategy import AdapterFedAvg, aggregate_client_metrics, weighted_mean
-from fedllm_flwr.transport import MANIFEST_KEY, pack, state_to_arrays
+from fedllm_flwr.transport import pack, state_to_arrays
 
 
 @pytest.fixture(autouse=True)

@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from fedllm_flwr.client import local_evaluate, local_train, partition_of
+from fedllm_flwr.client import local_evaluate, local_train
 from fedllm_flwr.config import TrainConfig
 from fedllm_flwr.data import client_data
 from fedllm_flwr.data.prompts import iter_batches
+from fedllm_flwr.data.sites import partition_of
 from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
 from fedllm_flwr.train import lr_at, train_steps
 

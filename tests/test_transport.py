@@ -3,7 +3,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedllm_flwr.transport import MANIFEST_KEY, manifest_of, message_bytes, pack, unpack, unpack_state
+from fedllm_flwr.keys import MANIFEST_KEY
+from fedllm_flwr.transport import manifest_of, message_bytes, pack, unpack, unpack_state
 
 
 def adapter(seed=0):

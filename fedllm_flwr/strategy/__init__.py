@@ -14,12 +14,9 @@ from fedllm_flwr.strategy.adapter_fedavg import (
 )
 from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, ServerOptimizer
 from fedllm_flwr.strategy.availability import Availability
-from fedllm_flwr.strategy.scenarios import DATA_KEY, PERSONALIZE_KEY, STEPS_KEY, GlobalFedAvg, LocalAdapters
+from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
 
 __all__ = [
-    "DATA_KEY",
-    "PERSONALIZE_KEY",
-    "STEPS_KEY",
     "AdapterFedAvg",
     "GlobalFedAvg",
     "LocalAdapters",

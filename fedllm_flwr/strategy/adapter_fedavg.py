@@ -28,8 +28,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedllm_flwr.compression import Codec
+from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY
 from fedllm_flwr.strategy.availability import Availability
-from fedllm_flwr.transport import ARRAYS_KEY, MANIFEST_KEY, is_relative, manifest_of, message_bytes, pack, unpack
+from fedllm_flwr.transport import is_relative, manifest_of, message_bytes, pack, unpack
 
 
 class RoundLedger:

@@ -17,12 +17,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
+from fedllm_flwr.keys import DATA_KEY, STEPS_KEY
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply
-
-#: ConfigRecord keys the ClientApp reads besides `server-round`.
-DATA_KEY = "data"  # "all": train on every partition's data
-STEPS_KEY = "local-steps"  # overrides train.local_steps
-PERSONALIZE_KEY = "personalize"  # 1: FedAvg + FT, tune and score before/after
 
 
 class GlobalFedAvg(AdapterFedAvg):

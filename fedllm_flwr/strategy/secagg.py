@@ -32,10 +32,9 @@ from flwr.common.logger import log
 from fedllm_flwr.compression import Codec
 from fedllm_flwr.config import PrivacyConfig
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.keys import SUM_KEY
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, aggregate_client_metrics
 from fedllm_flwr.transport import message_bytes, pack
-
-SUM_KEY = "secagg-clients"  # on the aggregate reply: how many clients' updates it sums
 
 
 class SecAggFedAvg(AdapterFedAvg):

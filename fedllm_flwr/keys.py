@@ -1,0 +1,47 @@
+"""Every key our messages and a node's state use, in one place.
+
+Both ends of a message read these: the ServerApp's strategies write them, the
+ClientApp's node (`fedllm_flwr.node`) reads them, and the other way round for
+replies. Where Flower defines a key, it is Flower's constant, not a copy.
+Light on purpose (no ML stack): the warm-up and the ClientApp's module import it.
+"""
+
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+# --- Records of an adapter message (`fedllm_flwr.transport`) ---------------------
+ARRAYS_KEY = "arrays"
+"""ArrayRecord holding the packed adapter (and a codec's side arrays)."""
+PACKED_KEY = "adapter"
+"""The encoded values inside ARRAYS_KEY; a codec may add arrays beside it (int8 `scales`, top-k `indices`)."""
+MANIFEST_KEY = "adapter-manifest"
+"""ConfigRecord: tensor names and shapes in packing order, the codec, RELATIVE_KEY."""
+RELATIVE_KEY = "relative"
+"""In the manifest: 1 when the values are an update relative to what the sender was sent."""
+EMULATOR_FILES_KEY = "emulator-files"
+"""FedOT: ArrayRecord of the emulator folder's files (uint8 arrays), on a node's first message."""
+
+# --- Keys of a train message's "config" ConfigRecord, besides Flower's server-round ---
+DATA_KEY = "data"
+"""scenario=global: "all" tells the one training node to use every partition's data."""
+STEPS_KEY = "local-steps"
+"""Overrides train.local_steps for this round."""
+PERSONALIZE_KEY = "personalize"
+"""1 after the last round: FedAvg + FT, tune and score before and after."""
+EMULATOR_ID_KEY = "fedot-emulator"
+"""FedOT: the fingerprint of the emulator the node trains on."""
+CLIPPING_NORM_KEY = KEY_CLIPPING_NORM
+"""privacy=dp: Flower's client-side clipping wrapper sends the norm under its own key."""
+
+# --- Keys of a query message's "config" ------------------------------------------
+WARM_UP_KEY = "warm-up"
+"""1: load the model and this client's data now, reply when done (simulation only)."""
+
+# --- Keys of replies --------------------------------------------------------------
+SUM_KEY = "secagg-clients"
+"""privacy=secagg: on the unmasked aggregate, how many clients' updates it sums."""
+
+# --- A node's own state (Flower's context.state), kept between its messages ------
+PRIVATE_KEY = "private-adapter"
+"""This node's unshared adapter tensors (personalize.private)."""
+FEEDBACK_KEY = "error-feedback"
+"""What lossy uplink compression left out of this node's updates so far."""

@@ -1,0 +1,178 @@
+"""What a node does with each message, and what it keeps between messages.
+
+One function per message type (`train`, `evaluate`, `query`) takes the message's
+content, the run's and the node's config and the node's `NodeState`, and returns
+the reply's content. The ClientApp (`client_app.py`) only wires Flower's
+messages and `context.state` to these, so a test drives a node with records and
+dicts, no Flower app or simulation.
+
+Light at import: Flower imports the ClientApp before it starts any worker, and a
+deployed SuperNode starts a fresh process for every message. The ML stack is
+imported by the functions that need it; a plain `query` (a node describing its
+data) never loads torch or the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedllm_flwr.keys import (
+    CLIPPING_NORM_KEY,
+    DATA_KEY,
+    EMULATOR_ID_KEY,
+    FEEDBACK_KEY,
+    PERSONALIZE_KEY,
+    PRIVATE_KEY,
+    STEPS_KEY,
+    WARM_UP_KEY,
+)
+
+Config = Mapping[str, Any]  # Flower's run and node configs: flat str -> scalar maps
+
+
+@dataclass
+class NodeState:
+    """What a node keeps between its messages, in Flower's `context.state`:
+    its own adapter tensors under partial sharing, and the residual of its
+    error feedback under a lossy uplink codec."""
+
+    private: ArrayRecord | None = None
+    residual: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, state: RecordDict) -> NodeState:
+        feedback = state.array_records.get(FEEDBACK_KEY)
+        residual = feedback["residual"].numpy() if feedback is not None else None
+        return cls(private=state.array_records.get(PRIVATE_KEY), residual=residual)
+
+    def save(self, state: RecordDict) -> None:
+        if self.private is not None:
+            state[PRIVATE_KEY] = self.private
+        if self.residual is not None:
+            state[FEEDBACK_KEY] = ArrayRecord({"residual": Array(self.residual)})
+
+    def private_state(self):
+        """The kept private tensors as a state dict (torch), or None."""
+        from fedllm_flwr.transport import arrays_to_state
+
+        return arrays_to_state(self.private) if self.private is not None else None
+
+
+def train(content: RecordDict, run_config: Config, node_config: Config, node: NodeState) -> RecordDict:
+    """Train the adapter the message carries on this node's data; reply with the
+    update (or, after the last round, FedAvg + FT's personalized adapter)."""
+    from fedllm_flwr.client import local_train, personalize, split_private
+    from fedllm_flwr.compression import codecs
+    from fedllm_flwr.data.sites import partition_of
+    from fedllm_flwr.metrics import process_age_seconds
+    from fedllm_flwr.transport import pack, pack_update, state_to_arrays, unpack_state
+
+    started = process_age_seconds()
+    cfg = node_cfg(content, run_config, node_config)
+    partition_id, num_partitions = partition_of(node_config)
+    config = content["config"]
+    down, up = codecs(cfg.compression)
+    received = unpack_state(content, codec=down)
+    if config.get(PERSONALIZE_KEY):  # after the last round: FedAvg + FT
+        state, metrics = personalize(cfg, received, partition_id, num_partitions, node.private_state())
+        reply = pack(state)
+        reply["metrics"] = MetricRecord(metrics)
+        return reply
+    if config.get(DATA_KEY) == "all":  # scenario=global: this node holds everyone's data
+        partition_id, num_partitions = 0, 1
+    steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None
+    state, metrics = local_train(
+        cfg, received, int(config["server-round"]), partition_id, num_partitions, steps,
+        private=node.private_state(), started=started,
+    )  # fmt: skip
+    state, private = split_private(cfg, state)
+    if private:
+        node.private = state_to_arrays(private)
+    if cfg.privacy.name == "secagg":  # the update, flat, for Flower's secaggplus_mod to mask
+        from fedllm_flwr.transport import secagg_reply
+
+        return secagg_reply(state, received, metrics)
+    feedback = _feedback(cfg, node)
+    clip = config.get(CLIPPING_NORM_KEY)  # privacy=dp: Flower's DP wrapper sends the norm
+    reply = pack_update(state, received, up, feedback, float(clip) if clip is not None else None)
+    if feedback is not None:
+        node.residual = feedback.residual
+    reply["metrics"] = MetricRecord(metrics)
+    return reply
+
+
+def evaluate(content: RecordDict, run_config: Config, node_config: Config, node: NodeState) -> RecordDict:
+    """Score the adapter the message carries on this node's held-out data."""
+    from fedllm_flwr.client import local_evaluate
+    from fedllm_flwr.compression import codecs
+    from fedllm_flwr.data.sites import partition_of
+    from fedllm_flwr.transport import unpack_state
+
+    cfg = node_cfg(content, run_config, node_config)
+    partition_id, num_partitions = partition_of(node_config)
+    received = unpack_state(content, codec=codecs(cfg.compression)[0])
+    metrics = local_evaluate(cfg, received, partition_id, num_partitions, node.private_state())
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def query(content: RecordDict, run_config: Config, node_config: Config) -> RecordDict:
+    """The node's partition and main data category (for the server's log and
+    simulated availability), or a warm-up: load the model and this node's data
+    ahead of training (simulation)."""
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.data.sites import partition_of, site_config
+
+    _quiet()
+    cfg = site_config(load_cfg(run_config), node_config)
+    config = content.config_records.get("config")
+    if config is not None and config.get(WARM_UP_KEY):
+        from fedllm_flwr.client import warm_up
+
+        info = warm_up(cfg, node_config)
+    else:
+        from fedllm_flwr.data import main_category
+
+        partition_id, num_partitions = partition_of(node_config)
+        info = {
+            "partition-id": partition_id,
+            "num-partitions": num_partitions,
+            "category": main_category(cfg, partition_id, num_partitions),
+        }
+    return RecordDict({"info": ConfigRecord(info)})
+
+
+def node_cfg(content: RecordDict, run_config: Config, node_config: Config):
+    """The run's config for this node: its own data file (dataset.source=sites)
+    and, under FedOT, its emulator (installed from the message when it carries one)."""
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.data.sites import site_config
+
+    _quiet()
+    cfg = site_config(load_cfg(run_config), node_config)
+    if cfg.algorithm.name == "fedot":
+        from fedllm_flwr.client import offsite_config
+        from fedllm_flwr.transport import emulator_files
+
+        emulator_id = str(content["config"].get(EMULATOR_ID_KEY, ""))
+        cfg = offsite_config(cfg, emulator_id, emulator_files(content))
+    return cfg
+
+
+def _quiet() -> None:
+    from fedllm_flwr import quiet_third_party_output
+
+    quiet_third_party_output()
+
+
+def _feedback(cfg, node: NodeState):
+    """This node's error feedback for a lossy uplink codec, with its residual so far."""
+    from fedllm_flwr.compression import ErrorFeedback, codecs
+
+    if not cfg.compression.lossy_feedback:
+        return None
+    return ErrorFeedback(codecs(cfg.compression)[1], node.residual)
