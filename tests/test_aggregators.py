@@ -202,3 +202,39 @@ def test_unavailable_clients_are_not_sampled_and_participants_are_logged(tiny_cf
     chosen = strategy.select_train(1, sent)
     assert [m.metadata.dst_node_id for m in chosen] == [11]
     assert strategy.ledger.pop(1)["participants"] == "0"
+
+
+class TwoNodes:
+    def get_node_ids(self):
+        return [1, 2]
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "mifa"])
+@pytest.mark.parametrize("downlink", ["int8", "fp16"])
+def test_zero_client_updates_leave_the_adapter_where_it_is_under_a_lossy_downlink(name, downlink):
+    """The pseudo-gradient is the mean of what the clients changed, not the distance
+    between their decoded copy of the adapter and the server's fp32 one."""
+    from flwr.app import ConfigRecord
+
+    from fedllm_flwr.compression import Codec
+    from fedllm_flwr.transport import unpack
+
+    cfg = load_cfg([f"strategy={name}", f"compression={downlink}"] if downlink == "int8" else [f"strategy={name}"])
+    strategy = build_strategy(cfg)
+    rng = np.random.default_rng(0)
+    start = {f"l{i}.lora_A.weight": (rng.standard_normal((8, 64)) * 0.02).astype(np.float32) for i in range(4)}
+    arrays = to_arrays(start)
+    for server_round in range(1, 21):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), TwoNodes()))
+        replies = []
+        for message in messages:
+            sent = unpack(message.content)  # what the node decodes
+            zero = {k: np.zeros_like(v) for k, v in sent.items()}
+            content = pack(zero, Codec(cfg.compression.name if downlink == "int8" else "fp16"), relative=True)
+            content["metrics"] = MetricRecord(
+                {"num-examples": 10, "train-loss": 1.0, "lr": 1e-3, "partition-id": message.metadata.dst_node_id}
+            )
+            replies.append(Message(content, reply_to=message))
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+    moved = max(float(np.abs(arrays[k].numpy() - v).max()) for k, v in start.items())
+    assert moved == 0.0, moved

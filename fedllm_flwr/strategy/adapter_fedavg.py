@@ -83,8 +83,12 @@ class ValidReply:
 
     node_id: int
     state: dict[str, np.ndarray]
+    """The adapter the reply stands for: what the node was sent (as it decoded it) plus its update."""
     weight: float
     content: RecordDict
+    update: dict[str, np.ndarray] | None = None
+    """What the node changed: its decoded update, or None for a whole-adapter reply
+    from a node this round sent nothing to train."""
 
 
 class AdapterFedAvg(FedAvg):
@@ -194,20 +198,21 @@ class AdapterFedAvg(FedAvg):
             out.append(message)
         return out
 
-    def reconstruct(self, node: int, content: RecordDict) -> dict[str, np.ndarray]:
-        """The adapter a reply stands for: its update added to what `node` was sent,
-        or the adapter itself when the reply is not relative. ValueError if invalid."""
+    def reconstruct(self, node: int, content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """(adapter, update) of a reply, decoded once: the update added to what `node`
+        was sent, or the adapter itself when the reply is not relative (its update
+        then relative to what the node was sent, if anything). ValueError if invalid."""
         values = unpack(content, self._expected, self.up if is_relative(content) else None)
+        base = self.sent.get(node)
         if not is_relative(content):
             if self.clip_norm is not None:
                 raise ValueError("privacy=dp needs a clipped update, and the reply is a whole adapter")
-            return values
-        base = self.sent.get(node)
+            return values, ({k: v - base[k] for k, v in values.items()} if base is not None else None)
         if base is None:
             raise ValueError("the reply is an update, but this node was sent no adapter to train this round")
         if self.clip_norm is not None:
             values = self.enforce_clip(values)
-        return {k: base[k] + v for k, v in values.items()}
+        return {k: base[k] + v for k, v in values.items()}, values
 
     def enforce_clip(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The update within the DP clipping norm, its norm logged for the round."""
@@ -289,14 +294,14 @@ class AdapterFedAvg(FedAvg):
                 limit = self.claim_limit(node)
                 if limit is not None and weight > limit:
                     raise ValueError(f"it claims {weight:g} examples, but its partition has {limit}")
-                state = self.reconstruct(node, msg.content)
+                state, update = self.reconstruct(node, msg.content)
             except ValueError as exc:
                 failed += 1
                 failed_nodes.append(node)
                 self.ledger.add(server_round, "clients-dropped", 1)
                 log(WARNING, "Round %s: reply from node %s dropped: %s", server_round, node, exc)
                 continue
-            valid.append(ValidReply(node, state, 1.0 if self.dp_denominator else float(weight), msg.content))
+            valid.append(ValidReply(node, state, 1.0 if self.dp_denominator else float(weight), msg.content, update))
             self.delivered.add(node)
         # Replies arrive in any order; a fixed one makes the fp32 sums reproducible.
         valid.sort(key=lambda r: (_partition(r.content), r.node_id))

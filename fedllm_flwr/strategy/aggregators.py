@@ -1,7 +1,8 @@
 """Aggregation beyond FedAvg, over adapter weights only.
 
 - `ServerOptimizer` (strategy=fedavgm|fedadam|fedyogi): the weighted mean of the
-  replies minus the global adapter is a pseudo-gradient; a server-side
+  clients' updates (each decoded once, relative to the adapter that client
+  decoded) is a pseudo-gradient; a server-side
   momentum, Adam or Yogi step applies it (Reddi et al. 2021, "Adaptive
   Federated Optimization"). State is fp32 and keyed by tensor name.
 - `RobustAggregate` (strategy=median|trimmed_mean): coordinate-wise median, or
@@ -11,7 +12,7 @@
 - `Mifa` (strategy=mifa; Gu et al. 2021, "Fast Federated Learning in the
   Presence of Arbitrary Device Unavailability"): the server remembers, for every
   client, its latest update divided by the learning rate it used,
-  G_i = (w_i - w_t) / lr_t, and moves the global adapter by
+  G_i = (w_i - w_t) / lr_t (w_t as the client decoded it), and moves the global adapter by
   lr_t * mean over all clients of G_i, the stale G_i of clients that did not
   answer included. lr_t is the clients' rate at the round's first step, from
   the schedule the server knows (`lr_for`), never read from a reply. A running
@@ -73,7 +74,7 @@ class ServerOptimizer:
         self.v: State = {}
 
     def step(self, current: State, delta: State) -> State:
-        """The new global state for pseudo-gradient `delta` = mean(w_i) - w_t."""
+        """The new global state for pseudo-gradient `delta`, the clients' mean update."""
         out = {}
         for key, d in delta.items():
             d = d.astype(np.float32)
@@ -104,6 +105,14 @@ class _KeepsGlobal(AdapterFedAvg):
         self.current = to_state(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
+    def update_of(self, reply: ValidReply) -> State:
+        """What a client changed. A lossy downlink (even fp16) hands each client a
+        rounded copy of `current`; measuring its adapter against the fp32 `current`
+        would add that rounding to every pseudo-gradient, so the decoded update is used."""
+        if reply.update is not None:
+            return reply.update
+        return {k: reply.state[k] - self.current[k] for k in reply.state}
+
 
 class ServerOptFedAvg(_KeepsGlobal):
     def __init__(self, *, optimizer: ServerOptimizer, **kwargs: Any) -> None:
@@ -121,8 +130,7 @@ class ServerOptFedAvg(_KeepsGlobal):
         self.optimizer.v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
-        mean = weighted_mean([r.state for r in valid], [r.weight for r in valid])
-        delta = {k: mean[k] - self.current[k] for k in mean}
+        delta = weighted_mean([self.update_of(r) for r in valid], [r.weight for r in valid])
         return to_arrays(self.optimizer.step(self.current, delta))
 
 
@@ -195,7 +203,7 @@ class Mifa(_KeepsGlobal):
         for reply in valid:
             metrics = next(iter(reply.content.metric_records.values()))
             client = int(metrics.get("partition-id", reply.node_id))
-            self.memory.refresh(client, {k: (reply.state[k] - self.current[k]) / lr_t for k in reply.state})
+            self.memory.refresh(client, {k: v / lr_t for k, v in self.update_of(reply).items()})
         seen = len(self.memory.updates)
         self.ledger.set(server_round, "mifa-clients-remembered", seen)
         if self.wait_for_all and seen < self.num_clients:
