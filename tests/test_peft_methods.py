@@ -45,7 +45,7 @@ def reply_for(node: int, state: dict, n: int) -> Message:
 @pytest.mark.parametrize("method, markers", ROWS, ids=[m for m, _ in ROWS])
 def test_method_trains_round_trips_aggregates_and_saves(method, markers, tiny_cfg, tmp_path, task_identity):
     clear_model_cache()
-    # AdaLoRA is refused for federated averaging (see config.py); its row trains as `local`.
+    # AdaLoRA is refused for federated averaging (see config/schema.py); its row trains as `local`.
     scenario = "scenario=local" if method == "adalora" else "scenario=fed"
     cfg = tiny_cfg(f"peft={method}", scenario, "peft.num_virtual_tokens=4", f"run.output_dir={tmp_path}", "run.name=r")
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)

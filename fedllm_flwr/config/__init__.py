@@ -1,0 +1,69 @@
+"""Typed config: one module per family of groups, the whole schema, and the Hydra bridge.
+
+- `model`: `model.*`, `peft.*`;  `data`: `dataset.*`;
+  `training`: `train.*`, `eval.*`, `task.*`, `reward_loss.*`;
+  `federation`: `strategy.*`, `personalize.*`, `algorithm.*`, `scenario.*`;
+  `messages`: `compression.*`, `privacy.*`;  `run`: `run.*`, `sweep.*`;
+- `schema`: `Config`, every group together and the rules that span groups;
+- `compose`: `load_cfg`, the only way the apps and the CLI obtain a config.
+"""
+
+from fedllm_flwr.config.compose import (
+    OVERRIDES_KEY,
+    cfg_to_yaml,
+    compose_cfg,
+    conf_dir,
+    load_cfg,
+    parse_overrides,
+    to_config,
+)
+from fedllm_flwr.config.data import METRICS, DatasetConfig, FieldsConfig, PartitionConfig, SyntheticConfig
+from fedllm_flwr.config.federation import (
+    ALGORITHMS,
+    STRATEGIES,
+    AlgorithmConfig,
+    PersonalizeConfig,
+    ScenarioConfig,
+    StrategyConfig,
+)
+from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
+from fedllm_flwr.config.model import LAYERED_METHODS, PEFT_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
+from fedllm_flwr.config.run import RunConfig, SweepConfig
+from fedllm_flwr.config.schema import Config
+from fedllm_flwr.config.training import REWARD_LOSSES, EvalConfig, RewardLossConfig, TaskConfig, TrainConfig
+
+__all__ = [
+    "ALGORITHMS",
+    "LAYERED_METHODS",
+    "METRICS",
+    "OVERRIDES_KEY",
+    "PEFT_METHODS",
+    "REWARD_LOSSES",
+    "STRATEGIES",
+    "TARGETED_METHODS",
+    "AdapterConfig",
+    "AlgorithmConfig",
+    "CompressionConfig",
+    "Config",
+    "DatasetConfig",
+    "EvalConfig",
+    "FieldsConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "PersonalizeConfig",
+    "PrivacyConfig",
+    "RewardLossConfig",
+    "RunConfig",
+    "ScenarioConfig",
+    "StrategyConfig",
+    "SweepConfig",
+    "SyntheticConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "cfg_to_yaml",
+    "compose_cfg",
+    "conf_dir",
+    "load_cfg",
+    "parse_overrides",
+    "to_config",
+]

@@ -1,0 +1,146 @@
+"""How the server federates: `strategy.*`, `personalize.*`, `algorithm.*`, `scenario.*`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "mifa", "median", "trimmed_mean")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    """fedavg, fedprox (proximal term in the clients' loss), fedavgm / fedadam /
+    fedyogi (server optimizers on the averaged update), mifa (remembers every
+    client's latest update), median / trimmed_mean (coordinate-wise, unweighted)."""
+    proximal_mu: float = 0.01
+    """fedprox: weight mu of mu/2 * ||w - w_global||^2 over the adapter weights."""
+    server_lr: float = 1.0
+    """fedavgm / fedadam / fedyogi: server step size on the pseudo-gradient."""
+    server_momentum: float = 0.9
+    """fedavgm: momentum; fedadam / fedyogi: beta1."""
+    beta2: float = 0.99
+    """fedadam / fedyogi: second-moment decay."""
+    tau: float = 1e-3
+    """fedadam / fedyogi: adaptivity (added to sqrt(v), and v starts at tau^2)."""
+    trim: float = 0.2
+    """trimmed_mean: share of replies dropped at each end, per coordinate."""
+    mifa_wait_for_all: bool = False
+    """mifa: hold the global adapter until every client has answered once
+    (otherwise clients not seen yet count as a zero update)."""
+    availability: str = "always"
+    """Simulated client availability: `always`, `uniform` (each client answers a
+    round with probability `available_p`), `per_client` (`available_per_client[i]`
+    for partition i) or `category` (`available_per_category`, "category:p" items,
+    for a client by its main data category).
+    Unavailable clients are not sampled; metrics.jsonl logs `participants`."""
+    available_p: float = 1.0
+    available_per_client: list[float] = field(default_factory=list)
+    available_per_category: list[str] = field(default_factory=list)
+    """e.g. [add:0.2,reverse:0.9]; categories not listed use `available_p`."""
+
+    def category_probabilities(self) -> dict[str, float]:
+        out = {}
+        for item in self.available_per_category:
+            name, sep, value = item.rpartition(":")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not name:
+                raise ValueError(f"strategy.available_per_category: {item!r} is not 'category:probability'")
+        return out
+
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    """Share of nodes asked to evaluate on their held-out split (0 = none)."""
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    """The server waits until this many nodes are connected."""
+    round_timeout: float = 3600.0
+    """Seconds to wait for replies in a round."""
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise ValueError(f"strategy.name={self.name!r}: use one of {', '.join(STRATEGIES)}")
+        if self.proximal_mu < 0 or self.server_lr <= 0 or not 0 <= self.server_momentum < 1:
+            raise ValueError("strategy: proximal_mu >= 0, server_lr > 0 and server_momentum in [0, 1) are required")
+        if self.availability not in ("always", "uniform", "per_client", "category"):
+            raise ValueError(
+                f"strategy.availability={self.availability!r}: use always, uniform, per_client or category"
+            )
+        probabilities = [self.available_p, *self.available_per_client, *self.category_probabilities().values()]
+        if not all(0.0 < p <= 1.0 for p in probabilities):
+            raise ValueError("strategy.available_*: probabilities must be in (0, 1]")
+        if not 0 <= self.beta2 < 1 or self.tau <= 0 or not 0 <= self.trim < 0.5:
+            raise ValueError("strategy: beta2 in [0, 1), tau > 0 and trim in [0, 0.5) are required")
+
+
+@dataclass
+class PersonalizeConfig:
+    ft_steps: int = 0
+    """FedAvg + local fine-tuning: after the last round every client tunes the
+    final global adapter for this many steps on its own data (constant
+    `train.lr`), and is evaluated on its held-out split before and after. 0: off."""
+
+    private: list[str] = field(default_factory=list)
+    """Partial sharing: adapter tensors whose name contains any of these strings
+    (e.g. [lora_B]) stay on each client and are never sent; the server averages
+    and sends only the rest, and each client evaluates its own combination."""
+
+    def __post_init__(self) -> None:
+        if self.ft_steps < 0:
+            raise ValueError("personalize.ft_steps must be >= 0")
+
+    def is_private(self, name: str) -> bool:
+        return any(pattern in name for pattern in self.private)
+
+
+ALGORITHMS = ("none", "fedot")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "none"
+    """`none`: clients tune the adapter on the full base model. `fedot`: offsite
+    tuning; clients tune the adapter layers against a lossy emulator of the
+    base model and never receive its dropped layers (fedllm_flwr/offsite.py)."""
+    drop_rate: float = 0.2
+    """fedot: share of the middle layers the emulator drops (uniform stride)."""
+    adapter_layers: int = 2
+    """fedot: the first and the last this many decoder layers form the adapter
+    (where the `peft` method's modules go); the layers between are emulated."""
+    distill_steps: int = 0
+    """fedot: server-side distillation steps aligning the emulator's middle to the
+    full model's hidden states before the first round (0: layer dropping only)."""
+    distill_lr: float = 1e-4
+    distill_path: str = ""
+    """fedot: public records for distillation (a local JSON/JSONL file read with
+    `dataset.fields`). Empty: the built-in generator's task families that the
+    clients' data does not use, so no client data reaches the server."""
+    distill_batch_size: int = 4
+    eval_emulator: bool = True
+    """fedot: also evaluate the adapter on the emulator each round (`emu-` keys),
+    besides plugged into the full model."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ALGORITHMS:
+            raise ValueError(f"algorithm.name={self.name!r}: use one of {', '.join(ALGORITHMS)}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"algorithm.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.adapter_layers < 1 or self.distill_steps < 0 or self.distill_lr <= 0 or self.distill_batch_size < 1:
+            raise ValueError("algorithm: adapter_layers >= 1, distill_steps >= 0, distill_lr > 0 and "
+                             "distill_batch_size >= 1 are required")  # fmt: skip
+
+
+@dataclass
+class ScenarioConfig:
+    name: str = "fed"
+    """`fed`: federated averaging. `global`: one holder of all training data, the
+    same total optimizer steps and evaluation (a simulation baseline). `local`:
+    every client trains its own adapter, nothing is averaged."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("fed", "global", "local"):
+            raise ValueError(f"scenario.name={self.name!r}: use fed, global or local")

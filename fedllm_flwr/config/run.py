@@ -1,0 +1,54 @@
+"""The run folder and sweeps: `run.*`, `sweep.*`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run folder name; empty means a timestamp (YYYYmmdd-HHMMSS)."""
+    output_dir: str = "outputs"
+    """Parent of the run folder. A relative path is taken from
+    `$FEDLLM_FLWR_HOME` (default `~/fedllm-flwr`), never from the SuperLink's
+    working directory."""
+    save_every_round: bool = True
+    """Keep `adapter/round_<n>/` for every round (each is one adapter, ~1 MB)."""
+    warm_up: bool = True
+    """Simulation: before loading anything itself, the server sends a warm-up
+    message so the workers import the stack, load the base model and read their
+    data while it starts (the first round no longer waits for both in turn).
+    Deployed SuperNodes start a process per message and are never warmed up."""
+    stop_after: int = 0
+    """Stop after this many rounds (0 = `num_rounds`). The learning-rate schedule
+    still spans `num_rounds`, so the run is an exact prefix of the full one: a
+    low-fidelity evaluation for screening."""
+
+
+@dataclass
+class SweepConfig:
+    """Settings of `fedllm-flwr sweep` (ignored by a single `flwr run`)."""
+
+    supernodes: int = 2
+    """Simulated SuperNodes per job."""
+    client_cpus: int = 1
+    """Whole CPUs each simulated client claims: the sweep's Ray instance offers all of this
+    machine's, so a job starts (CPUs / client_cpus) ClientApp workers, each importing
+    the ML stack and loading the base model once per job."""
+    timeout: float = 3600.0
+    """Seconds a job may run before it is recorded as failed."""
+    screen_rounds: int = 0
+    """Low-fidelity screening: first run every job for this many rounds
+    (`run.stop_after`), then only the best `keep` share per method to
+    `num_rounds`. 0 runs every job to the full budget."""
+    keep: float = 0.34
+    """Share of each method's configurations that survives the screen (at least one)."""
+
+    def __post_init__(self) -> None:
+        if self.supernodes < 1:
+            raise ValueError("sweep.supernodes must be >= 1")
+        if self.client_cpus <= 0:
+            raise ValueError("sweep.client_cpus must be > 0")
+        if self.screen_rounds < 0 or not 0.0 < self.keep <= 1.0:
+            raise ValueError("sweep.screen_rounds must be >= 0 and sweep.keep in (0, 1]")

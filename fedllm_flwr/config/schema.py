@@ -1,0 +1,140 @@
+"""The whole config: every group, and the rules that span groups.
+
+`conf/config.yaml` starts from the `fedllm_schema` node registered here, so every
+key and type is checked by OmegaConf while Hydra composes; each group's
+`__post_init__` and `Config.__post_init__` then reject combinations that cannot work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from fedllm_flwr.config.data import DatasetConfig
+from fedllm_flwr.config.federation import AlgorithmConfig, PersonalizeConfig, ScenarioConfig, StrategyConfig
+from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
+from fedllm_flwr.config.model import LAYERED_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
+from fedllm_flwr.config.run import RunConfig, SweepConfig
+from fedllm_flwr.config.training import EvalConfig, RewardLossConfig, TaskConfig, TrainConfig
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Seeds data generation, partitioning, data order and adapter init."""
+    num_rounds: int = 3
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: AdapterConfig = field(default_factory=AdapterConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    reward_loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    resume: str = ""
+    """A run folder to continue from its last completed round (adapter,
+    strategy state and round number from its checkpoint); give the same
+    overrides as the interrupted run, plus this one."""
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if not 0 <= self.run.stop_after <= self.num_rounds:
+            raise ValueError(f"run.stop_after must be in 0..num_rounds ({self.num_rounds}), got {self.run.stop_after}")
+        if self.strategy.name != "fedavg" and self.scenario.name != "fed":
+            raise ValueError(
+                f"strategy={self.strategy.name} aggregates federated replies; scenario={self.scenario.name} "
+                "averages nothing across clients. Use it with scenario=fed"
+            )
+        if self.personalize.private and self.scenario.name != "fed":
+            raise ValueError("personalize.private keeps part of a federated adapter local: use it with scenario=fed")
+        if self.personalize.ft_steps and self.scenario.name != "fed":
+            raise ValueError("personalize.ft_steps tunes the federated adapter per client: use it with scenario=fed")
+        if self.dataset.source == "sites" and self.scenario.name == "global":
+            raise ValueError("scenario=global needs one holder of all data; with dataset.source=sites each site "
+                             "holds only its own")  # fmt: skip
+        if self.strategy.availability != "always" and self.scenario.name == "global":
+            raise ValueError("strategy.availability simulates absent clients; scenario=global has a single holder")
+        if self.peft.method == "adalora" and self.scenario.name == "fed":
+            raise ValueError(
+                "peft=adalora cannot be federated-averaged: its rank allocator zeroes different singular "
+                "values on each client, so the mean of the clients' triplets is no model any client trained. "
+                "Use it with scenario=global or scenario=local, or use peft=lora"
+            )
+
+        if self.algorithm.name == "fedot" and self.model.quantization != "none":
+            raise ValueError(
+                "algorithm=fedot cuts its emulator from the full-precision base: use model.quantization=none"
+            )
+        if self.algorithm.name == "fedot" and self.peft.method not in LAYERED_METHODS:
+            raise ValueError(
+                f"algorithm=fedot puts the adapter into the first and last decoder layers; peft={self.peft.method} "
+                f"cannot be limited to some layers. Use one of {', '.join(LAYERED_METHODS)}"
+            )
+
+        if self.task.name == "reward":
+            self._check_reward()
+        if self.privacy.name != "none":
+            self._check_privacy()
+        if self.resume and self.personalize.private:
+            raise ValueError("resume cannot restore personalize.private tensors: they live on the clients only")
+        if self.resume and self.compression.lossy_feedback:
+            raise ValueError(
+                "resume cannot restore the clients' error-feedback residuals (compression.error_feedback), which "
+                "live on the clients only; resume with compression.error_feedback=false or restart the run"
+            )
+
+    def _check_reward(self) -> None:
+        if self.peft.method not in TARGETED_METHODS:
+            raise ValueError(
+                f"task=reward scores a sequence through the model's last hidden state; use one of "
+                f"{', '.join(TARGETED_METHODS)} (peft={self.peft.method} adds virtual tokens)"
+            )
+        if self.algorithm.name != "none":
+            raise ValueError("task=reward trains a reward head on the full base model; use algorithm=none")
+        if self.personalize.ft_steps or self.eval.client_metric:
+            raise ValueError(
+                "task=reward: clients always report preference accuracy on their held-out pairs; "
+                "personalize.ft_steps and eval.client_metric apply to task=lm"
+            )
+
+    def _check_privacy(self) -> None:
+        p = self.privacy.name
+        if self.scenario.name != "fed":
+            raise ValueError(
+                f"privacy={p} protects what is aggregated; scenario={self.scenario.name} aggregates nothing"
+            )
+        if self.strategy.name not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"privacy={p} works with the plain mean of the updates (strategy=fedavg or fedprox): "
+                f"strategy={self.strategy.name} needs each client's update"
+                + (" (robust aggregators)" if self.strategy.name in ("median", "trimmed_mean") else "")
+                + (", or steps past the mean, outside the noise's sensitivity bound" if p == "dp" else "")
+            )
+        if p == "secagg" and self.compression.up not in ("fp16", "fp32"):
+            raise ValueError(
+                f"privacy=secagg sends SecAgg+'s masked integer vectors up, so compression.up={self.compression.up} "
+                "cannot apply (and top-k would show which coordinates a client changed); use compression=fp16"
+            )
+        if p == "dp" and self.strategy.availability not in ("always", "uniform"):
+            raise ValueError(
+                "privacy=dp accounts for clients sampled uniformly: use strategy.availability=always or uniform"
+            )
+        if self.resume:
+            raise ValueError(f"resume: privacy={p} keeps protocol state on the clients; restart the run instead")
+
+    @property
+    def rounds_to_run(self) -> int:
+        """Rounds this run executes: `run.stop_after`, else `num_rounds`."""
+        return self.run.stop_after or self.num_rounds
+
+
+ConfigStore.instance().store(name="fedllm_schema", node=Config)

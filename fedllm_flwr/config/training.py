@@ -1,0 +1,135 @@
+"""How a client trains and how results are scored: `train.*`, `eval.*`, `task.*`, `reward_loss.*`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    """Peak AdamW learning rate of the adapter."""
+    lr_schedule: str = "cosine"
+    """`constant` or `cosine` decay to 10% over all rounds' local steps."""
+    warmup_steps: int = 0
+    local_steps: int = 10
+    """Optimizer steps per client per round."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: 8 x 1 x ~70 tokens = ~560 tokens a step
+    on the default task. Each micro-batch's loss is weighted by its share of the
+    step's response tokens, so the step's gradient is that of one batch of
+    batch_size x grad_accum examples."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    precision: str = "auto"
+    """`auto` (bf16 on CPU and on GPUs that support it, else fp16), `bf16`, `fp16` (CUDA only, with a
+    GradScaler) or `fp32`. Adapter weights always stay fp32."""
+    threads: int = 0
+    """torch threads per client process (0 = leave torch's default)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead
+    of keeping them: on SmolLM2-135M at batch 4 x ~180 tokens, a step's peak
+    memory drops by ~0.5 GB for about a third more compute."""
+    checkpoint_every: int = 1
+    """With gradient_checkpointing: recompute one decoder layer in N (1: every
+    layer). N = 2 keeps half the layers' activations for half the recompute
+    (transformers' `every_n_layers`)."""
+    response_logits: bool = True
+    """Apply the LM head only where a response token is predicted (the loss is
+    the same): ~12% faster steps on Alpaca and no full-vocabulary logits in
+    memory. false computes every position's logits, as transformers does."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError("train.lr_schedule must be constant or cosine")
+        if self.local_steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.checkpoint_every < 1:
+            raise ValueError("train.local_steps, batch_size, grad_accum and checkpoint_every must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError("train.precision must be auto, bf16, fp16 or fp32")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1
+    """Server-side evaluation after round 0 (before training), every N rounds,
+    and after the last round. 0: the server never evaluates (train only; score
+    the saved adapters later with `fedllm-flwr evaluate`)."""
+    batch_size: int = 16
+    max_new_tokens: int = 0
+    """Generation length; 0 means the metric's own default (exact_match 16,
+    rouge 128, gsm8k 256, humaneval 384)."""
+    limit: int = 0
+    """Evaluate on N test examples only, taken round-robin across categories (0 = all)."""
+    code_prompt: str = "raw"
+    """humaneval: `raw` completes the problem's prompt as plain text (the standard
+    protocol, for base models); `instruct` wraps it in the training prompt format
+    as the start of a ```python block; `chat` asks through the tokenizer's chat
+    template for the whole function and takes the first code block of the reply
+    (for chat models, which otherwise close the code and start explaining)."""
+    client_metric: bool = False
+    """Clients also score the dataset's generation metric on their held-out split
+    (not just loss) when asked to evaluate: per-client accuracy for personalization."""
+    shots: int = 8
+    """gsm8k: chain-of-thought exemplars before each question ("Q: ... A: ...
+    The answer is N."); 0 asks in the training prompt format instead."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError("eval.every must be >= 0 (0: no server-side evaluation)")
+        if self.code_prompt not in ("raw", "instruct", "chat"):
+            raise ValueError(f"eval.code_prompt={self.code_prompt!r}: use raw, instruct or chat")
+        if not 0 <= self.shots <= 8:
+            raise ValueError(f"eval.shots must be in 0..8, got {self.shots}")
+
+
+#: Server strategies (conf/strategy/<name>.yaml; fedllm_flwr/strategy/).
+
+
+@dataclass
+class TaskConfig:
+    name: str = "lm"
+    """`lm`: the adapter learns to write responses (causal LM loss on response
+    tokens). `reward`: a reward model. A scalar head on the base model scores a
+    whole sequence (the last non-padding token's hidden state); the head trains
+    with the adapter and travels with it. Trained on (prompt, chosen, rejected)
+    pairs with `reward_loss`; scored by preference accuracy (r_chosen >
+    r_rejected) and mean margin on held-out pairs."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("lm", "reward"):
+            raise ValueError(f"task.name={self.name!r}: use lm or reward")
+
+
+#: Pairwise reward losses (conf/reward_loss/; fedllm_flwr/reward.py).
+REWARD_LOSSES = ("logsigmoid", "bce", "hinge", "mse", "smooth_l1", "focal")
+
+
+@dataclass
+class RewardLossConfig:
+    """The loss of a reward model on d = r_chosen - r_rejected (task=reward)."""
+
+    name: str = "logsigmoid"
+    """`logsigmoid`: -log sigmoid(d), Bradley-Terry's negative log-likelihood
+    (TRL's reward trainer). `bce`: binary cross-entropy of the logit d toward
+    "chosen wins" (target 1 - label_smoothing; with no smoothing it equals
+    logsigmoid, and it is also the KL divergence to the smoothed target, up to
+    that target's constant entropy). `hinge`: max(0, margin - d). `mse`:
+    (d - margin)^2. `smooth_l1`: Huber loss of d - margin. `focal`:
+    -(1 - sigmoid(d))^gamma log sigmoid(d), which down-weights pairs already
+    ranked right."""
+    margin: float = 1.0
+    """hinge, mse, smooth_l1: the reward gap d aimed at."""
+    label_smoothing: float = 0.0
+    """bce: the target is 1 - label_smoothing (the chance that the label is wrong)."""
+    gamma: float = 2.0
+    """focal: how strongly well-ranked pairs are down-weighted (0 gives logsigmoid)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in REWARD_LOSSES:
+            raise ValueError(f"reward_loss.name={self.name!r}: use one of {', '.join(REWARD_LOSSES)}")
+        if self.margin <= 0 or not 0 <= self.label_smoothing < 0.5 or self.gamma < 0:
+            raise ValueError("reward_loss: margin > 0, label_smoothing in [0, 0.5) and gamma >= 0 are required")
