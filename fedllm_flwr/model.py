@@ -7,14 +7,10 @@ base model is loaded once per process and reused across rounds and clients.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +25,7 @@ from transformers import (
 
 from fedllm_flwr.config import TARGETED_METHODS, AdapterConfig, ModelConfig
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.files import file_lock, publish, temp_folder
 from fedllm_flwr.peft_methods import peft_config
 
 log = logging.getLogger(__name__)
@@ -66,29 +63,14 @@ def _smollm2_gguf() -> Path:
     return files[0]
 
 
-@contextlib.contextmanager
-def file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 #: Marks a model folder this project converted (and so may add siblings to).
 CONVERTED = ".fedllm-flwr-converted"
 
 
 def _save_atomically(model: torch.nn.Module, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with temp_folder(target.parent, target.name) as tmp:
         model.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, target)
 
 
 def weights_in(path: str, dtype: torch.dtype) -> str:
@@ -141,15 +123,11 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config)
         plain.load_state_dict(quantized.state_dict())
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
-        try:
+        with temp_folder(cache_dir, target.name) as tmp:
             plain.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / CONVERTED).touch()
-            tmp.chmod(0o755)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            publish(tmp, target)
     return target
 
 

@@ -22,8 +22,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +33,11 @@ from fedllm_flwr.data.prompts import iter_batches, tokenize_records
 from fedllm_flwr.data.sources import read_records
 from fedllm_flwr.data.synthetic import TASKS, generate
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.files import file_lock, publish, temp_folder
 from fedllm_flwr.model import (
     ModelBundle,
     build_model,
     default_device,
-    file_lock,
     load_base_model,
     load_tokenizer,
     model_cache_dir,
@@ -229,9 +227,7 @@ def _write_emulator(cache_dir: Path, fill, fingerprint: str | None = None) -> tu
     hash it (checking `fingerprint` when given), and rename it to its hash under a
     lock, so other processes never see a half-written emulator."""
     root = cache_dir / "emulators"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".emulator-", dir=root))
-    try:
+    with temp_folder(root, "emulator") as tmp:
         fill(tmp)
         got = emulator_fingerprint(tmp)
         if fingerprint is not None and got != fingerprint:
@@ -239,10 +235,7 @@ def _write_emulator(cache_dir: Path, fill, fingerprint: str | None = None) -> tu
         target = root / got[:16]
         with file_lock(root / f".{target.name}.lock"):
             if not (target / "config.json").is_file():
-                tmp.chmod(0o755)
-                tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                publish(tmp, target)
     return target, got
 
 

@@ -22,6 +22,7 @@ from peft import PeftModel
 
 from fedllm_flwr.config import Config, cfg_to_yaml
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.files import publish, temp_folder, write_atomically, write_text_atomically
 from fedllm_flwr.metrics import MetricsLog
 from fedllm_flwr.model import set_adapter_state
 
@@ -71,13 +72,11 @@ class RunDir:
         into `model` in turn. The folder appears complete or not at all.
         """
         target = self.path / "adapter" / folder
-        tmp = target.with_name(f".{folder}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name, state in states.items():
-            set_adapter_state(model, state)
-            model.save_pretrained(tmp / name if name else tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        with temp_folder(target.parent, folder) as tmp:
+            for name, state in states.items():
+                set_adapter_state(model, state)
+                model.save_pretrained(tmp / name if name else tmp)
+            publish(tmp, target, replace=True)
         return target
 
     def write_checkpoint(
@@ -90,9 +89,8 @@ class RunDir:
 
         tensors = {f"adapter/{k}": np.ascontiguousarray(v) for k, v in arrays.items()}
         tensors.update({f"strategy/{k}": np.ascontiguousarray(v) for k, v in strategy.items()})
-        tmp = self.path / ".checkpoint.tmp"
-        save_file(tensors, str(tmp), metadata={"round": str(server_round)})
-        tmp.replace(self.path / CHECKPOINT)
+        metadata = {"round": str(server_round)}
+        write_atomically(self.path / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def read_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(round, global adapter, strategy state) of the last checkpoint."""
@@ -116,9 +114,7 @@ class RunDir:
         """Drop what was written after `server_round` (metrics rows, round adapters,
         a final adapter) so a resumed run writes each round once; returns the rows kept."""
         kept = [r for r in self.rows() if r["round"] <= server_round]
-        tmp = self.metrics.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.metrics.path)
+        write_text_atomically(self.metrics.path, "".join(json.dumps(r) + "\n" for r in kept))
         adapters = self.path / "adapter"
         for folder in adapters.glob("round_*") if adapters.is_dir() else []:
             if int(folder.name.removeprefix("round_")) > server_round:

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedllm_flwr.config import Config, load_cfg, to_config
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.files import write_text_atomically
 
 TASKS = ("gsm8k", "humaneval", "rouge", "exact_match", "loss", "preference")
 #: The dataset preset a task reads when neither a run config nor `dataset=` names one.
@@ -159,7 +160,8 @@ def evaluate_command(req: EvalRequest) -> dict[str, Any]:
           f"adapter {req.adapter or 'none'}", file=sys.stderr, flush=True)  # fmt: skip
     t0 = time.perf_counter()
     if req.task == "preference":
-        from fedllm_flwr.reward import PairSet, evaluate_preferences
+        from fedllm_flwr.data.pairs import PairSet
+        from fedllm_flwr.reward import evaluate_preferences
 
         data = PairSet(records, tokenizer, cfg.dataset.max_seq_len)
         metrics = evaluate_preferences(model, data, tokenizer.pad_token_id, cfg.eval.batch_size)
@@ -207,10 +209,6 @@ def _write(out: Path, result: dict[str, Any], samples: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if samples:
         side = out.with_name(out.stem + "_samples.jsonl")
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
-        tmp.rename(side)
+        write_text_atomically(side, "".join(json.dumps(s) + "\n" for s in samples))
         result["samples"] = str(side)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.rename(out)
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
