@@ -17,8 +17,9 @@ from fedllm_flwr.data import ClientData, client_data
 from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.data.sites import partition_of
 from fedllm_flwr.evaluate.loss import evaluate_loss
+from fedllm_flwr.lm_loss import response_tokens
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
-from fedllm_flwr.train import lr_at, response_tokens, train_steps
+from fedllm_flwr.train import lr_at, train_steps
 
 _DATA: dict[tuple, ClientData] = {}
 
@@ -150,7 +151,8 @@ def _task_fns(cfg: Config):
     response_tokens: prompt-masked LM examples)."""
     if cfg.task.name != "reward":
         return None, None, response_tokens
-    from fedllm_flwr.reward import collate_pairs, pair_count, reward_loss_fn
+    from fedllm_flwr.data.pairs import collate_pairs, pair_count
+    from fedllm_flwr.reward import reward_loss_fn
 
     return collate_pairs, reward_loss_fn(cfg.reward_loss), pair_count
 

@@ -10,8 +10,9 @@ from fedllm_flwr.client import local_train
 from fedllm_flwr.data import client_data
 from fedllm_flwr.data.prompts import LazyExamples, iter_batches, tokenize_records
 from fedllm_flwr.data.synthetic import generate
+from fedllm_flwr.lm_loss import lm_loss
 from fedllm_flwr.model import _BUNDLES, build_model, clear_model_cache, get_adapter_state, set_adapter_state
-from fedllm_flwr.train import lm_loss, train_steps
+from fedllm_flwr.train import train_steps
 
 
 @pytest.fixture

@@ -11,11 +11,12 @@ from conftest import TINY_OVERRIDES
 from fedllm_flwr.client import local_evaluate, local_train
 from fedllm_flwr.config import REWARD_LOSSES, RewardLossConfig, load_cfg
 from fedllm_flwr.data import client_data, records
+from fedllm_flwr.data.pairs import PairSet, collate_pairs
 from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.data.synthetic import TASKS, generate, wrong_answer
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
-from fedllm_flwr.reward import PairSet, collate_pairs, evaluate_preferences, margins, pairwise_loss, reward_loss_fn
+from fedllm_flwr.reward import evaluate_preferences, margins, pairwise_loss, reward_loss_fn
 from fedllm_flwr.transport import manifest_of, pack, unpack_state
 
 REWARD = ["task=reward", "train.precision=fp32"]

@@ -132,7 +132,7 @@ def _lm_rows(cfg, bundle):
     """Four examples; the first two keep only their last response token, so the two
     micro-batches predict 2 and dozens of tokens."""
     from fedllm_flwr.data.prompts import IGNORE_INDEX, collate
-    from fedllm_flwr.train import response_tokens
+    from fedllm_flwr.lm_loss import response_tokens
 
     data = client_data(cfg, bundle.tokenizer, 0, 1)
     rows = [data.train.example(i) for i in range(4)]
@@ -146,7 +146,8 @@ def _lm_rows(cfg, bundle):
 
 def _reward_rows(cfg, bundle):
     """Micro-batches of 1 pair and 3 pairs."""
-    from fedllm_flwr.reward import collate_pairs, pair_count, reward_loss_fn
+    from fedllm_flwr.data.pairs import collate_pairs, pair_count
+    from fedllm_flwr.reward import reward_loss_fn
 
     data = client_data(cfg, bundle.tokenizer, 0, 1)
     rows = [data.train.example(i) for i in range(4)]
@@ -178,7 +179,7 @@ def test_the_fp16_loss_scaler_skips_a_step_with_a_non_finite_loss(setup, monkeyp
     """On CUDA in fp16 an overflowing loss skips its step instead of ending the client's
     round (here with the CPU's GradScaler, which works the same way)."""
     import fedllm_flwr.train as train
-    from fedllm_flwr.train import lm_loss
+    from fedllm_flwr.lm_loss import lm_loss
 
     cfg, bundle, data = setup
     monkeypatch.setattr(train, "grad_scaler", lambda device, dtype: torch.amp.GradScaler("cpu"))

@@ -9,6 +9,7 @@ from collections import Counter
 from datasets import Dataset
 
 from fedllm_flwr.config import Config
+from fedllm_flwr.data.pairs import PairSet, tokenize_pair
 from fedllm_flwr.data.partition import partition_dataset, split_holdout
 from fedllm_flwr.data.prompts import LazyExamples, tokenize_records
 from fedllm_flwr.data.sources import load_records, to_dataset
@@ -47,8 +48,6 @@ def tokenize_set(cfg: Config, items: list[dict[str, str]], tokenizer):
     """Evaluation records tokenized for the configured task: a TokenizedSet, or a
     PairSet of preference pairs (task=reward)."""
     if _pairs(cfg):
-        from fedllm_flwr.reward import PairSet
-
         return PairSet(items, tokenizer, cfg.dataset.max_seq_len)
     return tokenize_records(items, tokenizer, cfg.dataset.max_seq_len)
 
@@ -60,7 +59,7 @@ class ClientData:
     def __init__(self, cfg: Config, fit: Dataset, hold: Dataset, tokenizer) -> None:
         tokenize = None
         if _pairs(cfg):
-            from fedllm_flwr.reward import tokenize_pair as tokenize
+            tokenize = tokenize_pair
         self.train = LazyExamples(fit, tokenizer, cfg.dataset.max_seq_len, tokenize)
         self._cfg, self._hold, self._tokenizer = cfg, hold, tokenizer
 

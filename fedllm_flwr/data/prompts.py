@@ -53,7 +53,7 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def _bos(tokenizer) -> list[int]:
+def bos_ids(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
 
 
@@ -79,7 +79,7 @@ def tokenize_records(records: Iterable[dict[str, str]], tokenizer, max_seq_len: 
     (a NaN loss); it is dropped and counted instead.
     """
     out = TokenizedSet([], [], 0)
-    bos = _bos(tokenizer)
+    bos = bos_ids(tokenizer)
     for rec in records:
         example = tokenize_example(rec, tokenizer, max_seq_len, bos)
         if example is None:
@@ -104,8 +104,8 @@ class LazyExamples:
         self.records, self.tokenizer, self.max_seq_len = records, tokenizer, max_seq_len
         self.tokenize = tokenize or tokenize_example
         """(record, tokenizer, max_seq_len, bos) -> example or None; a preference
-        pair for task=reward (`fedllm_flwr.reward.tokenize_pair`)."""
-        self._bos = _bos(tokenizer)
+        pair for task=reward (`fedllm_flwr.data.pairs.tokenize_pair`)."""
+        self.bos_ids = bos_ids(tokenizer)
         self._cache: dict[int, Example | None] = {}
 
     def __len__(self) -> int:
@@ -114,7 +114,7 @@ class LazyExamples:
     def example(self, index: int) -> Example | None:
         """The tokenized record, or None when truncation leaves it no target token."""
         if index not in self._cache:
-            self._cache[index] = self.tokenize(self.records[index], self.tokenizer, self.max_seq_len, self._bos)
+            self._cache[index] = self.tokenize(self.records[index], self.tokenizer, self.max_seq_len, self.bos_ids)
         return self._cache[index]
 
     @property

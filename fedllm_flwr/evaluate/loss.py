@@ -7,6 +7,7 @@ import math
 import torch
 
 from fedllm_flwr.data.prompts import TokenizedSet, collate
+from fedllm_flwr.lm_loss import lm_loss, response_tokens
 
 
 @torch.no_grad()
@@ -16,8 +17,6 @@ def evaluate_loss(model: torch.nn.Module, data: TokenizedSet, pad_id: int, batch
     `lm_loss` scores the same response tokens for every method (prompt-learning
     methods, whose virtual tokens lengthen the logits, through the model's own loss).
     """
-    from fedllm_flwr.train import lm_loss, response_tokens
-
     if len(data) == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "tokens": 0}
     device = next(model.parameters()).device
