@@ -8,7 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.warmup import send_warm_up
+from fedllm_flwr.worker_start import send_warm_up
 
 app = ServerApp()
 

@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedllm_flwr.keys import WARM_UP_KEY
 from fedllm_flwr.model import _BUNDLES, clear_model_cache
-from fedllm_flwr.warmup import MAX_NODES, await_warm_up, send_warm_up
+from fedllm_flwr.worker_start import MAX_NODES, await_warm_up, send_warm_up
 
 
 class Recorder:
