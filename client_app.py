@@ -10,18 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedllm_flwr import node
-
-
-def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
-    """privacy=secagg: Flower's SecAgg+ client mod, for the protocol's messages only."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        return call_next(msg, context)
-    from flwr.client.mod import secaggplus_mod
-
-    return secaggplus_mod(msg, context, call_next)
-
+from fedllm_flwr.privacy.secagg_client import secure_aggregation_mod
 
 app = ClientApp(mods=[secure_aggregation_mod])
 

@@ -70,7 +70,7 @@ def train(content: RecordDict, run_config: Config, node_config: Config, node: No
     from fedllm_flwr.compression import codecs
     from fedllm_flwr.data.sites import partition_of
     from fedllm_flwr.metrics import process_age_seconds
-    from fedllm_flwr.transport import pack, pack_update, state_to_arrays, unpack_state
+    from fedllm_flwr.transport import pack, state_to_arrays, unpack_state, update_between
 
     started = process_age_seconds()
     cfg = node_cfg(content, run_config, node_config)
@@ -93,13 +93,18 @@ def train(content: RecordDict, run_config: Config, node_config: Config, node: No
     state, private = split_private(cfg, state)
     if private:
         node.private = state_to_arrays(private)
+    update = update_between(state, received)
     if cfg.privacy.name == "secagg":  # the update, flat, for Flower's secaggplus_mod to mask
-        from fedllm_flwr.transport import secagg_reply
+        from fedllm_flwr.privacy.secagg_client import secagg_reply
 
-        return secagg_reply(state, received, metrics)
-    feedback = _feedback(cfg, node)
+        return secagg_reply(update, metrics)
     clip = config.get(CLIPPING_NORM_KEY)  # privacy=dp: Flower's DP wrapper sends the norm
-    reply = pack_update(state, received, up, feedback, float(clip) if clip is not None else None)
+    if clip is not None:
+        from fedllm_flwr.privacy.dp import clip_update
+
+        update, _ = clip_update(update, float(clip))
+    feedback = _feedback(cfg, node)
+    reply = pack(update, up, relative=True, feedback=feedback)
     if feedback is not None:
         node.residual = feedback.residual
     reply["metrics"] = MetricRecord(metrics)
@@ -156,7 +161,7 @@ def node_cfg(content: RecordDict, run_config: Config, node_config: Config):
     cfg = site_config(load_cfg(run_config), node_config)
     if cfg.algorithm.name == "fedot":
         from fedllm_flwr.client import offsite_config
-        from fedllm_flwr.transport import emulator_files
+        from fedllm_flwr.offsite_files import emulator_files
 
         emulator_id = str(content["config"].get(EMULATOR_ID_KEY, ""))
         cfg = offsite_config(cfg, emulator_id, emulator_files(content))

@@ -29,10 +29,12 @@ from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
 from fedllm_flwr.keys import EMULATOR_ID_KEY
 from fedllm_flwr.model import ModelBundle, build_model, count_parameters, get_adapter_state, set_adapter_state
+from fedllm_flwr.offsite_files import emulator_record
+from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
 from fedllm_flwr.run_dir import RunDir
-from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters, build_strategy
-from fedllm_flwr.transport import arrays_to_state, emulator_record, state_to_arrays
-from fedllm_flwr.warmup import await_warm_up, is_simulation
+from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters
+from fedllm_flwr.transport import arrays_to_state, state_to_arrays
+from fedllm_flwr.worker_start import await_warm_up, is_simulation
 
 INFO, WARNING = logging.INFO, logging.WARNING
 
@@ -299,34 +301,6 @@ def offsite_summary(offsite, strategy: AdapterFedAvg, first: dict, last: dict, p
     }
 
 
-def privacy_summary(cfg: Config, runner) -> dict | None:
-    if cfg.privacy.name == "none":
-        return None
-    out: dict[str, Any] = {"name": cfg.privacy.name}
-    if cfg.privacy.name == "dp":
-        budget = runner.budget
-        out.update({"epsilon": budget.epsilon(), "delta": budget.delta, "releases": budget.rounds,
-                    "noise-multiplier": budget.noise_multiplier, "clipping-norm": cfg.privacy.clipping_norm,
-                    "sample-rate": budget.sample_rate, "sampled-clients": runner.num_sampled_clients})  # fmt: skip
-    return out
-
-
-def private_runner(grid: Grid, cfg: Config, strategy: AdapterFedAvg):
-    """What runs the rounds: `strategy`, or under privacy=dp Flower's DP wrapper around it
-    (noise for the expected number of sampled clients, n = q N)."""
-    if cfg.privacy.name != "dp":
-        return strategy
-    from fedllm_flwr.strategy.privacy import AccountedClientSideDP
-
-    p, s = cfg.privacy, cfg.strategy
-    population = len(connected_nodes(grid, cfg))
-    rate = s.fraction_train * (s.available_p if s.availability == "uniform" else 1.0)
-    sampled = max(1, round(rate * population))
-    log(INFO, "[fedllm-flwr] privacy=dp: clip %g, noise multiplier %g, %s of %s clients a round (q=%.3f), delta %g",
-        p.clipping_norm, p.noise_multiplier, sampled, population, rate, p.delta)  # fmt: skip
-    return AccountedClientSideDP(strategy, p.noise_multiplier, p.clipping_norm, sampled, rate, p.delta)
-
-
 def resume_run(cfg: Config, strategy: AdapterFedAvg) -> tuple[RunDir, int, ArrayRecord]:
     """Reopen `cfg.resume` at its last checkpoint: check that the config is the same
     (but for `run` and `resume`), drop whatever was written after that round, and
@@ -402,7 +376,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     test = test_records(cfg)
     if cfg.task.name == "lm":
         generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
-    strategy = build_strategy(cfg)
+    strategy = private_strategy(cfg)
     done = 0  # rounds completed before this start (a resumed run)
     if cfg.resume:
         run_dir, done, initial_arrays = resume_run(cfg, strategy)
@@ -436,7 +410,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
             return None  # a resumed run: round `done` was evaluated and logged already
         return evaluator(server_round + done, arrays)
 
-    runner = private_runner(grid, cfg, strategy)
+    runner = private_runner(cfg, strategy, len(connected_nodes(grid, cfg)) if cfg.privacy.name == "dp" else 0)
     if warm_ups:
         await_warm_up(grid, list(warm_ups), cfg.strategy.round_timeout)
     result = runner.start(

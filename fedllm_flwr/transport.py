@@ -20,7 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedllm_flwr.compression import Codec, ErrorFeedback, Manifest, sizes_of
-from fedllm_flwr.keys import ARRAYS_KEY, EMULATOR_FILES_KEY, MANIFEST_KEY, PACKED_KEY, RELATIVE_KEY
+from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY, PACKED_KEY, RELATIVE_KEY
 
 ACCEPTED_DTYPES = ("float16", "float32", "int8", "int32")
 FP16 = Codec("fp16")
@@ -80,32 +80,10 @@ def pack(
     )
 
 
-def pack_update(
-    state: dict[str, torch.Tensor],
-    received: dict[str, torch.Tensor],
-    codec: Codec,
-    feedback: ErrorFeedback | None,
-    clip: float | None = None,
-) -> RecordDict:
-    """A client's reply: its trained adapter minus the adapter it received, encoded
-    (and first scaled to L2 norm `clip`, under differential privacy)."""
-    update = {k: (state[k].float() - received[k].float()).numpy() for k in received}
-    if clip is not None:
-        from fedllm_flwr.dp import clip_update
-
-        update, _ = clip_update(update, clip)
-    return pack(update, codec, relative=True, feedback=feedback)
-
-
-def secagg_reply(state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], metrics: dict) -> RecordDict:
-    """privacy=secagg: the update as one flat fp32 vector in Flower's legacy FitRes
-    layout, which the SecAgg+ client mod quantizes and masks before it leaves."""
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.compat.common import recorddict_compat as compat
-
-    flat = np.concatenate([(state[k].float() - received[k].float()).numpy().reshape(-1) for k in received])
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([flat]), int(metrics["num-examples"]), dict(metrics))
-    return compat.fitres_to_recorddict(fitres, keep_input=True)
+def update_between(state: dict[str, torch.Tensor], received: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """What training changed: each tensor of `received` subtracted from `state`'s, in fp32
+    (a client's reply, packed `relative`)."""
+    return {k: (state[k].float() - received[k].float()).numpy() for k in received}
 
 
 def _read_manifest(content: RecordDict) -> tuple[Manifest, ConfigRecord]:
@@ -188,17 +166,3 @@ def message_bytes(message: Message | RecordDict) -> int:
         total += len(obj.deflate())
         stack.extend((obj.children or {}).values())
     return total
-
-
-def emulator_record(files: dict[str, bytes]) -> RecordDict:
-    """A FedOT emulator folder's files as message records (each a uint8 array)."""
-    arrays = ArrayRecord({name: Array(np.frombuffer(data, dtype=np.uint8)) for name, data in files.items()})
-    return RecordDict({EMULATOR_FILES_KEY: arrays})
-
-
-def emulator_files(content: RecordDict) -> dict[str, bytes] | None:
-    """The emulator files a message carries, if any."""
-    arrays = content.array_records.get(EMULATOR_FILES_KEY)
-    if arrays is None:
-        return None
-    return {name: array.numpy().tobytes() for name, array in arrays.items()}

@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 import client_app as shipped
 from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY, PACKED_KEY
+from fedllm_flwr.privacy.secagg_client import secure_aggregation_mod
 
 POISONED_PARTITION = 1
 
@@ -45,7 +46,7 @@ def poison_mod(msg: Message, context, call_next) -> Message:
     return reply
 
 
-app = ClientApp(mods=[shipped.secure_aggregation_mod, poison_mod])
+app = ClientApp(mods=[secure_aggregation_mod, poison_mod])
 app.train()(shipped.train)
 app.evaluate()(shipped.evaluate)
 app.query()(shipped.query)

@@ -14,9 +14,9 @@ from fedllm_flwr.transport import (
     manifest_of,
     message_bytes,
     pack,
-    pack_update,
     unpack,
     unpack_state,
+    update_between,
 )
 
 INT8, INT8_ROW, TOPK = Codec("int8"), Codec("int8", int8_scale="row"), Codec("topk", topk_ratio=0.1)
@@ -184,7 +184,7 @@ def test_the_server_adds_a_relative_reply_to_what_it_sent_that_node(strategy):
     strat, global_state = strategy
     received = {k: torch.from_numpy(v) for k, v in strat.sent[7].items()}
     trained = {k: v + 0.01 * torch.sign(v) for k, v in received.items()}
-    content = pack_update(trained, received, TOPK, None)
+    content = pack(update_between(trained, received), TOPK, relative=True)
     assert is_relative(content)
     arrays, _ = strat.aggregate_train(1, [reply(7, content)])
     update = unpack(content)

@@ -10,11 +10,11 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from fedllm_flwr.compression import Codec
 from fedllm_flwr.config import load_cfg
-from fedllm_flwr.dp import PrivacyBudget, clip_update, update_norm
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.privacy.dp import PrivacyBudget, clip_update, update_norm
+from fedllm_flwr.privacy.dp_server import AccountedClientSideDP
 from fedllm_flwr.strategy import AdapterFedAvg
-from fedllm_flwr.strategy.privacy import AccountedClientSideDP
-from fedllm_flwr.transport import manifest_of, pack, pack_update, unpack
+from fedllm_flwr.transport import manifest_of, pack, unpack, update_between
 
 FP16 = Codec("fp16")
 
@@ -22,6 +22,15 @@ FP16 = Codec("fp16")
 @pytest.fixture(autouse=True)
 def _messages(task_identity):
     pass
+
+
+def clipped_reply(trained, base, codec, clip):
+    """A client's reply under privacy=dp: its update, clipped to `clip` (None: as it is,
+    as a client that does not clip would send it), packed relative."""
+    update = update_between(trained, base)
+    if clip is not None:
+        update, _ = clip_update(update, clip)
+    return pack(update, codec, relative=True)
 
 
 def adapter(seed=0, scale=0.02, size=4000):
@@ -80,7 +89,7 @@ def test_the_server_never_averages_an_update_above_the_clipping_norm():
     for node, scale in ((1, 0.001), (2, 0.05), (3, 0.5)):
         trained = {k: v + scale * torch.randn_like(v) for k, v in base.items()}
         clip = 0.1 if node != 3 else None  # node 3 ignores the norm it was sent
-        replies.append(train_reply(node, pack_update(trained, base, inner.up, None, clip), n=10 * node))
+        replies.append(train_reply(node, clipped_reply(trained, base, inner.up, clip), n=10 * node))
     arrays, _ = runner.aggregate_train(1, replies)
     row = inner.ledger.pop(1)
     assert row["update-norm-max"] <= 0.1 and row["updates-reclipped"] == 1 and row["clients-ok"] == 3
@@ -92,7 +101,7 @@ def test_the_server_never_averages_an_update_above_the_clipping_norm():
 def test_the_noise_on_the_mean_has_the_configured_spread_and_the_budget_is_logged():
     runner, inner = dp_strategy(noise=2.0, clip=0.1, clients=3)
     base = {k: torch.from_numpy(v) for k, v in inner.sent[1].items()}
-    replies = [train_reply(n, pack_update(base, base, FP16, None, 0.1)) for n in (1, 2, 3)]  # zero updates
+    replies = [train_reply(n, clipped_reply(base, base, FP16, 0.1)) for n in (1, 2, 3)]  # zero updates
     arrays, _ = runner.aggregate_train(1, replies)
     noise = np.concatenate([arrays[k].numpy() - inner.sent[1][k] for k in arrays])
     assert noise.std() == pytest.approx(2.0 * 0.1 / 3, rel=0.1)
@@ -108,7 +117,7 @@ def test_a_failed_client_skips_the_round_as_flowers_dp_wrapper_does():
     failed = Message(
         Error(code=0, reason="gone"), reply_to=Message(RecordDict(), dst_node_id=2, message_type=MessageType.TRAIN)
     )
-    arrays, _ = runner.aggregate_train(1, [train_reply(1, pack_update(base, base, FP16, None, 0.1)), failed])
+    arrays, _ = runner.aggregate_train(1, [train_reply(1, clipped_reply(base, base, FP16, 0.1)), failed])
     assert arrays is None and runner.budget.rounds == 0  # nothing released, nothing spent
 
 
@@ -187,8 +196,8 @@ def secure_round(tiny_model_dir, drop=(), max_weight=100):
     """One SecAgg+ round on 3 tiny clients, and the plain weighted mean of the same updates."""
     from fedllm_flwr.client import local_train
     from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
-    from fedllm_flwr.strategy import build_strategy
-    from fedllm_flwr.strategy.secagg import SecAggGrid
+    from fedllm_flwr.privacy.runner import private_strategy
+    from fedllm_flwr.privacy.secagg import SecAggGrid
     from fedllm_flwr.transport import state_to_arrays
 
     clear_model_cache()
@@ -196,7 +205,7 @@ def secure_round(tiny_model_dir, drop=(), max_weight=100):
                  "strategy.min_available_nodes=3", "strategy.min_train_nodes=3", "peft.dropout=0.0"]  # fmt: skip
     cfg = load_cfg(overrides)
     start = get_adapter_state(build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).model)
-    strategy = build_strategy(cfg)
+    strategy = private_strategy(cfg)
     grid = LocalGrid(" ".join(overrides), 3, drop)
     arrays = state_to_arrays(start)
     from flwr.app import ConfigRecord
@@ -244,7 +253,7 @@ def test_a_round_with_a_dropped_reply_releases_a_mean_whose_sensitivity_matches_
     inner.up = Codec("fp32")
     base = {k: torch.from_numpy(v) for k, v in inner.sent[1].items()}
     updates = {n: {k: 0.05 * torch.randn_like(v) for k, v in base.items()} for n in (1, 2, 3)}
-    replies = [train_reply(n, pack_update({k: base[k] + u[k] for k in base}, base, inner.up, None, 0.1))
+    replies = [train_reply(n, clipped_reply({k: base[k] + u[k] for k in base}, base, inner.up, 0.1))
                for n, u in updates.items()]  # fmt: skip
     replies[2].content["metrics"] = MetricRecord({"num-examples": float("nan"), "train-loss": 1.0})
     arrays, _ = runner.aggregate_train(1, replies)
@@ -261,8 +270,7 @@ def test_the_accountant_gets_the_runs_rate_and_noise_and_matches_opacus_by_hand(
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
     from opacus.accountants.rdp import RDPAccountant
 
-    from fedllm_flwr.server import private_runner
-    from fedllm_flwr.strategy import build_strategy
+    from fedllm_flwr.privacy.runner import private_runner, private_strategy
 
     class Grid:
         def get_node_ids(self):
@@ -271,7 +279,7 @@ def test_the_accountant_gets_the_runs_rate_and_noise_and_matches_opacus_by_hand(
     sampling = ["strategy.fraction_train=0.5", "strategy.availability=uniform", "strategy.available_p=0.8"]
     cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=dp", "privacy.noise_multiplier=1.3",
                     *sampling])  # fmt: skip
-    runner = private_runner(Grid(), cfg, build_strategy(cfg))
+    runner = private_runner(cfg, private_strategy(cfg), len(Grid().get_node_ids()))
     assert runner.budget.sample_rate == pytest.approx(0.4) and runner.budget.noise_multiplier == 1.3
     assert runner.num_sampled_clients == 4 and runner.inner.dp_denominator == 4  # q N = 0.4 * 10
     for _ in range(5):
@@ -289,10 +297,10 @@ def test_secure_aggregation_refuses_a_weight_above_max_weight(tiny_model_dir):
 
 
 def test_secure_aggregation_refuses_max_weight_below_a_known_partition_before_round_1(tiny_model_dir):
-    from fedllm_flwr.strategy import build_strategy
+    from fedllm_flwr.privacy.runner import private_strategy
 
     cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=secagg", "privacy.max_weight=3"])
-    strategy = build_strategy(cfg)
+    strategy = private_strategy(cfg)
     strategy.max_examples = {1: 2, 2: 30}  # simulation: the server knows each partition's size
 
     class Grid:

@@ -4,7 +4,7 @@ No Flower here. A client's update (its trained adapter minus the one it was
 sent, every shared tensor as one vector) is scaled to L2 norm at most C, so
 one client changes the mean of n updates by at most C / n; the server then
 adds N(0, (z C / n)^2) noise per coordinate (Flower's client-side fixed
-clipping wrapper, `fedllm_flwr.strategy.privacy`). That is the Gaussian
+clipping wrapper, `fedllm_flwr.privacy.dp_server`). That is the Gaussian
 mechanism with noise multiplier z at the level of a client (DP-FedAvg,
 McMahan et al. 2018): the guarantee covers everything a client holds.
 

@@ -1,5 +1,5 @@
 """Differential privacy around our strategy: Flower's client-side fixed clipping
-wrapper, with the budget accounted each round (see `fedllm_flwr.dp`).
+wrapper, with the budget accounted each round (see `fedllm_flwr.privacy.dp`).
 
 Clients clip their updates to `clipping_norm` (the wrapper puts it in the train
 config; our ClientApp clips before encoding) and our strategy enforces the bound
@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
-from fedllm_flwr.dp import PrivacyBudget
+from fedllm_flwr.privacy.dp import PrivacyBudget
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 
 

@@ -1,5 +1,8 @@
 """Secure aggregation (privacy=secagg): every training round runs Flower's SecAgg+ protocol.
 
+The server's side: `SecAggFedAvg` and `SecAggGrid` (the client's side is in
+`fedllm_flwr.privacy.secagg_client`).
+
 The server learns the weighted mean of the clients' adapter updates and never
 one of them. Each round, instead of one train message and reply per client,
 `SecAggGrid` runs the four stages of Flower's `SecAggPlusWorkflow` on the real
@@ -33,6 +36,7 @@ from fedllm_flwr.compression import Codec
 from fedllm_flwr.config import PrivacyConfig
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.keys import SUM_KEY
+from fedllm_flwr.strategy import build_strategy
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, aggregate_client_metrics
 from fedllm_flwr.transport import message_bytes, pack
 
@@ -200,3 +204,9 @@ class _CountingGrid:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.bytes_up += sum(message_bytes(m) for m in replies if not m.has_error())
         return replies
+
+
+def secagg_strategy(cfg) -> SecAggFedAvg:  # noqa: ANN001 - a Config
+    """The run's strategy with its training rounds under SecAgg+ (fedavg or fedprox in the
+    fed scenario: the config refuses the rest)."""
+    return build_strategy(cfg, SecAggFedAvg, secagg=cfg.privacy)

@@ -40,7 +40,9 @@ def round_lr(cfg: Config, server_round: int) -> float:
     return lr_at((server_round - 1) * steps, cfg.num_rounds * steps, cfg.train)
 
 
-def build_strategy(cfg: Config) -> AdapterFedAvg:
+def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **arguments: Any) -> AdapterFedAvg:
+    """The strategy the config asks for, or the class `override` with its own `arguments`
+    (`fedllm_flwr.privacy.secagg.secagg_strategy`), with the config's sampling and codecs."""
     s = cfg.strategy
     kinds: dict[str, Any] = {"fed": AdapterFedAvg, "global": GlobalFedAvg, "local": LocalAdapters}
     kind = kinds[cfg.scenario.name]
@@ -53,10 +55,8 @@ def build_strategy(cfg: Config) -> AdapterFedAvg:
         kind, extra = RobustAggregate, {"kind": s.name, "trim": s.trim}
     elif s.name == "mifa":
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}
-    if cfg.privacy.name == "secagg":  # fedavg or fedprox in the fed scenario (config checks)
-        from fedllm_flwr.strategy.secagg import SecAggFedAvg
-
-        kind, extra = SecAggFedAvg, {"secagg": cfg.privacy}
+    if override is not None:
+        kind, extra = override, arguments
     # fedavg and fedprox aggregate alike; fedprox's term is in the clients' loss.
     down, up = codecs(cfg.compression)
     strategy = kind(

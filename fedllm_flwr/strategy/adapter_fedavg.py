@@ -216,7 +216,7 @@ class AdapterFedAvg(FedAvg):
 
     def enforce_clip(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The update within the DP clipping norm, its norm logged for the round."""
-        from fedllm_flwr.dp import clip_update, update_norm
+        from fedllm_flwr.privacy.dp import clip_update, update_norm
 
         clipped, norm = clip_update(update, self.clip_norm)
         if norm > self.clip_norm:
