@@ -20,7 +20,7 @@ def main(grid: Grid, context: Context) -> None:
         # Simulation workers start up while this process imports the ML stack.
         warm_ups = send_warm_up(grid) if cfg.run.warm_up else []
         from fedllm_flwr import quiet_third_party_output
-        from fedllm_flwr.server import run_server
+        from fedllm_flwr.server.run import run_server
 
         quiet_third_party_output()
         run_server(grid, cfg, warm_ups)

@@ -17,7 +17,7 @@ def test_the_staged_repository_packs_into_the_same_fab(tmp_path):
     staged = stage_app(ROOT, tmp_path / "app")
     assert build_fab_from_disk(staged) == build_fab_from_disk(ROOT)
     assert not (staged / ".venv").exists() and not (staged / ".git").exists()
-    assert (staged / "fedllm_flwr" / "server.py").is_file() and (staged / "pyproject.toml").is_file()
+    assert (staged / "fedllm_flwr" / "server" / "run.py").is_file() and (staged / "pyproject.toml").is_file()
 
 
 def test_staging_skips_what_flower_leaves_out_and_nothing_it_packs(tmp_path):

@@ -1,0 +1,175 @@
+"""Each round's evaluation on the server: metrics row, saved adapters, checkpoint."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+
+from fedllm_flwr.config import Config
+from fedllm_flwr.data import tokenize_set
+from fedllm_flwr.evaluate.loss import evaluate_loss
+from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
+from fedllm_flwr.model import ModelBundle, set_adapter_state
+from fedllm_flwr.run_dir import RunDir
+from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters
+from fedllm_flwr.transport import arrays_to_state
+
+INFO = logging.INFO
+
+#: Keys present in every metrics.jsonl row (null where a round has no value), so
+#: the file loads into one table.
+ROW_KEYS = (
+    "round", "train-loss", "eval-loss", "eval-ppl", "accuracy", "bytes-down", "bytes-up",
+    "seconds", "clients-ok", "clients-failed",
+)  # fmt: skip
+
+
+def generation_records(cfg: Config, test: list[dict[str, str]]) -> list[dict]:
+    """What the server generates for: the test records, or HumanEval's problems."""
+    if cfg.dataset.metric == "humaneval":
+        from fedllm_flwr.evaluate.humaneval import load_problems
+
+        return load_problems(limit=cfg.eval.limit)
+    return test
+
+
+@dataclass
+class View:
+    """A model the server evaluates the adapter on: `convert` maps the exchanged
+    adapter state onto `bundle`, and its metrics get `prefix`."""
+
+    prefix: str
+    bundle: ModelBundle
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda state: state
+
+
+class ServerEvaluator:
+    """`evaluate_fn` for Strategy.start: evaluate, save the adapter(s), log the round.
+
+    Flower calls it after round 0 (before training) and after every round; it is
+    the last step of each round, so it writes that round's metrics row. In the
+    local scenario it evaluates every client's own adapter: the row holds the
+    mean over clients, `-std` spreads and `client_<id>-` values. With several
+    `views` (FedOT: the full model, then the emulator as `emu-`), each adapter is
+    evaluated on each; the first view is the one adapters are saved for.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        bundle: ModelBundle,
+        test: list[dict[str, str]],
+        run_dir: RunDir,
+        strategy: AdapterFedAvg,
+        views: list[View] | None = None,
+    ) -> None:
+        self.cfg, self.bundle, self.run_dir, self.strategy = cfg, bundle, run_dir, strategy
+        self.views = views or [View("", bundle)]
+        self.test_records = test
+        self.reward = cfg.task.name == "reward"
+        self.metric = cfg.dataset.metric
+        self.primary = "preference-accuracy" if self.reward else PRIMARY.get(self.metric)
+        self.gen_records = [] if self.reward else generation_records(cfg, self.test_records)
+        self.last = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+
+    @functools.cached_property
+    def test_set(self):
+        """The test records tokenized (pairs for task=reward), when first evaluated
+        (never, with eval.every=0)."""
+        return tokenize_set(self.cfg, self.test_records, self.bundle.tokenizer)
+
+    def adapters(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
+        """The adapter(s) a round produced, by folder name ("" for the global one)."""
+        if isinstance(self.strategy, LocalAdapters) and self.strategy.adapters:
+            return {f"client_{pid}": a for pid, a in self.strategy.client_adapters().items()}
+        return {"": arrays}
+
+    def evaluate(self, bundle: ModelBundle) -> dict[str, float]:
+        model, tok = bundle.model, bundle.tokenizer
+        if self.reward:  # preference accuracy, mean margin, Bradley-Terry loss on the test pairs
+            from fedllm_flwr.reward import evaluate_preferences
+
+            scores = evaluate_preferences(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
+            return {k: v for k, v in scores.items() if k != "pairs"}
+        loss = evaluate_loss(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
+        results = {"eval-loss": loss["loss"], "eval-ppl": loss["ppl"]}
+        if self.primary:
+            scores, _ = run_generation_task(
+                self.metric, model, tok, self.gen_records, self.cfg.eval, seed=self.cfg.seed
+            )
+            results.update({k: v for k, v in scores.items() if k not in ("num-examples", "samples-per-problem")})
+        return results
+
+    def save(self, folder: str, adapters: dict[str, ArrayRecord]) -> Path:
+        main = self.views[0]
+        states = {name: main.convert(self.bundle.complete(arrays_to_state(a))) for name, a in adapters.items()}
+        return self.run_dir.save_adapters(main.bundle.model, folder, states)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        last_round = server_round == self.cfg.rounds_to_run
+        every = self.cfg.eval.every
+        due = every > 0 and (server_round == 0 or last_round or server_round % every == 0)
+        adapters = self.adapters(arrays)
+        t0 = time.perf_counter()
+        results: dict[str, float] = {}
+        if due:
+            per_adapter = {}
+            for name, own in adapters.items():
+                state = self.bundle.complete(arrays_to_state(own))
+                per_adapter[name] = {}
+                for view in self.views:
+                    set_adapter_state(view.bundle.model, view.convert(state))
+                    per_adapter[name].update({view.prefix + k: v for k, v in self.evaluate(view.bundle).items()})
+            keys = next(iter(per_adapter.values()))
+            results = {k: float(np.mean([r[k] for r in per_adapter.values()])) for k in keys}
+            if len(per_adapter) > 1:
+                spread = [v.prefix + k for v in self.views for k in (self.primary, "eval-loss") if k]
+                for key in spread:
+                    results[f"{key}-std"] = float(np.std([r[key] for r in per_adapter.values()]))
+                for name, r in per_adapter.items():
+                    results.update({f"{name}-{k}": r[k] for k in spread})
+        row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+        row.update({"round": server_round, **self.strategy.ledger.pop(server_round), **results})
+        if due:
+            row["eval-seconds"] = time.perf_counter() - t0
+        if server_round > 0 and (self.cfg.run.save_every_round or last_round):
+            self.save(f"round_{server_round}", adapters)
+        now = time.perf_counter()
+        row["seconds"] = now - self.last
+        row["time"] = time.time()  # when the row was written (Unix time), to line runs up with other logs
+        self.last = now
+        self.run_dir.metrics.write(row)
+        self.rows.append(row)
+        if server_round > 0:  # after the row: a crash in between only repeats this round
+            self.run_dir.write_checkpoint(
+                server_round, {k: v.numpy() for k, v in arrays.items()}, self.strategy.state()
+            )
+        parts = [f"round {server_round}/{self.cfg.rounds_to_run}"]
+        if row["train-loss"] is not None:
+            parts.append(f"train-loss {row['train-loss']:.4f}")
+        if due:
+            text = f"eval-loss {results['eval-loss']:.4f}"
+            if self.primary:
+                spread = f" (std {results[self.primary + '-std']:.3f})" if f"{self.primary}-std" in results else ""
+                text += f"  {self.primary} {results[self.primary]:.3f}{spread}"
+            for view in self.views[1:]:
+                text += f"  {view.prefix}eval-loss {results[view.prefix + 'eval-loss']:.4f}"
+                if self.primary:
+                    text += f"  {view.prefix}{self.primary} {results[view.prefix + self.primary]:.3f}"
+            parts.append(text)
+        if server_round > 0:
+            parts.append(f"clients ok {row['clients-ok'] or 0} failed {row['clients-failed'] or 0}")
+        parts.append(f"{row['seconds']:.1f} s")
+        log(INFO, "[fedllm-flwr] %s", "  |  ".join(parts))
+        return MetricRecord({k: float(v) for k, v in results.items()}) if results else None
