@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fedllm_flwr.tables import cell, markdown_table
+
 TARGETS = {
     "overhead_ratio": 1.05,
     "job_p_peak_memory_gb": 3.5,
@@ -60,15 +62,14 @@ def check_targets(results: dict) -> dict:
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
-    def cell(value) -> str:
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, float):
-            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-        return str(value)
+    """A Markdown table; floats from 1,000 up as whole numbers, smaller ones to 4 significant digits."""
 
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return out + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows] + [""]
+    def auto(value) -> str:
+        if isinstance(value, float) and not isinstance(value, bool):
+            return cell(value, ",.0f" if abs(value) >= 1000 else ".4g")
+        return cell(value)
+
+    return markdown_table(header, [[auto(v) for v in row] for row in rows]) + [""]
 
 
 def summary(results: dict) -> str:

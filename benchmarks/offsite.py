@@ -25,9 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tables import num
-
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_flwr.tables import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,16 +112,17 @@ def markdown(results: dict) -> str:
         if r.get("status") != "completed":
             lines.append(f"| {name} | failed |" + " |" * 10)
             continue
+        scores = [cell(r[k], ".3f", "-") for k in ("full-accuracy", "full-eval-loss", "emu-accuracy", "emu-eval-loss")]
         lines.append(
-            f"| {name} | {num(r['full-accuracy'])} | {num(r['full-eval-loss'])} | {num(r['emu-accuracy'])} "
-            f"| {num(r['emu-eval-loss'])} | {num(r['client-model-layers'], '.0f')} "
-            f"| {num(r['client-model-parameters'], ',.0f')} "
-            f"| {num(r['trainable-parameters'], ',')} | {mb(r['broadcast-bytes-per-client'])} "
-            f"| {mb(r['round-bytes-down-per-client'])} | {num(r['seconds'], '.0f')} |"
+            f"| {name} | {' | '.join(scores)} | {cell(r['client-model-layers'], '.0f', '-')} "
+            f"| {cell(r['client-model-parameters'], ',.0f', '-')} | {cell(r['trainable-parameters'], ',', '-')} "
+            f"| {mb(r['broadcast-bytes-per-client'])} | {mb(r['round-bytes-down-per-client'])} "
+            f"| {cell(r['seconds'], '.0f', '-')} |"
         )
     lines.append("")
     lines.append("Round 0 (before training): " + ", ".join(
-        f"{n} full {num(r.get('accuracy-round-0'))} / emu {num(r.get('emu-accuracy-round-0'))}"
+        f"{n} full {cell(r.get('accuracy-round-0'), '.3f', '-')} / emu "
+        f"{cell(r.get('emu-accuracy-round-0'), '.3f', '-')}"
         for n, r in results.items() if r.get("status") == "completed"
     ))  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -30,9 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tables import num
-
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_flwr.tables import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,11 +77,11 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        eps = f"{num(r['epsilon'], '.3g')} ({r['delta']:g})" if r["epsilon"] is not None else "-"
+        eps = f"{cell(r['epsilon'], '.3g', '-')} ({r['delta']:g})" if r["epsilon"] is not None else "-"
+        accuracy = f"{cell(r['accuracy'], '.3f', '-')} ({cell(r['accuracy_round_0'], '.3f', '-')})"
         lines.append(
-            f"| {name} | {num(r['accuracy'])} ({num(r['accuracy_round_0'])}) | {num(r['eval_loss'], '.4f')} "
-            f"| {num(r['seconds_per_round'], '.1f')} | {r['bytes_up_per_client_per_round']:,} | {eps} "
-            f"| {num(r['update_norm_max'], '.3g')} |"
+            f"| {name} | {accuracy} | {cell(r['eval_loss'], '.4f', '-')} | {cell(r['seconds_per_round'], '.1f', '-')} "
+            f"| {r['bytes_up_per_client_per_round']:,} | {eps} | {cell(r['update_norm_max'], '.3g', '-')} |"
         )
     return "\n".join(lines) + "\n"
 

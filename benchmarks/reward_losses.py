@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from tables import num
 
 from fedllm_flwr.simulation import stop_on_sigterm
+from fedllm_flwr.tables import cell
 
 LOSSES = ("logsigmoid", "bce", "hinge", "mse", "smooth_l1", "focal")
 
@@ -55,12 +55,12 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (LOSSES.index(r["loss"]), r["scenario"])):
-        per = ", ".join(num(x) for x in r["held-out-accuracy-per-client"])
-        lines.append(
-            f"| {r['loss']} | {r['scenario']} | {num(r['test-accuracy-round-0'])} | {num(r['test-accuracy'])} "
-            f"| {num(r['test-margin'])} | {num(r['test-bt-loss'])} | {num(r['held-out-accuracy'])} ({per}) "
-            f"| {r['seconds']:.0f} |"
-        )
+        num = [
+            cell(r[k], ".3f", "-") for k in ("test-accuracy-round-0", "test-accuracy", "test-margin", "test-bt-loss")
+        ]
+        per = ", ".join(cell(x, ".3f", "-") for x in r["held-out-accuracy-per-client"])
+        held = f"{cell(r['held-out-accuracy'], '.3f', '-')} ({per})"
+        lines.append(f"| {r['loss']} | {r['scenario']} | {' | '.join(num)} | {held} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -106,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _sweep_summary(args: argparse.Namespace) -> int:
-    from fedllm_flwr.sweep import summarize
+    from fedllm_flwr.sweep_summary import summarize
 
     summary = summarize(Path(args.sweep_dir), args.keep)
     print((Path(args.sweep_dir) / "summary.md").read_text(), end="")

@@ -10,7 +10,6 @@ round, peak memory of a client, seconds per round.
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.tables import cell, markdown_table, mean_std, write_csv
 
 SCENARIO_ORDER = {"global": 0, "fed": 1, "local": 2}
 #: metrics.jsonl key -> column label in the effectiveness table.
@@ -71,10 +71,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def _fmt(mean: float, std: float, digits: int = 3) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def effectiveness(runs: list[RunResult]) -> list[dict[str, Any]]:
     table = []
     for (scenario, method), group in _groups(runs):
@@ -120,40 +116,27 @@ def _groups(runs: list[RunResult]):
 
 
 def to_markdown(eff: list[dict[str, Any]], cost: list[dict[str, Any]]) -> str:
-    lines = [
-        "## Effectiveness (server test set after the last round; mean ± std over seeds)",
-        "",
-        "| method | scenario | seeds | accuracy | round 0 | eval loss | client held-out loss | client spread |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in eff:
-        spread = f"{r['client spread']:.3f}" if r["client spread"] is not None else ""
-        lines.append(
-            f"| {r['method']} | {r['scenario']} | {r['seeds']} | {_fmt(r['accuracy mean'], r['accuracy std'])} "
-            f"| {r['accuracy round 0']:.3f} | {_fmt(r['eval loss mean'], r['eval loss std'])} "
-            f"| {_fmt(r['client eval loss mean'], r['client eval loss std'])} | {spread} |"
-        )
-    lines += [
-        "",
-        "## Efficiency (per client per round)",
-        "",
-        "| method | scenario | trainable params | bytes down | bytes up | peak memory (MB) | seconds/round |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in cost:
-        down, up = r["bytes down per client per round"], r["bytes up per client per round"]
-        lines.append(
-            f"| {r['method']} | {r['scenario']} | {r['trainable parameters']:,} | {down:,.0f} | {up:,.0f} "
-            f"| {r['peak memory MB']:.0f} | {r['seconds per round']:.1f} |"
-        )
+    lines = ["## Effectiveness (server test set after the last round; mean ± std over seeds)", ""]
+    lines += markdown_table(
+        ["method", "scenario", "seeds", "accuracy", "round 0", "eval loss", "client held-out loss", "client spread"],
+        [
+            [r["method"], r["scenario"], r["seeds"], mean_std(r["accuracy mean"], r["accuracy std"]),
+             cell(r["accuracy round 0"], ".3f"), mean_std(r["eval loss mean"], r["eval loss std"]),
+             mean_std(r["client eval loss mean"], r["client eval loss std"]), cell(r["client spread"], ".3f")]
+            for r in eff
+        ],
+    )  # fmt: skip
+    lines += ["", "## Efficiency (per client per round)", ""]
+    lines += markdown_table(
+        ["method", "scenario", "trainable params", "bytes down", "bytes up", "peak memory (MB)", "seconds/round"],
+        [
+            [r["method"], r["scenario"], cell(r["trainable parameters"], ","),
+             cell(r["bytes down per client per round"], ",.0f"), cell(r["bytes up per client per round"], ",.0f"),
+             cell(r["peak memory MB"], ".0f"), cell(r["seconds per round"], ".1f")]
+            for r in cost
+        ],
+    )  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def write_csv(path: Path, table: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
 
 
 def write_report(paths: list[Path], out: Path) -> tuple[str, list[Path]]:

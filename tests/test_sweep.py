@@ -14,7 +14,8 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.sweep import _kept, _ranks, first_error, read_sweep, screening_audit, spearman, summarize
+from fedllm_flwr.sweep import first_error
+from fedllm_flwr.sweep_summary import keep_best, ranks, read_sweep, screening_audit, spearman, summarize
 
 
 def fake_job(root, name, lr, scores, losses, method="lora", stage="full", status="completed"):
@@ -41,8 +42,8 @@ def fake_job(root, name, lr, scores, losses, method="lora", stage="full", status
 
 
 def test_ranks_and_spearman_against_hand_values():
-    assert _ranks([10, 30, 20]) == [1, 3, 2]
-    assert _ranks([5, 5, 1, 7]) == [2.5, 2.5, 1, 4]
+    assert ranks([10, 30, 20]) == [1, 3, 2]
+    assert ranks([5, 5, 1, 7]) == [2.5, 2.5, 1, 4]
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # rank differences d = (0, -2, 1, 1): rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 36 / 60 = 0.4
@@ -85,9 +86,9 @@ def test_screen_keeps_a_share_and_breaks_ties_by_loss(tmp_path):
     for i, (score, loss) in enumerate([(0.0, 2.0), (0.0, 1.0), (0.5, 3.0), (0.1, 1.0), (0.0, 0.5), (0.2, 2.0)]):
         fake_job(tmp_path, f"job_{i}", 10.0**-i, [0.0, score], [3.0, loss])
     records = read_sweep(tmp_path)
-    kept = _kept(records, {r.name: (r.score, -r.eval_loss) for r in records}, 0.34)
+    kept = keep_best(records, {r.name: (r.score, -r.eval_loss) for r in records}, 0.34)
     assert [r.name for r in kept] == ["job_2", "job_5"]  # round(0.34 * 6) = 2
-    kept = _kept(records[:2], {r.name: (r.score, -r.eval_loss) for r in records[:2]}, 0.1)
+    kept = keep_best(records[:2], {r.name: (r.score, -r.eval_loss) for r in records[:2]}, 0.1)
     assert [r.name for r in kept] == ["job_1"]  # at least one; the tie goes to the lower loss
     assert screening_audit(records, 0.34) == []  # a single round: nothing to screen on
 
