@@ -48,6 +48,9 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
     The schedule spans all rounds: a client in round r starts at step
     (r - 1) * local_steps, so the rate keeps decaying across rounds.
+    The cosine is the curve of transformers' `get_cosine_with_min_lr_schedule_with_warmup`
+    (min_lr_rate 0.1), kept here as a function of the step because the server needs a
+    round's rate without an optimizer (MIFA's lr_t) and a client starts mid-schedule.
     """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps

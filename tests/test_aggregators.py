@@ -11,11 +11,11 @@ from fedllm_flwr.strategy import build_strategy
 from fedllm_flwr.strategy.aggregators import (
     Mifa,
     MifaMemory,
-    ServerOptimizer,
-    coordinate_median,
+    RobustAggregate,
+    ServerOptFedAvg,
+    server_optimizer,
     to_arrays,
     to_state,
-    trimmed_mean,
 )
 from fedllm_flwr.transport import pack
 
@@ -48,25 +48,52 @@ def prepared(strategy, current: dict[str, np.ndarray], num_clients: int = 0):
 
 def test_median_and_trimmed_mean_by_hand():
     states = [w(1, 10), w(2, -5), w(100, 0), w(3, 1), w(4, 2)]
-    np.testing.assert_allclose(coordinate_median(states)["w"], [3, 1])
+
+    def robust(kind, trim=0.2):
+        strategy = prepared(RobustAggregate(kind=kind, trim=trim), w(0, 0))
+        arrays, _ = strategy.aggregate_train(1, [reply(i, st, n=10 * (i + 1)) for i, st in enumerate(states)])
+        return to_state(arrays)["w"]
+
+    np.testing.assert_allclose(robust("median"), [3, 1])  # unweighted: the claimed sizes do not count
     # trim 0.2 of 5 drops one value at each end: column 0 keeps 2,3,4; column 1 keeps 0,1,2
-    np.testing.assert_allclose(trimmed_mean(states, 0.2)["w"], [3, 1])
-    np.testing.assert_allclose(trimmed_mean(states, 0.0)["w"], [22, 1.6])
-    with pytest.raises(ValueError, match="leaves nothing"):
-        trimmed_mean(states[:2], 0.49 + 0.01)
+    np.testing.assert_allclose(robust("trimmed_mean"), [3, 1])
+    np.testing.assert_allclose(robust("trimmed_mean", 0.0), [22, 1.6], rtol=1e-6)
 
 
-def test_server_optimizers_by_hand():
-    current, delta = w(1.0), w(0.5)
-    m = ServerOptimizer("avgm", lr=1.0, beta1=0.9)
-    np.testing.assert_allclose(m.step(current, delta)["w"], [1.5])  # m = 0.5
-    np.testing.assert_allclose(m.step(w(1.5), delta)["w"], [1.5 + 0.95])  # m = 0.9 * 0.5 + 0.5
-    adam = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
-    m1, v1 = 0.1 * 0.5, 0.99 * 1e-6 + 0.01 * 0.25
-    np.testing.assert_allclose(adam.step(current, delta)["w"], [1.0 + 0.1 * m1 / (np.sqrt(v1) + 1e-3)], rtol=1e-5)
-    yogi = ServerOptimizer("yogi", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
-    v1 = 1e-6 - 0.01 * 0.25 * np.sign(1e-6 - 0.25)  # = 1e-6 + 0.0025
-    np.testing.assert_allclose(yogi.step(current, delta)["w"], [1.0 + 0.1 * m1 / (np.sqrt(v1) + 1e-3)], rtol=1e-5)
+def test_server_optimizers_are_flowers_steps_by_hand():
+    """Flower's FedAvgM, FedAdam (with its bias-corrected step) and FedYogi, on the mean update."""
+
+    def steps(kind, **knobs):
+        strategy = prepared(ServerOptFedAvg(optimizer=server_optimizer(kind, **knobs)), w(1.0))
+        out = []
+        for server_round, target in ((1, 1.5), (2, None)):
+            target = target if target is not None else float(out[-1]) + 0.5
+            arrays, _ = strategy.aggregate_train(server_round, [reply(1, w(target))])  # update +0.5
+            out.append(to_state(arrays)["w"][0])
+            prepared(strategy, to_state(arrays))
+        return out
+
+    np.testing.assert_allclose(steps("avgm", lr=1.0, beta1=0.9), [1.5, 1.5 + 0.95], rtol=1e-6)  # m = 0.9 m + d
+    m1, v1 = 0.1 * 0.5, 0.01 * 0.25
+    eta = 0.1 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)  # Flower's FedAdam corrects the bias of round 1
+    adam = steps("adam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    np.testing.assert_allclose(adam[0], 1.0 + eta * m1 / (np.sqrt(v1) + 1e-3), rtol=1e-6)
+    yogi = steps("yogi", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    np.testing.assert_allclose(yogi[0], 1.0 + 0.1 * m1 / (np.sqrt(v1) + 1e-3), rtol=1e-6)  # v from 0 toward d^2
+
+
+def test_server_optimizer_state_survives_a_checkpoint():
+    for kind in ("avgm", "adam"):
+        first = prepared(ServerOptFedAvg(optimizer=server_optimizer(kind, lr=0.1)), w(1.0, 2.0))
+        first.aggregate_train(1, [reply(1, w(1.5, 2.5))])
+        saved = first.state()
+        assert saved and all(k.startswith(("m/", "v/")) for k in saved)
+        second = prepared(ServerOptFedAvg(optimizer=server_optimizer(kind, lr=0.1)), w(1.5, 2.5))
+        second.load_state(saved)
+        prepared(first, w(1.5, 2.5))
+        a, _ = first.aggregate_train(2, [reply(1, w(1.7, 2.2))])
+        b, _ = second.aggregate_train(2, [reply(1, w(1.7, 2.2))])
+        np.testing.assert_array_equal(to_state(a)["w"], to_state(b)["w"])
 
 
 def test_mifa_update_with_one_stale_client_by_hand():
@@ -141,12 +168,13 @@ def test_every_strategy_preset_aggregates_two_replies(name, tiny_cfg):
     key = next(iter(out))
     shift = float(np.mean(out[key] - start[key]))
     # Weighted mean update: (30 * 0.01 - 10 * 0.01) / 40 = 0.005; unweighted: 0.
-    m1, v1 = 0.1 * 0.005, 0.99 * 1e-6 + 0.01 * 0.005**2  # fedadam's first step (fedyogi's v1 is equal here)
-    adaptive = 0.01 * m1 / (np.sqrt(v1) + 1e-3)
+    m1, v1 = 0.1 * 0.005, 0.01 * 0.005**2  # Flower's FedAdam and FedYogi, first step (v starts at 0)
+    yogi = 0.01 * m1 / (np.sqrt(v1) + 1e-3)
+    adam = yogi * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)  # FedAdam's bias correction in round 1
     expected = {
         "fedavg": 0.005, "fedprox": 0.005, "fedavgm": 0.005,  # momentum starts at the first update
         "median": 0.0, "trimmed_mean": 0.0, "mifa": 0.0,  # unweighted over clients
-        "fedadam": adaptive, "fedyogi": adaptive,
+        "fedadam": adam, "fedyogi": yogi,
     }  # fmt: skip
     assert shift == pytest.approx(expected[name], abs=1e-4), name
     assert all(np.isfinite(v).all() and v.shape == start[k].shape for k, v in out.items())

@@ -22,7 +22,7 @@ class StrategyConfig:
     beta2: float = 0.99
     """fedadam / fedyogi: second-moment decay."""
     tau: float = 1e-3
-    """fedadam / fedyogi: adaptivity (added to sqrt(v), and v starts at tau^2)."""
+    """fedadam / fedyogi: adaptivity (added to sqrt(v); Flower's classes start v at 0)."""
     trim: float = 0.2
     """trimmed_mean: share of replies dropped at each end, per coordinate."""
     mifa_wait_for_all: bool = False

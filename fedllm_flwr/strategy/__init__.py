@@ -12,7 +12,7 @@ from fedllm_flwr.strategy.adapter_fedavg import (
     aggregate_client_metrics,
     weighted_mean,
 )
-from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, ServerOptimizer
+from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, server_optimizer
 from fedllm_flwr.strategy.availability import Availability
 from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
 
@@ -23,7 +23,6 @@ __all__ = [
     "Mifa",
     "RobustAggregate",
     "ServerOptFedAvg",
-    "ServerOptimizer",
     "RoundLedger",
     "ValidReply",
     "aggregate_client_metrics",
@@ -50,7 +49,7 @@ def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **a
     if s.name in ("fedavgm", "fedadam", "fedyogi"):
         kind = ServerOptFedAvg
         opt = s.name.removeprefix("fed")
-        extra["optimizer"] = ServerOptimizer(opt, s.server_lr, s.server_momentum, s.beta2, s.tau)
+        extra["optimizer"] = server_optimizer(opt, s.server_lr, s.server_momentum, s.beta2, s.tau)
     elif s.name in ("median", "trimmed_mean"):
         kind, extra = RobustAggregate, {"kind": s.name, "trim": s.trim}
     elif s.name == "mifa":

@@ -1,22 +1,23 @@
 """Aggregation beyond FedAvg, over adapter weights only.
 
-- `ServerOptimizer` (strategy=fedavgm|fedadam|fedyogi): the weighted mean of the
-  clients' updates (each decoded once, relative to the adapter that client
-  decoded) is a pseudo-gradient; a server-side
-  momentum, Adam or Yogi step applies it (Reddi et al. 2021, "Adaptive
-  Federated Optimization"). State is fp32 and keyed by tensor name.
-- `RobustAggregate` (strategy=median|trimmed_mean): coordinate-wise median, or
-  the mean after dropping the `trim` share of largest and smallest values per
-  coordinate. Unweighted, so one client cannot pull the result by claiming many
+Every reply is decoded once (`AdapterFedAvg.validated`) into the adapter it stands for
+and the update it carries; then Flower's own strategy does the arithmetic:
+
+- `ServerOptFedAvg` (strategy=fedavgm|fedadam|fedyogi): Flower's FedAvgM, FedAdam or
+  FedYogi step (Reddi et al. 2021, "Adaptive Federated Optimization"; Flower's FedAdam
+  corrects the step's bias, as Adam does). Its pseudo-gradient is the weighted mean of
+  the clients' decoded updates, each relative to the adapter that client decoded.
+- `RobustAggregate` (strategy=median|trimmed_mean): Flower's FedMedian, or FedTrimmedAvg
+  (the mean after dropping the `trim` share of largest and smallest values per
+  coordinate). Unweighted, so one client cannot pull the result by claiming many
   examples.
-- `Mifa` (strategy=mifa; Gu et al. 2021, "Fast Federated Learning in the
-  Presence of Arbitrary Device Unavailability"): the server remembers, for every
-  client, its latest update divided by the learning rate it used,
-  G_i = (w_i - w_t) / lr_t (w_t as the client decoded it), and moves the global adapter by
-  lr_t * mean over all clients of G_i, the stale G_i of clients that did not
-  answer included. lr_t is the clients' rate at the round's first step, from
-  the schedule the server knows (`lr_for`), never read from a reply. A running
-  sum keeps each refresh O(1) per client.
+- `Mifa` (strategy=mifa; Gu et al. 2021, "Fast Federated Learning in the Presence of
+  Arbitrary Device Unavailability"; Flower has no MIFA): the server remembers, for every
+  client, its latest update divided by the learning rate it used, G_i = (w_i - w_t) / lr_t
+  (w_t as the client decoded it), and moves the global adapter by lr_t * mean over all
+  clients of G_i, the stale G_i of clients that did not answer included. lr_t is the
+  clients' rate at the round's first step, from the schedule the server knows (`lr_for`),
+  never read from a reply. A running sum keeps each refresh O(1) per client.
 - FedProx needs no server change: its proximal term lives in the clients' loss
   (`train.train_steps(prox_mu=...)`); the server averages as FedAvg does.
 """
@@ -29,11 +30,12 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvgM, FedMedian, FedTrimmedAvg, FedYogi
 
-from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply, weighted_mean
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply
 
 State = dict[str, np.ndarray]
 
@@ -42,56 +44,31 @@ def to_state(arrays: ArrayRecord) -> State:
     return {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
 
 
-def to_arrays(state: State) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
+def to_arrays(state: State, dtype: type = np.float32) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v, dtype=dtype)) for k, v in state.items()})
 
 
-def coordinate_median(states: list[State]) -> State:
-    return {k: np.median(np.stack([s[k] for s in states]), axis=0).astype(np.float32) for k in states[0]}
+def flower_replies(states: list[State], weights: list[float]) -> list[Message]:
+    """Decoded adapters in the form Flower's strategies aggregate: one ArrayRecord and the
+    weight as `num-examples`, in float64 so that Flower's "mean minus current" gives back
+    the clients' mean update without float32 rounding."""
+    return [
+        Message(
+            RecordDict({"arrays": to_arrays(state, np.float64), "metrics": MetricRecord({"num-examples": weight})}),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
+        for state, weight in zip(states, weights, strict=True)
+    ]
 
 
-def trimmed_mean(states: list[State], trim: float) -> State:
-    """Mean per coordinate after dropping floor(trim * n) values at each end."""
-    n = len(states)
-    cut = int(trim * n)
-    if n - 2 * cut < 1:
-        raise ValueError(f"trimming {cut} of {n} replies at each end leaves nothing to average")
-    out = {}
-    for key in states[0]:
-        stacked = np.sort(np.stack([s[key] for s in states]), axis=0)
-        out[key] = stacked[cut : n - cut].mean(axis=0).astype(np.float32)
-    return out
-
-
-class ServerOptimizer:
-    """Momentum, Adam or Yogi on the server, applied to pseudo-gradients."""
-
-    def __init__(self, kind: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
-        if kind not in ("avgm", "adam", "yogi"):
-            raise ValueError(f"unknown server optimizer {kind!r}")
-        self.kind, self.lr, self.beta1, self.beta2, self.tau = kind, lr, beta1, beta2, tau
-        self.m: State = {}
-        self.v: State = {}
-
-    def step(self, current: State, delta: State) -> State:
-        """The new global state for pseudo-gradient `delta`, the clients' mean update."""
-        out = {}
-        for key, d in delta.items():
-            d = d.astype(np.float32)
-            if self.kind == "avgm":  # FedAvgM: m = beta m + delta; w += lr m
-                m = self.beta1 * self.m.get(key, np.zeros_like(d)) + d
-                self.m[key] = m
-                out[key] = current[key] + self.lr * m
-                continue
-            m = self.beta1 * self.m.get(key, np.zeros_like(d)) + (1 - self.beta1) * d
-            v_old = self.v.get(key, np.full_like(d, self.tau**2))
-            if self.kind == "adam":
-                v = self.beta2 * v_old + (1 - self.beta2) * d * d
-            else:  # yogi: v moves toward d^2 by at most (1 - beta2) d^2, additively
-                v = v_old - (1 - self.beta2) * d * d * np.sign(v_old - d * d)
-            self.m[key], self.v[key] = m, v
-            out[key] = current[key] + self.lr * m / (np.sqrt(v) + self.tau)
-        return {k: v.astype(np.float32) for k, v in out.items()}
+def server_optimizer(kind: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+    """Flower's strategy whose server step is `kind` (avgm, adam or yogi), with our knobs."""
+    if kind == "avgm":
+        return FedAvgM(server_learning_rate=lr, server_momentum=beta1)
+    if kind in ("adam", "yogi"):
+        return (FedAdam if kind == "adam" else FedYogi)(eta=lr, beta_1=beta1, beta_2=beta2, tau=tau)
+    raise ValueError(f"unknown server optimizer {kind!r}")
 
 
 class _KeepsGlobal(AdapterFedAvg):
@@ -115,37 +92,53 @@ class _KeepsGlobal(AdapterFedAvg):
 
 
 class ServerOptFedAvg(_KeepsGlobal):
-    def __init__(self, *, optimizer: ServerOptimizer, **kwargs: Any) -> None:
+    """FedAvgM, FedAdam or FedYogi: Flower's server step on the clients' mean update."""
+
+    def __init__(self, *, optimizer: FedAvgM | FedAdam | FedYogi, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.optimizer = optimizer
 
     def state(self) -> dict[str, np.ndarray]:
-        return {
-            **{f"m/{k}": v for k, v in self.optimizer.m.items()},
-            **{f"v/{k}": v for k, v in self.optimizer.v.items()},
-        }
+        opt = self.optimizer
+        if isinstance(opt, FedAvgM):
+            names = list(self.current)
+            return {f"m/{k}": v for k, v in zip(names, opt.momentum_vector or [], strict=False)}
+        return {**{f"m/{k}": v for k, v in opt.m_t.items()}, **{f"v/{k}": v for k, v in opt.v_t.items()}}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        self.optimizer.m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
-        self.optimizer.v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
+        m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
+        opt = self.optimizer
+        if isinstance(opt, FedAvgM):
+            opt.momentum_vector = list(m.values()) or None
+            return
+        opt.m_t, opt.v_t = m, {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
-        delta = weighted_mean([self.update_of(r) for r in valid], [r.weight for r in valid])
-        return to_arrays(self.optimizer.step(self.current, delta))
+        # Flower's step averages its replies and moves from `current_arrays` by that mean
+        # minus `current_arrays`: replies of current + update_i make that the mean update.
+        current = {k: v.astype(np.float64) for k, v in self.current.items()}
+        opt = self.optimizer
+        opt.current_arrays = to_arrays(current, np.float64) if isinstance(opt, FedAvgM) else current
+        updates = [self.update_of(r) for r in valid]
+        replies = flower_replies([{k: current[k] + u[k] for k in current} for u in updates], [r.weight for r in valid])
+        arrays, _ = opt.aggregate_train(server_round, replies)
+        return to_arrays(to_state(arrays)) if arrays is not None else None
 
 
 class RobustAggregate(AdapterFedAvg):
+    """Flower's FedMedian or FedTrimmedAvg over the decoded adapters (unweighted)."""
+
     def __init__(self, *, kind: str, trim: float = 0.2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if kind not in ("median", "trimmed_mean"):
             raise ValueError(f"unknown robust aggregate {kind!r}")
         self.kind, self.trim = kind, trim
+        self.flower = FedMedian() if kind == "median" else FedTrimmedAvg(beta=trim)
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
-        states = [r.state for r in valid]
-        if self.kind == "median":
-            return to_arrays(coordinate_median(states))
-        return to_arrays(trimmed_mean(states, self.trim))
+        replies = flower_replies([r.state for r in valid], [r.weight for r in valid])
+        arrays, _ = self.flower.aggregate_train(server_round, replies)
+        return to_arrays(to_state(arrays)) if arrays is not None else None
 
 
 class MifaMemory:
