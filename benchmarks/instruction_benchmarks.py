@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_flwr.tables import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +130,7 @@ def main() -> int:
 def _cell(entry: dict | None, key: str) -> str:
     if not entry or "metrics" not in entry:
         return "n/a" if not entry else entry.get("error", "n/a")
-    return f"{entry['metrics'][key]:.3f} ({entry['seconds']:.0f} s)"
+    return f"{cell(entry['metrics'][key], '.3f')} ({cell(entry['seconds'], '.0f')} s)"
 
 
 def markdown(results: dict) -> str:
