@@ -20,7 +20,9 @@ RELATIVE_KEY = "relative"
 EMULATOR_FILES_KEY = "emulator-files"
 """FedOT: ArrayRecord of the emulator folder's files (uint8 arrays), on a node's first message."""
 
-# --- Keys of a train message's "config" ConfigRecord, besides Flower's server-round ---
+# --- Keys of a train message's "config" ConfigRecord ------------------------------
+SERVER_ROUND_KEY = "server-round"
+"""The round, as Flower's FedAvg writes it (Flower spells it out and exports no constant)."""
 DATA_KEY = "data"
 """scenario=global: "all" tells the one training node to use every partition's data."""
 STEPS_KEY = "local-steps"

@@ -28,6 +28,7 @@ from fedllm_flwr.keys import (
     FEEDBACK_KEY,
     PERSONALIZE_KEY,
     PRIVATE_KEY,
+    SERVER_ROUND_KEY,
     STEPS_KEY,
     WARM_UP_KEY,
 )
@@ -87,7 +88,7 @@ def train(content: RecordDict, run_config: Config, node_config: Config, node: No
         partition_id, num_partitions = 0, 1
     steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None
     state, metrics = local_train(
-        cfg, received, int(config["server-round"]), partition_id, num_partitions, steps,
+        cfg, received, int(config[SERVER_ROUND_KEY]), partition_id, num_partitions, steps,
         private=node.private_state(), started=started,
     )  # fmt: skip
     state, private = split_private(cfg, state)

@@ -35,7 +35,7 @@ from flwr.common.logger import log
 from fedllm_flwr.compression import Codec
 from fedllm_flwr.config import PrivacyConfig
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.keys import SUM_KEY
+from fedllm_flwr.keys import SERVER_ROUND_KEY, SUM_KEY
 from fedllm_flwr.strategy import build_strategy
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, aggregate_client_metrics
 from fedllm_flwr.transport import message_bytes, pack
@@ -107,7 +107,7 @@ class SecAggGrid:
         from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
         p, strategy = self.strategy.secagg, self.strategy
-        round_ = int(messages[0].content["config"]["server-round"])  # already counts a resumed run's rounds
+        round_ = int(messages[0].content["config"][SERVER_ROUND_KEY])  # already counts a resumed run's rounds
         counting = _CountingGrid(self.grid)
         captured: dict[str, Any] = {}
 

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 
 from fedllm_flwr.compression import codecs
 from fedllm_flwr.config import Config
-from fedllm_flwr.keys import PERSONALIZE_KEY
+from fedllm_flwr.keys import PERSONALIZE_KEY, SERVER_ROUND_KEY
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.server.evaluation import ServerEvaluator
 from fedllm_flwr.transport import pack, state_to_arrays, unpack
@@ -29,7 +29,7 @@ def personalize_clients(
     held-out scores before and after; the personalized adapters are saved under
     adapter/personalized/client_<partition>/ and the rows in personalization.jsonl."""
     packed = pack(arrays, codecs(cfg.compression)[0])
-    config = ConfigRecord({**dict(config.items()), "server-round": cfg.num_rounds, PERSONALIZE_KEY: 1})
+    config = ConfigRecord({**dict(config.items()), SERVER_ROUND_KEY: cfg.num_rounds, PERSONALIZE_KEY: 1})
     messages = []
     for node in grid.get_node_ids():
         content = RecordDict(dict(packed.items()))
