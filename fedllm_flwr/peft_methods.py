@@ -35,6 +35,14 @@ def _lora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     )  # fmt: skip
 
 
+def _dora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
+    # DoRA (Liu et al. 2024): the weight's direction gets LoRA's update, its norm a
+    # trained magnitude per output feature; the magnitudes federate with A and B.
+    config = _lora(cfg, base_path)
+    config.use_dora = True
+    return config
+
+
 def _adalora(cfg: AdapterConfig, base_path: str) -> PeftConfig:
     # total_step is a placeholder that passes peft's checks: train_steps sets the
     # real schedule length before it trains (it is only known per round).
@@ -76,6 +84,7 @@ def _prefix_tuning(cfg: AdapterConfig, base_path: str) -> PeftConfig:
 
 BUILDERS: dict[str, Callable[[AdapterConfig, str], PeftConfig]] = {
     "lora": _lora,
+    "dora": _dora,
     "adalora": _adalora,
     "loha": _loha,
     "ia3": _ia3,

@@ -20,6 +20,7 @@ from fedllm_flwr.transport import manifest_of, pack, unpack_state
 # (conf/peft preset, trainable parameter names must contain one of these)
 ROWS = [
     ("lora", ("lora_A", "lora_B")),
+    ("dora", ("lora_A", "lora_B", "lora_magnitude_vector")),
     ("adalora", ("lora_A", "lora_B", "lora_E")),
     ("loha", ("hada_w1", "hada_w2")),
     ("ia3", ("ia3_l",)),

@@ -35,21 +35,22 @@ class ModelConfig:
 #: The PEFT methods with a builder in fedllm_flwr/peft_methods.py (listed here, not taken
 #: from its BUILDERS: that module imports peft, and a config must load without the ML stack;
 #: tests/test_peft_methods.py checks the two agree).
-PEFT_METHODS = ("lora", "adalora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+PEFT_METHODS = ("lora", "dora", "adalora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
 #: The methods that insert modules into named linear layers (`target_modules`).
-TARGETED_METHODS = ("lora", "adalora", "loha", "ia3")
+TARGETED_METHODS = ("lora", "dora", "adalora", "loha", "ia3")
 #: The targeted methods that can be limited to some decoder layers (`layers`; peft's
 #: IA3Config has no `layers_to_transform`).
-LAYERED_METHODS = ("lora", "adalora", "loha")
+LAYERED_METHODS = ("lora", "dora", "adalora", "loha")
 
 
 @dataclass
 class AdapterConfig:
     method: str = "lora"
-    """PEFT method: lora, adalora, loha, ia3, prompt_tuning, p_tuning (peft's
-    prompt encoder) or prefix_tuning. Each has a preset in conf/peft/."""
+    """PEFT method: lora, dora (LoRA with a trained magnitude per output feature, peft's
+    `use_dora`), adalora, loha, ia3, prompt_tuning, p_tuning (peft's prompt encoder) or
+    prefix_tuning. Each has a preset in conf/peft/."""
     r: int = 8
-    """Rank (lora, loha; adalora's starting rank). LoRA r=8 on q_proj,v_proj of SmolLM2-135M is 460,800
+    """Rank (lora, dora, loha; adalora's starting rank). LoRA r=8 on q_proj,v_proj of SmolLM2-135M is 460,800
     parameters, 0.92 MB in fp16: the size of every message."""
     alpha: int = 16
     """Scaling numerator (lora, loha): the update is scaled by alpha / r."""
