@@ -76,6 +76,7 @@ def test_two_supernodes_two_rounds(sim, ray_head, tiny_model_dir, tmp_path):
         assert finite(r["train-loss"], 0) and finite(r["client-eval-loss"], 0), r
         assert r["bytes-down"] > 0 and r["bytes-up"] > 0 and r["skipped-steps"] == 0, r
         assert r["clients-ok"] == 2 and r["clients-failed"] == 0 and not r.get("clients-dropped")
+        assert finite(r["lora-aggregation-error"], 0, 1), r  # averaging A and B apart loses a little
 
     # Only adapter weights travel: the fp16 payload plus a small framing per tensor.
     # (For SmolLM2's LoRA that framing is ~1%: see test_smollm2.py.)

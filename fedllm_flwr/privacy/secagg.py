@@ -48,6 +48,7 @@ class SecAggFedAvg(AdapterFedAvg):
         super().__init__(**kwargs)
         self.secagg = secagg
         self.up = Codec("fp32")  # the protocol's mean reaches the strategy unrounded
+        self.sees_clients = False  # the one reply is the protocol's sum: no client's B A to compare
 
     def start(self, grid, *args, **kwargs):  # noqa: ANN001 - Flower's signature
         return super().start(SecAggGrid(grid, self), *args, **kwargs)

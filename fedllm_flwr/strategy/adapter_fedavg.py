@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedllm_flwr.compression import Codec
 from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY
 from fedllm_flwr.strategy.availability import Availability
+from fedllm_flwr.strategy.lora_products import aggregation_error
 from fedllm_flwr.transport import is_relative, manifest_of, message_bytes, pack, unpack
 
 
@@ -105,6 +106,9 @@ class AdapterFedAvg(FedAvg):
         self.sent: dict[int, dict[str, np.ndarray]] = {}
         """What each node was sent to train on this round, as it decodes it (the
         base its relative reply is added to)."""
+        self.sees_clients = True
+        """Whether each reply is one client's adapter (not SecAgg+'s one sum), so the
+        round can report `lora-aggregation-error`."""
         self.clip_norm: float | None = None
         """privacy=dp: the L2 bound every client's update must keep; the server
         enforces it on the decoded update (codec rounding may add a hair) and
@@ -256,7 +260,12 @@ class AdapterFedAvg(FedAvg):
         privacy=dp, the sum of the updates over `dp_denominator`)."""
         if self.dp_denominator:
             return ArrayRecord({k: Array(v) for k, v in self.fixed_denominator_mean(valid).items()})
-        mean = weighted_mean([r.state for r in valid], [r.weight for r in valid])
+        states, weights = [r.state for r in valid], [r.weight for r in valid]
+        if self.sees_clients:  # what averaging A and B apart lost against the clients' B A
+            error = aggregation_error(states, weights)
+            if error is not None:
+                self.ledger.set(server_round, "lora-aggregation-error", error)
+        mean = weighted_mean(states, weights)
         return ArrayRecord({k: Array(v) for k, v in mean.items()})
 
     def fixed_denominator_mean(self, valid: list[ValidReply]) -> dict[str, np.ndarray]:
