@@ -31,6 +31,7 @@ def test_a_shared_a_makes_the_average_exact_and_no_lora_means_no_figure():
     states = [module(a, [[1.0], [2.0]]), module(a, [[-3.0], [0.5]])]
     assert aggregation_error(states, [30, 10]) == pytest.approx(0.0, abs=1e-12)
     assert aggregation_error([{"prompt_encoder.weight": np.ones(3)}], [1]) is None
+    assert aggregation_error([module([[1, 0]], [[1, 2]])], [1]) is None  # factors that do not multiply
     assert lora_pairs(["m.lora_A.weight", "m.lora_B.weight", "m.lora_magnitude_vector.weight"]) == [
         ("m.lora_A.weight", "m.lora_B.weight")
     ]

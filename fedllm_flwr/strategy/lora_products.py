@@ -30,9 +30,15 @@ def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
 def aggregation_error(states: list[State], weights: list[float]) -> float | None:
     """||sum_k p_k B_k A_k - B_avg A_avg||_F / ||sum_k p_k B_k A_k||_F over every LoRA
     module together (p_k the clients' normalised weights, B_avg and A_avg the weighted
-    means FedAvg sends back); None when the adapter has no LoRA module. 0 when the
+    means FedAvg sends back); None when the adapter has no LoRA module whose factors
+    multiply. 0 when the
     clients' products are all zero (nothing trained, nothing lost)."""
-    pairs = lora_pairs(states[0]) if states else []
+    # Only factors that multiply (B: out x r, A: r x in); a metric never fails a round.
+    first = states[0] if states else {}
+    pairs = [
+        (a, b) for a, b in lora_pairs(first)
+        if np.ndim(first[a]) == np.ndim(first[b]) == 2 and np.shape(first[b])[1] == np.shape(first[a])[0]
+    ]  # fmt: skip
     if not pairs:
         return None
     p = np.asarray(weights, dtype=np.float64)
