@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedllm_flwr.config import TARGETED_METHODS, AdapterConfig, ModelConfig
+from fedllm_flwr.config import LORA_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.files import file_lock, publish, temp_folder
 from fedllm_flwr.peft_methods import peft_config
@@ -247,6 +247,33 @@ def _check_targets(model: torch.nn.Module, cfg: AdapterConfig) -> None:
             f"peft.target_modules: {', '.join(missing)} not found in the model; "
             f"its linear layers are: {', '.join(linear_names)}"
         )
+    if cfg.method in LORA_METHODS:
+        module, limit = rank_limit(model, cfg.target_modules)
+        if cfg.r > limit:
+            raise UserError(f"peft.r={cfg.r} is larger than LoRA allows on {module} (min(in, out) = {limit})")
+
+
+def rank_limit(model: torch.nn.Module, targets: list[str]) -> tuple[str, int]:
+    """(module name, the largest LoRA rank it allows: min(in, out)) of the smallest
+    targeted linear layer. A larger rank adds parameters and no expressiveness."""
+    sizes = [
+        (min(mod.in_features, mod.out_features), name.rsplit(".", 1)[-1])
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    limit, module = min(sizes)
+    return module, limit
+
+
+def model_rank_limit(model_cfg: ModelConfig, targets: list[str]) -> tuple[str, int]:
+    """`rank_limit` of the base model, from its config alone (built on the meta
+    device: no weights are read)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(model_cfg))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return rank_limit(skeleton, targets)
 
 
 @dataclass
@@ -308,7 +335,8 @@ def build_model(
         # a bf16/fp16 base, so the optimizer updates full-precision weights.
         model = get_peft_model(base, peft_config(adapter_cfg, base_path, task), autocast_adapter_dtype=True)
         for name, param in model.named_parameters():
-            if ".ranknum." in name:  # AdaLoRA's constant rank divisor; peft leaves it trainable
+            # AdaLoRA's constant rank divisor (peft leaves it trainable); FFA-LoRA's A, kept as seeded.
+            if ".ranknum." in name or (adapter_cfg.freeze_a and ".lora_A." in name):
                 param.requires_grad_(False)
             elif param.requires_grad and param.dtype != torch.float32:  # prompt encoders, heads: base dtype
                 param.data = param.data.float()

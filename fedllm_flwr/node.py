@@ -127,28 +127,33 @@ def evaluate(content: RecordDict, run_config: Config, node_config: Config, node:
 
 
 def query(content: RecordDict, run_config: Config, node_config: Config) -> RecordDict:
-    """The node's partition and main data category (for the server's log and
-    simulated availability), or a warm-up: load the model and this node's data
-    ahead of training (simulation)."""
+    """The node's partition, main data category and LoRA rank (for the server's
+    log, simulated availability and unequal ranks), or a warm-up: load the model
+    and this node's data ahead of training (simulation)."""
     from fedllm_flwr.config import load_cfg
-    from fedllm_flwr.data.sites import partition_of, site_config
+    from fedllm_flwr.data.sites import partition_of, rank_key, site_config, site_data_config, site_rank
 
     _quiet()
-    cfg = site_config(load_cfg(run_config), node_config)
     config = content.config_records.get("config")
     if config is not None and config.get(WARM_UP_KEY):
         from fedllm_flwr.client import warm_up
 
-        info = warm_up(cfg, node_config)
+        info = warm_up(site_config(load_cfg(run_config), node_config), node_config)
     else:
         from fedllm_flwr.data import main_category
 
+        cfg = site_data_config(load_cfg(run_config), node_config)
         partition_id, num_partitions = partition_of(node_config)
         info = {
             "partition-id": partition_id,
             "num-partitions": num_partitions,
             "category": main_category(cfg, partition_id, num_partitions),
         }
+        try:  # a rank it cannot have is the server's to report, with every node's
+            info["lora-rank"] = site_rank(cfg, node_config)
+            info["rank-key"] = rank_key(cfg, node_config)
+        except ValueError as exc:
+            info["rank-error"] = str(exc)
     return RecordDict({"info": ConfigRecord(info)})
 
 

@@ -165,6 +165,16 @@ def test_every_strategy_preset_aggregates_two_replies(name, tiny_cfg):
     b = {k: v - 0.01 for k, v in start.items()}
     arrays, _ = strategy.aggregate_train(1, [reply(1, a, n=30), reply(2, b, n=10)])
     out = to_state(arrays)
+    assert all(np.isfinite(v).all() and v.shape == start[k].shape for k, v in out.items())
+    if name == "svd":  # each module's B A: the best rank-r approximation of 0.75 B_a A_a + 0.25 B_b A_b
+        from fedllm_flwr.strategy.lora_products import multiplying_pairs
+
+        for a_key, b_key in multiplying_pairs(out):
+            total = 0.75 * a[b_key] @ a[a_key] + 0.25 * b[b_key] @ b[a_key]
+            u, s, vt = np.linalg.svd(total)
+            r = out[a_key].shape[0]
+            np.testing.assert_allclose(out[b_key] @ out[a_key], (u[:, :r] * s[:r]) @ vt[:r], atol=1e-4)
+        return
     key = next(iter(out))
     shift = float(np.mean(out[key] - start[key]))
     # Weighted mean update: (30 * 0.01 - 10 * 0.01) / 40 = 0.005; unweighted: 0.
@@ -175,9 +185,9 @@ def test_every_strategy_preset_aggregates_two_replies(name, tiny_cfg):
         "fedavg": 0.005, "fedprox": 0.005, "fedavgm": 0.005,  # momentum starts at the first update
         "median": 0.0, "trimmed_mean": 0.0, "mifa": 0.0,  # unweighted over clients
         "fedadam": adam, "fedyogi": yogi,
+        "zero_padding": 0.005,  # equal ranks: nothing to pad, FedAvg
     }  # fmt: skip
     assert shift == pytest.approx(expected[name], abs=1e-4), name
-    assert all(np.isfinite(v).all() and v.shape == start[k].shape for k, v in out.items())
 
 
 def test_fedprox_pulls_local_weights_toward_the_global_adapter(tiny_cfg):

@@ -20,6 +20,7 @@ from fedllm_flwr.config.compose import (
 from fedllm_flwr.config.data import METRICS, DatasetConfig, FieldsConfig, PartitionConfig, SyntheticConfig
 from fedllm_flwr.config.federation import (
     ALGORITHMS,
+    RANKED_STRATEGIES,
     STRATEGIES,
     AlgorithmConfig,
     PersonalizeConfig,
@@ -27,7 +28,14 @@ from fedllm_flwr.config.federation import (
     StrategyConfig,
 )
 from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
-from fedllm_flwr.config.model import LAYERED_METHODS, PEFT_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
+from fedllm_flwr.config.model import (
+    LAYERED_METHODS,
+    LORA_METHODS,
+    PEFT_METHODS,
+    TARGETED_METHODS,
+    AdapterConfig,
+    ModelConfig,
+)
 from fedllm_flwr.config.run import RunConfig, SweepConfig
 from fedllm_flwr.config.schema import Config
 from fedllm_flwr.config.training import REWARD_LOSSES, EvalConfig, RewardLossConfig, TaskConfig, TrainConfig
@@ -35,10 +43,12 @@ from fedllm_flwr.config.training import REWARD_LOSSES, EvalConfig, RewardLossCon
 __all__ = [
     "ALGORITHMS",
     "LAYERED_METHODS",
+    "LORA_METHODS",
     "METRICS",
     "OVERRIDES_KEY",
     "PEFT_METHODS",
     "REWARD_LOSSES",
+    "RANKED_STRATEGIES",
     "STRATEGIES",
     "TARGETED_METHODS",
     "AdapterConfig",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -38,6 +39,8 @@ class ModelConfig:
 PEFT_METHODS = ("lora", "dora", "adalora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
 #: The methods that insert modules into named linear layers (`target_modules`).
 TARGETED_METHODS = ("lora", "dora", "adalora", "loha", "ia3")
+#: The methods whose modules are LoRA's factors B A (ranks per site, FFA-LoRA).
+LORA_METHODS = ("lora", "dora")
 #: The targeted methods that can be limited to some decoder layers (`layers`; peft's
 #: IA3Config has no `layers_to_transform`).
 LAYERED_METHODS = ("lora", "dora", "adalora", "loha")
@@ -52,8 +55,10 @@ class AdapterConfig:
     r: int = 8
     """Rank (lora, dora, loha; adalora's starting rank). LoRA r=8 on q_proj,v_proj of SmolLM2-135M is 460,800
     parameters, 0.92 MB in fp16: the size of every message."""
-    alpha: int = 16
-    """Scaling numerator (lora, loha): the update is scaled by alpha / r."""
+    alpha: float = 16
+    """Scaling numerator (lora, loha): the update is scaled by alpha / r. A site of
+    another rank (`client_ranks`) gets alpha scaled with its rank, so every site's
+    B A is scaled alike (alpha / r) and factors of unequal ranks can be combined."""
     dropout: float = 0.05
     """Dropout on the adapter's input (lora) or of whole modules (loha)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -73,6 +78,15 @@ class AdapterConfig:
     layers: list[int] = field(default_factory=list)
     """Decoder layer indices that get adapters (lora, adalora, loha); empty means
     all. algorithm=fedot replaces it with its adapter layers."""
+    client_ranks: list[int] = field(default_factory=list)
+    """lora, dora: each site's own rank, by partition id in simulation (e.g.
+    [2,4,8,16]); a deployed SuperNode's `--node-config lora-rank=N` overrides it.
+    The global adapter has the largest rank; ranks that differ need a strategy that
+    combines unequal ranks (zero_padding, svd). Empty: every site uses `r`."""
+    freeze_a: bool = False
+    """lora, dora: FFA-LoRA (Sun et al. 2024): A stays at its seeded initialisation,
+    identical on every node, and only B (with DoRA's magnitudes) trains and travels:
+    half of LoRA's bytes, and the mean of the clients' B A is B_avg A, exactly."""
 
     def __post_init__(self) -> None:
         if self.method not in PEFT_METHODS:
@@ -90,5 +104,17 @@ class AdapterConfig:
             raise ValueError("peft.num_virtual_tokens and peft.encoder_hidden_size must be >= 1")
         if self.layers and self.method not in LAYERED_METHODS:
             raise ValueError(f"peft.layers works with {', '.join(LAYERED_METHODS)}, not {self.method}")
+        if self.client_ranks and self.method not in LORA_METHODS:
+            raise ValueError(f"peft.client_ranks gives sites LoRA ranks; use peft=lora or dora, not {self.method}")
+        if any(r < 1 for r in self.client_ranks):
+            raise ValueError(f"peft.client_ranks must all be >= 1, got {list(self.client_ranks)}")
+        if self.freeze_a and self.method not in LORA_METHODS:
+            raise ValueError(f"peft.freeze_a (FFA-LoRA) freezes LoRA's A; use peft=lora or dora, not {self.method}")
         if self.method == "adalora" and not 1 <= self.target_r <= self.r:
             raise ValueError(f"peft.target_r must be in 1..peft.r ({self.r}), got {self.target_r}")
+
+    def at_rank(self, r: int) -> AdapterConfig:
+        """This adapter at rank `r`, alpha scaled alike (the same alpha / r)."""
+        if r == self.r:
+            return self
+        return dataclasses.replace(self, r=r, alpha=self.alpha * r / self.r)

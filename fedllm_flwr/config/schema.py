@@ -12,9 +12,15 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from fedllm_flwr.config.data import DatasetConfig
-from fedllm_flwr.config.federation import AlgorithmConfig, PersonalizeConfig, ScenarioConfig, StrategyConfig
+from fedllm_flwr.config.federation import (
+    RANKED_STRATEGIES,
+    AlgorithmConfig,
+    PersonalizeConfig,
+    ScenarioConfig,
+    StrategyConfig,
+)
 from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
-from fedllm_flwr.config.model import LAYERED_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
+from fedllm_flwr.config.model import LAYERED_METHODS, LORA_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
 from fedllm_flwr.config.run import RunConfig, SweepConfig
 from fedllm_flwr.config.training import EvalConfig, RewardLossConfig, TaskConfig, TrainConfig
 
@@ -80,6 +86,8 @@ class Config:
                 f"cannot be limited to some layers. Use one of {', '.join(LAYERED_METHODS)}"
             )
 
+        if self.strategy.name in RANKED_STRATEGIES or self.peft.client_ranks:
+            self._check_ranks()
         if self.task.name == "reward":
             self._check_reward()
         if self.privacy.name != "none":
@@ -91,6 +99,28 @@ class Config:
                 "resume cannot restore the clients' error-feedback residuals (compression.error_feedback), which "
                 "live on the clients only; resume with compression.error_feedback=false or restart the run"
             )
+
+    def _check_ranks(self) -> None:
+        s, ranks = self.strategy.name, list(self.peft.client_ranks)
+        if s in RANKED_STRATEGIES and self.peft.method not in LORA_METHODS:
+            raise ValueError(
+                f"strategy={s} combines LoRA's factors B and A; peft={self.peft.method} has none. "
+                f"Use peft={' or '.join(LORA_METHODS)}"
+            )
+        if s not in RANKED_STRATEGIES and len(set(ranks)) > 1:
+            raise ValueError(
+                f"peft.client_ranks={ranks} gives the sites unequal ranks, and strategy={s} averages tensors of "
+                f"one shape; use strategy={' or '.join(RANKED_STRATEGIES)}"
+            )
+        if s in RANKED_STRATEGIES and self.peft.freeze_a:
+            raise ValueError(
+                f"peft.freeze_a keeps each site's A at its own seeded initialisation, which strategy={s} "
+                "would replace; use strategy=fedavg with FFA-LoRA"
+            )
+        if s in RANKED_STRATEGIES and self.personalize.private:
+            raise ValueError(f"personalize.private keeps tensors local; strategy={s} reshapes every tensor it sends")
+        if s in RANKED_STRATEGIES and self.algorithm.name != "none":
+            raise ValueError(f"strategy={s} needs algorithm=none (FedOT's emulator adapters are not combined here)")
 
     def _check_reward(self) -> None:
         if self.peft.method not in TARGETED_METHODS:

@@ -1,4 +1,5 @@
-"""Which data a SuperNode holds: a partition of the run's dataset, or its own file.
+"""What a SuperNode holds and uses: a partition of the run's dataset or its own
+file, and its LoRA rank.
 
 Read from the node's config (`--node-config`, or the simulation's partition ids).
 """
@@ -9,10 +10,22 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from fedllm_flwr.config import Config
+from fedllm_flwr.config import RANKED_STRATEGIES, Config
+
+#: A SuperNode's `--node-config` key for its own LoRA rank.
+RANK_KEY = "lora-rank"
 
 
 def site_config(cfg: Config, node_config: Mapping[str, Any]) -> Config:
+    """The run's config as this SuperNode uses it: its own LoRA rank
+    (`site_rank`) and its own data (`site_data_config`)."""
+    rank = site_rank(cfg, node_config)
+    if rank != cfg.peft.r:
+        cfg = dataclasses.replace(cfg, peft=cfg.peft.at_rank(rank))
+    return site_data_config(cfg, node_config)
+
+
+def site_data_config(cfg: Config, node_config: Mapping[str, Any]) -> Config:
     """With dataset.source=sites, the config that reads this SuperNode's own file
     (`--node-config data-path=...`); otherwise `cfg` unchanged."""
     if cfg.dataset.source != "sites":
@@ -37,3 +50,36 @@ def partition_of(node_config: Mapping[str, Any]) -> tuple[int, int]:
         raise ValueError(
             f"the SuperNode's --node-config must set integer partition-id and num-partitions, got {dict(node_config)}"
         ) from None
+
+
+def site_rank(cfg: Config, node_config: Mapping[str, Any]) -> int:
+    """This SuperNode's LoRA rank: its `--node-config lora-rank`, else its entry
+    of `peft.client_ranks` (by partition id), else `peft.r`."""
+    if RANK_KEY in node_config:
+        value = node_config[RANK_KEY]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--node-config {RANK_KEY} must be a positive integer, got {value!r}")
+        rank = int(value)
+    elif cfg.peft.client_ranks:
+        partition_id, num_partitions = partition_of(node_config)
+        if partition_id >= len(cfg.peft.client_ranks):
+            raise ValueError(
+                f"peft.client_ranks has {len(cfg.peft.client_ranks)} ranks for {num_partitions} nodes: "
+                f"partition {partition_id} has none (give one rank per node)"
+            )
+        rank = int(cfg.peft.client_ranks[partition_id])
+    else:
+        return cfg.peft.r
+    if rank != cfg.peft.r and cfg.strategy.name not in RANKED_STRATEGIES:
+        raise ValueError(
+            f"this node's LoRA rank is {rank} and the run's peft.r={cfg.peft.r}; strategy={cfg.strategy.name} "
+            f"averages tensors of one shape (use strategy={' or '.join(RANKED_STRATEGIES)})"
+        )
+    return rank
+
+
+def rank_key(cfg: Config, node_config: Mapping[str, Any]) -> str:
+    """The key this SuperNode's LoRA rank comes from (for error messages)."""
+    if RANK_KEY in node_config:
+        return f"--node-config {RANK_KEY}"
+    return "peft.client_ranks" if cfg.peft.client_ranks else "peft.r"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -17,26 +18,38 @@ from fedllm_flwr.config import Config
 from fedllm_flwr.keys import PERSONALIZE_KEY, SERVER_ROUND_KEY
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.server.evaluation import ServerEvaluator
+from fedllm_flwr.strategy.lora_products import padded, rank_of
 from fedllm_flwr.transport import pack, state_to_arrays, unpack
 
 INFO, WARNING = logging.INFO, logging.WARNING
 
 
 def personalize_clients(
-    grid: Grid, cfg: Config, arrays: ArrayRecord, run_dir: RunDir, evaluator: ServerEvaluator, config: ConfigRecord
+    grid: Grid,
+    cfg: Config,
+    arrays: ArrayRecord,
+    run_dir: RunDir,
+    evaluator: ServerEvaluator,
+    config: ConfigRecord,
+    arrays_for: Callable[[int, ArrayRecord], ArrayRecord] | None = None,
 ) -> dict:
-    """FedAvg + FT: every node tunes the final adapter on its own data and reports
-    held-out scores before and after; the personalized adapters are saved under
+    """FedAvg + FT: every node tunes the final adapter (as `arrays_for` shapes it
+    for that node: its own rank) on its own data and reports held-out scores before
+    and after; the personalized adapters are saved under
     adapter/personalized/client_<partition>/ and the rows in personalization.jsonl."""
-    packed = pack(arrays, codecs(cfg.compression)[0])
+    down = codecs(cfg.compression)[0]
     config = ConfigRecord({**dict(config.items()), SERVER_ROUND_KEY: cfg.num_rounds, PERSONALIZE_KEY: 1})
-    messages = []
+    messages, packed = [], {}
     for node in grid.get_node_ids():
-        content = RecordDict(dict(packed.items()))
+        own = arrays_for(node, arrays) if arrays_for is not None else arrays
+        if id(own) not in packed:
+            packed[id(own)] = pack(own, down)
+        content = RecordDict(dict(packed[id(own)].items()))
         content["config"] = config
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
     log(INFO, "[fedllm-flwr] personalizing: %s clients tune %s steps each", len(messages), cfg.personalize.ft_steps)
     rows, states = [], {}
+    top = rank_of({k: v.numpy() for k, v in arrays.items()})
     for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
         if reply.has_error():
             log(
@@ -55,6 +68,8 @@ def personalize_clients(
         except ValueError as exc:
             log(WARNING, "[fedllm-flwr] node %s: personalized adapter dropped: %s", reply.metadata.src_node_id, exc)
             continue
+        if rank_of(state) < top:  # a site of a smaller rank: zero-padded, the same B A, saved at the global rank
+            state = padded(state, top)
         states[f"client_{pid}"] = state_to_arrays({k: torch.from_numpy(v.copy()) for k, v in state.items()})
         rows.append({"partition-id": pid, **{k: v for k, v in metrics.items() if k != "partition-id"}})
     rows.sort(key=lambda r: r["partition-id"])

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedllm_flwr.config import Config
+from fedllm_flwr.config import RANKED_STRATEGIES, Config
 from fedllm_flwr.data import records, test_records
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.keys import EMULATOR_ID_KEY
@@ -26,6 +26,7 @@ from fedllm_flwr.server.evaluation import ServerEvaluator, generation_records
 from fedllm_flwr.server.fedot import offsite_summary, prepare_fedot
 from fedllm_flwr.server.nodes import connected_nodes, discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
+from fedllm_flwr.server.ranks import node_ranks
 from fedllm_flwr.server.resume import resume_run
 from fedllm_flwr.transport import state_to_arrays
 from fedllm_flwr.worker_start import await_warm_up, is_simulation
@@ -40,6 +41,9 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     records(cfg)  # read and check the whole data set before the (slower) model
     log(INFO, "[fedllm-flwr] loading base model %s (a GGUF is converted once, ~20 s)", cfg.model.name)
     offsite, views, emulator_files = None, None, None
+    nodes, ranks = {}, {}
+    if cfg.strategy.name in RANKED_STRATEGIES:  # the global adapter takes the largest site's rank
+        cfg, nodes, ranks = node_ranks(grid, cfg)
     client_config = ConfigRecord()  # sent with every message
     if cfg.algorithm.name == "fedot":
         offsite, bundle, views, emulator_files = prepare_fedot(cfg)
@@ -63,6 +67,8 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     if cfg.task.name == "lm":
         generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
     strategy = private_strategy(cfg)
+    if ranks:
+        strategy.nodes, strategy.ranks = nodes, ranks
     done = 0  # rounds completed before this start (a resumed run)
     if cfg.resume:
         run_dir, done, initial_arrays = resume_run(cfg, strategy)
@@ -75,7 +81,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     if emulator_files is not None:
         strategy.set_broadcast(emulator_files)
     log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
-    if cfg.strategy.availability != "always" or (done and cfg.scenario.name == "local"):
+    if not strategy.nodes and (cfg.strategy.availability != "always" or (done and cfg.scenario.name == "local")):
         strategy.nodes = discover_nodes(grid, cfg)
     if is_simulation(grid) and cfg.dataset.source != "sites":  # the server holds every partition's data
         strategy.nodes = strategy.nodes or discover_nodes(grid, cfg)
@@ -116,7 +122,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
         raise RuntimeError("no client reply was aggregated in any round; adapter/final was not written")
     final = evaluator.save("final", evaluator.adapters(result.arrays))
     personalization = (
-        personalize_clients(grid, cfg, result.arrays, run_dir, evaluator, client_config)
+        personalize_clients(grid, cfg, result.arrays, run_dir, evaluator, client_config, strategy.arrays_for)
         if cfg.personalize.ft_steps
         else None
     )

@@ -4,7 +4,7 @@ from functools import partial
 from typing import Any
 
 from fedllm_flwr.compression import codecs
-from fedllm_flwr.config import Config
+from fedllm_flwr.config import RANKED_STRATEGIES, Config
 from fedllm_flwr.strategy.adapter_fedavg import (
     AdapterFedAvg,
     RoundLedger,
@@ -14,6 +14,7 @@ from fedllm_flwr.strategy.adapter_fedavg import (
 )
 from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, server_optimizer
 from fedllm_flwr.strategy.availability import Availability
+from fedllm_flwr.strategy.ranked import RankedLoRA, SvdRedistribution, ZeroPadding, ranked_strategy
 from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
 
 __all__ = [
@@ -21,8 +22,11 @@ __all__ = [
     "GlobalFedAvg",
     "LocalAdapters",
     "Mifa",
+    "RankedLoRA",
     "RobustAggregate",
     "ServerOptFedAvg",
+    "SvdRedistribution",
+    "ZeroPadding",
     "RoundLedger",
     "ValidReply",
     "aggregate_client_metrics",
@@ -52,6 +56,8 @@ def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **a
         extra["optimizer"] = server_optimizer(opt, s.server_lr, s.server_momentum, s.beta2, s.tau)
     elif s.name in ("median", "trimmed_mean"):
         kind, extra = RobustAggregate, {"kind": s.name, "trim": s.trim}
+    elif s.name in RANKED_STRATEGIES:
+        kind, extra = ranked_strategy(s.name), {}
     elif s.name == "mifa":
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}
     if override is not None:
@@ -68,6 +74,8 @@ def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **a
         min_evaluate_nodes=s.min_evaluate_nodes,
         min_available_nodes=s.min_available_nodes,
     )
+    # FFA-LoRA: A is the same frozen matrix everywhere, so the mean of B A is B_avg A.
+    strategy.exact_products = cfg.peft.freeze_a
     strategy.availability = Availability(
         s.availability, s.available_p, list(s.available_per_client), s.category_probabilities(), cfg.seed
     )

@@ -109,6 +109,9 @@ class AdapterFedAvg(FedAvg):
         self.sees_clients = True
         """Whether each reply is one client's adapter (not SecAgg+'s one sum), so the
         round can report `lora-aggregation-error`."""
+        self.exact_products = False
+        """Whether the mean of the clients' B A is exactly B_avg A_avg (FFA-LoRA's
+        shared frozen A): `lora-aggregation-error` is then 0 by construction."""
         self.clip_norm: float | None = None
         """privacy=dp: the L2 bound every client's update must keep; the server
         enforces it on the decoded update (codec rounding may add a hair) and
@@ -122,6 +125,9 @@ class AdapterFedAvg(FedAvg):
         self._reclipped = 0
         self.ledger = RoundLedger()
         self._expected: list[tuple[str, tuple[int, ...]]] = []
+        self._expected_by_node: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
+        """What each node's reply must match: the names and shapes it was sent
+        (the global adapter's, unless `arrays_for` sends it another)."""
         self.availability: Availability | None = None
         """Simulated availability; needs `nodes` (node id -> partition-id, category)."""
         self.nodes: dict[int, dict[str, Any]] = {}
@@ -195,6 +201,7 @@ class AdapterFedAvg(FedAvg):
             packed = packed_by_id[id(own)]
             if remember:
                 self.sent[node] = decoded_by_id[id(own)]
+                self._expected_by_node[node] = manifest_of(own)
             content = RecordDict(dict(message.content.items()))
             content[ARRAYS_KEY] = packed[ARRAYS_KEY]
             content[MANIFEST_KEY] = packed[MANIFEST_KEY]
@@ -206,7 +213,8 @@ class AdapterFedAvg(FedAvg):
         """(adapter, update) of a reply, decoded once: the update added to what `node`
         was sent, or the adapter itself when the reply is not relative (its update
         then relative to what the node was sent, if anything). ValueError if invalid."""
-        values = unpack(content, self._expected, self.up if is_relative(content) else None)
+        expected = self._expected_by_node.get(node, self._expected)
+        values = unpack(content, expected, self.up if is_relative(content) else None)
         base = self.sent.get(node)
         if not is_relative(content):
             if self.clip_norm is not None:
@@ -235,7 +243,7 @@ class AdapterFedAvg(FedAvg):
         server_round += self.round_offset
         self._expected = manifest_of(arrays)
         sampled = self.select_train(server_round, list(super().configure_train(server_round, arrays, config, grid)))
-        self.sent = {}
+        self.sent, self._expected_by_node = {}, {}
         messages = self._wire(arrays, sampled, remember=True)
         self.ledger.add(server_round, "bytes-down", sum(message_bytes(m) for m in messages))
         self.ledger.set(server_round, "clients-sampled", len(messages))
@@ -262,7 +270,7 @@ class AdapterFedAvg(FedAvg):
             return ArrayRecord({k: Array(v) for k, v in self.fixed_denominator_mean(valid).items()})
         states, weights = [r.state for r in valid], [r.weight for r in valid]
         if self.sees_clients:  # what averaging A and B apart lost against the clients' B A
-            error = aggregation_error(states, weights)
+            error = 0.0 if self.exact_products else aggregation_error(states, weights)
             if error is not None:
                 self.ledger.set(server_round, "lora-aggregation-error", error)
         mean = weighted_mean(states, weights)

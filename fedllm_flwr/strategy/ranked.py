@@ -1,0 +1,130 @@
+"""FedAvg for LoRA adapters of unequal ranks: each site trains at its own rank.
+
+The global adapter has the largest rank R (the server learns every node's rank
+before round 1, see `fedllm_flwr.server.ranks`). Each node is sent the global
+adapter truncated to its rank (A's first r rows, B's first r columns) and replies
+with an update of that shape, which is validated against what it was sent. The
+strategies differ in how they combine the replies into a new rank-R adapter:
+
+- `ZeroPadding` (HetLoRA, Cho et al. 2024): each client's A and B zero-padded to R,
+  then the usual weighted mean. Rows a small-rank client does not hold are averaged
+  with its zeros, so they shrink towards zero as it takes part.
+- `SvdRedistribution` (FlexLoRA, Bai et al. 2024): the weighted sum of the clients'
+  products sum_k p_k B_k A_k per module, split by a truncated SVD into rank-R factors;
+  a node of rank r gets the best rank-r approximation of that sum (the truncation of
+  an SVD is the SVD of the truncation). `lora-aggregation-error` is what rank R drops.
+
+Every site's alpha is scaled with its rank (`AdapterConfig.at_rank`), so all of
+them scale B A alike and the factors combine as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply, weighted_mean
+from fedllm_flwr.strategy.lora_products import (
+    aggregation_error,
+    at_rank,
+    multiplying_pairs,
+    padded,
+    product_factors,
+    rank_of,
+)
+
+
+def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})
+
+
+class RankedLoRA(AdapterFedAvg):
+    """Sends each node the global adapter at its own rank; `merge` makes the new one."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ranks: dict[int, int] = {}
+        """Node id -> its LoRA rank (a node not listed gets the global rank R)."""
+        self.current: dict[str, np.ndarray] = {}
+        """The global adapter this round started from (rank R)."""
+        self._by_rank: dict[tuple[int, int], ArrayRecord] = {}
+
+    @property
+    def global_rank(self) -> int:
+        return rank_of(self.current)
+
+    def arrays_for(self, node_id: int, global_arrays: ArrayRecord) -> ArrayRecord:
+        full = rank_of({k: v.numpy() for k, v in global_arrays.items()})
+        rank = self.ranks.get(node_id, full)
+        if rank == full:
+            return global_arrays
+        key = (id(global_arrays), rank)  # one truncation per rank, shared by its nodes
+        if key not in self._by_rank:
+            self._by_rank = {k: v for k, v in self._by_rank.items() if k[0] == id(global_arrays)}
+            self._by_rank[key] = _record(at_rank({k: v.numpy() for k, v in global_arrays.items()}, rank))
+        return self._by_rank[key]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current = {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
+        rank = self.global_rank
+        weights = np.asarray([r.weight for r in valid], dtype=np.float64)
+        merged, error = self.merge([r.state for r in valid], weights / weights.sum(), rank)
+        if error is not None:
+            self.ledger.set(server_round, "lora-aggregation-error", error)
+        return _record(merged)
+
+    def merge(
+        self, states: list[dict[str, np.ndarray]], weights: np.ndarray, rank: int
+    ) -> tuple[dict[str, np.ndarray], float | None]:
+        """(the new rank-`rank` adapter, its lora-aggregation-error) from the clients'
+        states at their own ranks and their normalised weights."""
+        raise NotImplementedError
+
+
+class ZeroPadding(RankedLoRA):
+    """HetLoRA's aggregation: zero-pad to rank R, weighted mean, truncate on the way down."""
+
+    def merge(self, states, weights, rank):
+        full = [padded(s, rank) for s in states]
+        return weighted_mean(full, list(weights)), aggregation_error(full, list(weights))
+
+
+class SvdRedistribution(RankedLoRA):
+    """FlexLoRA's aggregation: the weighted sum of the clients' B A, truncated SVD to rank R."""
+
+    def merge(self, states, weights, rank):
+        pairs = multiplying_pairs(states[0])
+        factored = {key for pair in pairs for key in pair}
+        rest = [{k: v for k, v in s.items() if k not in factored} for s in states]
+        out = weighted_mean(rest, list(weights)) if rest[0] else {}
+        total = dropped = 0.0
+        for a_key, b_key in pairs:
+            b, a, norm, lost = product_factors(
+                [np.asarray(s[a_key], np.float64) for s in states],
+                [np.asarray(s[b_key], np.float64) for s in states],
+                weights,
+                rank,
+            )
+            # A direction the sum does not use keeps the previous A's row (B's column
+            # is zero, so B A is unchanged): training can still move it next round.
+            unused = ~np.any(a, axis=1)
+            if a_key in self.current:
+                a[unused] = self.current[a_key][unused]
+            out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
+            total, dropped = total + norm, dropped + lost
+        return out, (math.sqrt(dropped / total) if total > 0 else 0.0)
+
+
+def ranked_strategy(name: str) -> type[RankedLoRA]:
+    """The class of a `strategy.name` in `RANKED_STRATEGIES`."""
+    return {"zero_padding": ZeroPadding, "svd": SvdRedistribution}[name]
