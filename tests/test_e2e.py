@@ -345,6 +345,36 @@ def test_compressed_messages_shrink_and_the_run_still_trains(sim, tiny_model_dir
     assert summary["eval-loss-final"] is None and (out / "topk" / "adapter" / "final").is_dir()
 
 
+def test_sites_of_unequal_ranks_federate_and_every_adapter_loads_at_the_global_rank(sim, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "strategy=svd", "peft.client_ranks=[2,4]",
+         "personalize.ft_steps=1", f"run.output_dir={out}", "run.name=ranks"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    assert "LoRA ranks by partition: {0: 2, 1: 4}; the global adapter has rank 4" in result.stdout
+    rows = [json.loads(line) for line in (out / "ranks" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and not r.get("clients-dropped"), r
+        assert finite(r["lora-aggregation-error"], 0, 1) and finite(r["client-eval-loss"], 0), r
+    # Each node was sent its own rank: one rank-2 and one rank-4 adapter (plus the round's config).
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.model import build_model, get_adapter_state
+    from fedllm_flwr.transport import message_bytes, pack
+
+    cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES])
+    rank2, rank4 = (
+        message_bytes(pack(get_adapter_state(build_model(cfg.model, cfg.peft.at_rank(r)).model))) for r in (2, 4)
+    )
+    assert 0 < rows[1]["bytes-down"] - (rank2 + rank4) < 1024 and rows[1]["bytes-down"] < 2 * rank4
+    # adapter/final and each site's personalized adapter load with peft at the global rank 4.
+    for folder in ("final", "personalized/client_0", "personalized/client_1"):
+        config = json.loads((out / "ranks" / "adapter" / folder / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"]) == (4, 8), folder
+        AutoPeftModelForCausalLM.from_pretrained(str(out / "ranks" / "adapter" / folder))
+
+
 @pytest.mark.parametrize("scenario", ["fed", "local", "global"])
 def test_a_reward_model_federates_and_reports_preference_accuracy(sim, tiny_model_dir, tmp_path, scenario):
     out = tmp_path / "runs"

@@ -186,3 +186,41 @@ def test_ffa_lora_trains_and_sends_only_b_and_its_average_is_exact(tiny_cfg):
             torch.testing.assert_close(param, frozen[name])
     strategy = build_strategy(cfg)
     assert strategy.exact_products and not build_strategy(tiny_cfg()).exact_products
+
+
+class NodesGrid:
+    """A grid whose nodes answer QUERY messages with `fedllm_flwr.node.query`."""
+
+    def __init__(self, run_config: dict, node_configs: dict[int, dict]):
+        self.run_config, self.node_configs = run_config, node_configs
+
+    def get_node_ids(self):
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages, timeout=None):
+        from fedllm_flwr import node
+
+        return [
+            Message(node.query(m.content, self.run_config, self.node_configs[m.metadata.dst_node_id]), reply_to=m)
+            for m in messages
+        ]
+
+
+def test_the_server_learns_each_nodes_rank_and_refuses_what_cannot_run(tiny_model_dir, task_identity):
+    from fedllm_flwr.server.ranks import node_ranks
+
+    def setup(overrides: str, nodes: dict[int, dict]):
+        run_config = {"overrides": f"model.name={tiny_model_dir} strategy=zero_padding {overrides}"}
+        return node_ranks(NodesGrid(run_config, nodes), load_cfg(run_config))
+
+    part = {i: {"partition-id": i - 1, "num-partitions": 3} for i in (1, 2, 3)}
+    cfg, nodes, ranks = setup("peft.client_ranks=[2,4,16]", part)
+    assert ranks == {1: 2, 2: 4, 3: 16} and (cfg.peft.r, cfg.peft.alpha) == (16, 32)
+    assert nodes[3]["rank-key"] == "peft.client_ranks"
+    # Deployment: each SuperNode's own --node-config, whatever the run's list says.
+    _, _, ranks = setup("", {7: {"partition-id": 0, "num-partitions": 2, "lora-rank": 3}, 8: part[2]})
+    assert ranks == {7: 3, 8: 8}
+    with pytest.raises(UserError, match=r"node 3: peft.client_ranks has 2 ranks for 3 nodes: partition 2 has none"):
+        setup("peft.client_ranks=[2,4]", part)
+    with pytest.raises(UserError, match=r"--node-config lora-rank: node 2 \(partition 1\) has LoRA rank 40, larger "):
+        setup("", {1: part[1], 2: {**part[2], "lora-rank": 40}})

@@ -46,5 +46,5 @@ def node_ranks(grid: Grid, cfg: Config) -> tuple[Config, dict[int, dict[str, Any
             )
     top = max(ranks.values())
     log(INFO, "[fedllm-flwr] LoRA ranks by partition: %s; the global adapter has rank %s",
-        {int(nodes[n]["partition-id"]): r for n, r in sorted(ranks.items())}, top)  # fmt: skip
+        dict(sorted((int(nodes[n]["partition-id"]), r) for n, r in ranks.items())), top)  # fmt: skip
     return dataclasses.replace(cfg, peft=cfg.peft.at_rank(top)), nodes, ranks
