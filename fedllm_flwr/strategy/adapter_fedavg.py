@@ -15,6 +15,7 @@ accounting (bytes both ways, clients ok/failed/dropped).
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -255,13 +256,17 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        started = time.perf_counter()
         valid = self.validated(server_round, replies)
         if not valid:
             return None, None
         metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
         for key, value in metrics.items():
             self.ledger.set(server_round, "train-seconds" if key == "seconds" else key, value)
-        return self.combine(server_round, valid), metrics
+        combined = self.combine(server_round, valid)
+        # The server's own work on the round's replies: decoding, checking, combining.
+        self.ledger.set(server_round, "aggregate-seconds", round(time.perf_counter() - started, 4))
+        return combined, metrics
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
         """The new global adapter: the fp32 mean weighted by num-examples (under
