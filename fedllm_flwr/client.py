@@ -18,6 +18,7 @@ from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.data.sites import partition_of
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.lm_loss import response_tokens
+from fedllm_flwr.lora_merge import Factors, set_merged
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
 from fedllm_flwr.train import lr_at, train_steps
 
@@ -49,6 +50,7 @@ def local_train(
     local_steps: int | None = None,
     private: dict[str, torch.Tensor] | None = None,
     started: float | None = None,
+    merged: Factors | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the received adapter for `local_steps` (default `train.local_steps`) steps.
 
@@ -57,9 +59,9 @@ def local_train(
     adapter is returned; `split_private` separates what is sent back.
 
     Round r continues the client's batch stream where round r-1 stopped, and
-    the learning-rate schedule spans all rounds. Returns the new adapter state
-    and the reply metrics (`num-examples` is the client's training-set size,
-    FedAvg's weight).
+    the learning-rate schedule spans all rounds. `merged`: strategy=stacking's
+    frozen delta under the adapter. Returns the new adapter state and the reply
+    metrics (`num-examples` is the client's training-set size, FedAvg's weight).
     """
     if local_steps is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=local_steps))
@@ -67,6 +69,7 @@ def local_train(
     if len(data.train) == 0:
         raise ValueError(f"client {partition_id} has no training examples")
     set_adapter_state(bundle.model, bundle.complete(private or {}, state))
+    set_merged(bundle.model, merged)
     # Dropout draws depend on (seed, round, client) only, not on what this process
     # ran before: a resumed run repeats an uninterrupted one.
     torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1_009 + partition_id)
@@ -118,15 +121,17 @@ def local_evaluate(
     partition_id: int,
     num_partitions: int,
     private: dict[str, torch.Tensor] | None = None,
+    merged: Factors | None = None,
 ) -> dict[str, float]:
     """Loss and perplexity of the received adapter (completed with this client's
-    `private` tensors) on this client's held-out split; with `eval.client_metric`,
+    `private` tensors, over stacking's `merged` delta) on this client's held-out split; with `eval.client_metric`,
     the dataset's generation metric too. A client with an empty held-out split
     reports `num-examples` 0 and no figures."""
     bundle, data = _setup(cfg, partition_id, num_partitions)
     if len(data.holdout) == 0:  # nothing held out: no figures (weight 0), never a NaN loss
         return {"num-examples": 0, "partition-id": partition_id}
     set_adapter_state(bundle.model, bundle.complete(private or {}, state))
+    set_merged(bundle.model, merged)
     if cfg.task.name == "reward":
         from fedllm_flwr.reward import evaluate_preferences
 
@@ -194,6 +199,7 @@ def personalize(
     )
     bundle, data = _setup(ft_cfg, partition_id, num_partitions)
     set_adapter_state(bundle.model, bundle.complete(private or {}, state))
+    set_merged(bundle.model, None)
     before = holdout_scores(cfg, bundle, data)
     seed = cfg.seed * 1_000_003 + 500_009 + partition_id  # apart from every round's (see local_train)
     torch.manual_seed(seed)

@@ -19,6 +19,10 @@ RELATIVE_KEY = "relative"
 """In the manifest: 1 when the values are an update relative to what the sender was sent."""
 EMULATOR_FILES_KEY = "emulator-files"
 """FedOT: ArrayRecord of the emulator folder's files (uint8 arrays), on a node's first message."""
+MERGED_KEY = "merged-lora"
+"""strategy=stacking: ArrayRecord of the rounds' stacked LoRA factors this node has not
+got yet, keyed "<round>/<adapter tensor name>" (the clients' weights folded into B);
+the node keeps every round's under the same key in its state."""
 
 # --- Keys of a train message's "config" ConfigRecord ------------------------------
 SERVER_ROUND_KEY = "server-round"

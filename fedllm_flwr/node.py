@@ -26,6 +26,7 @@ from fedllm_flwr.keys import (
     DATA_KEY,
     EMULATOR_ID_KEY,
     FEEDBACK_KEY,
+    MERGED_KEY,
     PERSONALIZE_KEY,
     PRIVATE_KEY,
     SERVER_ROUND_KEY,
@@ -44,18 +45,41 @@ class NodeState:
 
     private: ArrayRecord | None = None
     residual: np.ndarray | None = None
+    merged: ArrayRecord | None = None
+    """strategy=stacking: every round's stacked factors this node has merged."""
 
     @classmethod
     def load(cls, state: RecordDict) -> NodeState:
         feedback = state.array_records.get(FEEDBACK_KEY)
         residual = feedback["residual"].numpy() if feedback is not None else None
-        return cls(private=state.array_records.get(PRIVATE_KEY), residual=residual)
+        merged = state.array_records.get(MERGED_KEY)
+        return cls(private=state.array_records.get(PRIVATE_KEY), residual=residual, merged=merged)
 
     def save(self, state: RecordDict) -> None:
         if self.private is not None:
             state[PRIVATE_KEY] = self.private
         if self.residual is not None:
             state[FEEDBACK_KEY] = ArrayRecord({"residual": Array(self.residual)})
+        if self.merged is not None:
+            state[MERGED_KEY] = self.merged
+
+    def merge(self, content: RecordDict):
+        """Keep the stacked factors a message carries (strategy=stacking) with those
+        kept before; the delta of all of them, per LoRA module, or None."""
+        from fedllm_flwr.lora_merge import stacked
+
+        new = content.array_records.get(MERGED_KEY)
+        if new is not None:
+            kept = dict(self.merged.items()) if self.merged is not None else {}
+            kept.update(new.items())  # a round sent twice (a reply lost) is the same round
+            self.merged = ArrayRecord(kept)
+        if self.merged is None:
+            return None
+        parts: dict[int, dict] = {}
+        for key, array in self.merged.items():
+            done, name = key.split("/", 1)
+            parts.setdefault(int(done), {})[name] = torch_tensor(array.numpy())
+        return stacked(parts)
 
     def private_state(self):
         """The kept private tensors as a state dict (torch), or None."""
@@ -89,7 +113,7 @@ def train(content: RecordDict, run_config: Config, node_config: Config, node: No
     steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None
     state, metrics = local_train(
         cfg, received, int(config[SERVER_ROUND_KEY]), partition_id, num_partitions, steps,
-        private=node.private_state(), started=started,
+        private=node.private_state(), started=started, merged=node.merge(content),
     )  # fmt: skip
     state, private = split_private(cfg, state)
     if private:
@@ -122,7 +146,7 @@ def evaluate(content: RecordDict, run_config: Config, node_config: Config, node:
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
     received = unpack_state(content, codec=codecs(cfg.compression)[0])
-    metrics = local_evaluate(cfg, received, partition_id, num_partitions, node.private_state())
+    metrics = local_evaluate(cfg, received, partition_id, num_partitions, node.private_state(), node.merge(content))
     return RecordDict({"metrics": MetricRecord(metrics)})
 
 
@@ -178,6 +202,12 @@ def _quiet() -> None:
     from fedllm_flwr import quiet_third_party_output
 
     quiet_third_party_output()
+
+
+def torch_tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
 def _feedback(cfg, node: NodeState):

@@ -6,6 +6,7 @@ import math
 import pytest
 from conftest import ROOT, TINY_OVERRIDES
 from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
 
 from fedllm_flwr.simulation import LocalRay, LocalSimulation
 
@@ -373,6 +374,40 @@ def test_sites_of_unequal_ranks_federate_and_every_adapter_loads_at_the_global_r
         config = json.loads((out / "ranks" / "adapter" / folder / "adapter_config.json").read_text())
         assert (config["r"], config["lora_alpha"]) == (4, 8), folder
         AutoPeftModelForCausalLM.from_pretrained(str(out / "ranks" / "adapter" / folder))
+
+
+def test_stacking_merges_every_round_exactly_and_exports_the_merged_delta(sim, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs"
+    overrides = " ".join(
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "strategy=stacking",
+         "peft.client_ranks=[2,4]", f"run.output_dir={out}", "run.name=stack"]
+    )  # fmt: skip
+    result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
+    rows = [json.loads(line) for line in (out / "stack" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["merged-rank"] for r in rows[1:]] == [6, 12]  # (2 + 4) ranks a round, stacked
+    assert all(r["lora-aggregation-error"] == 0.0 and r["clients-ok"] == 2 for r in rows[1:])
+    # Round 1's evaluation messages carry round 1's stack (to each of the 2 nodes): 2 layers x
+    # (q_proj 6 x (32 + 32) + v_proj 6 x (32 + 16)) values in fp16, beyond the adapter.
+    assert rows[1]["eval-bytes-down"] - rows[1]["bytes-down"] > 2 * 2 * 2 * (6 * 64 + 6 * 48)
+    assert all(finite(r["client-eval-loss"], 0) for r in rows[1:])
+    # adapter/final is the merged delta as a LoRA adapter of the stacked rank, and scores
+    # what the server scored in the last round.
+    final = out / "stack" / "adapter" / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (12, 24)
+    import torch
+
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.data import test_records, tokenize_set
+    from fedllm_flwr.evaluate.loss import evaluate_loss
+
+    cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES])
+    model = AutoPeftModelForCausalLM.from_pretrained(str(final), dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    loss = evaluate_loss(model, tokenize_set(cfg, test_records(cfg), tok), tok.pad_token_id, cfg.eval.batch_size)
+    assert loss["loss"] == pytest.approx(rows[-1]["eval-loss"], rel=1e-2)
+    assert abs(rows[-1]["eval-loss"] - rows[0]["eval-loss"]) > 1e-4  # the merged delta changed the model
 
 
 @pytest.mark.parametrize("scenario", ["fed", "local", "global"])

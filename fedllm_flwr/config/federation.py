@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 STRATEGIES = (
     "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "mifa", "median", "trimmed_mean", "zero_padding", "svd",
+    "stacking",
 )  # fmt: skip
 #: The strategies that combine LoRA adapters of unequal ranks (`peft.client_ranks`).
-RANKED_STRATEGIES = ("zero_padding", "svd")
+RANKED_STRATEGIES = ("zero_padding", "svd", "stacking")
 
 
 @dataclass
@@ -18,8 +19,10 @@ class StrategyConfig:
     fedyogi (server optimizers on the averaged update), mifa (remembers every
     client's latest update), median / trimmed_mean (coordinate-wise, unweighted);
     for LoRA of unequal ranks per site: zero_padding (HetLoRA: pad to the largest
-    rank, average, truncate to each site's rank) or svd (FlexLoRA: the weighted sum
-    of the clients' B A, truncated SVD to each site's rank)."""
+    rank, average, truncate to each site's rank), stacking (FLoRA: the clients'
+    factors stacked, so the sum of their B A is exact; nodes merge it and train a
+    fresh adapter) or svd (FlexLoRA: the weighted sum of the clients' B A,
+    truncated SVD to each site's rank)."""
     proximal_mu: float = 0.01
     """fedprox: weight mu of mu/2 * ||w - w_global||^2 over the adapter weights."""
     server_lr: float = 1.0

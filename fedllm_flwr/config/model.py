@@ -82,7 +82,7 @@ class AdapterConfig:
     """lora, dora: each site's own rank, by partition id in simulation (e.g.
     [2,4,8,16]); a deployed SuperNode's `--node-config lora-rank=N` overrides it.
     The global adapter has the largest rank; ranks that differ need a strategy that
-    combines unequal ranks (zero_padding, svd). Empty: every site uses `r`."""
+    combines unequal ranks (zero_padding, stacking, svd). Empty: every site uses `r`."""
     freeze_a: bool = False
     """lora, dora: FFA-LoRA (Sun et al. 2024): A stays at its seeded initialisation,
     identical on every node, and only B (with DoRA's magnitudes) trains and travels:

@@ -119,6 +119,17 @@ class Config:
             )
         if s in RANKED_STRATEGIES and self.personalize.private:
             raise ValueError(f"personalize.private keeps tensors local; strategy={s} reshapes every tensor it sends")
+        if s == "stacking" and self.peft.method != "lora":
+            raise ValueError(
+                f"strategy=stacking merges the clients' B A under a fresh adapter; peft={self.peft.method} normalises "
+                "the merged weight itself (DoRA), so a delta added outside it is not what the clients trained. "
+                "Use peft=lora"
+            )
+        if s == "stacking" and (self.personalize.ft_steps or self.task.name != "lm"):
+            raise ValueError(
+                "strategy=stacking exports the merged delta as a LoRA adapter; personalize.ft_steps and "
+                "task=reward (a trained head beside it) need the adapter itself: use strategy=svd or zero_padding"
+            )
         if s in RANKED_STRATEGIES and self.algorithm.name != "none":
             raise ValueError(f"strategy={s} needs algorithm=none (FedOT's emulator adapters are not combined here)")
 

@@ -19,6 +19,7 @@ from fedllm_flwr.config import Config
 from fedllm_flwr.data import tokenize_set
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
+from fedllm_flwr.lora_merge import save_merged, set_merged, stacked
 from fedllm_flwr.model import ModelBundle, set_adapter_state
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters
@@ -111,8 +112,20 @@ class ServerEvaluator:
             results.update({k: v for k, v in scores.items() if k not in ("num-examples", "samples-per-problem")})
         return results
 
+    def merged(self):
+        """strategy=stacking: the delta merged under the global adapter, per LoRA module (else None)."""
+        parts = self.strategy.merged_parts()
+        if not parts:
+            return None
+        return stacked(
+            {t: {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in p.items()} for t, p in parts.items()}
+        )
+
     def save(self, folder: str, adapters: dict[str, ArrayRecord]) -> Path:
         main = self.views[0]
+        merged = self.merged()
+        if merged is not None:  # stacking: the merged delta is the model (the fresh adapter adds B = 0)
+            return save_merged(main.bundle.model, self.run_dir.path / "adapter" / folder, merged)
         states = {name: main.convert(self.bundle.complete(arrays_to_state(a))) for name, a in adapters.items()}
         return self.run_dir.save_adapters(main.bundle.model, folder, states)
 
@@ -121,6 +134,9 @@ class ServerEvaluator:
         every = self.cfg.eval.every
         due = every > 0 and (server_round == 0 or last_round or server_round % every == 0)
         adapters = self.adapters(arrays)
+        merged = self.merged()
+        for view in self.views:
+            set_merged(view.bundle.model, merged)
         t0 = time.perf_counter()
         results: dict[str, float] = {}
         if due:

@@ -14,8 +14,9 @@ from fedllm_flwr.strategy.adapter_fedavg import (
 )
 from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, server_optimizer
 from fedllm_flwr.strategy.availability import Availability
-from fedllm_flwr.strategy.ranked import RankedLoRA, SvdRedistribution, ZeroPadding, ranked_strategy
+from fedllm_flwr.strategy.ranked import RankedLoRA, SvdRedistribution, ZeroPadding
 from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
+from fedllm_flwr.strategy.stacking import Stacking
 
 __all__ = [
     "AdapterFedAvg",
@@ -25,6 +26,7 @@ __all__ = [
     "RankedLoRA",
     "RobustAggregate",
     "ServerOptFedAvg",
+    "Stacking",
     "SvdRedistribution",
     "ZeroPadding",
     "RoundLedger",
@@ -57,7 +59,7 @@ def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **a
     elif s.name in ("median", "trimmed_mean"):
         kind, extra = RobustAggregate, {"kind": s.name, "trim": s.trim}
     elif s.name in RANKED_STRATEGIES:
-        kind, extra = ranked_strategy(s.name), {}
+        kind, extra = {"zero_padding": ZeroPadding, "svd": SvdRedistribution, "stacking": Stacking}[s.name], {}
     elif s.name == "mifa":
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}
     if override is not None:

@@ -154,6 +154,11 @@ class AdapterFedAvg(FedAvg):
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore `state()` (resuming a run)."""
 
+    def merged_parts(self) -> dict[int, dict[str, np.ndarray]]:
+        """Round -> the stacked LoRA factors merged under the global adapter
+        (strategy=stacking; none for the others)."""
+        return {}
+
     def set_broadcast(self, records: RecordDict) -> None:
         self.broadcast = records
         self.broadcast_bytes = message_bytes(records)

@@ -45,7 +45,7 @@ def to_state(arrays: ArrayRecord) -> State:
 
 
 def to_arrays(state: State, dtype: type = np.float32) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v, dtype=dtype)) for k, v in state.items()})
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=dtype)) for k, v in state.items()})
 
 
 def flower_replies(states: list[State], weights: list[float]) -> list[Message]:

@@ -9,6 +9,7 @@ strategies differ in how they combine the replies into a new rank-R adapter:
 - `ZeroPadding` (HetLoRA, Cho et al. 2024): each client's A and B zero-padded to R,
   then the usual weighted mean. Rows a small-rank client does not hold are averaged
   with its zeros, so they shrink towards zero as it takes part.
+- `Stacking` (FLoRA, in `stacking.py`): exact, by stacking the factors; its own module.
 - `SvdRedistribution` (FlexLoRA, Bai et al. 2024): the weighted sum of the clients'
   products sum_k p_k B_k A_k per module, split by a truncated SVD into rank-R factors;
   a node of rank r gets the best rank-r approximation of that sum (the truncation of
@@ -25,10 +26,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply, weighted_mean
+from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.lora_products import (
     aggregation_error,
     at_rank,
@@ -37,10 +39,6 @@ from fedllm_flwr.strategy.lora_products import (
     product_factors,
     rank_of,
 )
-
-
-def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})
 
 
 class RankedLoRA(AdapterFedAvg):
@@ -66,7 +64,7 @@ class RankedLoRA(AdapterFedAvg):
         key = (id(global_arrays), rank)  # one truncation per rank, shared by its nodes
         if key not in self._by_rank:
             self._by_rank = {k: v for k, v in self._by_rank.items() if k[0] == id(global_arrays)}
-            self._by_rank[key] = _record(at_rank({k: v.numpy() for k, v in global_arrays.items()}, rank))
+            self._by_rank[key] = to_arrays(at_rank({k: v.numpy() for k, v in global_arrays.items()}, rank))
         return self._by_rank[key]
 
     def configure_train(
@@ -81,7 +79,7 @@ class RankedLoRA(AdapterFedAvg):
         merged, error = self.merge([r.state for r in valid], weights / weights.sum(), rank)
         if error is not None:
             self.ledger.set(server_round, "lora-aggregation-error", error)
-        return _record(merged)
+        return to_arrays(merged)
 
     def merge(
         self, states: list[dict[str, np.ndarray]], weights: np.ndarray, rank: int
@@ -123,8 +121,3 @@ class SvdRedistribution(RankedLoRA):
             out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
             total, dropped = total + norm, dropped + lost
         return out, (math.sqrt(dropped / total) if total > 0 else 0.0)
-
-
-def ranked_strategy(name: str) -> type[RankedLoRA]:
-    """The class of a `strategy.name` in `RANKED_STRATEGIES`."""
-    return {"zero_padding": ZeroPadding, "svd": SvdRedistribution}[name]
