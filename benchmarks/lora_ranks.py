@@ -3,7 +3,7 @@ against homogeneous rank-8 LoRA, FFA-LoRA and DoRA, and FFA-LoRA against LoRA
 under differential privacy at the same noise.
 
     python benchmarks/lora_ranks.py --out ~/fedllm-flwr/lora-ranks [--seeds 0,1,2]
-        [--methods lora,ffa_lora,...] [--noise 0.1] [-- OVERRIDES]
+        [--methods lora,ffa_lora,...] [--noise 0.01] [-- OVERRIDES]
 
 Every job is the default task (SmolLM2-135M-Instruct, the built-in offline task, one
 task family per client: non-IID) on 4 simulated SuperNodes, 3 rounds, one `flwr run`
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,14 +44,16 @@ def methods(noise: float) -> dict[str, list[str]]:
         "zero_padding": ["strategy=zero_padding", RANKS],
         "stacking": ["strategy=stacking", RANKS],
         "svd": ["strategy=svd", RANKS],
-        "lora-dp": ["privacy=dp", f"privacy.noise_multiplier={noise}"],
-        "ffa_lora-dp": ["peft=ffa_lora", "privacy=dp", f"privacy.noise_multiplier={noise}"],
+        f"lora-dp{noise:g}": ["privacy=dp", f"privacy.noise_multiplier={noise}"],
+        f"ffa_lora-dp{noise:g}": ["peft=ffa_lora", "privacy=dp", f"privacy.noise_multiplier={noise}"],
     }
 
 
 def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -> dict:
     folder = runs / name
     if not (folder / "summary.json").is_file():
+        if folder.exists():  # an interrupted job of this benchmark: run it again from the start
+            shutil.rmtree(folder)
         print(f"[lora-ranks] {name}: flwr run . {' '.join(overrides)}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         result = sim.run(ROOT, overrides=" ".join([*overrides, f"run.output_dir={runs}", f"run.name={name}"]),
@@ -129,7 +132,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--noise", type=float, default=0.1, help="DP noise multiplier for the -dp methods")
+    parser.add_argument("--noise", type=float, default=0.01, help="DP noise multiplier of the -dp<z> methods")
     parser.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     parser.add_argument("extra", nargs="*", help="Hydra overrides added to every job")
     args = parser.parse_args()
