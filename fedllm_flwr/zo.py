@@ -1,0 +1,125 @@
+"""Zeroth-order fine-tuning with seeds from a shared pool (MeZO steps, FedKSeed's messages).
+
+MeZO (Malladi et al. 2023) estimates the gradient along a random direction z from
+two forward passes, g = (L(w + eps z) - L(w - eps z)) / (2 eps), and steps
+w <- w - lr g z. z is never stored: it is drawn again from its seed. FedKSeed (Qin et
+al. 2024) draws the seeds from a pool of K fixed by the run's seed, so one step is
+an (index into the pool, coefficient) pair, a client's round a handful of pairs, and
+every node that applies the same pairs in the same order holds the same weights, bit
+for bit.
+
+Memory: what inference needs (no activations kept for a backward pass, no optimizer
+state) plus one copy of the tensors being tuned, from which each perturbation is
+undone exactly: adding and then subtracting eps z does not give the same bits back,
+in bf16 or in fp32. No Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+Loss = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def seed_pool(seed: int, size: int) -> np.ndarray:
+    """The run's K candidate seeds (int64), the same on every node of a run with this `seed`."""
+    if size < 1:
+        raise ValueError(f"a seed pool needs at least one seed, got {size}")
+    return np.random.default_rng([seed, 0x2E0]).integers(0, 2**62, size=size, dtype=np.int64)
+
+
+def pool_id(pool: np.ndarray) -> str:
+    """A short fingerprint of a pool: a reply names the pool its indices point into."""
+    return hashlib.sha1(np.ascontiguousarray(pool, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def perturb(params: list[torch.Tensor], seed: int, scale: float) -> None:
+    """params += scale * z(seed), z standard normal, drawn in fp32 on the CPU tensor by
+    tensor in the order given (so on any device the same z)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    for param in params:
+        z = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+        param.add_(z.to(param.device), alpha=scale)
+
+
+@torch.no_grad()
+def restore(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    for param, value in zip(params, saved, strict=True):
+        param.copy_(value)
+
+
+@torch.no_grad()
+def two_point(
+    model: torch.nn.Module, params: list[torch.Tensor], batch: dict[str, torch.Tensor], loss_fn: Loss, seed: int,
+    eps: float,
+) -> tuple[float, float]:  # fmt: skip
+    """(g, mean of the two losses): the two-point estimate of the directional
+    derivative of the loss along z(seed). The parameters end as they began, bit for bit."""
+    saved = [p.detach().clone() for p in params]
+    perturb(params, seed, eps)
+    plus = float(loss_fn(model, batch))
+    restore(params, saved)
+    perturb(params, seed, -eps)
+    minus = float(loss_fn(model, batch))
+    restore(params, saved)
+    return (plus - minus) / (2 * eps), (plus + minus) / 2
+
+
+def apply_steps(params: list[torch.Tensor], pool: np.ndarray, steps: Iterable[tuple[int, float]]) -> None:
+    """w <- w - c z(pool[i]) for each (index i, coefficient c), in order: a round of
+    the federation, or a node catching up on the rounds it missed."""
+    for index, coefficient in steps:
+        perturb(params, int(pool[index]), -float(coefficient))
+
+
+@dataclass
+class ZoRound:
+    """What a client's zeroth-order round produced."""
+
+    coefficients: dict[int, float] = field(default_factory=dict)
+    """Pool index -> the sum of lr * g over this round's steps that drew its seed."""
+    loss: float = math.nan
+    """Mean over the steps of the mean of their two losses."""
+    steps: int = 0
+    skipped: int = 0
+    """Steps whose losses were not finite (no update taken)."""
+    seconds: float = 0.0
+
+
+def zo_train(
+    model: torch.nn.Module,
+    params: list[torch.Tensor],
+    batches: Iterator[dict[str, torch.Tensor]],
+    pool: np.ndarray,
+    draw: np.random.Generator,
+    steps: int,
+    lr: Callable[[int], float],
+    eps: float,
+    loss_fn: Loss,
+) -> ZoRound:
+    """`steps` MeZO steps, each on the next batch along the seed of a pool index drawn
+    with `draw`; `lr(k)` is step k's learning rate. The parameters end updated."""
+    started = time.perf_counter()
+    out, losses = ZoRound(), []
+    for k in range(steps):
+        batch = next(batches)
+        index = int(draw.integers(len(pool)))
+        g, loss = two_point(model, params, batch, loss_fn, int(pool[index]), eps)
+        if not (math.isfinite(g) and math.isfinite(loss)):
+            out.skipped += 1
+            continue
+        coefficient = lr(k) * g
+        apply_steps(params, pool, [(index, coefficient)])
+        out.coefficients[index] = out.coefficients.get(index, 0.0) + coefficient
+        losses.append(loss)
+    out.steps, out.loss = steps, (float(np.mean(losses)) if losses else math.nan)
+    out.seconds = time.perf_counter() - started
+    return out
