@@ -11,7 +11,8 @@ each on a private SuperLink stopped by PID at the end. A job whose run folder al
 holds a summary is read, not run again, so an interrupted benchmark resumes.
 
 Reports per method (mean and std over seeds): final exact-match accuracy and eval
-loss on the server's test set, bytes per client per round each way, the server's
+loss on the server's test set, bytes per client per round each way (training and
+evaluation messages down: stacking sends a round's stack with whichever comes next), the server's
 aggregation seconds per round, and the per-round `lora-aggregation-error`. Writes
 OUT/results.json, OUT/results.md, OUT/aggregation_error.png and prints the results
 as one JSON object. Not a test: ~4 min a job on 2 CPU cores.
@@ -68,6 +69,8 @@ def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -
         "eval_loss": rows[-1].get("eval-loss"),
         "bytes_down": statistics.mean(r["bytes-down"] / r["clients-sampled"] for r in trained),
         "bytes_up": statistics.mean(r["bytes-up"] / r["clients-ok"] for r in trained),
+        # Evaluation messages carry the adapter again (and, under stacking, the round's stack).
+        "eval_bytes_down": statistics.mean(r["eval-bytes-down"] / r["clients-sampled"] for r in trained),
         "aggregate_seconds": statistics.mean(r.get("aggregate-seconds", float("nan")) for r in trained),
         "aggregation_error": [r.get("lora-aggregation-error") for r in trained],
     }
@@ -80,7 +83,8 @@ def summarise(per_seed: list[dict]) -> dict:
             return None, None
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
-    out = {key: stats(key) for key in ("accuracy", "eval_loss", "bytes_down", "bytes_up", "aggregate_seconds")}
+    keys = ("accuracy", "eval_loss", "bytes_down", "eval_bytes_down", "bytes_up", "aggregate_seconds")
+    out = {key: stats(key) for key in keys}
     curves = [r["aggregation_error"] for r in per_seed]
     out["aggregation_error"] = [
         statistics.mean(c[i] for c in curves) if all(c[i] is not None for c in curves) else None
@@ -91,15 +95,15 @@ def summarise(per_seed: list[dict]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    header = ["method", "accuracy", "eval loss", "bytes down / client / round", "bytes up / client / round",
-              "aggregation s / round", "lora-aggregation-error by round"]  # fmt: skip
+    header = ["method", "accuracy", "eval loss", "bytes down / client / round: train + eval message",
+              "bytes up / client / round", "aggregation s / round", "lora-aggregation-error by round"]  # fmt: skip
     rows = []
     for name, s in summary.items():
         rows.append([
             name,
             mean_std(*s["accuracy"]),
             mean_std(*s["eval_loss"], digits=4),
-            cell(s["bytes_down"][0], ",.0f"),
+            f"{cell(s['bytes_down'][0], ',.0f')} + {cell(s['eval_bytes_down'][0], ',.0f')}",
             cell(s["bytes_up"][0], ",.0f"),
             cell(s["aggregate_seconds"][0], ".3f"),
             " / ".join(cell(e, ".3f", "-") for e in s["aggregation_error"]),
