@@ -26,7 +26,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     state = node.NodeState.load(context.state)
-    return Message(content=node.evaluate(msg.content, context.run_config, context.node_config, state), reply_to=msg)
+    reply = node.evaluate(msg.content, context.run_config, context.node_config, state)
+    state.save(context.state)  # what the message brought to keep (stacking's stacks, zeroth-order steps)
+    return Message(content=reply, reply_to=msg)
 
 
 @app.query()

@@ -116,7 +116,7 @@ def test_stacking_is_exact_restarts_from_the_initial_adapter_and_catches_nodes_u
         carried = sent[node].content[MERGED_KEY]
         assert sorted(carried) == [f"1/{A}", f"1/{B}"]
     strategy.aggregate_train(2, [_reply(1, one, 10)])  # node 3 never answers
-    assert strategy.known == {1: 1, 2: 0}  # node 2 was not asked this round; node 3 never answered
+    assert strategy.catch_up.known == {1: 1, 2: 0}  # node 2 was not asked this round; node 3 never answered
     sent = _round(strategy, new, [1, 3])
     assert sorted(sent[1].content[MERGED_KEY]) == [f"2/{A}", f"2/{B}"]  # only what node 1 lacks
     assert sorted(sent[3].content[MERGED_KEY]) == sorted(f"{t}/{k}" for t in (1, 2) for k in (A, B))
@@ -124,7 +124,7 @@ def test_stacking_is_exact_restarts_from_the_initial_adapter_and_catches_nodes_u
     # A checkpoint restores every stack; a restarted run sends each node all of them.
     restored = Stacking()
     restored.load_state(strategy.state())
-    assert restored.stacks.keys() == strategy.stacks.keys() and restored.known == {}
+    assert restored.stacks.keys() == strategy.stacks.keys() and restored.catch_up.known == {}
     np.testing.assert_array_equal(restored.stacks[2][B], strategy.stacks[2][B])
 
 
@@ -155,3 +155,42 @@ def test_a_node_keeps_every_rounds_stack_and_a_resent_round_counts_once():
 def test_what_stacking_cannot_serve_is_refused(overrides, message):
     with pytest.raises(UserError, match=message):
         load_cfg(overrides)
+
+
+def test_what_an_evaluation_message_brings_is_kept_and_a_node_that_lost_a_round_refuses(
+    tiny_cfg, tiny_model_dir, task_identity
+):
+    """Stacking sends round t's stack with the next message, usually an evaluation: the
+    ClientApp must keep it, or the node trains round t+1 without it."""
+    from flwr.app import ConfigRecord, Context, Message, MessageType
+
+    import client_app
+    from fedllm_flwr.model import build_model, get_adapter_state
+
+    cfg = tiny_cfg("strategy=stacking")
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    initial = get_adapter_state(bundle.model)
+    a_key = next(k for k in initial if ".lora_A." in k)
+    b_key = a_key.replace("lora_A", "lora_B")
+    stack = {
+        f"1/{a_key}": Array(np.ones((2, initial[a_key].shape[1]), np.float16)),
+        f"1/{b_key}": Array(np.zeros((initial[b_key].shape[0], 2), np.float16)),
+    }
+    overrides = [f"model.name={tiny_model_dir}", "strategy=stacking", "dataset.synthetic.train_per_task=20",
+                 "dataset.synthetic.test_per_task=4"]  # fmt: skip
+    run_config = {"overrides": " ".join(overrides)}
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                      run_config=run_config)  # fmt: skip
+    content = pack(initial)
+    content["config"] = ConfigRecord({"rounds-held": 1})
+    content[MERGED_KEY] = ArrayRecord(stack)
+    reply = client_app.evaluate(Message(content, dst_node_id=7, message_type=MessageType.EVALUATE), context)
+    assert not reply.has_error()
+    assert sorted(context.state[MERGED_KEY]) == sorted(stack)  # kept for the next message
+
+    content = pack(initial)
+    content["config"] = ConfigRecord({"rounds-held": 2})  # round 2's stack never arrived
+    from fedllm_flwr import node
+
+    with pytest.raises(ValueError, match="this node holds 1 rounds' stacks and the global model 2"):
+        node.evaluate(content, run_config, context.node_config, node.NodeState.load(context.state))

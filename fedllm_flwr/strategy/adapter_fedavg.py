@@ -360,6 +360,10 @@ class AdapterFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
+        for message in replies:
+            if message.has_error():
+                log(WARNING, "Round %s: evaluation by node %s failed: %s", server_round, message.metadata.src_node_id,
+                    message.error.reason)  # fmt: skip
         ok = [m for m in replies if not m.has_error()]
         self.delivered.update(m.metadata.src_node_id for m in ok)
         self.ledger.add(server_round, "eval-bytes-up", sum(message_bytes(m) for m in ok))

@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from fedllm_flwr.keys import MERGED_KEY
 from fedllm_flwr.strategy.adapter_fedavg import ValidReply, weighted_mean
 from fedllm_flwr.strategy.aggregators import to_arrays
+from fedllm_flwr.strategy.catch_up import CatchUp, with_count
 from fedllm_flwr.strategy.lora_products import multiplying_pairs
 from fedllm_flwr.strategy.ranked import RankedLoRA
 
@@ -37,9 +38,7 @@ class Stacking(RankedLoRA):
         self.stacks: dict[int, dict[str, np.ndarray]] = {}
         """Round -> its stacked factors (adapter tensor names; weights folded into B),
         as the nodes decode them."""
-        self.known: dict[int, int] = {}
-        """Node id -> the last round whose stack it confirmed (by answering a message that carried it)."""
-        self._carried: dict[int, int] = {}
+        self.catch_up = CatchUp()
 
     def merged_parts(self) -> dict[int, dict[str, np.ndarray]]:
         return self.stacks
@@ -48,16 +47,13 @@ class Stacking(RankedLoRA):
         out = super()._wire(arrays, messages, remember)
         for message in out:
             node = message.metadata.dst_node_id
-            missing = [t for t in sorted(self.stacks) if t > self.known.get(node, 0)]
+            missing = self.catch_up.missing(node, self.stacks)
             if missing:  # a node that missed rounds catches up: every stack it lacks
                 message.content[MERGED_KEY] = ArrayRecord(
                     {f"{t}/{k}": Array(v) for t in missing for k, v in self.stacks[t].items()}
                 )
-                self._carried[node] = missing[-1]
+            with_count(message.content, len(self.stacks))
         return out
-
-    def _confirm(self, node: int) -> None:
-        self.known[node] = max(self.known.get(node, 0), self._carried.get(node, 0))
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
         weights = np.asarray([r.weight for r in valid], dtype=np.float64)
@@ -71,7 +67,7 @@ class Stacking(RankedLoRA):
             stack[b_key] = stack[b_key].astype(wire)
         self.stacks[server_round] = stack
         for reply in valid:
-            self._confirm(reply.node_id)
+            self.catch_up.confirm(reply.node_id)
         self.ledger.set(server_round, "lora-aggregation-error", 0.0)  # exact, up to the downlink's rounding
         self.ledger.set(server_round, "merged-rank", sum(s[pairs[0][0]].shape[0] for s in self.stacks.values()))
         factored = {key for pair in pairs for key in pair}
@@ -86,7 +82,7 @@ class Stacking(RankedLoRA):
         replies = list(replies)
         for message in replies:
             if not message.has_error():
-                self._confirm(message.metadata.src_node_id)
+                self.catch_up.confirm(message.metadata.src_node_id)
         return super().aggregate_evaluate(server_round, replies)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -97,4 +93,4 @@ class Stacking(RankedLoRA):
         for key, value in arrays.items():
             _, done, name = key.split("/", 2)
             self.stacks.setdefault(int(done), {})[name] = value
-        self.known = {}  # node ids of a restarted run are new: every node gets every stack
+        self.catch_up.forget()
