@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import torch
 
 from fedllm_flwr.config import Config
@@ -19,6 +20,7 @@ from fedllm_flwr.data.sites import partition_of
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.lm_loss import response_tokens
 from fedllm_flwr.lora_merge import Factors, set_merged
+from fedllm_flwr.metrics import peak_memory_mb
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
 from fedllm_flwr.train import lr_at, train_steps
 
@@ -241,3 +243,58 @@ def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None
     if folder is None:
         raise ValueError(f"emulator {emulator_id[:16]} is not installed on this node and the message does not carry it")
     return offsite.client_config(cfg, folder)
+
+
+def zo_catch_up(
+    cfg: Config, kept: dict[str, torch.Tensor] | None, kept_round: int, steps: dict[str, np.ndarray], pool: str
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """algorithm=zo: this node's adapter (`kept`, after round `kept_round`; None: the
+    seeded initial one) after the aggregated `steps` of the rounds past `kept_round`,
+    in order, and those rounds."""
+    from fedllm_flwr.zo import apply_steps, pool_id, seed_pool
+
+    seeds = seed_pool(cfg.seed, cfg.zo.num_seeds)
+    if pool != pool_id(seeds):
+        raise ValueError(f"the server's seed pool {pool!r} is not this node's {pool_id(seeds)!r} (seed, zo.num_seeds)")
+    if kept is None:
+        kept = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).initial
+    new = steps["rounds"] > kept_round
+    if np.any(np.diff(steps["rounds"]) < 0):
+        raise ValueError("the message's steps are not in round order")
+    state = {k: v.clone() for k, v in kept.items()}
+    apply_steps(list(state.values()), seeds, zip(steps["indices"][new], steps["coefficients"][new], strict=True))
+    return state, sorted(set(steps["rounds"][new].tolist()))
+
+
+def zo_local_round(
+    cfg: Config, state: dict[str, torch.Tensor], server_round: int, partition_id: int, num_partitions: int
+) -> tuple[dict[int, float], dict[str, float]]:
+    """algorithm=zo: `train.local_steps` MeZO steps from the global adapter `state`;
+    (pool index -> summed coefficient, the reply metrics)."""
+    from fedllm_flwr.lm_loss import lm_loss
+    from fedllm_flwr.zo import seed_pool, zo_train
+
+    bundle, data = _setup(cfg, partition_id, num_partitions)
+    if len(data.train) == 0:
+        raise ValueError(f"client {partition_id} has no training examples")
+    set_adapter_state(bundle.model, bundle.complete(state))
+    set_merged(bundle.model, None)
+    steps = cfg.train.local_steps
+    batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id,
+                           seed=cfg.seed * 1000 + partition_id, start=(server_round - 1) * steps)  # fmt: skip
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    draw = np.random.default_rng([cfg.seed, server_round, partition_id])
+    result = zo_train(bundle.model, params, batches, seed_pool(cfg.seed, cfg.zo.num_seeds), draw, steps,
+                      lambda k: cfg.zo.lr, cfg.zo.eps,
+                      lambda model, batch: lm_loss(model, batch, cfg.train.response_logits))  # fmt: skip
+    metrics = {
+        "train-loss": result.loss,
+        "num-examples": len(data.train),
+        "examples-seen": (steps - result.skipped) * cfg.train.batch_size,
+        "skipped-steps": result.skipped,
+        "seconds": result.seconds,
+        "peak-memory-mb": peak_memory_mb(bundle.device),
+        "partition-id": partition_id,
+        "lr": cfg.zo.lr,
+    }
+    return result.coefficients, metrics

@@ -24,6 +24,19 @@ MERGED_KEY = "merged-lora"
 got yet, keyed "<round>/<adapter tensor name>" (the clients' weights folded into B);
 the node keeps every round's under the same key in its state."""
 
+ZO_STEPS_KEY = "zo-steps"
+"""algorithm=zo: ArrayRecord of the rounds' aggregated steps this node has not applied:
+int64 `rounds` and `indices` (into the seed pool) and float64 `coefficients`, in order."""
+ZO_REPLY_KEY = "zo-reply"
+"""algorithm=zo: a reply's ArrayRecord of int64 `indices` and float64 `coefficients`
+(per seed index, the sum of lr * g over the round's steps that drew it)."""
+ZO_POOL_KEY = "zo-pool"
+"""algorithm=zo: in the "config" records both ways, the seed pool's fingerprint."""
+ROUNDS_HELD_KEY = "rounds-held"
+"""stacking, algorithm=zo: in a message's "config", how many rounds' stacks or steps the
+global model holds; a node that holds another number after the message refuses it
+(a lost state would otherwise go unnoticed and train on the wrong model)."""
+
 # --- Keys of a train message's "config" ConfigRecord ------------------------------
 SERVER_ROUND_KEY = "server-round"
 """The round, as Flower's FedAvg writes it (Flower spells it out and exports no constant)."""
@@ -51,3 +64,8 @@ PRIVATE_KEY = "private-adapter"
 """This node's unshared adapter tensors (personalize.private)."""
 FEEDBACK_KEY = "error-feedback"
 """What lossy uplink compression left out of this node's updates so far."""
+ZO_STATE_KEY = "zo-adapter"
+"""algorithm=zo: this node's copy of the global adapter."""
+ZO_ROUND_KEY = "zo-round"
+"""algorithm=zo: ConfigRecord with the last round whose steps that copy has applied
+(`round`) and how many rounds' steps it has applied (`count`)."""

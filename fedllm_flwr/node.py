@@ -29,9 +29,15 @@ from fedllm_flwr.keys import (
     MERGED_KEY,
     PERSONALIZE_KEY,
     PRIVATE_KEY,
+    ROUNDS_HELD_KEY,
     SERVER_ROUND_KEY,
     STEPS_KEY,
     WARM_UP_KEY,
+    ZO_POOL_KEY,
+    ZO_REPLY_KEY,
+    ZO_ROUND_KEY,
+    ZO_STATE_KEY,
+    ZO_STEPS_KEY,
 )
 
 Config = Mapping[str, Any]  # Flower's run and node configs: flat str -> scalar maps
@@ -47,13 +53,23 @@ class NodeState:
     residual: np.ndarray | None = None
     merged: ArrayRecord | None = None
     """strategy=stacking: every round's stacked factors this node has merged."""
+    zo_adapter: ArrayRecord | None = None
+    """algorithm=zo: this node's copy of the global adapter, after round `zo_round`."""
+    zo_round: int = 0
+    zo_count: int = 0
+    """algorithm=zo: how many rounds' steps `zo_adapter` has applied."""
 
     @classmethod
     def load(cls, state: RecordDict) -> NodeState:
         feedback = state.array_records.get(FEEDBACK_KEY)
         residual = feedback["residual"].numpy() if feedback is not None else None
         merged = state.array_records.get(MERGED_KEY)
-        return cls(private=state.array_records.get(PRIVATE_KEY), residual=residual, merged=merged)
+        zo = state.config_records.get(ZO_ROUND_KEY)
+        return cls(
+            private=state.array_records.get(PRIVATE_KEY), residual=residual, merged=merged,
+            zo_adapter=state.array_records.get(ZO_STATE_KEY), zo_round=int(zo["round"]) if zo is not None else 0,
+            zo_count=int(zo["count"]) if zo is not None else 0,
+        )  # fmt: skip
 
     def save(self, state: RecordDict) -> None:
         if self.private is not None:
@@ -62,6 +78,27 @@ class NodeState:
             state[FEEDBACK_KEY] = ArrayRecord({"residual": Array(self.residual)})
         if self.merged is not None:
             state[MERGED_KEY] = self.merged
+        if self.zo_adapter is not None:
+            state[ZO_STATE_KEY] = self.zo_adapter
+            state[ZO_ROUND_KEY] = ConfigRecord({"round": self.zo_round, "count": self.zo_count})
+
+    def zo_catch_up(self, cfg, content: RecordDict):
+        """algorithm=zo: this node's adapter after the steps the message carries (kept)."""
+        from fedllm_flwr.client import zo_catch_up
+        from fedllm_flwr.transport import arrays_to_state, state_to_arrays
+
+        steps = {k: v.numpy() for k, v in content[ZO_STEPS_KEY].items()}
+        kept = arrays_to_state(self.zo_adapter) if self.zo_adapter is not None else None
+        config = content["config"]
+        state, applied = zo_catch_up(cfg, kept, self.zo_round, steps, str(config[ZO_POOL_KEY]))
+        count = self.zo_count + len(applied)
+        if count != int(config[ROUNDS_HELD_KEY]):
+            raise ValueError(
+                f"this node has applied {count} rounds' steps and the global model {config[ROUNDS_HELD_KEY]}"
+            )
+        self.zo_adapter, self.zo_count = state_to_arrays(state), count
+        self.zo_round = max(applied, default=self.zo_round)
+        return state
 
     def merge(self, content: RecordDict):
         """Keep the stacked factors a message carries (strategy=stacking) with those
@@ -73,6 +110,10 @@ class NodeState:
             kept = dict(self.merged.items()) if self.merged is not None else {}
             kept.update(new.items())  # a round sent twice (a reply lost) is the same round
             self.merged = ArrayRecord(kept)
+        held = {key.split("/", 1)[0] for key in self.merged} if self.merged is not None else set()
+        expected = content["config"].get(ROUNDS_HELD_KEY) if "config" in content else None
+        if expected is not None and len(held) != int(expected):
+            raise ValueError(f"this node holds {len(held)} rounds' stacks and the global model {expected}")
         if self.merged is None:
             return None
         parts: dict[int, dict] = {}
@@ -101,6 +142,8 @@ def train(content: RecordDict, run_config: Config, node_config: Config, node: No
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
     config = content["config"]
+    if cfg.algorithm.name == "zo":  # seed lists both ways, no adapter
+        return _zo_train(cfg, content, node, partition_id, num_partitions)
     down, up = codecs(cfg.compression)
     received = unpack_state(content, codec=down)
     if config.get(PERSONALIZE_KEY):  # after the last round: FedAvg + FT
@@ -113,7 +156,7 @@ def train(content: RecordDict, run_config: Config, node_config: Config, node: No
     steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None
     state, metrics = local_train(
         cfg, received, int(config[SERVER_ROUND_KEY]), partition_id, num_partitions, steps,
-        private=node.private_state(), started=started, merged=node.merge(content),
+        private=node.private_state(), started=started, merged=_merged(cfg, content, node),
     )  # fmt: skip
     state, private = split_private(cfg, state)
     if private:
@@ -145,8 +188,12 @@ def evaluate(content: RecordDict, run_config: Config, node_config: Config, node:
 
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
-    received = unpack_state(content, codec=codecs(cfg.compression)[0])
-    metrics = local_evaluate(cfg, received, partition_id, num_partitions, node.private_state(), node.merge(content))
+    if cfg.algorithm.name == "zo":
+        received = node.zo_catch_up(cfg, content)
+    else:
+        received = unpack_state(content, codec=codecs(cfg.compression)[0])
+    merged = _merged(cfg, content, node)
+    metrics = local_evaluate(cfg, received, partition_id, num_partitions, node.private_state(), merged)
     return RecordDict({"metrics": MetricRecord(metrics)})
 
 
@@ -202,6 +249,28 @@ def _quiet() -> None:
     from fedllm_flwr import quiet_third_party_output
 
     quiet_third_party_output()
+
+
+def _zo_train(cfg, content: RecordDict, node: NodeState, partition_id: int, num_partitions: int) -> RecordDict:
+    from fedllm_flwr.client import zo_local_round
+
+    state = node.zo_catch_up(cfg, content)
+    server_round = int(content["config"][SERVER_ROUND_KEY])
+    coefficients, metrics = zo_local_round(cfg, state, server_round, partition_id, num_partitions)
+    indices = np.array(sorted(coefficients), dtype=np.int64)
+    values = np.array([coefficients[i] for i in indices], dtype=np.float64)
+    return RecordDict(
+        {
+            ZO_REPLY_KEY: ArrayRecord({"indices": Array(indices), "coefficients": Array(values)}),
+            "zo": ConfigRecord({ZO_POOL_KEY: str(content["config"][ZO_POOL_KEY])}),
+            "metrics": MetricRecord(metrics),
+        }
+    )
+
+
+def _merged(cfg, content: RecordDict, node: NodeState):
+    """strategy=stacking: the frozen delta under the adapter (`NodeState.merge`); else None."""
+    return node.merge(content) if cfg.strategy.name == "stacking" else None
 
 
 def torch_tensor(array: np.ndarray):

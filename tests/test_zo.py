@@ -78,3 +78,112 @@ def test_a_zeroth_order_round_lowers_the_loss_and_its_coefficients_replay_it(tin
     apply_steps(list(start.parameters()), pool, sorted(result.coefficients.items()))
     for p, q in zip(model.parameters(), start.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+# --- The federation: server strategy and nodes, over real records ----------------------
+
+
+def _zo_reply(node, indices, coefficients, pool, n=10):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from fedllm_flwr.keys import ZO_POOL_KEY, ZO_REPLY_KEY
+
+    content = RecordDict({
+        ZO_REPLY_KEY: ArrayRecord({"indices": Array(np.asarray(indices, np.int64)),
+                                   "coefficients": Array(np.asarray(coefficients, np.float64))}),
+        "zo": ConfigRecord({ZO_POOL_KEY: pool}),
+        "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "partition-id": node}),
+    })  # fmt: skip
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN))
+
+
+def test_the_server_averages_seed_lists_refuses_bad_ones_and_sends_each_node_what_it_lacks(task_identity):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    from fedllm_flwr.keys import ARRAYS_KEY, ZO_POOL_KEY, ZO_STEPS_KEY
+    from fedllm_flwr.strategy.zo import SeedFederation
+
+    pool = seed_pool(0, 8)
+    start = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
+    arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
+    strategy = SeedFederation(pool=pool)
+
+    def send(nodes, round_=1):
+        messages = [
+            Message(RecordDict({ARRAYS_KEY: arrays, "config": ConfigRecord({"server-round": round_})}),
+                    dst_node_id=n, message_type=MessageType.TRAIN)
+            for n in nodes
+        ]  # fmt: skip
+        return {m.metadata.dst_node_id: m.content for m in strategy._wire(arrays, messages, remember=True)}
+
+    sent = send([1, 2, 3, 4, 5, 6])
+    assert ARRAYS_KEY not in sent[1] and sent[1]["config"][ZO_POOL_KEY] == pool_id(pool)
+    assert len(sent[1][ZO_STEPS_KEY]["indices"].numpy()) == 0  # nothing to apply yet
+    good = pool_id(pool)
+    new, _ = strategy.aggregate_train(1, [
+        _zo_reply(1, [0, 5], [1e-3, -2e-3], good, n=30),
+        _zo_reply(2, [5, 7], [4e-3, 1e-3], good, n=10),
+        _zo_reply(3, [8], [1e-3], good),  # outside the pool of 8
+        _zo_reply(4, [1], [float("nan")], good),
+        _zo_reply(5, [1], [1e-3], pool_id(seed_pool(1, 8))),  # another run's pool
+        _zo_reply(6, [2, 2], [1e-3, 1e-3], good),  # an index twice
+    ])  # fmt: skip
+    assert strategy.ledger.pop(1)["clients-dropped"] == 4
+    indices, coefficients = strategy.rounds[1]
+    assert indices.tolist() == [0, 5, 7]
+    np.testing.assert_allclose(coefficients, [0.75e-3, 0.75 * -2e-3 + 0.25 * 4e-3, 0.25e-3])
+    # The server's adapter took the round's steps as a node will: in index order, from the same start.
+    expected = [torch.from_numpy(v.copy()) for v in start.values()]
+    apply_steps(expected, pool, zip(indices, coefficients, strict=True))
+    assert all(torch.equal(torch.from_numpy(new[k].numpy()), e) for k, e in zip(start, expected, strict=True))
+
+    sent = send([1, 9], 2)
+    assert sent[1][ZO_STEPS_KEY]["rounds"].numpy().tolist() == [1, 1, 1]  # round 1's three steps
+    assert sent[9][ZO_STEPS_KEY]["rounds"].numpy().tolist() == [1, 1, 1]  # a new node: everything
+    restored = SeedFederation(pool=pool)
+    restored.load_state(strategy.state())
+    assert restored.rounds[1][0].tolist() == [0, 5, 7]
+
+
+def test_a_node_that_missed_a_round_catches_up_to_the_same_bits(tiny_model_dir, task_identity):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from fedllm_flwr import node
+    from fedllm_flwr.keys import ZO_POOL_KEY, ZO_STEPS_KEY
+    from fedllm_flwr.model import clear_model_cache
+
+    clear_model_cache()
+    run_config = {"overrides": f"model.name={tiny_model_dir} algorithm=zo dataset.synthetic.train_per_task=20 "
+                               "train.local_steps=2 train.batch_size=4 zo.num_seeds=16"}  # fmt: skip
+    node_config = {"partition-id": 0, "num-partitions": 2}
+    pool = pool_id(seed_pool(0, 16))
+    history = {1: ([3, 9], [1e-3, -1e-3]), 2: ([0], [2e-3])}
+
+    def message(rounds, server_round):
+        picked = [(t, i, c) for t in rounds for i, c in zip(*history[t], strict=True)]
+        return RecordDict({
+            "config": ConfigRecord({"server-round": server_round, ZO_POOL_KEY: pool, "rounds-held": server_round - 1}),
+            ZO_STEPS_KEY: ArrayRecord({
+                "rounds": Array(np.array([p[0] for p in picked], np.int64)),
+                "indices": Array(np.array([p[1] for p in picked], np.int64)),
+                "coefficients": Array(np.array([p[2] for p in picked], np.float64)),
+            }),
+        })  # fmt: skip
+
+    steady, late = node.NodeState(), node.NodeState()
+    node.train(message([], 1), run_config, node_config, steady)
+    node.train(message([1], 2), run_config, node_config, steady)
+    reply = node.train(message([2], 3), run_config, node_config, steady)
+    node.train(message([1, 2], 3), run_config, node_config, late)  # it missed rounds 1 and 2
+    kept = RecordDict()  # what the node keeps between messages (Flower's context.state)
+    steady.save(kept)
+    steady = node.NodeState.load(kept)
+    assert steady.zo_round == late.zo_round == 2 and steady.zo_count == late.zo_count == 2
+    for key, value in steady.zo_adapter.items():
+        assert np.array_equal(value.numpy(), late.zo_adapter[key].numpy()), key
+    indices = reply["zo-reply"]["indices"].numpy()
+    assert (
+        1 <= len(indices) <= 2 and indices.max() < 16 and np.isfinite(reply["zo-reply"]["coefficients"].numpy()).all()
+    )
+    with pytest.raises(ValueError, match="this node has applied 1 rounds' steps and the global model 2"):
+        node.train(message([2], 3), run_config, node_config, node.NodeState())  # round 1 is missing

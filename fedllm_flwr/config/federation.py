@@ -107,7 +107,7 @@ class PersonalizeConfig:
         return any(pattern in name for pattern in self.private)
 
 
-ALGORITHMS = ("none", "fedot")
+ALGORITHMS = ("none", "fedot", "zo")
 
 
 @dataclass
@@ -154,3 +154,30 @@ class ScenarioConfig:
     def __post_init__(self) -> None:
         if self.name not in ("fed", "global", "local"):
             raise ValueError(f"scenario.name={self.name!r}: use fed, global or local")
+
+
+@dataclass
+class ZoConfig:
+    """algorithm=zo: MeZO steps (two forward passes, no backward, no optimizer state)
+    along directions drawn from a pool of seeds fixed by the run's seed; a message is
+    a list of (seed index, coefficient) pairs, never weights (FedKSeed)."""
+
+    params: str = "adapter"
+    """What the steps tune: `adapter`, the `peft` adapter's parameters (they stay on
+    the nodes; every node applies the same seed lists to the same initial adapter).
+    (`full`, every base weight, is not built yet.)"""
+    num_seeds: int = 4096
+    """K, the pool of candidate seeds; each step draws one of them uniformly."""
+    eps: float = 1e-3
+    """Perturbation scale: the loss is taken at w + eps z and w - eps z."""
+    lr: float = 1e-4
+    """Step size (constant): w <- w - lr g z, g the two-point estimate. z moves every
+    tuned weight at once, so rates are far below AdamW's."""
+
+    def __post_init__(self) -> None:
+        if self.params not in ("adapter",):
+            raise ValueError(
+                f"zo.params={self.params!r}: use adapter (full-parameter zeroth-order tuning is not built yet)"
+            )
+        if self.num_seeds < 1 or self.eps <= 0 or self.lr <= 0:
+            raise ValueError("zo: num_seeds >= 1, eps > 0 and lr > 0 are required")

@@ -18,6 +18,7 @@ from fedllm_flwr.config.federation import (
     PersonalizeConfig,
     ScenarioConfig,
     StrategyConfig,
+    ZoConfig,
 )
 from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
 from fedllm_flwr.config.model import LAYERED_METHODS, LORA_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
@@ -39,6 +40,7 @@ class Config:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    zo: ZoConfig = field(default_factory=ZoConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     reward_loss: RewardLossConfig = field(default_factory=RewardLossConfig)
@@ -88,6 +90,8 @@ class Config:
 
         if self.strategy.name in RANKED_STRATEGIES or self.peft.client_ranks:
             self._check_ranks()
+        if self.algorithm.name == "zo":
+            self._check_zo()
         if self.task.name == "reward":
             self._check_reward()
         if self.privacy.name != "none":
@@ -132,6 +136,20 @@ class Config:
             )
         if s in RANKED_STRATEGIES and self.algorithm.name != "none":
             raise ValueError(f"strategy={s} needs algorithm=none (FedOT's emulator adapters are not combined here)")
+
+    def _check_zo(self) -> None:
+        others = {
+            "scenario": (self.scenario.name, "fed"), "strategy": (self.strategy.name, "fedavg"),
+            "task": (self.task.name, "lm"), "privacy": (self.privacy.name, "none"),
+            "compression.down": (self.compression.down, "fp16"), "compression.up": (self.compression.up, "fp16"),
+        }  # fmt: skip
+        for key, (value, needed) in others.items():
+            if value != needed:
+                raise ValueError(
+                    f"algorithm=zo federates seed lists, not adapters: it runs with {key}={needed}, not {key}={value}"
+                )
+        if self.personalize.ft_steps or self.personalize.private or self.resume:
+            raise ValueError("algorithm=zo: personalize.* and resume are not available with seed-only messages yet")
 
     def _check_reward(self) -> None:
         if self.peft.method not in TARGETED_METHODS:

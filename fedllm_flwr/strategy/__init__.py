@@ -62,6 +62,11 @@ def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **a
         kind, extra = {"zero_padding": ZeroPadding, "svd": SvdRedistribution, "stacking": Stacking}[s.name], {}
     elif s.name == "mifa":
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}
+    if cfg.algorithm.name == "zo":  # seed lists, not adapters (config/schema.py allows only fedavg)
+        from fedllm_flwr.strategy.zo import SeedFederation
+        from fedllm_flwr.zo import seed_pool
+
+        kind, extra = SeedFederation, {"pool": seed_pool(cfg.seed, cfg.zo.num_seeds)}
     if override is not None:
         kind, extra = override, arguments
     # fedavg and fedprox aggregate alike; fedprox's term is in the clients' loss.

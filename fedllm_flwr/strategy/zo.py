@@ -1,0 +1,131 @@
+"""Zeroth-order federation with seed-only messages (FedKSeed, Qin et al. 2024), server side.
+
+No weights travel. Each node keeps its own copy of the global adapter, which starts
+as the seeded initial one, the same everywhere. A training or evaluation message
+carries the aggregated steps of the rounds the node has not applied yet (normally
+one round's: a few dozen (seed index, coefficient) pairs); a node that missed rounds
+gets all it missed, which the server keeps for the whole run. A reply is the node's
+own (index, coefficient) pairs, validated (the run's pool, indices inside it, each
+once, finite coefficients) and averaged with the usual weights, a node that did not
+draw an index counting as 0 for it. The server applies the round's pairs, in index
+order, to its copy of the adapter exactly as every node will, so its evaluation and
+`adapter/final` are of the adapter the nodes hold, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedllm_flwr.keys import ARRAYS_KEY, ZO_POOL_KEY, ZO_REPLY_KEY, ZO_STEPS_KEY
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply
+from fedllm_flwr.strategy.aggregators import to_arrays
+from fedllm_flwr.strategy.catch_up import CatchUp, with_count
+from fedllm_flwr.zo import apply_steps, pool_id
+
+
+def steps_record(rounds: dict[int, tuple[np.ndarray, np.ndarray]], which: list[int]) -> ArrayRecord:
+    """The steps of rounds `which`, in order, as the message record nodes read."""
+    tags, indices, coefficients = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
+    for t in which:
+        tags.append(np.full(len(rounds[t][0]), t, np.int64))
+        indices.append(rounds[t][0].astype(np.int64))
+        coefficients.append(rounds[t][1].astype(np.float64))
+    return ArrayRecord({
+        "rounds": Array(np.concatenate(tags)), "indices": Array(np.concatenate(indices)),
+        "coefficients": Array(np.concatenate(coefficients)),
+    })  # fmt: skip
+
+
+def check_steps(content: RecordDict, pool_size: int, pool: str) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, coefficients) of a node's reply; ValueError naming what is wrong."""
+    config = content.config_records.get("zo")
+    if config is None or config.get(ZO_POOL_KEY) != pool:
+        claimed = None if config is None else config.get(ZO_POOL_KEY)
+        raise ValueError(f"the reply's seed pool is {claimed!r}, not this run's {pool!r}")
+    record = content.array_records.get(ZO_REPLY_KEY)
+    if record is None or set(record) != {"indices", "coefficients"}:
+        raise ValueError("the reply carries no (indices, coefficients) record")
+    indices, coefficients = record["indices"].numpy(), record["coefficients"].numpy()
+    if indices.ndim != 1 or indices.shape != coefficients.shape or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError("indices and coefficients must be equally long 1-D arrays, the indices integers")
+    if len(indices) and (indices.min() < 0 or indices.max() >= pool_size):
+        raise ValueError(f"a seed index is outside the pool of {pool_size} (got {indices.min()}..{indices.max()})")
+    if len(np.unique(indices)) != len(indices):
+        raise ValueError("a seed index appears twice (a reply sums each index's coefficients)")
+    if not np.all(np.isfinite(coefficients)):
+        raise ValueError("a coefficient is not finite")
+    return indices.astype(np.int64), coefficients.astype(np.float64)
+
+
+class SeedFederation(AdapterFedAvg):
+    """FedAvg over (seed index, coefficient) lists; nodes keep the adapter."""
+
+    def __init__(self, *, pool: np.ndarray, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pool, self.pool_id = pool, pool_id(pool)
+        self.rounds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        """Round -> its aggregated (indices, coefficients), every round of the run."""
+        self.catch_up = CatchUp()
+        self.current: dict[str, np.ndarray] = {}
+
+    def _wire(self, arrays: ArrayRecord, messages: Iterable[Message], remember: bool = False) -> list[Message]:
+        """Each message gets the steps its node lacks and the pool's fingerprint, no adapter."""
+        self.current = {k: v.numpy() for k, v in arrays.items()}
+        out = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            content = RecordDict({k: v for k, v in message.content.items() if k != ARRAYS_KEY})
+            content[ZO_STEPS_KEY] = steps_record(self.rounds, self.catch_up.missing(node, self.rounds))
+            with_count(content, len(self.rounds), **{ZO_POOL_KEY: self.pool_id})
+            if remember:
+                self.sent[node] = {}
+            message.content = content
+            out.append(message)
+        return out
+
+    def reconstruct(self, node: int, content: RecordDict) -> tuple[dict[str, np.ndarray], None]:
+        indices, coefficients = check_steps(content, len(self.pool), self.pool_id)
+        return {"indices": indices, "coefficients": coefficients}, None
+
+    def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
+        weights = np.asarray([r.weight for r in valid], dtype=np.float64)
+        total: dict[int, float] = defaultdict(float)
+        for p, reply in zip(weights / weights.sum(), valid, strict=True):
+            for index, coefficient in zip(reply.state["indices"], reply.state["coefficients"], strict=True):
+                total[int(index)] += p * float(coefficient)
+        indices = np.array(sorted(total), dtype=np.int64)
+        coefficients = np.array([total[i] for i in indices], dtype=np.float64)
+        self.rounds[server_round] = (indices, coefficients)
+        for reply in valid:
+            self.catch_up.confirm(reply.node_id)
+        self.ledger.set(server_round, "zo-seeds", len(indices))
+        # The server's adapter takes the round's steps exactly as every node will.
+        params = [torch.from_numpy(np.array(v, dtype=np.float32)) for v in self.current.values()]
+        apply_steps(params, self.pool, zip(indices, coefficients, strict=True))
+        return to_arrays({k: p.numpy() for k, p in zip(self.current, params, strict=True)})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for message in replies:
+            if not message.has_error():
+                self.catch_up.confirm(message.metadata.src_node_id)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {}
+        for t, (indices, coefficients) in self.rounds.items():
+            out[f"zo/{t}/indices"], out[f"zo/{t}/coefficients"] = indices, coefficients
+        return out
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        parts: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+        for key, value in arrays.items():
+            _, done, name = key.split("/")
+            parts[int(done)][name] = value
+        self.rounds = {t: (p["indices"], p["coefficients"]) for t, p in parts.items()}
+        self.catch_up.forget()
