@@ -123,6 +123,7 @@ def plot(summary: dict, path: Path) -> None:
         if any(e is not None for e in curve):
             ax.plot(range(1, len(curve) + 1), [e if e is not None else float("nan") for e in curve], marker="o",
                     label=name)  # fmt: skip
+    ax.set_xticks(range(1, max(len(s["aggregation_error"]) for s in summary.values()) + 1))
     ax.set_xlabel("round")
     ax.set_ylabel("lora-aggregation-error")
     ax.set_title("||sum p_k B_k A_k - aggregate||_F / ||sum p_k B_k A_k||_F")
