@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
@@ -38,17 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -> dict:
-    folder = runs / name
-    if not (folder / "summary.json").is_file():
-        if folder.exists():  # an interrupted job of this benchmark: run it again from the start
-            shutil.rmtree(folder)
-        print(f"[zo] {name}: flwr run . {' '.join(overrides)}", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        result = sim.run(ROOT, overrides=" ".join([*overrides, f"run.output_dir={runs}", f"run.name={name}"]),
-                         num_supernodes=2, timeout=6 * 3600)  # fmt: skip
-        if result.returncode != 0 or not (folder / "summary.json").is_file():
-            raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}")
-        print(f"[zo] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    folder = sim.run_once(ROOT, runs, name, overrides, num_supernodes=2, timeout=6 * 3600)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     trained = rows[1:]
     elapsed, total = [], 0.0

@@ -125,6 +125,27 @@ class LocalSimulation:
             args += ["--run-config", f"overrides={_toml_string(overrides)}"]
         return self.flwr(*args, timeout=timeout, log_name="flwr-run.log")
 
+    def run_once(
+        self, app_dir: Path, runs: Path, name: str, overrides: list[str], num_supernodes: int, timeout: float
+    ) -> Path:
+        """A benchmark's job: `run` with `run.name=name` under `runs`, unless that run
+        folder already holds a summary (a benchmark resumes); a folder without one (an
+        interrupted job) is removed and run again. RuntimeError with the output's tail
+        if the run fails. Returns the run folder."""
+        folder = runs / name
+        if (folder / "summary.json").is_file():
+            return folder
+        if folder.exists():
+            shutil.rmtree(folder)
+        print(f"[benchmark] {name}: flwr run . {' '.join(overrides)}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        every = [*overrides, f"run.output_dir={runs}", f"run.name={name}"]
+        result = self.run(app_dir, " ".join(every), num_supernodes=num_supernodes, timeout=timeout)
+        if result.returncode != 0 or not (folder / "summary.json").is_file():
+            raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}")
+        print(f"[benchmark] {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        return folder
+
     def staged(self, app_dir: Path) -> Path:
         """The staged copy of `app_dir` this harness runs (made on first use)."""
         return staged_copy(app_dir, self.workdir)

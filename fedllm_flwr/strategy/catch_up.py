@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedllm_flwr.keys import ROUNDS_HELD_KEY
 
@@ -28,6 +28,12 @@ class CatchUp:
     def confirm(self, node: int) -> None:
         """`node` answered: it holds what its last message carried."""
         self.known[node] = max(self.known.get(node, 0), self._carried.get(node, 0))
+
+    def confirm_answered(self, replies: Iterable[Message]) -> None:
+        """Confirm every node whose reply is not an error."""
+        for message in replies:
+            if not message.has_error():
+                self.confirm(message.metadata.src_node_id)
 
     def forget(self) -> None:
         """A restarted run: node ids are new, every node gets every round."""

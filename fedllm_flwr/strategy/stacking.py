@@ -80,9 +80,7 @@ class Stacking(RankedLoRA):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        for message in replies:
-            if not message.has_error():
-                self.catch_up.confirm(message.metadata.src_node_id)
+        self.catch_up.confirm_answered(replies)
         return super().aggregate_evaluate(server_round, replies)
 
     def state(self) -> dict[str, np.ndarray]:
