@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from fedllm_flwr.lora_merge import Factors, set_merged
 from fedllm_flwr.metrics import peak_memory_mb
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
 from fedllm_flwr.train import lr_at, train_steps
+
+if TYPE_CHECKING:
+    from fedllm_flwr.full_weights import WeightStore
 
 _DATA: dict[tuple, ClientData] = {}
 
@@ -245,48 +249,89 @@ def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None
     return offsite.client_config(cfg, folder)
 
 
-def zo_catch_up(
-    cfg: Config, kept: dict[str, torch.Tensor] | None, kept_round: int, steps: dict[str, np.ndarray], pool: str
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """algorithm=zo: this node's adapter (`kept`, after round `kept_round`; None: the
-    seeded initial one) after the aggregated `steps` of the rounds past `kept_round`,
-    in order, and those rounds."""
-    from fedllm_flwr.zo import apply_steps, pool_id, seed_pool
+def _zo_new_steps(cfg: Config, kept_round: int, steps: dict[str, np.ndarray], pool: str):
+    """(the run's seed pool, [(round, indices, coefficients)] past `kept_round` in order)."""
+    from fedllm_flwr.zo import pool_id, seed_pool
 
     seeds = seed_pool(cfg.seed, cfg.zo.num_seeds)
     if pool != pool_id(seeds):
         raise ValueError(f"the server's seed pool {pool!r} is not this node's {pool_id(seeds)!r} (seed, zo.num_seeds)")
+    tags = steps["rounds"]
+    if np.any(np.diff(tags) < 0):
+        raise ValueError("the message's steps are not in round order")
+    rounds = [(int(t), steps["indices"][tags == t], steps["coefficients"][tags == t]) for t in np.unique(tags)]
+    return seeds, [r for r in rounds if r[0] > kept_round]
+
+
+def zo_catch_up(
+    cfg: Config, kept: dict[str, torch.Tensor] | None, kept_round: int, steps: dict[str, np.ndarray], pool: str
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """algorithm=zo, zo.params=adapter: this node's adapter (`kept`, after round
+    `kept_round`; None: the seeded initial one) after the aggregated `steps` of the
+    rounds past `kept_round`, in order, and those rounds."""
+    from fedllm_flwr.zo import apply_steps
+
+    seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
     if kept is None:
         kept = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).initial
-    new = steps["rounds"] > kept_round
-    if np.any(np.diff(steps["rounds"]) < 0):
-        raise ValueError("the message's steps are not in round order")
     state = {k: v.clone() for k, v in kept.items()}
-    apply_steps(list(state.values()), seeds, zip(steps["indices"][new], steps["coefficients"][new], strict=True))
-    return state, sorted(set(steps["rounds"][new].tolist()))
+    for _, indices, coefficients in rounds:
+        apply_steps(list(state.values()), seeds, zip(indices, coefficients, strict=True))
+    return state, [t for t, _, _ in rounds]
+
+
+def zo_full_catch_up(
+    cfg: Config, store: WeightStore, fingerprint: str, kept_round: int, steps: dict[str, np.ndarray], pool: str
+) -> tuple[str, list[int]]:
+    """algorithm=zo, zo.params=full: put this node's global weights into the process's
+    model (from `store`, tagged `fingerprint`; before any round, the base checkpoint's),
+    apply the aggregated `steps` of the rounds past `kept_round` and keep the result in
+    `store`. (The new fingerprint, the rounds applied.)"""
+    from fedllm_flwr.full_weights import base_weights, chain, pristine, reset_to
+    from fedllm_flwr.zo import apply_steps, pool_id
+
+    seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    weights = base_weights(bundle.model)
+    reset_to(weights, store.load(fingerprint) if kept_round else pristine(bundle.base_path))
+    if kept_round == 0:
+        fingerprint = pool_id(seeds)
+    for t, indices, coefficients in rounds:
+        apply_steps(list(weights.values()), seeds, zip(indices, coefficients, strict=True))
+        fingerprint = chain(fingerprint, t, indices, coefficients)
+    if rounds or kept_round == 0:
+        store.save(weights, fingerprint)
+    return fingerprint, [t for t, _, _ in rounds]
 
 
 def zo_local_round(
-    cfg: Config, state: dict[str, torch.Tensor], server_round: int, partition_id: int, num_partitions: int
+    cfg: Config, state: dict[str, torch.Tensor] | None, server_round: int, partition_id: int, num_partitions: int
 ) -> tuple[dict[int, float], dict[str, float]]:
-    """algorithm=zo: `train.local_steps` MeZO steps from the global adapter `state`;
+    """algorithm=zo: `train.local_steps` MeZO steps from the global adapter `state`
+    (zo.params=full: None, the global weights are in the model, `zo_full_catch_up`);
     (pool index -> summed coefficient, the reply metrics)."""
+    from fedllm_flwr.full_weights import base_weights
     from fedllm_flwr.lm_loss import lm_loss
     from fedllm_flwr.zo import seed_pool, zo_train
 
     bundle, data = _setup(cfg, partition_id, num_partitions)
     if len(data.train) == 0:
         raise ValueError(f"client {partition_id} has no training examples")
-    set_adapter_state(bundle.model, bundle.complete(state))
+    full = state is None  # the adapter keeps its initial, zero delta; the base weights move
+    set_adapter_state(bundle.model, bundle.initial if full else bundle.complete(state))
     set_merged(bundle.model, None)
     steps = cfg.train.local_steps
     batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id,
                            seed=cfg.seed * 1000 + partition_id, start=(server_round - 1) * steps)  # fmt: skip
-    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    if full:
+        params = list(base_weights(bundle.model).values())
+    else:
+        params = [p for p in bundle.model.parameters() if p.requires_grad]
     draw = np.random.default_rng([cfg.seed, server_round, partition_id])
-    result = zo_train(bundle.model, params, batches, seed_pool(cfg.seed, cfg.zo.num_seeds), draw, steps,
-                      lambda k: cfg.zo.lr, cfg.zo.eps,
-                      lambda model, batch: lm_loss(model, batch, cfg.train.response_logits))  # fmt: skip
+    result = zo_train(
+        bundle.model, params, batches, seed_pool(cfg.seed, cfg.zo.num_seeds), draw, steps, lambda k: cfg.zo.lr,
+        cfg.zo.eps, lambda model, batch: lm_loss(model, batch, cfg.train.response_logits), exact=not full,
+    )  # fmt: skip
     metrics = {
         "train-loss": result.loss,
         "num-examples": len(data.train),

@@ -14,6 +14,7 @@ data) never loads torch or the model.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,17 +59,20 @@ class NodeState:
     zo_round: int = 0
     zo_count: int = 0
     """algorithm=zo: how many rounds' steps `zo_adapter` has applied."""
+    zo_weights: str = ""
+    """zo.params=full: "<store file>:<fingerprint>" of this node's global weights
+    (`full_weights.WeightStore`: kept on disk, not in the context)."""
 
     @classmethod
     def load(cls, state: RecordDict) -> NodeState:
         feedback = state.array_records.get(FEEDBACK_KEY)
         residual = feedback["residual"].numpy() if feedback is not None else None
         merged = state.array_records.get(MERGED_KEY)
-        zo = state.config_records.get(ZO_ROUND_KEY)
+        zo = state.config_records.get(ZO_ROUND_KEY) or {}
         return cls(
             private=state.array_records.get(PRIVATE_KEY), residual=residual, merged=merged,
-            zo_adapter=state.array_records.get(ZO_STATE_KEY), zo_round=int(zo["round"]) if zo is not None else 0,
-            zo_count=int(zo["count"]) if zo is not None else 0,
+            zo_adapter=state.array_records.get(ZO_STATE_KEY), zo_round=int(zo.get("round", 0)),
+            zo_count=int(zo.get("count", 0)), zo_weights=str(zo.get("weights", "")),
         )  # fmt: skip
 
     def save(self, state: RecordDict) -> None:
@@ -80,24 +84,41 @@ class NodeState:
             state[MERGED_KEY] = self.merged
         if self.zo_adapter is not None:
             state[ZO_STATE_KEY] = self.zo_adapter
-            state[ZO_ROUND_KEY] = ConfigRecord({"round": self.zo_round, "count": self.zo_count})
+        if self.zo_adapter is not None or self.zo_weights:
+            state[ZO_ROUND_KEY] = ConfigRecord(
+                {"round": self.zo_round, "count": self.zo_count, "weights": self.zo_weights}
+            )
 
     def zo_catch_up(self, cfg, content: RecordDict):
-        """algorithm=zo: this node's adapter after the steps the message carries (kept)."""
-        from fedllm_flwr.client import zo_catch_up
+        """algorithm=zo: this node's adapter after the steps the message carries (kept);
+        zo.params=full: None, the weights are in the process's model and the node's store."""
+        from fedllm_flwr.client import zo_catch_up, zo_full_catch_up
         from fedllm_flwr.transport import arrays_to_state, state_to_arrays
 
         steps = {k: v.numpy() for k, v in content[ZO_STEPS_KEY].items()}
-        kept = arrays_to_state(self.zo_adapter) if self.zo_adapter is not None else None
         config = content["config"]
-        state, applied = zo_catch_up(cfg, kept, self.zo_round, steps, str(config[ZO_POOL_KEY]))
+        pool = str(config[ZO_POOL_KEY])
+        state = None
+        if cfg.zo.params == "full":
+            from fedllm_flwr.full_weights import WeightStore, store_folder
+
+            name, _, fingerprint = self.zo_weights.partition(":")
+            name = name or f"node-{uuid.uuid4().hex[:16]}"  # a new node (or a new run): its own file
+            store = WeightStore(store_folder(cfg.zo.store_dir, cfg.model), name)
+            fingerprint, applied = zo_full_catch_up(cfg, store, fingerprint, self.zo_round, steps, pool)
+        else:
+            kept = arrays_to_state(self.zo_adapter) if self.zo_adapter is not None else None
+            state, applied = zo_catch_up(cfg, kept, self.zo_round, steps, pool)
         count = self.zo_count + len(applied)
         if count != int(config[ROUNDS_HELD_KEY]):
             raise ValueError(
                 f"this node has applied {count} rounds' steps and the global model {config[ROUNDS_HELD_KEY]}"
             )
-        self.zo_adapter, self.zo_count = state_to_arrays(state), count
-        self.zo_round = max(applied, default=self.zo_round)
+        if state is not None:
+            self.zo_adapter = state_to_arrays(state)
+        else:
+            self.zo_weights = f"{name}:{fingerprint}"
+        self.zo_count, self.zo_round = count, max(applied, default=self.zo_round)
         return state
 
     def merge(self, content: RecordDict):

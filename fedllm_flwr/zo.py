@@ -9,9 +9,12 @@ every node that applies the same pairs in the same order holds the same weights,
 for bit.
 
 Memory: what inference needs (no activations kept for a backward pass, no optimizer
-state) plus one copy of the tensors being tuned, from which each perturbation is
-undone exactly: adding and then subtracting eps z does not give the same bits back,
-in bf16 or in fp32. No Flower.
+state). Tuning an adapter, each perturbation is undone exactly from a copy of the
+adapter (adding and then subtracting eps z does not give the same bits back, in bf16
+or in fp32). Tuning every base weight (`exact=False`), no copy is kept: the
+perturbation is undone by drawing z again, as MeZO does, which leaves last-bit
+differences in the node's local weights only; the global weights every node shares
+come from `apply_steps`, which is exact. No Flower.
 """
 
 from __future__ import annotations
@@ -73,6 +76,23 @@ def two_point(
     return (plus - minus) / (2 * eps), (plus + minus) / 2
 
 
+@torch.no_grad()
+def step_in_place(
+    model: torch.nn.Module, params: list[torch.Tensor], batch: dict[str, torch.Tensor], loss_fn: Loss, seed: int,
+    eps: float, lr: float,
+) -> tuple[float, float]:  # fmt: skip
+    """MeZO's step with no copy of `params`: +eps z, loss, -2 eps z, loss, then one
+    pass that both undoes the perturbation and steps (+(eps - lr g) z). (g, mean loss);
+    a non-finite g only undoes the perturbation."""
+    perturb(params, seed, eps)
+    plus = float(loss_fn(model, batch))
+    perturb(params, seed, -2 * eps)
+    minus = float(loss_fn(model, batch))
+    g = (plus - minus) / (2 * eps)
+    perturb(params, seed, eps - lr * g if math.isfinite(g) else eps)
+    return g, (plus + minus) / 2
+
+
 def apply_steps(params: list[torch.Tensor], pool: np.ndarray, steps: Iterable[tuple[int, float]]) -> None:
     """w <- w - c z(pool[i]) for each (index i, coefficient c), in order: a round of
     the federation, or a node catching up on the rounds it missed."""
@@ -104,20 +124,26 @@ def zo_train(
     lr: Callable[[int], float],
     eps: float,
     loss_fn: Loss,
+    exact: bool = True,
 ) -> ZoRound:
     """`steps` MeZO steps, each on the next batch along the seed of a pool index drawn
-    with `draw`; `lr(k)` is step k's learning rate. The parameters end updated."""
+    with `draw`; `lr(k)` is step k's learning rate. The parameters end updated.
+    `exact=False`: no copy of `params` (`step_in_place`), for tuning every base weight."""
     started = time.perf_counter()
     out, losses = ZoRound(), []
     for k in range(steps):
         batch = next(batches)
         index = int(draw.integers(len(pool)))
-        g, loss = two_point(model, params, batch, loss_fn, int(pool[index]), eps)
+        if exact:
+            g, loss = two_point(model, params, batch, loss_fn, int(pool[index]), eps)
+        else:
+            g, loss = step_in_place(model, params, batch, loss_fn, int(pool[index]), eps, lr(k))
         if not (math.isfinite(g) and math.isfinite(loss)):
             out.skipped += 1
             continue
         coefficient = lr(k) * g
-        apply_steps(params, pool, [(index, coefficient)])
+        if exact:
+            apply_steps(params, pool, [(index, coefficient)])
         out.coefficients[index] = out.coefficients.get(index, 0.0) + coefficient
         losses.append(loss)
     out.steps, out.loss = steps, (float(np.mean(losses)) if losses else math.nan)

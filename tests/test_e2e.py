@@ -433,6 +433,44 @@ def test_zeroth_order_federates_on_seed_lists_alone(sim, tiny_model_dir, tmp_pat
     AutoPeftModelForCausalLM.from_pretrained(str(out / "zo" / "adapter" / "final"))
 
 
+def test_zeroth_order_on_every_base_weight_stops_resumes_and_saves_a_transformers_model(sim, tiny_model_dir, tmp_path):
+    """zo.params=full, stopped after round 1 and resumed: the server rebuilds its weights
+    from the kept seed lists, the resumed run's fresh nodes catch up from round 0, and
+    model/final is the base checkpoint moved by exactly the aggregated steps."""
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fedllm_flwr.full_weights import pristine
+    from fedllm_flwr.run_dir import RunDir
+    from fedllm_flwr.zo import apply_steps, seed_pool
+
+    out, store = tmp_path / "runs", tmp_path / "store"
+    common = [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "algorithm=zo", "zo.params=full",
+              "zo.lr=1e-3", f"zo.store_dir={store}", f"run.output_dir={out}", "run.name=full"]  # fmt: skip
+    first = sim.run(ROOT, overrides=" ".join([*common, "run.stop_after=1"]), num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", first.stdout[-3000:]
+    resumed = sim.run(ROOT, overrides=" ".join([*common, f"resume={out / 'full'}"]), num_supernodes=2, timeout=400)
+    assert run_status(sim)["status"] == "finished:completed", resumed.stdout[-3000:]
+    assert "zo: replayed 1 rounds" in resumed.stdout
+    rows = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:  # round 2's nodes are new: they caught up on round 1 and their replies were taken
+        assert r["clients-ok"] == 2 and not r.get("clients-dropped") and finite(r["train-loss"], 0), r
+        assert 0 < r["bytes-down"] / 2 < 20_000 and 0 < r["bytes-up"] / 2 < 20_000, r
+    assert len(list(store.glob("*.safetensors"))) == 4  # one weight file per node of each run
+    assert not (out / "full" / "adapter").exists()
+    _, _, kept = RunDir(out / "full").read_checkpoint()
+    expected = {k: v.clone() for k, v in pristine(str(tiny_model_dir)).items()}
+    for t in (1, 2):
+        steps = zip(kept[f"zo/{t}/indices"], kept[f"zo/{t}/coefficients"], strict=True)
+        apply_steps(list(expected.values()), seed_pool(0, 4096), steps)
+    saved = load_file(out / "full" / "model" / "final" / "model.safetensors")
+    assert all(np.array_equal(saved[k], v.numpy()) for k, v in expected.items() if k in saved)
+    assert any(not np.array_equal(saved[k], v.numpy()) for k, v in pristine(str(tiny_model_dir)).items() if k in saved)
+    AutoModelForCausalLM.from_pretrained(str(out / "full" / "model" / "final"))
+
+
 @pytest.mark.parametrize("scenario", ["fed", "local", "global"])
 def test_a_reward_model_federates_and_reports_preference_accuracy(sim, tiny_model_dir, tmp_path, scenario):
     out = tmp_path / "runs"

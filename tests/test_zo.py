@@ -145,16 +145,19 @@ def test_the_server_averages_seed_lists_refuses_bad_ones_and_sends_each_node_wha
     assert restored.rounds[1][0].tolist() == [0, 5, 7]
 
 
-def test_a_node_that_missed_a_round_catches_up_to_the_same_bits(tiny_model_dir, task_identity):
+@pytest.mark.parametrize("params", ["adapter", "full"])
+def test_a_node_that_missed_a_round_catches_up_to_the_same_bits(tiny_model_dir, task_identity, tmp_path, params):
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     from fedllm_flwr import node
+    from fedllm_flwr.full_weights import WeightStore, pristine
     from fedllm_flwr.keys import ZO_POOL_KEY, ZO_STEPS_KEY
     from fedllm_flwr.model import clear_model_cache
 
     clear_model_cache()
     run_config = {"overrides": f"model.name={tiny_model_dir} algorithm=zo dataset.synthetic.train_per_task=20 "
-                               "train.local_steps=2 train.batch_size=4 zo.num_seeds=16"}  # fmt: skip
+                               f"train.local_steps=2 train.batch_size=4 zo.num_seeds=16 zo.params={params} "
+                               f"zo.store_dir={tmp_path}"}  # fmt: skip
     node_config = {"partition-id": 0, "num-partitions": 2}
     pool = pool_id(seed_pool(0, 16))
     history = {1: ([3, 9], [1e-3, -1e-3]), 2: ([0], [2e-3])}
@@ -179,11 +182,97 @@ def test_a_node_that_missed_a_round_catches_up_to_the_same_bits(tiny_model_dir, 
     steady.save(kept)
     steady = node.NodeState.load(kept)
     assert steady.zo_round == late.zo_round == 2 and steady.zo_count == late.zo_count == 2
-    for key, value in steady.zo_adapter.items():
-        assert np.array_equal(value.numpy(), late.zo_adapter[key].numpy()), key
+    if params == "adapter":
+        held = [{k: v.numpy() for k, v in n.zo_adapter.items()} for n in (steady, late)]
+        assert steady.zo_weights == ""
+    else:  # each node's global weights are in its own file, tagged with the same history
+        (a, fingerprint), (b, other) = (n.zo_weights.split(":") for n in (steady, late))
+        assert a != b and fingerprint == other and len(list(tmp_path.iterdir())) == 2
+        held = [{k: v.numpy() for k, v in WeightStore(tmp_path, name).load(fingerprint).items()} for name in (a, b)]
+        # ... and they are the base checkpoint's weights moved by the two rounds' steps, as the server moves its own.
+        expected = {k: v.clone() for k, v in pristine(str(tiny_model_dir)).items()}
+        for t in (1, 2):
+            apply_steps(list(expected.values()), seed_pool(0, 16), zip(*history[t], strict=True))
+        assert expected.keys() == held[0].keys()
+        assert all(np.array_equal(v.numpy(), held[0][k]) for k, v in expected.items())
+        assert any(not np.array_equal(v.numpy(), held[0][k]) for k, v in pristine(str(tiny_model_dir)).items())
+    for key, value in held[0].items():
+        assert np.array_equal(value, held[1][key]), key
     indices = reply["zo-reply"]["indices"].numpy()
     assert (
         1 <= len(indices) <= 2 and indices.max() < 16 and np.isfinite(reply["zo-reply"]["coefficients"].numpy()).all()
     )
     with pytest.raises(ValueError, match="this node has applied 1 rounds' steps and the global model 2"):
         node.train(message([2], 3), run_config, node_config, node.NodeState())  # round 1 is missing
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["zo.params=all"], r"zo\.params='all': use adapter or full"),
+        (["zo.eps=0"], r"num_seeds >= 1, eps > 0 and lr > 0"),
+        (["strategy=median"], r"runs with strategy=fedavg, not strategy=median"),
+        (["privacy=dp"], r"runs with privacy=none, not privacy=dp"),
+        (["compression=int8"], r"runs with compression.down=fp16"),
+        (["personalize.ft_steps=2"], r"personalize\.\* is not available"),
+        (["zo.params=full", "train.precision=bf16"], r"needs train\.precision=fp32 .* round away in bf16"),
+        (["zo.params=full", "peft=prompt_tuning"], r"peft=prompt_tuning would change the model it starts from"),
+        (["zo.params=full", "model.quantization=4bit"], r"use model\.quantization=none"),
+    ],
+)
+def test_what_zeroth_order_cannot_run_with_is_refused_naming_the_key(overrides, message):
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        load_cfg(["algorithm=zo", *overrides])
+
+
+def test_full_parameter_mode_computes_in_fp32_and_a_resume_is_allowed():
+    from fedllm_flwr.config import load_cfg
+
+    assert load_cfg(["algorithm=zo", "zo.params=full"]).train.precision == "fp32"
+    assert load_cfg(["algorithm=zo"]).train.precision == "auto"  # the adapter's own weights are fp32 already
+    assert load_cfg(["algorithm=zo", "zo.params=full", "resume=/somewhere"]).resume == "/somewhere"
+
+
+def test_a_step_without_a_copy_matches_the_exact_step_to_rounding(tiny_model_dir):
+    from fedllm_flwr.zo import step_in_place
+
+    model, batch = _model_and_batch(tiny_model_dir)
+    exact, start = copy.deepcopy(model), copy.deepcopy(model)
+    seed = int(seed_pool(0, 4)[1])
+    g, loss = step_in_place(model, list(model.parameters()), batch, _loss, seed, 1e-3, 1e-3)
+    g_exact, loss_exact = two_point(exact, list(exact.parameters()), batch, _loss, seed, 1e-3)
+    apply_steps(list(exact.parameters()), np.array([seed]), [(0, 1e-3 * g_exact)])
+    assert g == pytest.approx(g_exact, rel=1e-3) and loss == pytest.approx(loss_exact, rel=1e-6)
+    params = (m.parameters() for m in (model, exact, start))
+    for p, q, p0 in (tuple(t.detach() for t in ts) for ts in zip(*params, strict=True)):
+        step = float((q - p0).abs().max())
+        assert step > 0  # the step moved every tensor
+        # The two differ by rounding (the undo's, and g's from the losses' last bits): far below the step.
+        assert float((p - q).abs().max()) <= 1e-2 * step
+
+
+def test_full_weights_are_saved_as_a_model_transformers_loads(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.full_weights import base_weights, save_model
+    from fedllm_flwr.model import build_model, clear_model_cache
+
+    clear_model_cache()
+    cfg = load_cfg([f"model.name={tiny_model_dir}", "algorithm=zo", "zo.params=full"])
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    weights = base_weights(bundle.model)
+    assert all("lora_" not in k and not k.startswith("base_model") for k in weights)
+    apply_steps(list(weights.values()), seed_pool(0, 4), [(1, 0.05)])  # move every base weight
+    saved = save_model(bundle.model, bundle.tokenizer, weights, tmp_path / "model" / "final")
+    loaded = AutoModelForCausalLM.from_pretrained(str(saved), dtype=torch.float32)
+    ids = torch.tensor([bundle.tokenizer.encode("What is 12 + 30?")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, bundle.model(input_ids=ids).logits)
+        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))(ids).logits,
+                                  loaded(ids).logits)  # fmt: skip
+    assert (saved / "tokenizer_config.json").is_file()
+    clear_model_cache()

@@ -164,8 +164,12 @@ class ZoConfig:
 
     params: str = "adapter"
     """What the steps tune: `adapter`, the `peft` adapter's parameters (they stay on
-    the nodes; every node applies the same seed lists to the same initial adapter).
-    (`full`, every base weight, is not built yet.)"""
+    the nodes; every node applies the same seed lists to the same initial adapter), or
+    `full`, every weight of the base model in fp32 (`train.precision=auto` means fp32
+    here: a step of lr * g ~ 1e-7 is below half a bf16 unit of nearly every weight and
+    would round away). With `full`, peft=lora's adapter stays at its zero initial
+    delta, the run saves `model/final` (a transformers model) and each node keeps its
+    copy of the weights in a file of `store_dir`, not in memory between messages."""
     num_seeds: int = 4096
     """K, the pool of candidate seeds; each step draws one of them uniformly."""
     eps: float = 1e-3
@@ -173,11 +177,13 @@ class ZoConfig:
     lr: float = 1e-4
     """Step size (constant): w <- w - lr g z, g the two-point estimate. z moves every
     tuned weight at once, so rates are far below AdamW's."""
+    store_dir: str = ""
+    """zo.params=full: the folder of each node's weight file (one per node, the size
+    of the base in fp32, left behind when a run ends); empty: `zo-weights` in
+    `model.cache_dir`."""
 
     def __post_init__(self) -> None:
-        if self.params not in ("adapter",):
-            raise ValueError(
-                f"zo.params={self.params!r}: use adapter (full-parameter zeroth-order tuning is not built yet)"
-            )
+        if self.params not in ("adapter", "full"):
+            raise ValueError(f"zo.params={self.params!r}: use adapter or full")
         if self.num_seeds < 1 or self.eps <= 0 or self.lr <= 0:
             raise ValueError("zo: num_seeds >= 1, eps > 0 and lr > 0 are required")

@@ -148,8 +148,22 @@ class Config:
                 raise ValueError(
                     f"algorithm=zo federates seed lists, not adapters: it runs with {key}={needed}, not {key}={value}"
                 )
-        if self.personalize.ft_steps or self.personalize.private or self.resume:
-            raise ValueError("algorithm=zo: personalize.* and resume are not available with seed-only messages yet")
+        if self.personalize.ft_steps or self.personalize.private:
+            raise ValueError("algorithm=zo: personalize.* is not available with seed-only messages yet")
+        if self.zo.params == "full":
+            if self.peft.method != "lora":
+                raise ValueError(
+                    f"zo.params=full tunes the base weights under peft=lora's zero initial delta; "
+                    f"peft={self.peft.method} would change the model it starts from"
+                )
+            if self.model.quantization != "none":
+                raise ValueError("zo.params=full tunes the base weights themselves: use model.quantization=none")
+            if self.train.precision in ("bf16", "fp16"):
+                raise ValueError(
+                    f"zo.params=full needs train.precision=fp32 (or auto): steps of ~1e-7 round away in "
+                    f"{self.train.precision}"
+                )
+            self.train.precision = "fp32"  # what `auto` means here (ZoConfig.params)
 
     def _check_reward(self) -> None:
         if self.peft.method not in TARGETED_METHODS:

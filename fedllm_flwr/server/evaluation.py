@@ -81,6 +81,9 @@ class ServerEvaluator:
         self.metric = cfg.dataset.metric
         self.primary = "preference-accuracy" if self.reward else PRIMARY.get(self.metric)
         self.gen_records = [] if self.reward else generation_records(cfg, self.test_records)
+        self.full = cfg.algorithm.name == "zo" and cfg.zo.params == "full"
+        """zo.params=full: the tuned model is the base weights; saved as model/final only
+        (each round's would be the base's size; the checkpoint's seed lists rebuild any)."""
         self.last = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
 
@@ -123,6 +126,11 @@ class ServerEvaluator:
 
     def save(self, folder: str, adapters: dict[str, ArrayRecord]) -> Path:
         main = self.views[0]
+        if self.full:
+            from fedllm_flwr.full_weights import base_weights, save_model
+
+            weights = base_weights(main.bundle.model)
+            return save_model(main.bundle.model, main.bundle.tokenizer, weights, self.run_dir.path / "model" / folder)
         merged = self.merged()
         if merged is not None:  # stacking: the merged delta is the model (the fresh adapter adds B = 0)
             return save_merged(main.bundle.model, self.run_dir.path / "adapter" / folder, merged)
@@ -159,7 +167,7 @@ class ServerEvaluator:
         row.update({"round": server_round, **self.strategy.ledger.pop(server_round), **results})
         if due:
             row["eval-seconds"] = time.perf_counter() - t0
-        if server_round > 0 and (self.cfg.run.save_every_round or last_round):
+        if server_round > 0 and (self.cfg.run.save_every_round or last_round) and not self.full:
             self.save(f"round_{server_round}", adapters)
         now = time.perf_counter()
         row["seconds"] = now - self.last

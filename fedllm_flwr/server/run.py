@@ -74,6 +74,8 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
         run_dir, done, initial_arrays = resume_run(cfg, strategy)
     else:
         run_dir, initial_arrays = RunDir.create(cfg), state_to_arrays(initial)
+    if cfg.algorithm.name == "zo" and cfg.zo.params == "full":
+        zo_full_weights(strategy, bundle, done)
     evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy, views)
     if done:
         evaluator.rows = run_dir.rows()
@@ -151,5 +153,19 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
             "privacy": privacy_summary(cfg, runner),
         }
     )
-    log(INFO, "[fedllm-flwr] done in %.1f s; adapter saved to %s", time.perf_counter() - t_start, final)
+    log(INFO, "[fedllm-flwr] done in %.1f s; %s saved to %s", time.perf_counter() - t_start,
+        "model" if evaluator.full else "adapter", final)  # fmt: skip
     return run_dir
+
+
+def zo_full_weights(strategy, bundle, done: int) -> None:
+    """zo.params=full: the seed lists move the server model's base weights; a resumed
+    run first replays every round it kept onto the base checkpoint's."""
+    from fedllm_flwr.full_weights import base_weights
+
+    strategy.full = list(base_weights(bundle.model).values())
+    if done:
+        t0 = time.perf_counter()
+        steps = strategy.replay()
+        log(INFO, "[fedllm-flwr] zo: replayed %s rounds (%s steps) onto the base weights in %.1f s",
+            done, steps, time.perf_counter() - t0)  # fmt: skip

@@ -9,7 +9,9 @@ own (index, coefficient) pairs, validated (the run's pool, indices inside it, ea
 once, finite coefficients) and averaged with the usual weights, a node that did not
 draw an index counting as 0 for it. The server applies the round's pairs, in index
 order, to its copy of the adapter exactly as every node will, so its evaluation and
-`adapter/final` are of the adapter the nodes hold, bit for bit.
+`adapter/final` are of the adapter the nodes hold, bit for bit. With zo.params=full
+the steps move `full`, the server model's own base weights, in place, and the adapter
+stays the initial one.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class SeedFederation(AdapterFedAvg):
         """Round -> its aggregated (indices, coefficients), every round of the run."""
         self.catch_up = CatchUp()
         self.current: dict[str, np.ndarray] = {}
+        self.full: list[torch.Tensor] | None = None
+        """zo.params=full: the server model's base weights, which the steps move."""
 
     def _wire(self, arrays: ArrayRecord, messages: Iterable[Message], remember: bool = False) -> list[Message]:
         """Each message gets the steps its node lacks and the pool's fingerprint, no adapter."""
@@ -104,10 +108,21 @@ class SeedFederation(AdapterFedAvg):
         for reply in valid:
             self.catch_up.confirm(reply.node_id)
         self.ledger.set(server_round, "zo-seeds", len(indices))
-        # The server's adapter takes the round's steps exactly as every node will.
+        # The server's adapter (or model) takes the round's steps exactly as every node will.
+        if self.full is not None:
+            apply_steps(self.full, self.pool, zip(indices, coefficients, strict=True))
+            return to_arrays(self.current)
         params = [torch.from_numpy(np.array(v, dtype=np.float32)) for v in self.current.values()]
         apply_steps(params, self.pool, zip(indices, coefficients, strict=True))
         return to_arrays({k: p.numpy() for k, p in zip(self.current, params, strict=True)})
+
+    def replay(self) -> int:
+        """zo.params=full, a resumed run: every kept round's steps onto `full` (the base
+        checkpoint's weights), in order. Returns how many steps that took."""
+        assert self.full is not None
+        for t in sorted(self.rounds):
+            apply_steps(self.full, self.pool, zip(*self.rounds[t], strict=True))
+        return sum(len(indices) for indices, _ in self.rounds.values())
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
