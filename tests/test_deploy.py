@@ -37,7 +37,7 @@ def test_sites_need_a_server_test_file():
         load_cfg(["dataset.source=sites"])
 
 
-def test_authenticated_sites_federate_and_an_unregistered_node_is_refused(tiny_model_dir, tmp_path):
+def test_authenticated_sites_federate_adapters_and_seed_lists_and_an_unregistered_node_is_refused(tiny_model_dir, tmp_path):
     sites = [
         write_site(tmp_path / "site_a.jsonl", "add", 30, 1),
         write_site(tmp_path / "site_b.jsonl", "reverse", 50, 2),
@@ -69,6 +69,15 @@ def test_authenticated_sites_federate_and_an_unregistered_node_is_refused(tiny_m
         result = dep.run(ROOT, overrides.replace("run.name=d", "run.name=s") + " privacy=secagg num_rounds=1",
                          timeout=400)  # fmt: skip
         assert "[fedllm-flwr] done in" in result.stdout, result.stdout[-3000:]
+        # Zeroth-order on every base weight: each message is a fresh ClientApp process, so
+        # a node's weights live in its weight file; round 1's steps reach it with round 2.
+        zo = f"algorithm=zo zo.params=full zo.store_dir={tmp_path / 'store'}"
+        result = dep.run(ROOT, overrides.replace("run.name=d", "run.name=z") + f" {zo}", timeout=400)
+        assert "[fedllm-flwr] done in" in result.stdout, result.stdout[-3000:]
+    zo_rows = run_rows(out / "z")
+    assert [r["clients-ok"] for r in zo_rows[1:]] == [2, 2] and all(r["bytes-up"] < 40_000 for r in zo_rows[1:])
+    assert len(list((tmp_path / "store").glob("*.safetensors"))) == 2
+    assert (out / "z" / "model" / "final" / "config.json").is_file()
     secure = run_rows(out / "s")[1]
     assert secure["clients-ok"] == 2 and secure["clients-failed"] == 0 and secure["secagg-clients"] == 2
     rows = run_rows(out / "d")
