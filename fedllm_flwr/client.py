@@ -287,14 +287,16 @@ def zo_full_catch_up(
     model (from `store`, tagged `fingerprint`; before any round, the base checkpoint's),
     apply the aggregated `steps` of the rounds past `kept_round` and keep the result in
     `store`. (The new fingerprint, the rounds applied.)"""
-    from fedllm_flwr.full_weights import base_weights, chain, pristine, reset_to
+    from fedllm_flwr.full_weights import base_weights, chain, reset_to, reset_to_base
     from fedllm_flwr.zo import apply_steps, pool_id
 
     seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     weights = base_weights(bundle.model)
-    reset_to(weights, store.load(fingerprint) if kept_round else pristine(bundle.base_path))
-    if kept_round == 0:
+    if kept_round:
+        reset_to(weights, store.load(fingerprint))
+    else:
+        reset_to_base(weights, bundle.base_path)
         fingerprint = pool_id(seeds)
     for t, indices, coefficients in rounds:
         apply_steps(list(weights.values()), seeds, zip(indices, coefficients, strict=True))

@@ -44,11 +44,29 @@ def reset_to(weights: dict[str, torch.nn.Parameter], source: dict[str, torch.Ten
 
 
 def pristine(base_path: str) -> dict[str, torch.Tensor]:
-    """The base checkpoint's weights in fp32, as transformers loads them."""
+    """The base checkpoint's weights in fp32, as transformers loads them (a whole
+    second model in memory while it lasts: `reset_to_base` avoids that)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def reset_to_base(weights: dict[str, torch.nn.Parameter], base_path: str) -> None:
+    """Copy the base checkpoint's weights into `weights`, one tensor at a time from its
+    safetensors files where they hold every one (a converted GGUF's do), else through
+    `pristine`."""
+    from safetensors import safe_open
+
+    files = sorted(Path(base_path).glob("*.safetensors")) if Path(base_path).is_dir() else []
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 (not a dict)
+    if not set(weights) <= set(where):
+        reset_to(weights, pristine(base_path))
+        return
+    for name, param in weights.items():
+        param.copy_(where[name].get_tensor(name))
 
 
 def chain(previous: str, server_round: int, indices: np.ndarray, coefficients: np.ndarray) -> str:

@@ -37,7 +37,7 @@ def test_sites_need_a_server_test_file():
         load_cfg(["dataset.source=sites"])
 
 
-def test_authenticated_sites_federate_adapters_and_seed_lists_and_an_unregistered_node_is_refused(tiny_model_dir, tmp_path):
+def test_authenticated_sites_federate_adapters_and_seed_lists_an_unknown_node_is_refused(tiny_model_dir, tmp_path):
     sites = [
         write_site(tmp_path / "site_a.jsonl", "add", 30, 1),
         write_site(tmp_path / "site_b.jsonl", "reverse", 50, 2),
