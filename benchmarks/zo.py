@@ -1,23 +1,27 @@
 """Zeroth-order federation with seed-only messages against federated LoRA with backprop.
 
-    python benchmarks/zo.py --out ~/fedllm-flwr/zo [--lora-rounds 3] [--zo-rounds 30]
-        [--zo-steps 10] [-- OVERRIDES]
+    python benchmarks/zo.py --out ~/fedllm-flwr/zo [--lora-rounds 3] [--zo-rounds 40]
+        [--zo-steps 50] [--zo-every 5] [--zo-lr 5e-4] [--zo-eps 1e-2] [--full-rounds 5]
+        [--full-steps 20] [--full-lr 1e-5] [--full-eps 1e-3] [-- OVERRIDES]
 
-Two jobs on the default task (SmolLM2-135M-Instruct, the built-in offline task, 2
+Three jobs on the default task (SmolLM2-135M-Instruct, the built-in offline task, 2
 simulated SuperNodes), each a `flwr run` on a private SuperLink stopped by PID at the
 end; a job whose run folder already holds a summary is read, not run again:
 
 - `lora`: the default job (LoRA, AdamW with backprop, `train.local_steps` steps a round);
-- `zo`: `algorithm=zo` on the same LoRA adapter, `--zo-steps` MeZO steps a round, for
-  `--zo-rounds` rounds (zeroth-order needs many more steps: the estimate is a single
-  random direction's).
+- `zo`: `algorithm=zo` on the same LoRA adapter, `--zo-steps` MeZO steps a round for
+  `--zo-rounds` rounds, evaluated every `--zo-every` rounds (zeroth-order needs many
+  more steps: each estimate is along one random direction);
+- `zo-full`: `zo.params=full`, every base weight in fp32, `--full-steps` steps a round
+  for `--full-rounds` rounds (each step draws z for 135M weights three times).
 
 Reports per job: bytes per client per round each way (training and evaluation
-messages), peak memory per client, seconds per round, and accuracy and eval loss per
-round; then both at equal rounds and at equal wall time (the zo run's first round at
-or past the lora run's total time). Writes OUT/results.json, OUT/results.md and
-OUT/curves.png (eval loss and accuracy by round and by wall seconds) and prints the
-results as one JSON object. Not a test.
+messages), peak memory per client, seconds per round (training: a round's seconds
+less the server's evaluation), and accuracy and eval loss where evaluated; then at
+equal rounds and at equal training wall time (the first evaluated round at or past
+the lora run's). Writes OUT/results.json, OUT/results.md and OUT/curves.png (eval
+loss and accuracy by round and by training seconds) and prints the results as one
+JSON object. Not a test.
 """
 
 from __future__ import annotations
@@ -40,42 +44,58 @@ def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     trained = rows[1:]
     elapsed, total = [], 0.0
-    for r in rows:
-        total += r["seconds"]
+    for r in rows:  # training time: the server's evaluation (every round for lora) is left out
+        total += r["seconds"] - (r.get("eval-seconds") or 0.0) if r["round"] else 0.0
         elapsed.append(round(total, 1))
     return {
         "rounds": len(trained),
+        "overrides": overrides,
+        "steps_per_round": int(
+            next(o.split("=")[1] for o in [*overrides, "train.local_steps=10"] if o.startswith("train.local_steps="))
+        ),  # fmt: skip
         "accuracy": [r.get("accuracy") for r in rows],
         "eval_loss": [r.get("eval-loss") for r in rows],
+        "train_loss": [r.get("train-loss") for r in rows],
         "wall_seconds": elapsed,
-        "seconds_per_round": statistics.mean(r["seconds"] for r in trained),
+        "seconds_per_round": statistics.mean(r["seconds"] - (r.get("eval-seconds") or 0.0) for r in trained),
         "bytes_down": statistics.mean((r["bytes-down"] + r["eval-bytes-down"]) / r["clients-sampled"] for r in trained),
         "bytes_up": statistics.mean(r["bytes-up"] / r["clients-ok"] for r in trained),
         "peak_memory_mb": max(r["peak-memory-mb"] for r in trained),
     }
 
 
-def at_time(run: dict, seconds: float) -> int:
-    """The first round whose row was written at or after `seconds` (else the last)."""
-    return next((i for i, t in enumerate(run["wall_seconds"]) if t >= seconds), len(run["wall_seconds"]) - 1)
+def evaluated_at_or_after(run: dict, key: str, value: float) -> int:
+    """The first evaluated round whose `key` ("rounds" or "wall_seconds") is at or
+    past `value`, else the last evaluated round."""
+    evaluated = [i for i, loss in enumerate(run["eval_loss"]) if loss is not None]
+    position = (lambda i: i) if key == "rounds" else (lambda i: run["wall_seconds"][i])
+    return next((i for i in evaluated if position(i) >= value), evaluated[-1])
+
+
+def first_below(run: dict, loss: float) -> int | None:
+    """The first evaluated round whose eval loss is at or below `loss`."""
+    return next((i for i, v in enumerate(run["eval_loss"]) if v is not None and v <= loss), None)
 
 
 def markdown(results: dict) -> str:
-    lora, zo = results["lora"], results["zo"]
-    same = min(lora["rounds"], zo["rounds"])
-    timed = at_time(zo, lora["wall_seconds"][-1])
-    header = ["job", "bytes down / client / round", "bytes up / client / round", "peak memory / client (MB)",
-              "s / round", f"round {same}: accuracy, eval loss", "at the lora run's time: round, accuracy, eval loss",
-              "last round: accuracy, eval loss"]  # fmt: skip
+    lora = results["lora"]
+    header = ["job", "steps / client / round", "bytes down / client / round", "bytes up / client / round",
+              "peak memory / client (MB)", "training s / round", f"round {lora['rounds']}: accuracy, eval loss",
+              "at lora's training time: round, accuracy, eval loss", "last round: round, accuracy, eval loss",
+              "first round at lora round 1's eval loss"]  # fmt: skip
     rows = []
     for name, r in results.items():
-        t = timed if name == "zo" else r["rounds"]
+        same = evaluated_at_or_after(r, "rounds", lora["rounds"])
+        timed = evaluated_at_or_after(r, "wall_seconds", lora["wall_seconds"][-1])
+        last = evaluated_at_or_after(r, "rounds", r["rounds"])
+        reached = first_below(r, lora["eval_loss"][1])
         rows.append([
-            name, cell(r["bytes_down"], ",.0f"), cell(r["bytes_up"], ",.0f"), cell(r["peak_memory_mb"], ".0f"),
-            cell(r["seconds_per_round"], ".1f"),
-            f"{cell(r['accuracy'][same], '.2f')}, {cell(r['eval_loss'][same], '.4f')}",
-            f"{t}, {cell(r['accuracy'][t], '.2f')}, {cell(r['eval_loss'][t], '.4f')}",
-            f"{cell(r['accuracy'][-1], '.2f')}, {cell(r['eval_loss'][-1], '.4f')}",
+            name, str(r["steps_per_round"]), cell(r["bytes_down"], ",.0f"), cell(r["bytes_up"], ",.0f"),
+            cell(r["peak_memory_mb"], ".0f"), cell(r["seconds_per_round"], ".1f"),
+            f"{same}: {cell(r['accuracy'][same], '.2f')}, {cell(r['eval_loss'][same], '.4f')}",
+            f"{timed}: {cell(r['accuracy'][timed], '.2f')}, {cell(r['eval_loss'][timed], '.4f')}",
+            f"{last}: {cell(r['accuracy'][last], '.2f')}, {cell(r['eval_loss'][last], '.4f')}",
+            "-" if reached is None else f"{reached} ({reached * r['steps_per_round']} steps)",
         ])  # fmt: skip
     return "\n".join(markdown_table(header, rows)) + "\n"
 
@@ -88,14 +108,15 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 6))
     for name, r in results.items():
-        rounds = range(len(r["eval_loss"]))
         for row, key in enumerate(("eval_loss", "accuracy")):
-            axes[row][0].plot(rounds, r[key], label=name)
-            axes[row][1].plot(r["wall_seconds"], r[key], label=name)
+            points = [(i, v) for i, v in enumerate(r[key]) if v is not None]
+            axes[row][0].plot([i for i, _ in points], [v for _, v in points], marker=".", label=name)
+            axes[row][1].plot([r["wall_seconds"][i] for i, _ in points], [v for _, v in points], marker=".", label=name)
     for row, label in enumerate(("eval loss", "accuracy")):
         axes[row][0].set_ylabel(label)
+        axes[row][1].set_xscale("log")
     axes[1][0].set_xlabel("round")
-    axes[1][1].set_xlabel("wall seconds")
+    axes[1][1].set_xlabel("training seconds (log)")
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -106,18 +127,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lora-rounds", type=int, default=3)
-    parser.add_argument("--zo-rounds", type=int, default=30)
-    parser.add_argument("--zo-steps", type=int, default=10, help="MeZO steps per client per round")
-    parser.add_argument("extra", nargs="*", help="Hydra overrides added to both jobs")
+    parser.add_argument("--zo-rounds", type=int, default=40)
+    parser.add_argument("--zo-steps", type=int, default=50, help="MeZO steps per client per round")
+    parser.add_argument("--zo-every", type=int, default=5, help="evaluate the zo job every N rounds")
+    parser.add_argument("--full-rounds", type=int, default=5, help="zo.params=full rounds (0: no such job)")
+    parser.add_argument("--full-steps", type=int, default=20)
+    parser.add_argument("--zo-lr", default="5e-4", help="zo.lr of the zo job (the adapter)")
+    parser.add_argument("--zo-eps", default="1e-2")
+    parser.add_argument("--full-lr", default="1e-5", help="zo.lr of the zo-full job (every base weight)")
+    parser.add_argument("--full-eps", default="1e-3")
+    parser.add_argument("extra", nargs="*", help="Hydra overrides added to every job")
     args = parser.parse_args()
-    if min(args.lora_rounds, args.zo_rounds, args.zo_steps) < 1:
-        parser.error("--lora-rounds, --zo-rounds and --zo-steps must be >= 1")
+    if min(args.lora_rounds, args.zo_rounds, args.zo_steps, args.zo_every, args.full_steps) < 1 or args.full_rounds < 0:
+        parser.error("rounds, steps and --zo-every must be >= 1 (--full-rounds >= 0)")
     out = args.out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    zo = ["algorithm=zo", f"eval.every={args.zo_every}"]
     jobs = {
         "lora": [f"num_rounds={args.lora_rounds}"],
-        "zo": ["algorithm=zo", f"num_rounds={args.zo_rounds}", f"train.local_steps={args.zo_steps}"],
-    }
+        "zo": [*zo, f"num_rounds={args.zo_rounds}", f"train.local_steps={args.zo_steps}", f"zo.lr={args.zo_lr}",
+               f"zo.eps={args.zo_eps}"],
+        "zo-full": [*zo, "zo.params=full", f"num_rounds={args.full_rounds}", f"train.local_steps={args.full_steps}",
+                    f"zo.lr={args.full_lr}", f"zo.eps={args.full_eps}", f"zo.store_dir={out / 'weights'}"],
+    }  # fmt: skip
+    if not args.full_rounds:
+        del jobs["zo-full"]
     results = {}
     with tempfile.TemporaryDirectory(prefix="fedllm-zo-") as tmp, LocalSimulation(Path(tmp)) as sim:
         for name, overrides in jobs.items():
