@@ -14,6 +14,7 @@ data) never loads torch or the model.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ class NodeState:
     zo_round: int = 0
     zo_count: int = 0
     """algorithm=zo: how many rounds' steps `zo_adapter` has applied."""
+    zo_seconds: float = 0.0
+    """algorithm=zo: how long this message's catch-up took (not kept)."""
     zo_weights: str = ""
     """zo.params=full: "<store file>:<fingerprint>" of this node's global weights
     (`full_weights.WeightStore`: kept on disk, not in the context)."""
@@ -95,6 +98,7 @@ class NodeState:
         from fedllm_flwr.client import zo_catch_up, zo_full_catch_up
         from fedllm_flwr.transport import arrays_to_state, state_to_arrays
 
+        started = time.perf_counter()
         steps = {k: v.numpy() for k, v in content[ZO_STEPS_KEY].items()}
         config = content["config"]
         pool = str(config[ZO_POOL_KEY])
@@ -119,6 +123,7 @@ class NodeState:
         else:
             self.zo_weights = f"{name}:{fingerprint}"
         self.zo_count, self.zo_round = count, max(applied, default=self.zo_round)
+        self.zo_seconds = time.perf_counter() - started
         return state
 
     def merge(self, content: RecordDict):
@@ -278,6 +283,7 @@ def _zo_train(cfg, content: RecordDict, node: NodeState, partition_id: int, num_
     state = node.zo_catch_up(cfg, content)
     server_round = int(content["config"][SERVER_ROUND_KEY])
     coefficients, metrics = zo_local_round(cfg, state, server_round, partition_id, num_partitions)
+    metrics["catch-up-seconds"] = node.zo_seconds  # applying the rounds the message carried (and, full: load, save)
     indices = np.array(sorted(coefficients), dtype=np.int64)
     values = np.array([coefficients[i] for i in indices], dtype=np.float64)
     return RecordDict(

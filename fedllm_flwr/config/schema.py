@@ -138,6 +138,7 @@ class Config:
             raise ValueError(f"strategy={s} needs algorithm=none (FedOT's emulator adapters are not combined here)")
 
     def _check_zo(self) -> None:
+        self.zo.resolve()
         others = {
             "scenario": (self.scenario.name, "fed"), "strategy": (self.strategy.name, "fedavg"),
             "task": (self.task.name, "lm"), "privacy": (self.privacy.name, "none"),

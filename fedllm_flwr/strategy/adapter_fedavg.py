@@ -412,7 +412,7 @@ def _partition(content: RecordDict) -> int:
 
 SUMMED = ("num-examples", "tokens", "examples-seen", "skipped-steps")
 MAXED = ("seconds", "peak-memory-mb", "model-layers", "model-parameters", "model-load-seconds",
-         "process-start-seconds")  # fmt: skip
+         "process-start-seconds", "catch-up-seconds")  # fmt: skip
 IDENTIFIERS = ("partition-id",)
 
 
