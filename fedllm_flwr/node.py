@@ -102,6 +102,11 @@ class NodeState:
         steps = {k: v.numpy() for k, v in content[ZO_STEPS_KEY].items()}
         config = content["config"]
         pool = str(config[ZO_POOL_KEY])
+        count = self.zo_count + len(np.unique(steps["rounds"][steps["rounds"] > self.zo_round]))
+        if count != int(config[ROUNDS_HELD_KEY]):  # checked before anything is applied or stored
+            raise ValueError(
+                f"this node has applied {count} rounds' steps and the global model {config[ROUNDS_HELD_KEY]}"
+            )
         state = None
         if cfg.zo.params == "full":
             from fedllm_flwr.full_weights import WeightStore, store_folder
@@ -113,11 +118,6 @@ class NodeState:
         else:
             kept = arrays_to_state(self.zo_adapter) if self.zo_adapter is not None else None
             state, applied = zo_catch_up(cfg, kept, self.zo_round, steps, pool)
-        count = self.zo_count + len(applied)
-        if count != int(config[ROUNDS_HELD_KEY]):
-            raise ValueError(
-                f"this node has applied {count} rounds' steps and the global model {config[ROUNDS_HELD_KEY]}"
-            )
         if state is not None:
             self.zo_adapter = state_to_arrays(state)
         else:
@@ -214,8 +214,8 @@ def evaluate(content: RecordDict, run_config: Config, node_config: Config, node:
 
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
-    if cfg.algorithm.name == "zo":
-        received = node.zo_catch_up(cfg, content)
+    if cfg.algorithm.name == "zo":  # zo.params=full: the weights are in the model, the adapter is the initial one
+        received = node.zo_catch_up(cfg, content) or {}
     else:
         received = unpack_state(content, codec=codecs(cfg.compression)[0])
     merged = _merged(cfg, content, node)

@@ -457,6 +457,7 @@ def test_zeroth_order_on_every_base_weight_stops_resumes_and_saves_a_transformer
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:  # round 2's nodes are new: they caught up on round 1 and their replies were taken
         assert r["clients-ok"] == 2 and not r.get("clients-dropped") and finite(r["train-loss"], 0), r
+        assert finite(r["client-eval-loss"], 0), r  # the nodes scored the global weights on their held-out data
         assert 0 < r["bytes-down"] / 2 < 20_000 and 0 < r["bytes-up"] / 2 < 20_000, r
     assert len(list(store.glob("*.safetensors"))) == 4  # one weight file per node of each run
     assert not (out / "full" / "adapter").exists()

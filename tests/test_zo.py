@@ -204,6 +204,9 @@ def test_a_node_that_missed_a_round_catches_up_to_the_same_bits(tiny_model_dir, 
     )
     with pytest.raises(ValueError, match="this node has applied 1 rounds' steps and the global model 2"):
         node.train(message([2], 3), run_config, node_config, node.NodeState())  # round 1 is missing
+    # An evaluation message brings the same catch-up; the node scores the global model on its held-out split.
+    scored = node.evaluate(message([1, 2], 3), run_config, node_config, fresh := node.NodeState())["metrics"]
+    assert np.isfinite(scored["eval-loss"]) and scored["num-examples"] > 0 and fresh.zo_count == 2
 
 
 @pytest.mark.parametrize(
