@@ -138,10 +138,16 @@ def local_evaluate(
         return {"num-examples": 0, "partition-id": partition_id}
     set_adapter_state(bundle.model, bundle.complete(private or {}, state))
     set_merged(bundle.model, merged)
-    if cfg.task.name == "reward":
+    if cfg.task.name in ("reward", "dpo"):
+        from fedllm_flwr.dpo import evaluate_dpo
         from fedllm_flwr.reward import evaluate_preferences
 
-        scores = evaluate_preferences(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
+        pad = bundle.tokenizer.pad_token_id
+        scores = (
+            evaluate_dpo(bundle.model, data.holdout, pad, cfg.dpo_loss, cfg.eval.batch_size)
+            if cfg.task.name == "dpo"
+            else evaluate_preferences(bundle.model, data.holdout, pad, cfg.eval.batch_size)
+        )
         return {
             "eval-loss": scores["eval-loss"],
             "eval-preference-accuracy": scores["preference-accuracy"],
@@ -160,9 +166,14 @@ def local_evaluate(
 def _task_fns(cfg: Config):
     """(collate_fn, loss_fn, items_fn) of the configured task (None, None,
     response_tokens: prompt-masked LM examples)."""
-    if cfg.task.name != "reward":
+    if cfg.task.name == "lm":
         return None, None, response_tokens
     from fedllm_flwr.data.pairs import collate_pairs, pair_count
+
+    if cfg.task.name == "dpo":
+        from fedllm_flwr.dpo import dpo_loss_fn
+
+        return collate_pairs, dpo_loss_fn(cfg.dpo_loss, cfg.train.response_logits), pair_count
     from fedllm_flwr.reward import reward_loss_fn
 
     return collate_pairs, reward_loss_fn(cfg.reward_loss), pair_count

@@ -1,5 +1,6 @@
 """The language-model loss of a prompt-masked batch: what training minimizes and
-held-out evaluation reports (`train.py` and `evaluate/loss.py` both use it)."""
+held-out evaluation reports (`train.py` and `evaluate/loss.py` both use it), and the
+log-probability of each row's response (task=dpo, `dpo.py`)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,30 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], response_log
     keep = targets != IGNORE_INDEX
     logits = head(hidden.last_hidden_state[:, :-1][keep])
     return F.cross_entropy(logits.float(), targets[keep])
+
+
+def sequence_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], response_logits: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each row's labelled tokens, summed, in fp32; how many there are).
+
+    The head runs at the labelled positions alone where `lm_loss` would. Otherwise
+    (prompt learning, capped heads) the model's own logits are used, their last
+    `input_ids` positions (prompt learning puts its virtual tokens first)."""
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    parts = _backbone(model) if response_logits else None
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1][keep]
+    else:
+        decoder, head = parts
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits = head(hidden.last_hidden_state[:, :-1][keep])
+    per_token = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=per_token.device).index_add(0, rows, per_token)
+    return sums, keep.sum(dim=1)
 
 
 def response_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -315,7 +315,7 @@ def build_model(
     The adapter is initialised from `seed`, so the server's initial adapter is
     reproducible; clients overwrite it with the state the server sends. Every
     caller shares one model per configuration; an `owner` (a client, under
-    `model.share_base=false`) gets a model of its own. `task` is `lm` (a causal
+    `model.share_base=false`) gets a model of its own. `task` is `lm` or `dpo` (a causal
     LM) or `reward` (a sequence scorer whose head trains with the adapter).
     """
     device = default_device()

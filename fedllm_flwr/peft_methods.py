@@ -96,7 +96,7 @@ BUILDERS: dict[str, Callable[[AdapterConfig, str], PeftConfig]] = {
 
 #: peft's task type for each of our tasks. A SEQ_CLS adapter also trains and saves
 #: the classification head (`score` on Llama models) through peft's modules_to_save.
-TASK_TYPES = {"lm": "CAUSAL_LM", "reward": "SEQ_CLS"}
+TASK_TYPES = {"lm": "CAUSAL_LM", "reward": "SEQ_CLS", "dpo": "CAUSAL_LM"}
 
 
 def peft_config(cfg: AdapterConfig, base_path: str, task: str = "lm") -> PeftConfig:

@@ -472,11 +472,16 @@ def test_zeroth_order_on_every_base_weight_stops_resumes_and_saves_a_transformer
     AutoModelForCausalLM.from_pretrained(str(out / "full" / "model" / "final"))
 
 
-@pytest.mark.parametrize("scenario", ["fed", "local", "global"])
-def test_a_reward_model_federates_and_reports_preference_accuracy(sim, tiny_model_dir, tmp_path, scenario):
+@pytest.mark.parametrize(
+    ("task", "scenario"), [("reward", "fed"), ("reward", "global"), ("dpo", "local"), ("dpo", "fed")]
+)
+def test_preference_tasks_federate_and_report_preference_accuracy(sim, tiny_model_dir, tmp_path, task, scenario):
+    """A reward model and DPO on the preference pairs: every scenario runs with pairs
+    once (the scenarios do not depend on the task), DPO in two."""
     out = tmp_path / "runs"
+    loss = "reward_loss=hinge" if task == "reward" else "dpo_loss=ipo"
     overrides = " ".join(
-        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "task=reward", "reward_loss=hinge",
+        [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"task={task}", loss,
          f"scenario={scenario}", f"run.output_dir={out}", "run.name=rm"]
     )  # fmt: skip
     result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
@@ -491,10 +496,15 @@ def test_a_reward_model_federates_and_reports_preference_accuracy(sim, tiny_mode
         assert "client_1-held-out-preference-accuracy" in rows[-1]
     summary = json.loads((out / "rm" / "summary.json").read_text())
     assert summary["metric"] == "preference-accuracy" and summary["score-final"] == rows[-1]["preference-accuracy"]
-    from peft import AutoPeftModelForSequenceClassification
-
     final = out / "rm" / "adapter" / "final" / ("client_0" if scenario == "local" else "")
-    AutoPeftModelForSequenceClassification.from_pretrained(str(final), num_labels=1)
+    if task == "dpo":  # greedy answers scored against both responses before training and at the end
+        assert abs(rows[0]["margin"]) < 1e-6  # the policy starts as its reference
+        assert all(finite(rows[k]["closer-to-chosen"], 0, 1) for k in (0, -1)) and "closer-to-chosen" not in rows[1]
+        AutoPeftModelForCausalLM.from_pretrained(str(final))
+    else:
+        from peft import AutoPeftModelForSequenceClassification
+
+        AutoPeftModelForSequenceClassification.from_pretrained(str(final), num_labels=1)
 
 
 def test_differential_privacy_clips_noises_and_accounts_every_round(sim, tiny_model_dir, tmp_path):

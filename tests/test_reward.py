@@ -11,7 +11,7 @@ from conftest import TINY_OVERRIDES
 from fedllm_flwr.client import local_evaluate, local_train
 from fedllm_flwr.config import REWARD_LOSSES, RewardLossConfig, load_cfg
 from fedllm_flwr.data import client_data, records
-from fedllm_flwr.data.pairs import PairSet, collate_pairs
+from fedllm_flwr.data.pairs import Pair, PairSet, collate_pairs
 from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.data.synthetic import TASKS, generate, wrong_answer
 from fedllm_flwr.errors import UserError
@@ -134,7 +134,7 @@ class FixedScores(torch.nn.Module):
 
 def test_preference_accuracy_and_margin_are_counted_over_pairs():
     data = PairSet.__new__(PairSet)
-    data.pairs, data.dropped = [([5], [3]), ([2], [4]), ([9], [1]), ([7], [7, 1])], 0
+    data.pairs, data.dropped = [Pair([5], [3], 0), Pair([2], [4], 0), Pair([9], [1], 0), Pair([7], [7, 1], 0)], 0
     scores = evaluate_preferences(FixedScores(), data, pad_id=0, batch_size=3)
     assert scores["preference-accuracy"] == 0.5  # 5 > 3, 9 > 1; 2 < 4 and 7 = 7 are not wins
     assert scores["margin"] == pytest.approx((2 - 2 + 8 + 0) / 4) and scores["pairs"] == 4

@@ -156,11 +156,19 @@ def _reward_rows(cfg, bundle):
     return micro, [collate_pairs(rows, pad)], {"loss_fn": reward_loss_fn(cfg.reward_loss), "items_fn": pair_count}
 
 
-@pytest.mark.parametrize(("task", "rows"), [("lm", _lm_rows), ("reward", _reward_rows)])
+def _dpo_rows(cfg, bundle):
+    """Micro-batches of 1 pair and 3 pairs, under the DPO loss (policy against the adapter-off reference)."""
+    from fedllm_flwr.dpo import dpo_loss_fn
+
+    micro, whole, kwargs = _reward_rows(cfg, bundle)
+    return micro, whole, {**kwargs, "loss_fn": dpo_loss_fn(cfg.dpo_loss)}
+
+
+@pytest.mark.parametrize(("task", "rows"), [("lm", _lm_rows), ("reward", _reward_rows), ("dpo", _dpo_rows)])
 def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(tiny_cfg, monkeypatch, task, rows):
     """Each micro-batch counts by its items (response tokens; pairs), not as an equal share."""
     clear_model_cache()
-    cfg = tiny_cfg("peft.dropout=0", "train.precision=fp32", *(["task=reward"] if task == "reward" else []))
+    cfg = tiny_cfg("peft.dropout=0", "train.precision=fp32", *([f"task={task}"] if task != "lm" else []))
     bundle = build_model(cfg.model, cfg.peft, "fp32", cfg.seed, task=task)
     torch.manual_seed(0)
     with torch.no_grad():  # LoRA's B starts at zero, which would leave A without a gradient

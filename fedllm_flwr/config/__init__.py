@@ -1,7 +1,7 @@
 """Typed config: one module per family of groups, the whole schema, and the Hydra bridge.
 
 - `model`: `model.*`, `peft.*`;  `data`: `dataset.*`;
-  `training`: `train.*`, `eval.*`, `task.*`, `reward_loss.*`;
+  `training`: `train.*`, `eval.*`, `task.*`, `reward_loss.*`, `dpo_loss.*`;
   `federation`: `strategy.*`, `personalize.*`, `algorithm.*`, `scenario.*`;
   `messages`: `compression.*`, `privacy.*`;  `run`: `run.*`, `sweep.*`;
 - `schema`: `Config`, every group together and the rules that span groups;
@@ -38,7 +38,15 @@ from fedllm_flwr.config.model import (
 )
 from fedllm_flwr.config.run import RunConfig, SweepConfig
 from fedllm_flwr.config.schema import Config
-from fedllm_flwr.config.training import REWARD_LOSSES, EvalConfig, RewardLossConfig, TaskConfig, TrainConfig
+from fedllm_flwr.config.training import (
+    DPO_LOSSES,
+    REWARD_LOSSES,
+    DpoLossConfig,
+    EvalConfig,
+    RewardLossConfig,
+    TaskConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -48,6 +56,8 @@ __all__ = [
     "OVERRIDES_KEY",
     "PEFT_METHODS",
     "REWARD_LOSSES",
+    "DPO_LOSSES",
+    "DpoLossConfig",
     "RANKED_STRATEGIES",
     "STRATEGIES",
     "TARGETED_METHODS",

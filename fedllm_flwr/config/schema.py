@@ -23,7 +23,7 @@ from fedllm_flwr.config.federation import (
 from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
 from fedllm_flwr.config.model import LAYERED_METHODS, LORA_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
 from fedllm_flwr.config.run import RunConfig, SweepConfig
-from fedllm_flwr.config.training import EvalConfig, RewardLossConfig, TaskConfig, TrainConfig
+from fedllm_flwr.config.training import DpoLossConfig, EvalConfig, RewardLossConfig, TaskConfig, TrainConfig
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     reward_loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    dpo_loss: DpoLossConfig = field(default_factory=DpoLossConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -94,6 +95,8 @@ class Config:
             self._check_zo()
         if self.task.name == "reward":
             self._check_reward()
+        if self.task.name == "dpo":
+            self._check_dpo()
         if self.privacy.name != "none":
             self._check_privacy()
         if self.resume and self.personalize.private:
@@ -177,6 +180,18 @@ class Config:
         if self.personalize.ft_steps or self.eval.client_metric:
             raise ValueError(
                 "task=reward: clients always report preference accuracy on their held-out pairs; "
+                "personalize.ft_steps and eval.client_metric apply to task=lm"
+            )
+
+    def _check_dpo(self) -> None:
+        if self.algorithm.name != "none":
+            raise ValueError(
+                f"task=dpo takes its reference from the full base model with the adapter off; "
+                f"algorithm={self.algorithm.name} trains elsewhere (use algorithm=none)"
+            )
+        if self.personalize.ft_steps or self.eval.client_metric:
+            raise ValueError(
+                "task=dpo: clients always report implicit-reward accuracy on their held-out pairs; "
                 "personalize.ft_steps and eval.client_metric apply to task=lm"
             )
 

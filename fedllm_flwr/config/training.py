@@ -1,4 +1,4 @@
-"""How a client trains and how results are scored: `train.*`, `eval.*`, `task.*`, `reward_loss.*`."""
+"""How a client trains and how results are scored: `train.*`, `eval.*`, `task.*`, `reward_loss.*`, `dpo_loss.*`."""
 
 from __future__ import annotations
 
@@ -97,11 +97,15 @@ class TaskConfig:
     whole sequence (the last non-padding token's hidden state); the head trains
     with the adapter and travels with it. Trained on (prompt, chosen, rejected)
     pairs with `reward_loss`; scored by preference accuracy (r_chosen >
-    r_rejected) and mean margin on held-out pairs."""
+    r_rejected) and mean margin on held-out pairs. `dpo`: direct preference
+    optimisation of the language model itself on the same pairs, with `dpo_loss`;
+    the reference policy is the base with the adapter switched off (no second model
+    held). Scored by implicit-reward accuracy and margin, and at the end by how often
+    greedy answers are closer to the chosen than to the rejected response."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("lm", "reward"):
-            raise ValueError(f"task.name={self.name!r}: use lm or reward")
+        if self.name not in ("lm", "reward", "dpo"):
+            raise ValueError(f"task.name={self.name!r}: use lm, reward or dpo")
 
 
 #: Pairwise reward losses (conf/reward_loss/; fedllm_flwr/reward.py).
@@ -133,3 +137,34 @@ class RewardLossConfig:
             raise ValueError(f"reward_loss.name={self.name!r}: use one of {', '.join(REWARD_LOSSES)}")
         if self.margin <= 0 or not 0 <= self.label_smoothing < 0.5 or self.gamma < 0:
             raise ValueError("reward_loss: margin > 0, label_smoothing in [0, 0.5) and gamma >= 0 are required")
+
+
+#: Preference-optimisation losses (conf/dpo_loss/; fedllm_flwr/dpo.py).
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")
+
+
+@dataclass
+class DpoLossConfig:
+    """The loss of task=dpo on h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)),
+    the log-probabilities summed over response tokens (TRL's definitions)."""
+
+    name: str = "sigmoid"
+    """`sigmoid`: -log sigmoid(beta h) (DPO); with `label_smoothing` e,
+    -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h), conservative DPO (cDPO).
+    `hinge`: max(0, 1 - beta h) (SLiC). `ipo`: (h_avg - 1 / (2 beta))^2 with h_avg
+    the log-ratios averaged over each response's tokens (IPO, normalised as TRL
+    does). `robust`: (-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2e),
+    unbiased under labels flipped with probability e (rDPO)."""
+    beta: float = 0.1
+    """How far from the reference the policy may move (IPO's tau): the scale of the
+    implicit reward beta (log pi - log ref)."""
+    label_smoothing: float = 0.0
+    """sigmoid and robust: e, the assumed chance that a pair's preference is flipped."""
+
+    def __post_init__(self) -> None:
+        if self.name not in DPO_LOSSES:
+            raise ValueError(f"dpo_loss.name={self.name!r}: use one of {', '.join(DPO_LOSSES)}")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
+            raise ValueError("dpo_loss: beta > 0 and label_smoothing in [0, 0.5) are required")
+        if self.label_smoothing and self.name not in ("sigmoid", "robust"):
+            raise ValueError(f"dpo_loss.label_smoothing applies to sigmoid and robust, not {self.name}")

@@ -19,7 +19,7 @@ _TRAIN_SETS: dict[str, Dataset] = {}
 
 
 def _pairs(cfg: Config) -> bool:
-    return cfg.task.name == "reward"
+    return cfg.task.name in ("reward", "dpo")
 
 
 def records(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, str]]]:

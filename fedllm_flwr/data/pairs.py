@@ -1,25 +1,36 @@
-"""Preference pairs (task=reward): a prompt with a chosen and a rejected response,
-tokenized as prompt + response on each side, and batched side by side."""
+"""Preference pairs (task=reward, task=dpo): a prompt with a chosen and a rejected
+response, tokenized as prompt + response on each side, and batched side by side."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from fedllm_flwr.data.prompts import bos_ids, format_prompt
+from fedllm_flwr.data.prompts import IGNORE_INDEX, bos_ids, format_prompt
 
-Pair = tuple[list[int], list[int]]
-"""Token ids of prompt + chosen and of prompt + rejected."""
+
+class Pair(NamedTuple):
+    """Token ids of prompt + chosen and of prompt + rejected, and the prompt's length."""
+
+    chosen: list[int]
+    rejected: list[int]
+    prompt: int
 
 
 def tokenize_pair(record: dict[str, str], tokenizer, max_seq_len: int, bos: list[int]) -> Pair | None:
-    """Both sides of a pair as prompt + response, cut to `max_seq_len`; None when
-    the cut leaves the two identical (nothing tells them apart)."""
+    """Both sides of a pair as prompt + response, cut to `max_seq_len`; None (the
+    record is dropped and counted) when the cut leaves the two identical (nothing
+    tells them apart: identical texts, or a prompt that fills `max_seq_len`) or
+    leaves a side no response token (an empty response)."""
     prompt = record.get("instruction", "")
     head = bos + (tokenizer.encode(format_prompt(prompt, record.get("input", "")), add_special_tokens=False)
                   if prompt else [])  # fmt: skip
     sides = [(head + tokenizer.encode(record[key], add_special_tokens=False))[:max_seq_len]
              for key in ("chosen", "rejected")]  # fmt: skip
-    return None if sides[0] == sides[1] else (sides[0], sides[1])
+    if sides[0] == sides[1] or min(len(side) for side in sides) <= len(head):
+        return None
+    return Pair(sides[0], sides[1], len(head))
 
 
 class PairSet:
@@ -36,15 +47,18 @@ class PairSet:
 
 
 def collate_pairs(rows: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """B pairs as one right-padded batch of 2B sequences: the B chosen, then the B rejected."""
-    sequences = [chosen for chosen, _ in rows] + [rejected for _, rejected in rows]
-    width = max(len(s) for s in sequences)
+    """B pairs as one right-padded batch of 2B sequences: the B chosen, then the B
+    rejected; `labels` are the ids with prompt and padding masked (task=dpo)."""
+    sequences = [(r.chosen, r.prompt) for r in rows] + [(r.rejected, r.prompt) for r in rows]
+    width = max(len(s) for s, _ in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
+    for row, (seq, prompt) in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, prompt : len(seq)] = ids[row, prompt : len(seq)]
         mask[row, : len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def pair_count(batch: dict[str, torch.Tensor]) -> int:

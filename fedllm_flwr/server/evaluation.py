@@ -77,10 +77,10 @@ class ServerEvaluator:
         self.cfg, self.bundle, self.run_dir, self.strategy = cfg, bundle, run_dir, strategy
         self.views = views or [View("", bundle)]
         self.test_records = test
-        self.reward = cfg.task.name == "reward"
+        self.pairs = cfg.task.name in ("reward", "dpo")
         self.metric = cfg.dataset.metric
-        self.primary = "preference-accuracy" if self.reward else PRIMARY.get(self.metric)
-        self.gen_records = [] if self.reward else generation_records(cfg, self.test_records)
+        self.primary = "preference-accuracy" if self.pairs else PRIMARY.get(self.metric)
+        self.gen_records = [] if self.pairs else generation_records(cfg, self.test_records)
         self.full = cfg.algorithm.name == "zo" and cfg.zo.params == "full"
         """zo.params=full: the tuned model is the base weights; saved as model/final only
         (each round's would be the base's size; the checkpoint's seed lists rebuild any)."""
@@ -99,9 +99,16 @@ class ServerEvaluator:
             return {f"client_{pid}": a for pid, a in self.strategy.client_adapters().items()}
         return {"": arrays}
 
-    def evaluate(self, bundle: ModelBundle) -> dict[str, float]:
+    def evaluate(self, bundle: ModelBundle, generate_answers: bool = False) -> dict[str, float]:
         model, tok = bundle.model, bundle.tokenizer
-        if self.reward:  # preference accuracy, mean margin, Bradley-Terry loss on the test pairs
+        if self.cfg.task.name == "dpo":  # implicit-reward accuracy, margin and the loss on the test pairs
+            from fedllm_flwr.dpo import evaluate_dpo
+
+            scores = evaluate_dpo(model, self.test_set, tok.pad_token_id, self.cfg.dpo_loss, self.cfg.eval.batch_size)
+            if generate_answers:  # before training and after the last round
+                scores.update(self.closeness(bundle))
+            return {k: v for k, v in scores.items() if k != "pairs"}
+        if self.pairs:  # preference accuracy, mean margin, Bradley-Terry loss on the test pairs
             from fedllm_flwr.reward import evaluate_preferences
 
             scores = evaluate_preferences(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
@@ -114,6 +121,20 @@ class ServerEvaluator:
             )
             results.update({k: v for k, v in scores.items() if k not in ("num-examples", "samples-per-problem")})
         return results
+
+    def closeness(self, bundle: ModelBundle) -> dict[str, float]:
+        """task=dpo: greedy answers to the test pairs' prompts, scored by `closer_to_chosen`."""
+        from fedllm_flwr.data.prompts import format_prompt
+        from fedllm_flwr.dpo import closer_to_chosen
+        from fedllm_flwr.evaluate.generation import generate
+        from fedllm_flwr.evaluate.tasks import DEFAULT_MAX_NEW_TOKENS
+
+        records = self.test_records
+        prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in records]
+        length = self.cfg.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(self.metric, 64)
+        answers = generate(bundle.model, bundle.tokenizer, prompts, batch_size=self.cfg.eval.batch_size,
+                           max_new_tokens=length)  # fmt: skip
+        return closer_to_chosen([a[0].strip() for a in answers], records)
 
     def merged(self):
         """strategy=stacking: the delta merged under the global adapter, per LoRA module (else None)."""
@@ -154,7 +175,8 @@ class ServerEvaluator:
                 per_adapter[name] = {}
                 for view in self.views:
                     set_adapter_state(view.bundle.model, view.convert(state))
-                    per_adapter[name].update({view.prefix + k: v for k, v in self.evaluate(view.bundle).items()})
+                    scores = self.evaluate(view.bundle, generate_answers=server_round == 0 or last_round)
+                    per_adapter[name].update({view.prefix + k: v for k, v in scores.items()})
             keys = next(iter(per_adapter.values()))
             results = {k: float(np.mean([r[k] for r in per_adapter.values()])) for k in keys}
             if len(per_adapter) > 1:
