@@ -114,9 +114,9 @@ def plot(results: dict, path: Path) -> None:
             axes[row][1].plot([r["wall_seconds"][i] for i, _ in points], [v for _, v in points], marker=".", label=name)
     for row, label in enumerate(("eval loss", "accuracy")):
         axes[row][0].set_ylabel(label)
-        axes[row][1].set_xscale("log")
+        axes[row][1].set_xscale("symlog", linthresh=10)  # round 0 sits at 0 s
     axes[1][0].set_xlabel("round")
-    axes[1][1].set_xlabel("training seconds (log)")
+    axes[1][1].set_xlabel("training seconds (log above 10)")
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
