@@ -103,7 +103,7 @@ def test_response_log_probs_sum_the_response_tokens_only_on_either_path(tiny_cfg
         assert float(fast[row] / tokens[row]) == pytest.approx(-float(loss), rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "p_tuning", "prefix_tuning"])
 def test_the_reference_is_the_base_with_the_adapter_off(tiny_cfg, method):
     from transformers import AutoModelForCausalLM
 
