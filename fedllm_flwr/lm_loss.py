@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from fedllm_flwr.data.prompts import IGNORE_INDEX
 
 #: Model types whose causal-LM head is a plain projection of the decoder's last
-#: hidden state (no logit soft-capping or scaling), so it may be applied to the
-#: response positions alone.
-PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3")
+#: hidden state (no logit scaling; Gemma 2 and 3 soft-cap logits only when their config's
+#: `final_logit_softcapping` is set), so it may be applied to the response positions alone.
+PLAIN_HEAD_MODELS = (
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "smollm3",
+)  # fmt: skip
 
 
 def _backbone(model: torch.nn.Module):
@@ -21,6 +23,8 @@ def _backbone(model: torch.nn.Module):
         return None  # virtual tokens are prepended inside PeftModel.forward
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "model_type", "") not in PLAIN_HEAD_MODELS or not hasattr(base, "get_decoder"):
+        return None
+    if getattr(base.config, "final_logit_softcapping", None) is not None:
         return None
     return base.get_decoder(), base.get_output_embeddings()
 

