@@ -272,7 +272,20 @@ def load_base_model(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for param in model.parameters():
         param.requires_grad_(False)
+    head = model.get_output_embeddings() if task != "reward" else None
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
     return model
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple | None:
+    """Hand the LM head a contiguous input. Generation passes it the last position of
+    each row, a strided view, and torch's CPU linear then multiplies row by row with a
+    copy of the weight: 0.9 s instead of 0.03 s a token on Gemma 3's 262k-row head."""
+    x = args[0]
+    if isinstance(x, torch.Tensor) and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def _check_targets(model: torch.nn.Module, cfg: AdapterConfig) -> None:

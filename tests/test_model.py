@@ -112,3 +112,20 @@ def test_a_converted_model_is_stored_once_in_the_compute_dtype(tiny_model_dir, t
     assert all(torch.equal(copy[k], cast[k]) for k in cast)  # the same weights as casting on load
     assert weights_in(str(folder), torch.float32) == str(folder)
     assert weights_in(str(tiny_model_dir), torch.bfloat16) == str(tiny_model_dir)  # not ours: loaded as it is
+
+
+def test_generation_hands_the_lm_head_contiguous_inputs(bundle):
+    """A strided input makes torch's CPU linear copy the head's weight per row (15 s
+    instead of 1 s for 16 greedy answers of 16 tokens on Gemma 3)."""
+    from fedllm_flwr.data.prompts import format_prompt
+    from fedllm_flwr.evaluate.generation import generate
+
+    seen = []
+    head = bundle.model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    prompts = [format_prompt("What is 4 + 5?"), format_prompt("Reverse: cat dog bird")]
+    try:
+        answers = generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert len(answers) == 2 and len(seen) >= 2 and all(seen)
