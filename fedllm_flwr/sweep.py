@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import json
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -102,6 +103,12 @@ class JobRunner:
 
         folder = self.sweep_dir / name
         job = Job(name, list(overrides), stage=stage, path=str(folder))
+        done = self.finished(folder, job)
+        if done is not None:
+            print(f"[fedllm-flwr sweep] {name}: completed before, kept", flush=True)
+            return done
+        if folder.exists():  # an interrupted or failed attempt, or other overrides: start it again
+            shutil.rmtree(folder)
         print(f"[fedllm-flwr sweep] {name}: {' '.join(overrides) or '(defaults)'}", flush=True)
         try:
             load_cfg(list(overrides))  # a bad override fails here, not inside Flower
@@ -130,6 +137,22 @@ class JobRunner:
         job.save(folder)
         print(f"[fedllm-flwr sweep] {name}: {job.status} in {job.seconds:.0f} s", flush=True)
         return job
+
+    @staticmethod
+    def finished(folder: Path, job: Job) -> Job | None:
+        """The job as recorded in `folder` if it completed there with the same
+        overrides and stage: a sweep run again into its folder resumes."""
+        from fedllm_flwr.report import load_run
+
+        try:
+            recorded = json.loads((folder / JOB_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        same = recorded.get("overrides") == job.overrides and recorded.get("stage", "full") == job.stage
+        if not same or recorded.get("status") != "completed" or load_run(folder) is None:
+            return None
+        return Job(**{**{k: recorded.get(k) for k in ("name", "status", "stage", "error", "seconds")},
+                      "overrides": job.overrides, "path": str(folder)})  # fmt: skip
 
     def close(self) -> None:
         if self._sim is not None:

@@ -1,0 +1,240 @@
+"""FS-LLM's PEFT comparison done fairly: every method at its own best learning rate,
+on each base model, in the global, fed and local scenarios.
+
+    python scripts/method_study.py --out ~/fedllm-flwr/study [--models smollm2,gemma3]
+        [--methods lora,prompt_tuning,p_tuning,prefix_tuning] [--seeds 0,1,2]
+        [--rounds 5] [--screen-rounds 1] [--keep 0.34] [-- EXTRA HYDRA OVERRIDES]
+
+Per model (a `conf/model/` preset), two stages, each job a `flwr run` of this app on
+one simulation SuperLink and Ray instance that the script starts on 127.0.0.1 and
+stops at the end:
+
+1. `OUT/<model>/lr/`: a learning-rate sweep in the fed scenario (seed 0). LoRA takes
+   FS-LLM's grid {1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 5e-3}; the prompt methods the same
+   grid extended to {1e-2, 3e-2, 1e-1}. Every rate first runs `--screen-rounds` rounds
+   (an exact prefix of the full run: the schedule spans `--rounds`), then the best
+   `--keep` share per method (by the task metric after the screen, ties to the lower
+   loss) runs to the end. The folder is a sweep folder (`fedllm-flwr sweep-summary`).
+2. `OUT/<model>/grid/`: each method at its best rate (by the final task metric of
+   stage 1) in every scenario and seed; `OUT/<model>/report/` holds the tables of
+   `fedllm-flwr report`.
+
+At the end `OUT/findings.md` (and `.json`) checks FS-LLM's findings on each model, and
+`OUT/lr_curves.png` plots the task metric and eval loss against the learning rate.
+Finished jobs are kept, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from fedllm_flwr.report import effectiveness, efficiency, find_runs, write_report
+from fedllm_flwr.simulation import stop_on_sigterm
+from fedllm_flwr.sweep import Job, JobRunner
+from fedllm_flwr.sweep_summary import best_per_method, keep_best, read_sweep, spearman, summarize
+from fedllm_flwr.tables import cell, markdown_table
+
+FS_LLM_GRID = (1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 5e-3)
+PROMPT_EXTRA = (1e-2, 3e-2, 1e-1)
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
+TASK_METRIC = "accuracy"  # the default task's exact match
+
+
+def lr_grid(method: str) -> tuple[float, ...]:
+    return FS_LLM_GRID + (PROMPT_EXTRA if method in PROMPT_METHODS else ())
+
+
+def lr_stage(runner: JobRunner, methods: list[str], common: list[str], screen: int, keep: float, lrs=None) -> dict:
+    """Screen every rate, run the kept ones to the end, summarise the sweep folder."""
+    jobs = {}
+    for method in methods:
+        for lr in lrs or lr_grid(method):
+            name = f"{method}_{lr:g}"
+            overrides = [f"peft={method}", f"train.lr={lr:g}", "scenario=fed", "seed=0", *common]
+            jobs[name] = overrides
+            runner.run(f"screen_{name}", [*overrides, f"run.stop_after={screen}"], "screen")
+    records = [r for r in read_sweep(runner.sweep_dir) if r.stage == "screen" and r.status == "completed"]
+    for method in methods:
+        group = [r for r in records if r.method == method and r.score is not None]
+        for r in keep_best(group, {r.name: (r.score, -(r.eval_loss or 0.0)) for r in group}, keep) if group else []:
+            name = r.name.removeprefix("screen_")
+            runner.run(f"full_{name}", jobs[name], "full")
+    return summarize(runner.sweep_dir, keep)
+
+
+def grid_stage(runner: JobRunner, best: dict[str, float], seeds: list[int], common: list[str], lr_dir: Path) -> None:
+    for seed in seeds:
+        for method, lr in best.items():
+            for scenario in ("global", "fed", "local"):
+                overrides = [f"peft={method}", f"train.lr={lr:g}", f"scenario={scenario}", f"seed={seed}", *common]
+                name = f"{scenario}-{method}-s{seed}"
+                same = lr_dir / f"full_{method}_{lr:g}"  # stage 1 ran fed, seed 0 at this rate already
+                if not (runner.sweep_dir / name).exists() and JobRunner.finished(same, Job(name, overrides)):
+                    shutil.copytree(same, runner.sweep_dir / name)
+                    print(f"[study] {name}: the same run as {same.name} of the rate sweep, copied", flush=True)
+                runner.run(name, overrides)
+
+
+def _pick(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def model_findings(out: Path, model: str) -> dict:
+    """FS-LLM's four findings, checked on one model's grid and rate sweep."""
+    runs, _ = find_runs([out / model / "grid"])
+    eff, cost = effectiveness(runs), efficiency(runs)
+    methods = sorted({r["method"] for r in eff})
+    acc = {(r["scenario"], r["method"]): r["accuracy mean"] for r in eff}
+    found: dict = {"model": model}
+    # 1. fed beats the mean local client and closes at least half its gap to global.
+    rows = []
+    for m in methods:
+        g, f, loc = acc.get(("global", m)), acc.get(("fed", m)), acc.get(("local", m))
+        if None in (g, f, loc):
+            continue
+        near = f - loc >= 0.5 * (g - loc) if g > loc else None  # None: global is no better than local
+        rows.append({"method": m, "global": g, "fed": f, "local": loc, "fed > local": f > loc, "fed near global": near})
+    found["fed-vs-local"] = rows
+    # 2. LoRA is the strongest method, per scenario.
+    found["lora-strongest"] = {  # strictly ahead of every other method (a tie does not count)
+        sc: all(acc[(sc, "lora")] > acc.get((sc, m), float("-inf")) for m in methods if m != "lora")
+        for sc in ("global", "fed", "local")
+        if (sc, "lora") in acc
+    }
+    # 3. Message size (fed, bytes up per client per round): prompt < prefix < LoRA.
+    size = {r["method"]: r["bytes up per client per round"] for r in cost if r["scenario"] == "fed"}
+    found["bytes-up"] = size
+    if {"prompt_tuning", "prefix_tuning", "lora"} <= set(size):
+        found["prompt<prefix<lora"] = size["prompt_tuning"] < size["prefix_tuning"] < size["lora"]
+    # 4. Validation loss as a guide to the rate: rank agreement, and the rate it would pick.
+    sweep = [r for r in read_sweep(out / model / "lr") if r.status == "completed" and r.score is not None]
+    guide = {}
+    for stage in ("screen", "full"):
+        jobs = [r for r in sweep if r.stage == stage and r.eval_loss is not None]
+        guide[f"spearman-{stage}"] = spearman([r.eval_loss for r in jobs], [r.score for r in jobs])
+    picks = []
+    for m in methods:
+        jobs = [r for r in sweep if r.stage == "full" and r.method == m and r.eval_loss is not None]
+        if jobs:
+            by_loss = min(jobs, key=lambda r: r.eval_loss)
+            by_metric = max(jobs, key=lambda r: (r.score, -r.eval_loss))
+            picks.append({"method": m, "lr by metric": by_metric.lr, "score": by_metric.score,
+                          "lr by loss": by_loss.lr, "score at that lr": by_loss.score})  # fmt: skip
+    guide["picks"] = picks
+    found["loss-as-guide"] = guide
+    return found
+
+
+def write_findings(out: Path, results: dict) -> str:
+    found = {m: model_findings(out, m) for m in results}
+    (out / "findings.json").write_text(json.dumps(found, indent=2, default=str) + "\n")
+    lines = []
+    for model, f in found.items():
+        best = ", ".join(f"{m} {lr:g}" for m, lr in results[model]["best-lr"].items())
+        lines += [f"## {model} (best rates: {best})", ""]
+        lines += markdown_table(
+            ["method", "global", "fed", "local (mean client)", "fed > local", "fed closes half the gap"],
+            [[r["method"], cell(r["global"], ".3f"), cell(r["fed"], ".3f"), cell(r["local"], ".3f"),
+              r["fed > local"], r["fed near global"]] for r in f["fed-vs-local"]],
+        )  # fmt: skip
+        lines += ["", f"LoRA strongest, per scenario: {f['lora-strongest']}", ""]
+        sizes = ", ".join(f"{m} {b:,.0f}" for m, b in sorted(f["bytes-up"].items(), key=lambda kv: kv[1] or 0))
+        lines += [f"Bytes up per client per round (fed): {sizes}; prompt < prefix < LoRA: "
+                  f"{f.get('prompt<prefix<lora')}", ""]  # fmt: skip
+        g = f["loss-as-guide"]
+        lines += [f"Spearman (final eval loss, {TASK_METRIC}) over the rate sweep: screen "
+                  f"{cell(g['spearman-screen'], '.3f')}, full {cell(g['spearman-full'], '.3f')}", ""]  # fmt: skip
+        lines += markdown_table(
+            ["method", "rate by metric", TASK_METRIC, "rate by lowest loss", f"{TASK_METRIC} there"],
+            [[p["method"], cell(p["lr by metric"], "g"), cell(p["score"], ".3f"), cell(p["lr by loss"], "g"),
+              cell(p["score at that lr"], ".3f")] for p in g["picks"]],
+        )  # fmt: skip
+        lines.append("")
+    markdown = "\n".join(lines)
+    (out / "findings.md").write_text(markdown)
+    return markdown
+
+
+def plot_lr_curves(out: Path, models: list[str], path: Path) -> None:
+    """Per model: the task metric and eval loss against the rate, one line per method
+    (every rate after the screen; the kept rates after the last round as markers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), dpi=110, squeeze=False)
+    for row, model in zip(axes, models, strict=True):
+        records = [r for r in read_sweep(out / model / "lr") if r.status == "completed" and r.score is not None]
+        for i, method in enumerate(sorted({r.method for r in records})):
+            color = f"C{i}"
+            for stage, style in (("screen", "-"), ("full", "")):
+                mine = sorted((r for r in records if r.method == method and r.stage == stage), key=lambda r: r.lr)
+                label = f"{method} ({'after the screen' if stage == 'screen' else 'after the last round'})"
+                for ax, values in ((row[0], [r.score for r in mine]), (row[1], [r.eval_loss for r in mine])):
+                    ax.plot([r.lr for r in mine], values, style, marker="o" if style else "*", color=color,
+                            markersize=5 if style else 11, label=label)  # fmt: skip
+        for ax, ylabel in zip(row, (TASK_METRIC, "eval loss"), strict=True):
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{model}: {ylabel} by rate (fed)")
+            ax.grid(True, which="both", alpha=0.3)
+        row[1].set_yscale("log")
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--models", default="smollm2,gemma3")
+    parser.add_argument("--methods", default="lora,prompt_tuning,p_tuning,prefix_tuning")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--screen-rounds", type=int, default=1)
+    parser.add_argument("--keep", type=float, default=0.34)
+    parser.add_argument("--lrs", default="", help="rates to sweep for every method (default: the grids above)")
+    parser.add_argument("--supernodes", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("extra", nargs="*", help="Hydra overrides added to every job")
+    args = parser.parse_args()
+    out = args.out.expanduser().resolve()
+    methods = args.methods.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t_study = time.perf_counter()
+    results = {}
+    for model in args.models.split(","):
+        common = [f"model={model}", f"num_rounds={args.rounds}", "eval.every=1", *args.extra]
+        t0 = time.perf_counter()
+        runner = JobRunner(out / model / "lr", args.supernodes, args.timeout)
+        try:
+            lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
+            summary = lr_stage(runner, methods, common, args.screen_rounds, args.keep, lrs)
+            best = {m: r.lr for m, r in best_per_method(read_sweep(runner.sweep_dir)).items() if m in methods}
+            print(f"[study] {model}: best rates {best}", flush=True)
+            runner.sweep_dir = out / model / "grid"
+            grid_stage(runner, best, seeds, common, out / model / "lr")
+        finally:
+            runner.close()
+        write_report([out / model / "grid"], out / model / "report")
+        results[model] = {"best-lr": best, "lr-summary": summary, "minutes": (time.perf_counter() - t0) / 60}
+    markdown = write_findings(out, results)
+    plot_lr_curves(out, list(results), out / "lr_curves.png")
+    print(markdown)
+    print(f"[study] done in {(time.perf_counter() - t_study) / 60:.1f} min (this invocation); {out / 'findings.md'}")
+    (out / "study.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    runs, failed = find_runs([out / m / "grid" for m in results])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    stop_on_sigterm()
+    sys.exit(main())
