@@ -9,12 +9,13 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import TINY_OVERRIDES
 
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.sweep import first_error
+from fedllm_flwr.sweep import JobRunner, first_error
 from fedllm_flwr.sweep_summary import keep_best, ranks, read_sweep, screening_audit, spearman, summarize
 
 
@@ -37,6 +38,7 @@ def fake_job(root, name, lr, scores, losses, method="lora", stage="full", status
     ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"status": "completed", "metric": "accuracy", "score-final": scores[-1], "eval-loss-final": losses[-1]}
+    summary["scenario"], summary["method"] = "fed", method
     summary["rounds"] = len(scores) - 1
     (folder / "summary.json").write_text(json.dumps(summary))
 
@@ -91,6 +93,27 @@ def test_screen_keeps_a_share_and_breaks_ties_by_loss(tmp_path):
     kept = keep_best(records[:2], {r.name: (r.score, -r.eval_loss) for r in records[:2]}, 0.1)
     assert [r.name for r in kept] == ["job_1"]  # at least one; the tie goes to the lower loss
     assert screening_audit(records, 0.34) == []  # a single round: nothing to screen on
+
+
+def test_a_sweep_run_again_into_its_folder_keeps_completed_jobs_and_reruns_the_rest(tmp_path, monkeypatch):
+    fake_job(tmp_path, "job_0", 0.001, [0.0, 0.5], [3.0, 1.0])
+    fake_job(tmp_path, "job_1", 0.01, [], [], status="failed")
+    started = []
+
+    class Simulation:  # records what would have run; every run it starts fails
+        def run(self, app_dir, overrides, num_supernodes, timeout):
+            started.append(overrides)
+            return SimpleNamespace(stdout="ERROR: boom")
+
+    runner = JobRunner(tmp_path, supernodes=2, timeout=60)
+    monkeypatch.setattr(runner, "_simulation", Simulation)
+    kept = runner.run("job_0", ["train.lr=0.001", "peft=lora"])
+    assert kept.status == "completed" and started == [] and (tmp_path / "job_0" / "summary.json").is_file()
+    again = runner.run("job_1", ["train.lr=0.01", "peft=lora"])
+    assert again.status == "failed" and len(started) == 1
+    other = runner.run("job_0", ["train.lr=0.003", "peft=lora"])  # the folder held other overrides
+    assert other.status == "failed" and len(started) == 2 and not (tmp_path / "job_0" / "summary.json").exists()
+    assert json.loads((tmp_path / "job_0" / "job.json").read_text())["overrides"][0] == "train.lr=0.003"
 
 
 def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):
