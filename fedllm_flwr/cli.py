@@ -7,6 +7,10 @@
     fedllm-flwr report RUN_DIR ... [--out DIR]
                                         effectiveness and efficiency tables over runs
                                         (markdown on stdout; report.md and CSVs in DIR)
+    fedllm-flwr plot RUN_DIR ... [--out FILE.png]
+                                        the curves of finished runs on one figure
+                                        (default: RUN_DIR/curves.png for one run,
+                                        ./curves.png for several)
     fedllm-flwr sweep -m train.lr=1e-4,3e-4,1e-3 [peft=lora,prompt_tuning] [OVERRIDE ...]
                                         Hydra multirun: one `flwr run` per job, then
                                         summary.md/.csv and lr.png in the sweep folder
@@ -47,9 +51,11 @@ def _check(args: argparse.Namespace) -> int:
     from fedllm_flwr.data import records, server_data
     from fedllm_flwr.model import build_model, count_parameters
     from fedllm_flwr.run_dir import resolve_run_path
+    from fedllm_flwr.tracking import check_installed
 
     quiet_third_party_output()
     cfg = load_cfg(args.overrides)
+    check_installed(cfg)
     train, test = records(cfg)
     t0 = time.perf_counter()
     print(f"model: resolving {cfg.model.name} ...", file=sys.stderr, flush=True)
@@ -72,6 +78,17 @@ def _report(args: argparse.Namespace) -> int:
     markdown, _ = write_report([Path(p) for p in args.runs], Path(args.out))
     print(markdown, end="")
     print(f"written: {Path(args.out) / 'report.md'}, effectiveness.csv, efficiency.csv", file=sys.stderr)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from fedllm_flwr.plot import plot_runs
+
+    runs = [Path(p).expanduser() for p in args.runs]
+    out = Path(args.out).expanduser() if args.out else runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"plot: --out {out} must name a .png file")
+    print(f"written: {plot_runs(runs, out)}")
     return 0
 
 
@@ -149,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
     report.add_argument("--out", default="report", help="folder for report.md and the CSVs (default: ./report)")
     report.set_defaults(func=_report)
+    plot = sub.add_parser("plot", help="the curves of finished runs (eval loss, task metric, bytes) as a PNG")
+    plot.add_argument("runs", nargs="+", help="run folders")
+    plot.add_argument("--out", default="", help="the PNG (default: RUN_DIR/curves.png, or ./curves.png for several)")
+    plot.set_defaults(func=_plot)
     sub.add_parser("sweep", help="Hydra multirun of federated jobs (fedllm-flwr sweep --help for Hydra's options)")
     summ = sub.add_parser("sweep-summary", help="write summary.md/.csv and lr.png for a sweep folder")
     summ.add_argument("sweep_dir")

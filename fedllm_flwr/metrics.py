@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import time
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
@@ -35,11 +38,29 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Append-only JSONL, one object per round; each line is flushed when written."""
+    """Append-only JSONL, one object per round; each line is flushed when written, and
+    handed to the run's live trackers (fedllm_flwr/tracking.py)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.trackers: list = []
 
     def write(self, row: dict[str, Any]) -> None:
+        clean = {k: _clean(v) for k, v in row.items()}
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            handle.write(json.dumps(clean) + "\n")
+        for tracker in list(self.trackers):
+            try:
+                tracker.log_row(clean)
+            except Exception as exc:  # a tracker server gone away must not stop the run
+                log.warning("%s stopped logging this run: %s", type(tracker).__name__, exc)
+                self.trackers.remove(tracker)
+
+    def close(self, completed: bool, final: Path | None = None) -> None:
+        """End every tracker's run: completed (with the final adapter) or failed."""
+        for tracker in self.trackers:
+            try:
+                tracker.finish(completed, final)
+            except Exception as exc:
+                log.warning("%s could not end this run: %s", type(tracker).__name__, exc)
+        self.trackers = []

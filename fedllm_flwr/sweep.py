@@ -118,6 +118,8 @@ class JobRunner:
             print(f"[fedllm-flwr sweep] {name}: failed: {exc}", flush=True)
             return job
         full = [*overrides, f"run.output_dir={self.sweep_dir}", f"run.name={name}"]
+        if not any(o.split("=", 1)[0].lstrip("+~") == "log.experiment" for o in overrides):
+            full.append(f"log.experiment={self.sweep_dir.name}")  # MLflow: one experiment per sweep
         t0 = time.perf_counter()
         try:
             result = self._simulation().run(

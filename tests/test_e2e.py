@@ -1,5 +1,6 @@
 """The real thing: `flwr run` of this app on a private simulation SuperLink."""
 
+import importlib.util
 import json
 import math
 
@@ -47,8 +48,10 @@ def finite(value, low: float = -math.inf, high: float = math.inf) -> bool:
 
 def test_two_supernodes_two_rounds(sim, ray_head, tiny_model_dir, tmp_path):
     out = tmp_path / "runs"
+    tracked = [f"log.{name}=true" for name in ("tensorboard", "mlflow") if importlib.util.find_spec(name)]
     overrides = " ".join(
         [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"run.output_dir={out}", "run.name=e2e"]
+        + tracked
     )
     logs = ray_head.temp_dir / "session_latest" / "logs"
 
@@ -98,6 +101,32 @@ def test_two_supernodes_two_rounds(sim, ray_head, tiny_model_dir, tmp_path):
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) * 2 == fp16_bytes
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    check_trackers(run, rows, tracked)
+
+
+def check_trackers(run, rows, tracked):
+    """What TensorBoard's and MLflow's own readers load back equals metrics.jsonl."""
+    expected = [(r["round"], r["eval-loss"]) for r in rows]
+    if "log.tensorboard=true" in tracked:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        got = [(e.step, e.value) for e in events.Scalars("round/eval-loss")]
+        assert got == [(step, pytest.approx(value, rel=1e-6)) for step, value in expected]
+        assert [e.step for e in events.Scalars("client_1/held-out-loss")] == [1, 2]
+    if "log.mlflow=true" in tracked:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{run.parent / 'mlflow.db'}")
+        (found,) = client.search_runs([client.get_experiment_by_name("fedllm-flwr").experiment_id])
+        assert found.info.run_name == "e2e" and found.info.status == "FINISHED"
+        assert found.data.params["num_rounds"] == "2"
+        history = client.get_metric_history(found.info.run_id, "round/eval-loss")
+        assert sorted((m.step, m.value) for m in history) == [(s, pytest.approx(v, rel=1e-9)) for s, v in expected]
+        artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "adapter")}
+        assert "adapter/adapter_model.safetensors" in artifacts
 
 
 def test_bad_input_fails_the_run_early_and_leaves_no_final_adapter(sim, tiny_model_dir, tmp_path):

@@ -36,7 +36,7 @@ from fedllm_flwr.config.model import (
     AdapterConfig,
     ModelConfig,
 )
-from fedllm_flwr.config.run import RunConfig, SweepConfig
+from fedllm_flwr.config.run import LogConfig, RunConfig, SweepConfig
 from fedllm_flwr.config.schema import Config
 from fedllm_flwr.config.training import (
     DPO_LOSSES,
@@ -73,6 +73,7 @@ __all__ = [
     "PersonalizeConfig",
     "PrivacyConfig",
     "RewardLossConfig",
+    "LogConfig",
     "RunConfig",
     "ScenarioConfig",
     "StrategyConfig",

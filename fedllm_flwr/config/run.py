@@ -27,6 +27,24 @@ class RunConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run's rows go besides metrics.jsonl (fedllm_flwr/tracking.py), and its plot."""
+
+    tensorboard: bool = False
+    """Every round's row as TensorBoard scalars in `<run>/tensorboard/` (needs the
+    `tracking` extra): `tensorboard --logdir ~/fedllm-flwr/outputs`."""
+    mlflow: bool = False
+    """Params (the resolved config), per-round metrics and the final adapter to MLflow
+    (needs the `tracking` extra): `$MLFLOW_TRACKING_URI` when set, else a local SQLite
+    store `mlflow.db` beside the run folders (in `run.output_dir`)."""
+    experiment: str = ""
+    """MLflow experiment; empty: `fedllm-flwr`, or the sweep folder's name for a sweep's jobs."""
+    curves: bool = True
+    """Write `curves.png` (eval loss, task metric, bytes, per-client held-out metrics per
+    round) into the run folder when the run completes; `fedllm-flwr plot` draws any runs."""
+
+
+@dataclass
 class SweepConfig:
     """Settings of `fedllm-flwr sweep` (ignored by a single `flwr run`)."""
 

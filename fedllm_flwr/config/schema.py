@@ -22,7 +22,7 @@ from fedllm_flwr.config.federation import (
 )
 from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
 from fedllm_flwr.config.model import LAYERED_METHODS, LORA_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
-from fedllm_flwr.config.run import RunConfig, SweepConfig
+from fedllm_flwr.config.run import LogConfig, RunConfig, SweepConfig
 from fedllm_flwr.config.training import DpoLossConfig, EvalConfig, RewardLossConfig, TaskConfig, TrainConfig
 
 
@@ -47,6 +47,7 @@ class Config:
     dpo_loss: DpoLossConfig = field(default_factory=DpoLossConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     resume: str = ""
     """A run folder to continue from its last completed round (adapter,

@@ -20,6 +20,7 @@ from fedllm_flwr.data import records, test_records
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.keys import EMULATOR_ID_KEY
 from fedllm_flwr.model import build_model, count_parameters, get_adapter_state
+from fedllm_flwr.plot import write_curves
 from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.server.evaluation import ServerEvaluator, generation_records
@@ -28,6 +29,7 @@ from fedllm_flwr.server.nodes import connected_nodes, discover_nodes, example_li
 from fedllm_flwr.server.personalize import personalize_clients
 from fedllm_flwr.server.ranks import node_ranks
 from fedllm_flwr.server.resume import resume_run
+from fedllm_flwr.tracking import check_installed, open_trackers
 from fedllm_flwr.transport import state_to_arrays
 from fedllm_flwr.worker_start import await_warm_up, is_simulation
 
@@ -38,6 +40,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     """Run the configured federated job to the end; returns the finished run folder.
     `warm_ups`: ids of warm-up messages in flight, answered before the first round."""
     t_start = time.perf_counter()
+    check_installed(cfg)  # a tracker switched on without its library: before any work
     records(cfg)  # read and check the whole data set before the (slower) model
     log(INFO, "[fedllm-flwr] loading base model %s (a GGUF is converted once, ~20 s)", cfg.model.name)
     offsite, views, emulator_files = None, None, None
@@ -74,85 +77,93 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
         run_dir, done, initial_arrays = resume_run(cfg, strategy)
     else:
         run_dir, initial_arrays = RunDir.create(cfg), state_to_arrays(initial)
-    if cfg.algorithm.name == "zo" and cfg.zo.params == "full":
-        zo_full_weights(strategy, bundle, done)
-    evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy, views)
-    if done:
-        evaluator.rows = run_dir.rows()
-        strategy.round_offset = done
-    if emulator_files is not None:
-        strategy.set_broadcast(emulator_files)
-    log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
-    if not strategy.nodes and (cfg.strategy.availability != "always" or (done and cfg.scenario.name == "local")):
-        strategy.nodes = discover_nodes(grid, cfg)
-    if is_simulation(grid) and cfg.dataset.source != "sites":  # the server holds every partition's data
-        strategy.nodes = strategy.nodes or discover_nodes(grid, cfg)
-        strategy.max_examples = example_limits(cfg, strategy.nodes)
-    log(
-        INFO,
-        "[fedllm-flwr] scenario %s, base %s (%s), adapter %s: %s trainable of %s parameters",
-        cfg.scenario.name,
-        bundle.base_path,
-        str(bundle.dtype).replace("torch.", ""),
-        cfg.peft.method,
-        f"{trainable:,}",
-        f"{total:,}",
-    )
+    run_dir.metrics.trackers = open_trackers(cfg, run_dir.path)
+    completed, final = False, None
+    try:
+        if cfg.algorithm.name == "zo" and cfg.zo.params == "full":
+            zo_full_weights(strategy, bundle, done)
+        evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy, views)
+        if done:
+            evaluator.rows = run_dir.rows()
+            strategy.round_offset = done
+        if emulator_files is not None:
+            strategy.set_broadcast(emulator_files)
+        log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
+        if not strategy.nodes and (cfg.strategy.availability != "always" or (done and cfg.scenario.name == "local")):
+            strategy.nodes = discover_nodes(grid, cfg)
+        if is_simulation(grid) and cfg.dataset.source != "sites":  # the server holds every partition's data
+            strategy.nodes = strategy.nodes or discover_nodes(grid, cfg)
+            strategy.max_examples = example_limits(cfg, strategy.nodes)
+        log(
+            INFO,
+            "[fedllm-flwr] scenario %s, base %s (%s), adapter %s: %s trainable of %s parameters",
+            cfg.scenario.name,
+            bundle.base_path,
+            str(bundle.dtype).replace("torch.", ""),
+            cfg.peft.method,
+            f"{trainable:,}",
+            f"{total:,}",
+        )
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if done and server_round == 0:
-            return None  # a resumed run: round `done` was evaluated and logged already
-        return evaluator(server_round + done, arrays)
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if done and server_round == 0:
+                return None  # a resumed run: round `done` was evaluated and logged already
+            return evaluator(server_round + done, arrays)
 
-    runner = private_runner(cfg, strategy, len(connected_nodes(grid, cfg)) if cfg.privacy.name == "dp" else 0)
-    if warm_ups:
-        await_warm_up(grid, list(warm_ups), cfg.strategy.round_timeout)
-    result = runner.start(
-        grid=grid,
-        initial_arrays=initial_arrays,
-        num_rounds=cfg.rounds_to_run - done,
-        timeout=cfg.strategy.round_timeout,
-        train_config=ConfigRecord({"num-rounds": cfg.num_rounds, **dict(client_config.items())}),
-        evaluate_config=client_config,
-        evaluate_fn=evaluate_fn,
-    )
-    if result.arrays is None or len(result.arrays) == 0:  # no round after a resume aggregated anything
-        result.arrays = initial_arrays
-    if not evaluator.rows or evaluator.rows[-1]["round"] != cfg.rounds_to_run:
-        raise RuntimeError("the strategy stopped before the last round; adapter/final was not written")
-    if not any(r["clients-ok"] for r in evaluator.rows[1:]):
-        raise RuntimeError("no client reply was aggregated in any round; adapter/final was not written")
-    final = evaluator.save("final", evaluator.adapters(result.arrays))
-    personalization = (
-        personalize_clients(grid, cfg, result.arrays, run_dir, evaluator, client_config, strategy.arrays_for)
-        if cfg.personalize.ft_steps
-        else None
-    )
-    first, last = evaluator.rows[0], evaluator.rows[-1]
-    run_dir.write_summary(
-        {
-            "status": "completed",
-            "scenario": cfg.scenario.name,
-            "method": cfg.peft.method,
-            "seed": cfg.seed,
-            "rounds": cfg.rounds_to_run,
-            "num-rounds": cfg.num_rounds,
-            "trainable-parameters": trainable,
-            "seconds": round(time.perf_counter() - t_start, 2),
-            "metric": evaluator.primary,
-            "accuracy-round-0": first.get("accuracy"),
-            "accuracy-final": last.get("accuracy"),
-            "score-round-0": first.get(evaluator.primary) if evaluator.primary else None,
-            "score-final": last.get(evaluator.primary) if evaluator.primary else None,
-            "eval-loss-round-0": first.get("eval-loss"),
-            "eval-loss-final": last.get("eval-loss"),
-            "adapter": str(final),
-            "base-model": bundle.base_path,
-            "personalization": personalization,
-            "fedot": offsite_summary(offsite, strategy, first, last, evaluator.primary) if offsite else None,
-            "privacy": privacy_summary(cfg, runner),
-        }
-    )
+        runner = private_runner(cfg, strategy, len(connected_nodes(grid, cfg)) if cfg.privacy.name == "dp" else 0)
+        if warm_ups:
+            await_warm_up(grid, list(warm_ups), cfg.strategy.round_timeout)
+        result = runner.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=cfg.rounds_to_run - done,
+            timeout=cfg.strategy.round_timeout,
+            train_config=ConfigRecord({"num-rounds": cfg.num_rounds, **dict(client_config.items())}),
+            evaluate_config=client_config,
+            evaluate_fn=evaluate_fn,
+        )
+        if result.arrays is None or len(result.arrays) == 0:  # no round after a resume aggregated anything
+            result.arrays = initial_arrays
+        if not evaluator.rows or evaluator.rows[-1]["round"] != cfg.rounds_to_run:
+            raise RuntimeError("the strategy stopped before the last round; adapter/final was not written")
+        if not any(r["clients-ok"] for r in evaluator.rows[1:]):
+            raise RuntimeError("no client reply was aggregated in any round; adapter/final was not written")
+        final = evaluator.save("final", evaluator.adapters(result.arrays))
+        personalization = (
+            personalize_clients(grid, cfg, result.arrays, run_dir, evaluator, client_config, strategy.arrays_for)
+            if cfg.personalize.ft_steps
+            else None
+        )
+        first, last = evaluator.rows[0], evaluator.rows[-1]
+        run_dir.write_summary(
+            {
+                "status": "completed",
+                "scenario": cfg.scenario.name,
+                "method": cfg.peft.method,
+                "seed": cfg.seed,
+                "rounds": cfg.rounds_to_run,
+                "num-rounds": cfg.num_rounds,
+                "trainable-parameters": trainable,
+                "seconds": round(time.perf_counter() - t_start, 2),
+                "metric": evaluator.primary,
+                "accuracy-round-0": first.get("accuracy"),
+                "accuracy-final": last.get("accuracy"),
+                "score-round-0": first.get(evaluator.primary) if evaluator.primary else None,
+                "score-final": last.get(evaluator.primary) if evaluator.primary else None,
+                "eval-loss-round-0": first.get("eval-loss"),
+                "eval-loss-final": last.get("eval-loss"),
+                "adapter": str(final),
+                "base-model": bundle.base_path,
+                "personalization": personalization,
+                "fedot": offsite_summary(offsite, strategy, first, last, evaluator.primary) if offsite else None,
+                "privacy": privacy_summary(cfg, runner),
+            }
+        )
+        completed = True
+    finally:
+        run_dir.metrics.close(completed, final)
+    if cfg.log.curves:
+        write_curves(run_dir.path)
     log(INFO, "[fedllm-flwr] done in %.1f s; %s saved to %s", time.perf_counter() - t_start,
         "model" if evaluator.full else "adapter", final)  # fmt: skip
     return run_dir
