@@ -1,6 +1,7 @@
 """FedHPO sweeps: statistics and summary on fake job folders, and a real multirun."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -146,9 +147,11 @@ def test_a_screened_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_p
     """Three rates, one of them invalid: the two valid jobs run 1 of 2 rounds, the better
     half goes on to the full budget, and the failed job is recorded, not fatal."""
     sweep_dir = tmp_path / "sweep"
-    done = sweep("-m", "train.lr=1e-4,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2",
-                 "sweep.screen_rounds=1", "sweep.keep=0.5", "sweep.client_cpus=2",
-                 f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    tracked = ["log.mlflow=true"] if importlib.util.find_spec("mlflow") else []
+    args = ["-m", "train.lr=1e-4,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2",
+            "sweep.screen_rounds=1", "sweep.keep=0.5", "sweep.client_cpus=2", f"hydra.sweep.dir={sweep_dir}",
+            *tracked]  # fmt: skip
+    done = sweep(*args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["failed"] == ["job_2"]
@@ -166,6 +169,17 @@ def test_a_screened_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_p
     assert summary["jobs"] == 4 and summary["completed"] == 3
     assert summary["best"]["lora"]["job"] == full[0].name
     assert (sweep_dir / "lr.png").is_file() and "Best configuration per method" in done.stdout
+    if tracked:  # one MLflow experiment named after the sweep, a finished run per job that ran
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+        assert sorted(r.info.run_name for r in runs) == sorted(["job_0", "job_1", full[0].name])
+        assert {r.info.status for r in runs} == {"FINISHED"}
+    # The same command again resumes: the completed jobs are kept, nothing trains again.
+    again = sweep(*args)
+    assert again.returncode == 0 and again.stdout.count("completed before, kept") == 3, again.stdout[-3000:]
+    assert json.loads((sweep_dir / "summary.json").read_text())["completed"] == 3
 
 
 def _sweep_processes(mark: str, ray_prefix: str) -> dict[int, str]:
