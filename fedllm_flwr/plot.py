@@ -105,6 +105,7 @@ def figure(paths: list[Path]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     runs = [read_run(p) for p in paths]
     names = labels(paths, [flat for _, _, flat in runs])
@@ -129,15 +130,17 @@ def figure(paths: list[Path]):
     titles = (
         ("eval loss (server test set)", "eval loss"),
         (f"{' / '.join(metric_names) or 'task metric'} (server test set)", " / ".join(metric_names)),
-        ("bytes per client per round (solid: up, dashed: down)", "bytes"),
-        ("clients' held-out loss (thin: each client, thick: mean)", "held-out loss"),
+        ("bytes per client (solid: up, dashed: down)", "bytes per round"),
+        ("held-out loss per client (thick: mean)", "held-out loss"),
     )
     for ax, (title, ylabel) in zip(axes, titles, strict=False):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    axes[0].set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[2].set_ylim(0, max(axes[2].get_ylim()[1], 1) * 1.15)
+    axes[2].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} MB" if v >= 1e6 else f"{v / 1e3:g} KB"))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
