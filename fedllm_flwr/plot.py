@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fedllm_flwr.config import flatten
 from fedllm_flwr.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,7 @@ def read_run(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, str]]:
         except json.JSONDecodeError:
             raise UserError(f"plot: {metrics}, line {number} is not JSON") from None
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
-    flat: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = str(node)
-
-    walk(config or {}, "")
+    flat = flatten(config or {})
     metric = _metric(path, rows, flat)
     return metric, rows, flat
 

@@ -13,11 +13,10 @@ import importlib.util
 import math
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedllm_flwr.config import Config, cfg_to_yaml
+from fedllm_flwr.config import Config, cfg_to_yaml, flatten
 from fedllm_flwr.errors import UserError
 
 EXTRA = "pip install -e '.[tracking]'"
@@ -51,14 +50,7 @@ def flat_config(cfg: Config) -> dict[str, str]:
     """The resolved config as dotted keys (MLflow params)."""
     import yaml
 
-    def walk(node: Any, prefix: str) -> Iterator[tuple[str, str]]:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                yield from walk(value, f"{prefix}{key}.")
-        else:
-            yield prefix[:-1], str(node)
-
-    return dict(walk(yaml.safe_load(cfg_to_yaml(cfg)), ""))
+    return flatten(yaml.safe_load(cfg_to_yaml(cfg)))
 
 
 class Tracker(Protocol):

@@ -124,3 +124,14 @@ def load_cfg(run_config: dict[str, Any] | str | list[str] | None = None) -> Conf
 
 def cfg_to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """A config tree (as config.yaml holds it) as dotted keys and string values:
+    MLflow's params, and what tells runs apart in a plot's legend."""
+    if not isinstance(tree, dict):
+        return {prefix: str(tree)}
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
