@@ -86,7 +86,7 @@ def test_method_trains_round_trips_aggregates_and_saves(method, markers, tiny_cf
     assert len(answers) == 1 and len(answers[0]) == 1
 
 
-def test_cache_free_greedy_matches_generate_and_keeps_the_prefix(tiny_cfg):
+def test_cache_free_greedy_matches_generate_for_every_prompt_method_and_keeps_the_prefix(tiny_cfg):
     from fedllm_flwr.data.prompts import format_prompt
     from fedllm_flwr.evaluate.generation import greedy_without_cache
 
@@ -98,6 +98,22 @@ def test_cache_free_greedy_matches_generate_and_keeps_the_prefix(tiny_cfg):
     set_adapter_state(lora.model, {k: torch.randn_like(v) for k, v in state.items()})
     greedy = generate(lora.model, lora.tokenizer, prompts, batch_size=2, max_new_tokens=6)
     assert greedy_without_cache(lora.model, lora.tokenizer, prompts, 6) == [c[0] for c in greedy]
+
+    # Prompt tuning and P-tuning decode with the KV cache from their virtual tokens and the
+    # prompt, once: peft's own generate() inserted the virtual tokens again at every step.
+    for method in ("prompt_tuning", "p_tuning"):
+        clear_model_cache()
+        cfg = tiny_cfg(f"peft={method}", "peft.num_virtual_tokens=4", "train.precision=fp32")
+        bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+        state = get_adapter_state(bundle.model)
+        set_adapter_state(bundle.model, {k: torch.randn_like(v) for k, v in state.items()})
+        widths = []
+        layer = bundle.model.get_base_model().model.layers[0]
+        hook = layer.mlp.register_forward_pre_hook(lambda module, args, seen=widths: seen.append(args[0].shape[1]))
+        greedy = generate(bundle.model, bundle.tokenizer, prompts, batch_size=2, max_new_tokens=6)
+        hook.remove()
+        assert widths[1:] == [1] * (len(widths) - 1), (method, widths)  # one new position per step
+        assert greedy_without_cache(bundle.model, bundle.tokenizer, prompts, 6) == [c[0] for c in greedy], method
 
     clear_model_cache()
     cfg = tiny_cfg("peft=prefix_tuning", "peft.num_virtual_tokens=4")

@@ -20,6 +20,12 @@ def uses_prefix(model: torch.nn.Module) -> bool:
     return getattr(getattr(config, "peft_type", None), "value", None) == "PREFIX_TUNING"
 
 
+def uses_virtual_tokens(model: torch.nn.Module) -> bool:
+    """Prompt tuning and P-tuning: learned embeddings before the input."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False)) and not uses_prefix(model)
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to the earliest occurrence of any stop string."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
@@ -132,9 +138,26 @@ def generate(
     return completions
 
 
+def _with_virtual_tokens(model, enc) -> dict[str, torch.Tensor]:
+    """The inputs of a prompt-tuning or P-tuning model as its forward pass builds them:
+    the learned virtual tokens' embeddings first, then the prompt's, with the mask
+    extended. peft 0.21's own generate() adds the virtual tokens again at every
+    decoding step under transformers 5 (it looks for the cache under a name
+    transformers renamed), so its answers came from a corrupted context."""
+    embeds = model.get_input_embeddings()(enc["input_ids"])
+    virtual = model.get_prompt(batch_size=embeds.shape[0]).to(embeds.dtype)
+    ones = torch.ones(virtual.shape[:2], dtype=enc["attention_mask"].dtype, device=embeds.device)
+    return {
+        "inputs_embeds": torch.cat([virtual, embeds], 1),
+        "attention_mask": torch.cat([ones, enc["attention_mask"]], 1),
+    }
+
+
 def _generate_batch(model, tokenizer, prompts, device, max_new_tokens, stop, num_samples, temperature, top_p):
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     width = enc["input_ids"].shape[1]
+    if uses_virtual_tokens(model):  # the base model decodes; only new tokens come back
+        enc, width, model = _with_virtual_tokens(model, enc), 0, model.get_base_model()
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     criteria = StoppingCriteriaList([_StopStrings(tokenizer, stop, width)]) if stop else None
     with warnings.catch_warnings():
