@@ -60,6 +60,7 @@ def greedy_without_cache(
     forward per new token.
     """
     device = next(model.parameters()).device
+    offset = model.active_peft_config.num_virtual_tokens if uses_virtual_tokens(model) else 0
     rows = [tokenizer(p)["input_ids"] for p in prompts]
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -71,10 +72,12 @@ def greedy_without_cache(
         for i, seq in enumerate(seqs):
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
-        offset = logits.shape[1] - width  # prompt methods would prepend virtual tokens
-        picks = logits[torch.arange(len(seqs)), last + offset].argmax(-1).tolist()
+        # The head runs only where a row ends (its logits over a 262k vocabulary at every
+        # position were most of the work); prompt tuning's virtual tokens come first.
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device) + offset
+        keep = torch.unique(last)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
+        picks = logits[torch.arange(len(seqs)), torch.searchsorted(keep, last)].argmax(-1).tolist()
         for i, token in enumerate(picks):
             if not done[i]:
                 new[i].append(token)
