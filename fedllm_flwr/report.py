@@ -5,7 +5,8 @@ and standard deviation over its runs (seeds). Effectiveness is the server's
 test-set evaluation after the last round; for `local`, each run's figure is
 already the mean over clients' own adapters, and `client spread` is the std
 across clients. Efficiency: trainable parameters, message bytes per client per
-round, peak memory of a client, seconds per round.
+round, peak memory of a client, seconds per round (without the server's test-set
+evaluation, whose cost depends on how often a run evaluates, not on the method).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def efficiency(runs: list[RunResult]) -> list[dict[str, Any]]:
                 "bytes down per client per round": statistics.fmean(down) if down else None,
                 "bytes up per client per round": statistics.fmean(up) if up else None,
                 "peak memory MB": max((row.get("peak-memory-mb") or 0) for row in rounds) or None,
-                "seconds per round": statistics.fmean(row["seconds"] for row in rounds),
+                "seconds per round": statistics.fmean(row["seconds"] - (row.get("eval-seconds") or 0.0)
+                                                      for row in rounds),
             }
         )
     return table

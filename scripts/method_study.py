@@ -67,16 +67,22 @@ def lr_stage(runner: JobRunner, methods: list[str], common: list[str], screen: i
     return summarize(runner.sweep_dir, keep)
 
 
-def grid_stage(runner: JobRunner, best: dict[str, float], seeds: list[int], common: list[str], lr_dir: Path) -> None:
+def grid_stage(runner: JobRunner, best: dict[str, float], seeds: list[int], common: list[str], lr_dir: Path,
+               rounds: int) -> None:
+    """Each method at its rate in every scenario and seed; the server evaluates after
+    the last round only (round 0 is always evaluated): only final figures are compared."""
     for seed in seeds:
         for method, lr in best.items():
             for scenario in ("global", "fed", "local"):
-                overrides = [f"peft={method}", f"train.lr={lr:g}", f"scenario={scenario}", f"seed={seed}", *common]
+                base = [f"peft={method}", f"train.lr={lr:g}", f"scenario={scenario}", f"seed={seed}", *common]
+                overrides, as_swept = [*base, f"eval.every={rounds}"], [*base, "eval.every=1"]
                 name = f"{scenario}-{method}-s{seed}"
                 same = lr_dir / f"full_{method}_{lr:g}"  # stage 1 ran fed, seed 0 at this rate already
-                if not (runner.sweep_dir / name).exists() and JobRunner.finished(same, Job(name, overrides)):
+                if not (runner.sweep_dir / name).exists() and JobRunner.finished(same, Job(name, as_swept)):
                     shutil.copytree(same, runner.sweep_dir / name)
                     print(f"[study] {name}: the same run as {same.name} of the rate sweep, copied", flush=True)
+                if JobRunner.finished(runner.sweep_dir / name, Job(name, as_swept)):
+                    overrides = as_swept  # the same training, evaluated after every round as well
                 runner.run(name, overrides)
 
 
@@ -212,16 +218,16 @@ def main() -> int:
     t_study = time.perf_counter()
     results = {}
     for model in args.models.split(","):
-        common = [f"model={model}", f"num_rounds={args.rounds}", "eval.every=1", *args.extra]
+        common = [f"model={model}", f"num_rounds={args.rounds}", *args.extra]
         t0 = time.perf_counter()
         runner = JobRunner(out / model / "lr", args.supernodes, args.timeout)
         try:
             lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
-            summary = lr_stage(runner, methods, common, args.screen_rounds, args.keep, lrs)
+            summary = lr_stage(runner, methods, [*common, "eval.every=1"], args.screen_rounds, args.keep, lrs)
             best = {m: r.lr for m, r in best_per_method(read_sweep(runner.sweep_dir)).items() if m in methods}
             print(f"[study] {model}: best rates {best}", flush=True)
             runner.sweep_dir = out / model / "grid"
-            grid_stage(runner, best, seeds, common, out / model / "lr")
+            grid_stage(runner, best, seeds, common, out / model / "lr", args.rounds)
         finally:
             runner.close()
         write_report([out / model / "grid"], out / model / "report")
