@@ -105,8 +105,9 @@ def efficiency(runs: list[RunResult]) -> list[dict[str, Any]]:
                 "bytes down per client per round": statistics.fmean(down) if down else None,
                 "bytes up per client per round": statistics.fmean(up) if up else None,
                 "peak memory MB": max((row.get("peak-memory-mb") or 0) for row in rounds) or None,
-                "seconds per round": statistics.fmean(row["seconds"] - (row.get("eval-seconds") or 0.0)
-                                                      for row in rounds),
+                "seconds per round": statistics.fmean(
+                    row["seconds"] - (row.get("eval-seconds") or 0.0) for row in rounds
+                ),
             }
         )
     return table

@@ -67,8 +67,9 @@ def lr_stage(runner: JobRunner, methods: list[str], common: list[str], screen: i
     return summarize(runner.sweep_dir, keep)
 
 
-def grid_stage(runner: JobRunner, best: dict[str, float], seeds: list[int], common: list[str], lr_dir: Path,
-               rounds: int) -> None:
+def grid_stage(
+    runner: JobRunner, best: dict[str, float], seeds: list[int], common: list[str], lr_dir: Path, rounds: int
+) -> None:
     """Each method at its rate in every scenario and seed; the server evaluates after
     the last round only (round 0 is always evaluated): only final figures are compared."""
     for seed in seeds:
