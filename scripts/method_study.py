@@ -130,8 +130,11 @@ def model_findings(out: Path, model: str) -> dict:
         if jobs:
             by_loss = min(jobs, key=lambda r: r.eval_loss)
             by_metric = max(jobs, key=lambda r: (r.score, -r.eval_loss))
+            rates = [r.lr for r in sweep if r.stage == "screen" and r.method == m]
+            edge = by_metric.lr in (min(rates), max(rates)) if rates else None  # the best may lie beyond
             picks.append({"method": m, "lr by metric": by_metric.lr, "score": by_metric.score,
-                          "lr by loss": by_loss.lr, "score at that lr": by_loss.score})  # fmt: skip
+                          "lr by loss": by_loss.lr, "score at that lr": by_loss.score,
+                          "at the grid's edge": edge})  # fmt: skip
     guide["picks"] = picks
     found["loss-as-guide"] = guide
     return found
@@ -157,9 +160,10 @@ def write_findings(out: Path, results: dict) -> str:
         lines += [f"Spearman (final eval loss, {TASK_METRIC}) over the rate sweep: screen "
                   f"{cell(g['spearman-screen'], '.3f')}, full {cell(g['spearman-full'], '.3f')}", ""]  # fmt: skip
         lines += markdown_table(
-            ["method", "rate by metric", TASK_METRIC, "rate by lowest loss", f"{TASK_METRIC} there"],
-            [[p["method"], cell(p["lr by metric"], "g"), cell(p["score"], ".3f"), cell(p["lr by loss"], "g"),
-              cell(p["score at that lr"], ".3f")] for p in g["picks"]],
+            ["method", "rate by metric", TASK_METRIC, "at the grid's edge", "rate by lowest loss",
+             f"{TASK_METRIC} there"],
+            [[p["method"], cell(p["lr by metric"], "g"), cell(p["score"], ".3f"), p["at the grid's edge"],
+              cell(p["lr by loss"], "g"), cell(p["score at that lr"], ".3f")] for p in g["picks"]],
         )  # fmt: skip
         lines.append("")
     markdown = "\n".join(lines)
