@@ -215,6 +215,7 @@ def main() -> int:
     parser.add_argument("--lrs", default="", help="rates to sweep for every method (default: the grids above)")
     parser.add_argument("--supernodes", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--report-only", action="store_true", help="write the tables and findings from the runs so far")
     parser.add_argument("extra", nargs="*", help="Hydra overrides added to every job")
     args = parser.parse_args()
     out = args.out.expanduser().resolve()
@@ -225,6 +226,14 @@ def main() -> int:
     for model in args.models.split(","):
         common = [f"model={model}", f"num_rounds={args.rounds}", *args.extra]
         t0 = time.perf_counter()
+        if args.report_only:
+            if not (out / model / "grid").is_dir():
+                continue
+            best = {m: r.lr for m, r in best_per_method(read_sweep(out / model / "lr")).items() if m in methods}
+            summary = summarize(out / model / "lr", args.keep)
+            write_report([out / model / "grid"], out / model / "report")
+            results[model] = {"best-lr": best, "lr-summary": summary}
+            continue
         runner = JobRunner(out / model / "lr", args.supernodes, args.timeout)
         try:
             lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
@@ -241,7 +250,8 @@ def main() -> int:
     plot_lr_curves(out, list(results), out / "lr_curves.png")
     print(markdown)
     print(f"[study] done in {(time.perf_counter() - t_study) / 60:.1f} min (this invocation); {out / 'findings.md'}")
-    (out / "study.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if not args.report_only:
+        (out / "study.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     runs, failed = find_runs([out / m / "grid" for m in results])
     return 1 if failed else 0
 
