@@ -245,7 +245,8 @@ def summarize(sweep_dir: Path, keep: float = 0.34, screening: dict[str, Any] | N
 
 def _markdown(table: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     metric = next((row["metric"] for row in table if row["metric"]), "score")
-    header = ["job", "stage", "status", "method", "lr", "eval loss", metric, "rounds", "seconds", "bytes/client/round"]
+    header = ["job", "stage", "status", "method", "lr", "eval loss", metric, "rounds", "seconds",
+              "bytes/client/round (down + up)"]  # fmt: skip
     lines = markdown_table(
         header,
         [
