@@ -115,15 +115,51 @@ def test_cache_free_greedy_matches_generate_for_every_prompt_method_and_keeps_th
         assert widths[1:] == [1] * (len(widths) - 1), (method, widths)  # one new position per step
         assert greedy_without_cache(bundle.model, bundle.tokenizer, prompts, 6) == [c[0] for c in greedy], method
 
+    # Prefix tuning decodes from a cache seeded with its prefix, one new position per step,
+    # and answers as the forward pass (training's view of the prefix) does.
     clear_model_cache()
-    cfg = tiny_cfg("peft=prefix_tuning", "peft.num_virtual_tokens=4")
+    cfg = tiny_cfg("peft=prefix_tuning", "peft.num_virtual_tokens=4", "train.precision=fp32")
     prefix = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     state = get_adapter_state(prefix.model)
     outputs = []
     for scale in (0.0, 20.0):
         set_adapter_state(prefix.model, {k: torch.randn_like(v) * scale for k, v in state.items()})
+        widths = []
+        layer = prefix.model.get_base_model().model.layers[0]
+        hook = layer.mlp.register_forward_pre_hook(lambda module, args, seen=widths: seen.append(args[0].shape[1]))
         outputs.append(generate(prefix.model, prefix.tokenizer, prompts, batch_size=2, max_new_tokens=6))
+        hook.remove()
+        assert widths[1:] == [1] * (len(widths) - 1), widths
+        assert greedy_without_cache(prefix.model, prefix.tokenizer, prompts, 6) == [c[0] for c in outputs[-1]]
     assert outputs[0] != outputs[1]  # the prefix reaches the answers
+
+
+@pytest.mark.parametrize("window", [256, 8])
+def test_prefix_decoding_with_a_sliding_window_matches_the_forward_pass(window):
+    """Gemma 3 mixes sliding-window layers: the cached decoding is used while prefix,
+    prompt and answer fit in the window; past it, the exact cache-free decoding."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from tiny import build_tokenizer
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from fedllm_flwr.data.prompts import format_prompt
+    from fedllm_flwr.evaluate.generation import greedy_without_cache
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=512, sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    model = get_peft_model(Gemma3ForCausalLM(config), PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than the init's, so that answers differ per prompt
+            p.copy_(torch.randn_like(p) * (1.0 if p.requires_grad else 0.2))
+    prompts = [format_prompt("What is 12 + 30?"), format_prompt("Write in capital letters: apple river"), "x"]
+    answers = [c[0] for c in generate(model, tokenizer, prompts, batch_size=3, max_new_tokens=8)]
+    assert len(set(answers)) > 1
+    assert answers == greedy_without_cache(model, tokenizer, prompts, 8)
 
 
 def test_adalora_prunes_its_rank_budget_and_is_refused_for_fed(tiny_cfg):

@@ -53,11 +53,10 @@ def greedy_without_cache(
 ) -> list[str]:
     """Greedy decoding by full forward passes over right-padded sequences.
 
-    For prefix tuning: with peft 0.21 and transformers 5, `generate()` drops the
-    learned prefix (it passes it as `past_key_values`, which the model now
-    ignores), so it would score the base model. The forward pass keeps the
-    prefix. Right padding keeps every row's positions exact. Slower: one full
-    forward per new token.
+    The reference decoding for every method, and prefix tuning's where a
+    sliding attention window is shorter than the sequence (`_prefix_fits`):
+    right padding keeps every row's positions and window exact. Slow: one
+    full forward per new token.
     """
     device = next(model.parameters()).device
     offset = model.active_peft_config.num_virtual_tokens if uses_virtual_tokens(model) else 0
@@ -108,7 +107,7 @@ def generate(
 
     Greedy when `temperature` is 0 (then `num_samples` must be 1), else
     nucleus sampling seeded by `seed`. Left-padded `generate` batches with the
-    KV cache; prefix tuning goes through `greedy_without_cache`. A progress bar
+    KV cache; prefix tuning seeds the cache with its prefix. A progress bar
     on stderr counts prompts when `desc` is given.
     """
     if temperature <= 0 and num_samples != 1:
@@ -126,8 +125,10 @@ def generate(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            if uses_prefix(model):
+            if uses_prefix(model) and not _prefix_fits(model, tokenizer, chunk, max_new_tokens):
                 texts = greedy_without_cache(model, tokenizer, chunk, max_new_tokens, stop)
+            elif uses_prefix(model):
+                texts = _generate_with_prefix(model, tokenizer, chunk, device, max_new_tokens, stop)
             else:
                 texts = _generate_batch(
                     model, tokenizer, chunk, device, max_new_tokens, stop, num_samples, temperature, top_p
@@ -154,6 +155,41 @@ def _with_virtual_tokens(model, enc) -> dict[str, torch.Tensor]:
         "inputs_embeds": torch.cat([virtual, embeds], 1),
         "attention_mask": torch.cat([ones, enc["attention_mask"]], 1),
     }
+
+
+def _prefix_fits(model, tokenizer, prompts: list[str], max_new_tokens: int) -> bool:
+    """Whether prefix, prompt and answer fit in the model's sliding attention window,
+    if it has one. Left padding sits between the prefix and the prompt in the cache,
+    so past the window a padded row would see fewer real tokens than it trained on."""
+    window = getattr(model.get_base_model().config.get_text_config(), "sliding_window", None)
+    width = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    return window is None or model.active_peft_config.num_virtual_tokens + width + max_new_tokens < window
+
+
+def _generate_with_prefix(model, tokenizer, prompts, device, max_new_tokens, stop) -> list[str]:
+    """Prefix tuning decoded with the KV cache, seeded with the learned prefix.
+
+    peft 0.21's own generate() loses the prefix under transformers 5 (it passes it
+    under the cache's old name). Here the base model generates from a cache that
+    already holds the prefix's keys and values; placeholder ids stand for those
+    cached positions, so positions count from the prefix's end as in training.
+    """
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    rows, width = enc["input_ids"].shape[0], model.active_peft_config.num_virtual_tokens
+    ids = torch.cat([torch.full((rows, width), tokenizer.pad_token_id, device=device), enc["input_ids"]], 1)
+    mask = torch.cat([torch.ones_like(ids[:, :width]), enc["attention_mask"]], 1)
+    criteria = StoppingCriteriaList([_StopStrings(tokenizer, stop, ids.shape[1])]) if stop else None
+    out = model.get_base_model().generate(
+        input_ids=ids,
+        attention_mask=mask,
+        cache=model.get_prompt(batch_size=rows),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        stopping_criteria=criteria,
+    )
+    return tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
 
 def _generate_batch(model, tokenizer, prompts, device, max_new_tokens, stop, num_samples, temperature, top_p):
