@@ -3,9 +3,9 @@ on each base model, in the global, fed and local scenarios.
 
     python scripts/method_study.py --out ~/fedllm-flwr/study [--models smollm2,gemma3]
         [--methods lora,prompt_tuning,p_tuning,prefix_tuning] [--seeds 0,1,2]
-        [--rounds 5] [--screen-rounds 1] [--keep 0.34] [-- EXTRA HYDRA OVERRIDES]
+        [--rounds 5] [--screen-rounds 1] [--keep 0.34] [--long-rounds 10] [-- EXTRA HYDRA OVERRIDES]
 
-Per model (a `conf/model/` preset), two stages, each job a `flwr run` of this app on
+Per model (a `conf/model/` preset), three stages, each job a `flwr run` of this app on
 one simulation SuperLink and Ray instance that the script starts on 127.0.0.1 and
 stops at the end:
 
@@ -18,6 +18,8 @@ stops at the end:
 2. `OUT/<model>/grid/`: each method at its best rate (by the final task metric of
    stage 1) in every scenario and seed; `OUT/<model>/report/` holds the tables of
    `fedllm-flwr report`.
+3. `OUT/<model>/rounds/`: each method at its rate, fed, seed 0, for `--long-rounds`
+   rounds: whether `--rounds` let the curves flatten (`rounds.png` draws both runs).
 
 At the end `OUT/findings.md` (and `.json`) checks FS-LLM's findings on each model, and
 `OUT/lr_curves.png` plots the task metric and eval loss against the learning rate.
@@ -87,6 +89,36 @@ def grid_stage(
                 runner.run(name, overrides)
 
 
+def rounds_stage(runner: JobRunner, best: dict[str, float], common: list[str], rounds: int) -> None:
+    """Each method at its rate (fed, seed 0) for `rounds` rounds, evaluated after each."""
+    for method, lr in best.items():
+        base = [f"peft={method}", f"train.lr={lr:g}", "scenario=fed", "seed=0"]
+        runner.run(f"fed-{method}-{rounds}r", [*base, *common, f"num_rounds={rounds}", "eval.every=1"])
+
+
+def _curve(run: Path) -> dict[int, float]:
+    """Round -> the task metric, from a run folder's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["round"]: r[TASK_METRIC] for r in rows if r.get(TASK_METRIC) is not None}
+
+
+def rounds_findings(out: Path, model: str, best: dict[str, float]) -> list[dict]:
+    """Per method: the study's run (its rounds) against the longer run at the same rate.
+    Each run's cosine schedule spans its own rounds, so the long run is not a continuation."""
+    rows = []
+    for method, lr in best.items():
+        short = out / model / "lr" / f"full_{method}_{lr:g}"
+        longs = sorted((out / model / "rounds").glob(f"fed-{method}-*r"))
+        if not (short / "summary.json").is_file() or not longs or not (longs[0] / "summary.json").is_file():
+            continue
+        a, b = _curve(short), _curve(longs[0])
+        n, m = max(a), max(b)
+        rows.append({"method": method, "rounds": n, "final": a[n], "last-round gain": a[n] - a.get(n - 1, a[n]),
+                     "long rounds": m, "long at rounds": b.get(n), "long final": b[m],
+                     "long gain after rounds": b[m] - b.get(n, b[m]), "runs": [str(short), str(longs[0])]})  # fmt: skip
+    return rows
+
+
 def _pick(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
@@ -140,8 +172,18 @@ def model_findings(out: Path, model: str) -> dict:
     return found
 
 
+def plot_rounds(rows: list[dict], path: Path) -> None:
+    from fedllm_flwr.plot import plot_runs
+
+    if rows:
+        plot_runs([Path(p) for r in rows for p in r["runs"]], path)
+
+
 def write_findings(out: Path, results: dict) -> str:
     found = {m: model_findings(out, m) for m in results}
+    for model, f in found.items():
+        f["rounds"] = rounds_findings(out, model, results[model]["best-lr"])
+        plot_rounds(f["rounds"], out / model / "rounds.png")
     (out / "findings.json").write_text(json.dumps(found, indent=2, default=str) + "\n")
     lines = []
     for model, f in found.items():
@@ -165,6 +207,15 @@ def write_findings(out: Path, results: dict) -> str:
             [[p["method"], cell(p["lr by metric"], "g"), cell(p["score"], ".3f"), p["at the grid's edge"],
               cell(p["lr by loss"], "g"), cell(p["score at that lr"], ".3f")] for p in g["picks"]],
         )  # fmt: skip
+        if f["rounds"]:
+            lines += ["", "Rounds: the study's run against a longer one at the same rate (fed, seed 0):", ""]
+            lines += markdown_table(
+                ["method", "rounds", TASK_METRIC, "gain in the last round", "long run: rounds",
+                 "at the study's rounds", "final", "gain after the study's rounds"],
+                [[r["method"], r["rounds"], cell(r["final"], ".3f"), cell(r["last-round gain"], "+.3f"),
+                  r["long rounds"], cell(r["long at rounds"], ".3f"), cell(r["long final"], ".3f"),
+                  cell(r["long gain after rounds"], "+.3f")] for r in f["rounds"]],
+            )  # fmt: skip
         lines.append("")
     markdown = "\n".join(lines)
     (out / "findings.md").write_text(markdown)
@@ -212,6 +263,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--screen-rounds", type=int, default=1)
     parser.add_argument("--keep", type=float, default=0.34)
+    parser.add_argument("--long-rounds", type=int, help="stage 3's rounds (default: twice --rounds; 0 skips it)")
     parser.add_argument("--lrs", default="", help="rates to sweep for every method (default: the grids above)")
     parser.add_argument("--supernodes", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
@@ -242,10 +294,17 @@ def main() -> int:
             print(f"[study] {model}: best rates {best}", flush=True)
             runner.sweep_dir = out / model / "grid"
             grid_stage(runner, best, seeds, common, out / model / "lr", args.rounds)
+            long_rounds = 2 * args.rounds if args.long_rounds is None else args.long_rounds
+            if long_rounds:
+                runner.sweep_dir = out / model / "rounds"
+                rounds_stage(runner, best, [f"model={model}", *args.extra], long_rounds)
         finally:
             runner.close()
         write_report([out / model / "grid"], out / model / "report")
         results[model] = {"best-lr": best, "lr-summary": summary, "minutes": (time.perf_counter() - t0) / 60}
+    if not results:
+        print(f"[study] {out}: no finished grid runs to report on", file=sys.stderr)
+        return 1
     markdown = write_findings(out, results)
     plot_lr_curves(out, list(results), out / "lr_curves.png")
     print(markdown)
