@@ -3,23 +3,23 @@ on each base model, in the global, fed and local scenarios.
 
     python scripts/method_study.py --out ~/fedllm-flwr/study [--models smollm2,gemma3]
         [--methods lora,prompt_tuning,p_tuning,prefix_tuning] [--seeds 0,1,2]
-        [--rounds 5] [--screen-rounds 1] [--keep 0.34] [--long-rounds 10] [-- EXTRA HYDRA OVERRIDES]
+        [--sweep-rounds 5] [--screen-rounds 1] [--keep 0.34] [--rounds 10] [-- EXTRA HYDRA OVERRIDES]
 
-Per model (a `conf/model/` preset), three stages, each job a `flwr run` of this app on
+Per model (a `conf/model/` preset), two stages, each job a `flwr run` of this app on
 one simulation SuperLink and Ray instance that the script starts on 127.0.0.1 and
 stops at the end:
 
 1. `OUT/<model>/lr/`: a learning-rate sweep in the fed scenario (seed 0). LoRA takes
    FS-LLM's grid {1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 5e-3}; the prompt methods the same
    grid extended to {1e-2, 3e-2, 1e-1}. Every rate first runs `--screen-rounds` rounds
-   (an exact prefix of the full run: the schedule spans `--rounds`), then the best
+   (an exact prefix of the full run: the schedule spans `--sweep-rounds`), then the best
    `--keep` share per method (by the task metric after the screen, ties to the lower
    loss) runs to the end. The folder is a sweep folder (`fedllm-flwr sweep-summary`).
 2. `OUT/<model>/grid/`: each method at its best rate (by the final task metric of
-   stage 1) in every scenario and seed; `OUT/<model>/report/` holds the tables of
-   `fedllm-flwr report`.
-3. `OUT/<model>/rounds/`: each method at its rate, fed, seed 0, for `--long-rounds`
-   rounds: whether `--rounds` let the curves flatten (`rounds.png` draws both runs).
+   stage 1) in every scenario and seed, for `--rounds` rounds; `OUT/<model>/report/`
+   holds the tables of `fedllm-flwr report`. The fed cells of the first seed are
+   evaluated after every round: set beside the sweep's run at the same rate, they show
+   whether the curves flatten (`OUT/<model>/rounds.png` draws both).
 
 At the end `OUT/findings.md` (and `.json`) checks FS-LLM's findings on each model, and
 `OUT/lr_curves.png` plots the task metric and eval loss against the learning rate.
@@ -72,15 +72,18 @@ def lr_stage(runner: JobRunner, methods: list[str], common: list[str], screen: i
 def grid_stage(
     runner: JobRunner, best: dict[str, float], seeds: list[int], common: list[str], lr_dir: Path, rounds: int
 ) -> None:
-    """Each method at its rate in every scenario and seed; the server evaluates after
-    the last round only (round 0 is always evaluated): only final figures are compared."""
+    """Each method at its rate in every scenario and seed. The server evaluates after the
+    last round only (round 0 is always evaluated): only final figures are compared; the
+    fed cells of the first seed after every round, for their curves."""
     for seed in seeds:
         for method, lr in best.items():
             for scenario in ("global", "fed", "local"):
                 base = [f"peft={method}", f"train.lr={lr:g}", f"scenario={scenario}", f"seed={seed}", *common]
                 overrides, as_swept = [*base, f"eval.every={rounds}"], [*base, "eval.every=1"]
                 name = f"{scenario}-{method}-s{seed}"
-                same = lr_dir / f"full_{method}_{lr:g}"  # stage 1 ran fed, seed 0 at this rate already
+                if scenario == "fed" and seed == seeds[0]:
+                    overrides = as_swept
+                same = lr_dir / f"full_{method}_{lr:g}"  # the sweep's run, when it had these rounds
                 if not (runner.sweep_dir / name).exists() and JobRunner.finished(same, Job(name, as_swept)):
                     shutil.copytree(same, runner.sweep_dir / name)
                     print(f"[study] {name}: the same run as {same.name} of the rate sweep, copied", flush=True)
@@ -89,33 +92,27 @@ def grid_stage(
                 runner.run(name, overrides)
 
 
-def rounds_stage(runner: JobRunner, best: dict[str, float], common: list[str], rounds: int) -> None:
-    """Each method at its rate (fed, seed 0) for `rounds` rounds, evaluated after each."""
-    for method, lr in best.items():
-        base = [f"peft={method}", f"train.lr={lr:g}", "scenario=fed", "seed=0"]
-        runner.run(f"fed-{method}-{rounds}r", [*base, *common, f"num_rounds={rounds}", "eval.every=1"])
-
-
 def _curve(run: Path) -> dict[int, float]:
     """Round -> the task metric, from a run folder's metrics.jsonl."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["round"]: r[TASK_METRIC] for r in rows if r.get(TASK_METRIC) is not None}
 
 
-def rounds_findings(out: Path, model: str, best: dict[str, float]) -> list[dict]:
-    """Per method: the study's run (its rounds) against the longer run at the same rate.
-    Each run's cosine schedule spans its own rounds, so the long run is not a continuation."""
+def rounds_findings(out: Path, model: str, best: dict[str, float], seed: int) -> list[dict]:
+    """Per method: the sweep's run against the grid's fed run (first seed) at the same
+    rate. Each run's cosine schedule spans its own rounds: the longer one is not a
+    continuation of the shorter."""
     rows = []
     for method, lr in best.items():
         short = out / model / "lr" / f"full_{method}_{lr:g}"
-        longs = sorted((out / model / "rounds").glob(f"fed-{method}-*r"))
-        if not (short / "summary.json").is_file() or not longs or not (longs[0] / "summary.json").is_file():
+        long = out / model / "grid" / f"fed-{method}-s{seed}"
+        if not (short / "summary.json").is_file() or not (long / "summary.json").is_file():
             continue
-        a, b = _curve(short), _curve(longs[0])
+        a, b = _curve(short), _curve(long)
         n, m = max(a), max(b)
         rows.append({"method": method, "rounds": n, "final": a[n], "last-round gain": a[n] - a.get(n - 1, a[n]),
                      "long rounds": m, "long at rounds": b.get(n), "long final": b[m],
-                     "long gain after rounds": b[m] - b.get(n, b[m]), "runs": [str(short), str(longs[0])]})  # fmt: skip
+                     "long gain after rounds": b[m] - b.get(n, b[m]), "runs": [str(short), str(long)]})  # fmt: skip
     return rows
 
 
@@ -179,10 +176,10 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
         plot_runs([Path(p) for r in rows for p in r["runs"]], path)
 
 
-def write_findings(out: Path, results: dict) -> str:
+def write_findings(out: Path, results: dict, seed: int) -> str:
     found = {m: model_findings(out, m) for m in results}
     for model, f in found.items():
-        f["rounds"] = rounds_findings(out, model, results[model]["best-lr"])
+        f["rounds"] = rounds_findings(out, model, results[model]["best-lr"], seed)
         plot_rounds(f["rounds"], out / model / "rounds.png")
     (out / "findings.json").write_text(json.dumps(found, indent=2, default=str) + "\n")
     lines = []
@@ -208,10 +205,10 @@ def write_findings(out: Path, results: dict) -> str:
               cell(p["lr by loss"], "g"), cell(p["score at that lr"], ".3f")] for p in g["picks"]],
         )  # fmt: skip
         if f["rounds"]:
-            lines += ["", "Rounds: the study's run against a longer one at the same rate (fed, seed 0):", ""]
+            lines += ["", f"Rounds: the sweep's run against the grid's (fed, seed {seed}) at the same rate:", ""]
             lines += markdown_table(
-                ["method", "rounds", TASK_METRIC, "gain in the last round", "long run: rounds",
-                 "at the study's rounds", "final", "gain after the study's rounds"],
+                ["method", "sweep: rounds", TASK_METRIC, "gain in its last round", "grid: rounds",
+                 "at the sweep's rounds", "final", "gain after the sweep's rounds"],
                 [[r["method"], r["rounds"], cell(r["final"], ".3f"), cell(r["last-round gain"], "+.3f"),
                   r["long rounds"], cell(r["long at rounds"], ".3f"), cell(r["long final"], ".3f"),
                   cell(r["long gain after rounds"], "+.3f")] for r in f["rounds"]],
@@ -260,10 +257,10 @@ def main() -> int:
     parser.add_argument("--models", default="smollm2,gemma3")
     parser.add_argument("--methods", default="lora,prompt_tuning,p_tuning,prefix_tuning")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sweep-rounds", type=int, default=5, help="rounds of the rate sweep's runs")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of the grid's runs")
     parser.add_argument("--screen-rounds", type=int, default=1)
     parser.add_argument("--keep", type=float, default=0.34)
-    parser.add_argument("--long-rounds", type=int, help="stage 3's rounds (default: twice --rounds; 0 skips it)")
     parser.add_argument("--lrs", default="", help="rates to sweep for every method (default: the grids above)")
     parser.add_argument("--supernodes", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
@@ -289,15 +286,12 @@ def main() -> int:
         runner = JobRunner(out / model / "lr", args.supernodes, args.timeout)
         try:
             lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
-            summary = lr_stage(runner, methods, [*common, "eval.every=1"], args.screen_rounds, args.keep, lrs)
+            swept = [f"model={model}", f"num_rounds={args.sweep_rounds}", *args.extra, "eval.every=1"]
+            summary = lr_stage(runner, methods, swept, args.screen_rounds, args.keep, lrs)
             best = {m: r.lr for m, r in best_per_method(read_sweep(runner.sweep_dir)).items() if m in methods}
             print(f"[study] {model}: best rates {best}", flush=True)
             runner.sweep_dir = out / model / "grid"
             grid_stage(runner, best, seeds, common, out / model / "lr", args.rounds)
-            long_rounds = 2 * args.rounds if args.long_rounds is None else args.long_rounds
-            if long_rounds:
-                runner.sweep_dir = out / model / "rounds"
-                rounds_stage(runner, best, [f"model={model}", *args.extra], long_rounds)
         finally:
             runner.close()
         write_report([out / model / "grid"], out / model / "report")
@@ -305,7 +299,7 @@ def main() -> int:
     if not results:
         print(f"[study] {out}: no finished grid runs to report on", file=sys.stderr)
         return 1
-    markdown = write_findings(out, results)
+    markdown = write_findings(out, results, seeds[0])
     plot_lr_curves(out, list(results), out / "lr_curves.png")
     print(markdown)
     print(f"[study] done in {(time.perf_counter() - t_study) / 60:.1f} min (this invocation); {out / 'findings.md'}")
