@@ -15,7 +15,7 @@ from fedllm_flwr.model import (
 @pytest.fixture
 def bundle(tiny_cfg):
     clear_model_cache()
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("train.precision=bf16")
     return build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
 
 

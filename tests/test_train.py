@@ -112,7 +112,16 @@ def test_auto_precision_prefers_bf16_where_the_gpu_supports_it(monkeypatch, bf16
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert resolve_dtype("auto", torch.device("cuda")) == expected
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_computes_in_it(monkeypatch, native, expected):
+    """An AVX2-only CPU emulates bf16 matmuls ~50x slower than fp32: auto must not pick them there."""
+    from fedllm_flwr import model
+
+    monkeypatch.setattr(model, "cpu_has_bf16", lambda: native)
+    assert model.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert model.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # asked for, it is kept
 
 
 def _step_gradients(model, micro_batches, monkeypatch, **train_kwargs):

@@ -24,7 +24,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""
     precision: str = "auto"
-    """`auto` (bf16 on CPU and on GPUs that support it, else fp16), `bf16`, `fp16` (CUDA only, with a
+    """`auto` (bf16 on GPUs that support it, else fp16; on CPU bf16 where it has AVX-512 or
+    Arm BF16, else fp32, as emulated bf16 is ~50x slower), `bf16`, `fp16` (CUDA only, with a
     GradScaler) or `fp32`. Adapter weights always stay fp32."""
     threads: int = 0
     """torch threads per client process (0 = leave torch's default)."""
