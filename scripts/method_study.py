@@ -45,6 +45,9 @@ FS_LLM_GRID = (1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 5e-3)
 PROMPT_EXTRA = (1e-2, 3e-2, 1e-1)
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 TASK_METRIC = "accuracy"  # the default task's exact match
+# fp32 on every machine: `train.precision=auto` is bf16 only on CPUs that compute in it,
+# and the study's figures must not depend on which CPU ran them.
+PINNED = ("train.precision=fp32",)
 
 
 def lr_grid(method: str) -> tuple[float, ...]:
@@ -112,7 +115,8 @@ def rounds_findings(out: Path, model: str, best: dict[str, float], seed: int) ->
         n, m = max(a), max(b)
         rows.append({"method": method, "rounds": n, "final": a[n], "last-round gain": a[n] - a.get(n - 1, a[n]),
                      "long rounds": m, "long at rounds": b.get(n), "long final": b[m],
-                     "long gain after rounds": b[m] - b.get(n, b[m]), "runs": [str(short), str(long)]})  # fmt: skip
+                     "long gain after rounds": b[m] - b.get(n, b[m]),
+                     "runs": [str(short.relative_to(out)), str(long.relative_to(out))]})  # fmt: skip
     return rows
 
 
@@ -169,18 +173,18 @@ def model_findings(out: Path, model: str) -> dict:
     return found
 
 
-def plot_rounds(rows: list[dict], path: Path) -> None:
+def plot_rounds(out: Path, rows: list[dict], path: Path) -> None:
     from fedllm_flwr.plot import plot_runs
 
     if rows:
-        plot_runs([Path(p) for r in rows for p in r["runs"]], path)
+        plot_runs([out / p for r in rows for p in r["runs"]], path)
 
 
 def write_findings(out: Path, results: dict, seed: int) -> str:
     found = {m: model_findings(out, m) for m in results}
     for model, f in found.items():
         f["rounds"] = rounds_findings(out, model, results[model]["best-lr"], seed)
-        plot_rounds(f["rounds"], out / model / "rounds.png")
+        plot_rounds(out, f["rounds"], out / model / "rounds.png")
     (out / "findings.json").write_text(json.dumps(found, indent=2, default=str) + "\n")
     lines = []
     for model, f in found.items():
@@ -273,7 +277,7 @@ def main() -> int:
     t_study = time.perf_counter()
     results = {}
     for model in args.models.split(","):
-        common = [f"model={model}", f"num_rounds={args.rounds}", *args.extra]
+        common = [f"model={model}", f"num_rounds={args.rounds}", *PINNED, *args.extra]
         t0 = time.perf_counter()
         if args.report_only:
             if not (out / model / "grid").is_dir():
@@ -286,7 +290,7 @@ def main() -> int:
         runner = JobRunner(out / model / "lr", args.supernodes, args.timeout)
         try:
             lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
-            swept = [f"model={model}", f"num_rounds={args.sweep_rounds}", *args.extra, "eval.every=1"]
+            swept = [f"model={model}", f"num_rounds={args.sweep_rounds}", *PINNED, *args.extra, "eval.every=1"]
             summary = lr_stage(runner, methods, swept, args.screen_rounds, args.keep, lrs)
             best = {m: r.lr for m, r in best_per_method(read_sweep(runner.sweep_dir)).items() if m in methods}
             print(f"[study] {model}: best rates {best}", flush=True)
