@@ -38,7 +38,7 @@ from pathlib import Path
 from fedllm_flwr.report import effectiveness, efficiency, find_runs, write_report
 from fedllm_flwr.simulation import stop_on_sigterm
 from fedllm_flwr.sweep import Job, JobRunner
-from fedllm_flwr.sweep_summary import best_per_method, keep_best, read_sweep, spearman, summarize
+from fedllm_flwr.sweep_summary import JOB_FILE, best_per_method, keep_best, read_sweep, spearman, summarize
 from fedllm_flwr.tables import cell, markdown_table
 
 FS_LLM_GRID = (1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 5e-3)
@@ -170,7 +170,20 @@ def model_findings(out: Path, model: str) -> dict:
                           "at the grid's edge": edge})  # fmt: skip
     guide["picks"] = picks
     found["loss-as-guide"] = guide
+    found["compute"] = compute_time(out / model)
     return found
+
+
+def compute_time(folder: Path) -> dict:
+    """Jobs and their summed wall hours per stage, from every job.json under `folder`
+    (the study may have run over several invocations and machines)."""
+    out = {}
+    for stage in ("lr", "grid"):
+        jobs = [json.loads(p.read_text()) for p in sorted((folder / stage).glob(f"*/{JOB_FILE}"))]
+        done = [j for j in jobs if j.get("status") == "completed"]
+        out[stage] = {"jobs": len(done), "failed": len(jobs) - len(done),
+                      "hours": round(sum(j.get("seconds") or 0.0 for j in done) / 3600, 2)}  # fmt: skip
+    return out
 
 
 def plot_rounds(out: Path, rows: list[dict], path: Path) -> None:
@@ -196,6 +209,10 @@ def write_findings(out: Path, results: dict, seed: int) -> str:
               r["fed > local"], r["fed near global"]] for r in f["fed-vs-local"]],
         )  # fmt: skip
         lines += ["", f"LoRA strongest, per scenario: {f['lora-strongest']}", ""]
+        c = f["compute"]
+        lr, grid = c["lr"], c["grid"]
+        lines += [f"Compute: rate sweep {lr['jobs']} jobs, {lr['hours']:.1f} h; grid {grid['jobs']} jobs, "
+                  f"{grid['hours']:.1f} h (jobs' wall time, one at a time)", ""]  # fmt: skip
         sizes = ", ".join(f"{m} {b:,.0f}" for m, b in sorted(f["bytes-up"].items(), key=lambda kv: kv[1] or 0))
         lines += [f"Bytes up per client per round (fed): {sizes}; prompt < prefix < LoRA: "
                   f"{f.get('prompt<prefix<lora')}", ""]  # fmt: skip
