@@ -3,7 +3,7 @@ on each base model, in the global, fed and local scenarios.
 
     python scripts/method_study.py --out ~/fedllm-flwr/study [--models smollm2,gemma3]
         [--methods lora,prompt_tuning,p_tuning,prefix_tuning] [--seeds 0,1,2]
-        [--sweep-rounds 5] [--screen-rounds 1] [--keep 0.34] [--rounds 10] [-- EXTRA HYDRA OVERRIDES]
+        [--sweep-rounds 5] [--screen-rounds 1] [--keep 0.34] [--extend 2] [--rounds 10] [-- EXTRA HYDRA OVERRIDES]
 
 Per model (a `conf/model/` preset), two stages, each job a `flwr run` of this app on
 one simulation SuperLink and Ray instance that the script starts on 127.0.0.1 and
@@ -14,7 +14,10 @@ stops at the end:
    grid extended to {1e-2, 3e-2, 1e-1}. Every rate first runs `--screen-rounds` rounds
    (an exact prefix of the full run: the schedule spans `--sweep-rounds`), then the best
    `--keep` share per method (by the task metric after the screen, ties to the lower
-   loss) runs to the end. The folder is a sweep folder (`fedllm-flwr sweep-summary`).
+   loss) runs to the end. While a method's best full run sits at an end of its rates,
+   the next rate past it (1, 3, 10, 30, ... per decade) runs too, at most `--extend`
+   times: an optimum at the grid's edge is not yet the method's best rate. The folder is
+   a sweep folder (`fedllm-flwr sweep-summary`).
 2. `OUT/<model>/grid/`: each method at its best rate (by the final task metric of
    stage 1) in every scenario and seed, for `--rounds` rounds; `OUT/<model>/report/`
    holds the tables of `fedllm-flwr report`. The fed cells of the first seed are
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -54,21 +58,46 @@ def lr_grid(method: str) -> tuple[float, ...]:
     return FS_LLM_GRID + (PROMPT_EXTRA if method in PROMPT_METHODS else ())
 
 
-def lr_stage(runner: JobRunner, methods: list[str], common: list[str], screen: int, keep: float, lrs=None) -> dict:
-    """Screen every rate, run the kept ones to the end, summarise the sweep folder."""
-    jobs = {}
+def beyond(lr: float, up: bool) -> float:
+    """The next rate past `lr` on the ladder 1, 3, 10, 30, ... (5e-3 -> 1e-2, 1e-1 -> 3e-1)."""
+    k = math.floor(math.log10(lr))
+    ladder = [float(f"{m * 10.0**e:g}") for e in range(k - 2, k + 3) for m in (1, 3)]
+    return min(x for x in ladder if x > 1.5 * lr) if up else max(x for x in ladder if x < lr / 1.5)
+
+
+def lr_stage(
+    runner: JobRunner, methods: list[str], common: list[str], screen: int, keep: float, lrs=None, extend: int = 2
+) -> dict:
+    """Screen every rate, run the kept ones to the end, summarise the sweep folder.
+    A method whose best full run sits at an end of the rates swept is not yet at its best
+    rate: up to `extend` times, the next rate past that end is screened and run in full."""
+
+    def job(method: str, lr: float, stage: str) -> None:
+        overrides = [f"peft={method}", f"train.lr={lr:g}", "scenario=fed", "seed=0", *common]
+        if stage == "screen":
+            overrides.append(f"run.stop_after={screen}")
+        runner.run(f"{stage}_{method}_{lr:g}", overrides, stage)
+
+    grids = {m: [float(f"{lr:g}") for lr in lrs or lr_grid(m)] for m in methods}
     for method in methods:
-        for lr in lrs or lr_grid(method):
-            name = f"{method}_{lr:g}"
-            overrides = [f"peft={method}", f"train.lr={lr:g}", "scenario=fed", "seed=0", *common]
-            jobs[name] = overrides
-            runner.run(f"screen_{name}", [*overrides, f"run.stop_after={screen}"], "screen")
+        for lr in grids[method]:
+            job(method, lr, "screen")
     records = [r for r in read_sweep(runner.sweep_dir) if r.stage == "screen" and r.status == "completed"]
-    for method in methods:
-        group = [r for r in records if r.method == method and r.score is not None]
+    for method in methods:  # kept among the grid's rates only, so extensions never change the kept set
+        group = [r for r in records if r.method == method and r.score is not None and r.lr in grids[method]]
         for r in keep_best(group, {r.name: (r.score, -(r.eval_loss or 0.0)) for r in group}, keep) if group else []:
-            name = r.name.removeprefix("screen_")
-            runner.run(f"full_{name}", jobs[name], "full")
+            job(method, r.lr, "full")
+    for method in methods:
+        for _ in range(extend):
+            done = [r for r in read_sweep(runner.sweep_dir) if r.method == method and r.status == "completed"]
+            best = best_per_method(done).get(method)
+            rates = sorted({r.lr for r in done if r.stage == "screen"})
+            if best is None or rates[0] < best.lr < rates[-1]:
+                break
+            lr = beyond(best.lr, up=best.lr == rates[-1])
+            print(f"[study] {method}: best rate {best.lr:g} is at the end of those swept; extending to {lr:g}")
+            job(method, lr, "screen")
+            job(method, lr, "full")
     return summarize(runner.sweep_dir, keep)
 
 
@@ -282,6 +311,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the grid's runs")
     parser.add_argument("--screen-rounds", type=int, default=1)
     parser.add_argument("--keep", type=float, default=0.34)
+    parser.add_argument("--extend", type=int, default=2, help="rates added past an end of the grid, per method")
     parser.add_argument("--lrs", default="", help="rates to sweep for every method (default: the grids above)")
     parser.add_argument("--supernodes", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
@@ -308,7 +338,7 @@ def main() -> int:
         try:
             lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
             swept = [f"model={model}", f"num_rounds={args.sweep_rounds}", *PINNED, *args.extra, "eval.every=1"]
-            summary = lr_stage(runner, methods, swept, args.screen_rounds, args.keep, lrs)
+            summary = lr_stage(runner, methods, swept, args.screen_rounds, args.keep, lrs, args.extend)
             best = {m: r.lr for m, r in best_per_method(read_sweep(runner.sweep_dir)).items() if m in methods}
             print(f"[study] {model}: best rates {best}", flush=True)
             runner.sweep_dir = out / model / "grid"

@@ -3,6 +3,7 @@
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -115,6 +116,48 @@ def test_a_sweep_run_again_into_its_folder_keeps_completed_jobs_and_reruns_the_r
     other = runner.run("job_0", ["train.lr=0.003", "peft=lora"])  # the folder held other overrides
     assert other.status == "failed" and len(started) == 2 and not (tmp_path / "job_0" / "summary.json").exists()
     assert json.loads((tmp_path / "job_0" / "job.json").read_text())["overrides"][0] == "train.lr=0.003"
+
+
+def load_method_study():
+    path = Path(__file__).parents[1] / "scripts" / "method_study.py"
+    spec = importlib.util.spec_from_file_location("method_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_rate_sweep_extends_past_the_grid_while_the_best_rate_is_at_its_end(tmp_path):
+    """LoRA peaks at 1e-2, past FS-LLM's grid: the sweep adds 1e-2 (now the best, again at
+    the end), then 3e-2 (worse), and stops with one extension to spare. P-tuning peaks
+    inside its grid: nothing is added. Run again, the study starts nothing new."""
+    study = load_method_study()
+    peaks = {"lora": 1e-2, "p_tuning": 1e-3}
+    started = []
+
+    class Runner:  # writes each job as finished, its score falling with the distance from the peak
+        sweep_dir = tmp_path
+
+        def run(self, name, overrides, stage):
+            if (tmp_path / name).exists():
+                return
+            started.append(name)
+            options = dict(o.split("=", 1) for o in overrides)
+            method, lr = options["peft"], float(options["train.lr"])
+            score = max(0.0, 1.0 - abs(math.log10(lr / peaks[method])) / 4)
+            fake_job(tmp_path, name, lr, [0.0, score], [3.0, 2.0 - score], method=method, stage=stage)
+
+    study.lr_stage(Runner(), ["lora", "p_tuning"], [], screen=1, keep=0.34, extend=3)
+    lora = [n for n in started if "lora" in n]
+    assert lora[-4:] == ["screen_lora_0.01", "full_lora_0.01", "screen_lora_0.03", "full_lora_0.03"]
+    assert [n for n in started if n.startswith("full_lora")] == ["full_lora_0.005", "full_lora_0.003", *lora[-3::2]]
+    assert sorted(n for n in started if n.startswith("full_p_tuning")) == [
+        "full_p_tuning_0.0005", "full_p_tuning_0.001", "full_p_tuning_0.003"
+    ]  # fmt: skip
+    assert not any(n.startswith("screen_p_tuning") and float(n.rsplit("_", 1)[1]) > 0.1 for n in started)
+    n = len(started)
+    study.lr_stage(Runner(), ["lora", "p_tuning"], [], screen=1, keep=0.34, extend=3)
+    assert len(started) == n
+    assert (study.beyond(5e-3, up=True), study.beyond(1e-1, up=True), study.beyond(1e-4, up=False)) == (1e-2, 0.3, 3e-5)
 
 
 def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):
