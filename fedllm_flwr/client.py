@@ -7,8 +7,11 @@ per process, so a worker serving many rounds loads them once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +35,21 @@ _DATA: dict[tuple, ClientData] = {}
 
 
 _LOAD_SECONDS: list[float] = []
+
+
+@contextlib.contextmanager
+def training_threads(cfg: Config) -> Iterator[int]:
+    """torch threads while this client trains, restored after. `train.threads` when set
+    (`_setup` applies it to every phase), else torch's default (in a simulation, Ray's
+    OMP_NUM_THREADS: one per CPU the actor holds), except under scenario=global: one
+    node trains while the others wait, so it takes every core this process may use."""
+    before = torch.get_num_threads()
+    if cfg.scenario.name == "global" and not cfg.train.threads:
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _setup(cfg: Config, partition_id: int, num_partitions: int) -> tuple[ModelBundle, ClientData]:
@@ -90,17 +108,18 @@ def local_train(
         collate_fn=collate,
     )
     start_step, total_steps = (server_round - 1) * cfg.train.local_steps, cfg.num_rounds * cfg.train.local_steps
-    result = train_steps(
-        bundle.model,
-        batches,
-        cfg.train,
-        start_step=start_step,
-        total_steps=total_steps,
-        prox_mu=cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0,
-        compute_dtype=bundle.dtype,
-        loss_fn=loss_fn,
-        items_fn=items_fn,
-    )
+    with training_threads(cfg) as threads:
+        result = train_steps(
+            bundle.model,
+            batches,
+            cfg.train,
+            start_step=start_step,
+            total_steps=total_steps,
+            prox_mu=cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0,
+            compute_dtype=bundle.dtype,
+            loss_fn=loss_fn,
+            items_fn=items_fn,
+        )
     metrics = {
         "train-loss": result.loss,
         "num-examples": len(data.train),
@@ -110,7 +129,7 @@ def local_train(
         "seconds": result.seconds,
         "peak-memory-mb": result.peak_memory_mb,
         "dropped-samples": data.train.dropped,
-        "torch-threads": torch.get_num_threads(),
+        "torch-threads": threads,
         "partition-id": partition_id,
         "lr": lr_at(start_step, total_steps, cfg.train),
         "model-load-seconds": _LOAD_SECONDS[-1],

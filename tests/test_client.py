@@ -2,7 +2,9 @@
 
 import math
 
-from fedllm_flwr.client import local_evaluate, local_train
+import torch
+
+from fedllm_flwr.client import local_evaluate, local_train, training_threads
 
 
 def test_a_client_with_an_empty_held_out_split_says_so_instead_of_sending_nan(tiny_cfg):
@@ -27,3 +29,17 @@ def test_the_server_knows_each_simulated_partitions_size_and_an_honest_claim_fit
     assert limits[11] + limits[12] < len(train_set(cfg))  # the held-out records are not claimable
     glob = tiny_cfg("scenario=global")
     assert set(example_limits(glob, nodes).values()) == {len(train_set(glob))}
+
+
+def test_the_one_training_node_of_scenario_global_takes_every_core(tiny_cfg, monkeypatch):
+    """A simulation gives each client actor one CPU (OMP_NUM_THREADS=1); under global the
+    other nodes wait while one trains, so it trains on every core, and goes back to its
+    threads after. Elsewhere torch's default stands."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    before = torch.get_num_threads()
+    with training_threads(tiny_cfg("scenario=global")) as n:
+        assert n == torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
+    for cfg in (tiny_cfg("scenario=fed"), tiny_cfg("scenario=local"), tiny_cfg("scenario=global", "train.threads=1")):
+        with training_threads(cfg) as n:
+            assert n == before  # train.threads, when set, is applied by the client's setup

@@ -28,7 +28,8 @@ class TrainConfig:
     Arm BF16, else fp32, as emulated bf16 is ~50x slower), `bf16`, `fp16` (CUDA only, with a
     GradScaler) or `fp32`. Adapter weights always stay fp32."""
     threads: int = 0
-    """torch threads per client process (0 = leave torch's default)."""
+    """torch threads per client process (0 = torch's default; while training under
+    scenario=global, where one node trains alone, every core)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead
     of keeping them: on SmolLM2-135M at batch 4 x ~180 tokens, a step's peak
