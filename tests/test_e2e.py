@@ -516,11 +516,12 @@ def test_differential_privacy_clips_noises_and_accounts_every_round(sim, tiny_mo
     clip = 0.01  # below any update the tiny model makes in 2 steps, so every one is clipped
     overrides = " ".join(
         [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "privacy=dp", "privacy.noise_multiplier=0.5",
-         f"privacy.clipping_norm={clip}", "eval.every=2", f"run.output_dir={out}", "run.name=dp"]
+         f"privacy.clipping_norm={clip}", "eval.every=2", "eval.initial=false", f"run.output_dir={out}", "run.name=dp"]
     )  # fmt: skip
     result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
     rows = [json.loads(line) for line in (out / "dp" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["eval-loss"] is None and finite(rows[2]["eval-loss"], 0)  # eval.initial=false: no round-0 scores
     for r in rows[1:]:
         assert r["clients-ok"] == 2 and 0 < r["update-norm-max"] <= clip * (1 + 1e-6)
         assert r["noise-std"] == pytest.approx(0.5 * clip / 2)

@@ -60,6 +60,9 @@ class EvalConfig:
     """Server-side evaluation after round 0 (before training), every N rounds,
     and after the last round. 0: the server never evaluates (train only; score
     the saved adapters later with `fedllm-flwr evaluate`)."""
+    initial: bool = True
+    """Also evaluate at round 0, before any training (false: the first row holds no
+    scores; worth it where runs share a starting point already scored elsewhere)."""
     batch_size: int = 16
     max_new_tokens: int = 0
     """Generation length; 0 means the metric's own default (exact_match 16,

@@ -90,7 +90,7 @@ class ServerEvaluator:
     @functools.cached_property
     def test_set(self):
         """The test records tokenized (pairs for task=reward), when first evaluated
-        (never, with eval.every=0)."""
+        (never, with eval.every=0; round 0 not with eval.initial=false)."""
         return tokenize_set(self.cfg, self.test_records, self.bundle.tokenizer)
 
     def adapters(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
@@ -161,7 +161,10 @@ class ServerEvaluator:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         last_round = server_round == self.cfg.rounds_to_run
         every = self.cfg.eval.every
-        due = every > 0 and (server_round == 0 or last_round or server_round % every == 0)
+        if server_round == 0:
+            due = every > 0 and self.cfg.eval.initial
+        else:
+            due = every > 0 and (last_round or server_round % every == 0)
         adapters = self.adapters(arrays)
         merged = self.merged()
         for view in self.views:
