@@ -105,13 +105,13 @@ def grid_stage(
     runner: JobRunner, best: dict[str, float], seeds: list[int], common: list[str], lr_dir: Path, rounds: int
 ) -> None:
     """Each method at its rate in every scenario and seed. The server evaluates after the
-    last round only (round 0 is always evaluated): only final figures are compared; the
-    fed cells of the first seed after every round, for their curves."""
+    last round only, not at round 0 either: only final figures are compared; the fed
+    cells of the first seed after every round and at round 0, for their curves."""
     for seed in seeds:
         for method, lr in best.items():
             for scenario in ("global", "fed", "local"):
                 base = [f"peft={method}", f"train.lr={lr:g}", f"scenario={scenario}", f"seed={seed}", *common]
-                overrides, as_swept = [*base, f"eval.every={rounds}"], [*base, "eval.every=1"]
+                overrides, as_swept = [*base, f"eval.every={rounds}", "eval.initial=false"], [*base, "eval.every=1"]
                 name = f"{scenario}-{method}-s{seed}"
                 if scenario == "fed" and seed == seeds[0]:
                     overrides = as_swept
