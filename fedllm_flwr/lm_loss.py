@@ -4,6 +4,8 @@ log-probability of each row's response (task=dpo, `dpo.py`)."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -29,25 +31,50 @@ def _backbone(model: torch.nn.Module):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (transformers' own way to
+    run the head at some positions only; it applies any logit scaling or capping)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def response_logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """The logits at the positions `keep` marks (position t predicts token t + 1),
+    flattened row by row: (keep.sum(), vocab). The head runs at those positions alone,
+    row by row where the decoder can be called on its own (`_backbone`); otherwise
+    (prompt learning, which prepends virtual tokens or a prefix inside PeftModel's
+    forward; heads that cap logits) through the model's forward with `logits_to_keep`
+    at every position some row needs, counted from the end, so virtual tokens do not
+    shift them. A model without `logits_to_keep` computes them all."""
+    parts = _backbone(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return head(hidden.last_hidden_state[:, :-1][keep])
+    length = batch["input_ids"].shape[1]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if not _keeps_logits(model):
+        return model(**inputs).logits[:, -length:][:, :-1][keep]
+    columns = keep.any(dim=0).nonzero()[:, 0]
+    logits = model(**inputs, logits_to_keep=columns - length).logits
+    return logits[keep[:, columns]]
+
+
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], response_logits: bool = True) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled (response) tokens.
 
     With `response_logits`, the LM head runs only at the positions that predict
-    a labelled token instead of at every position: on Alpaca-style data about
-    half of the tokens are prompt, and SmolLM2's head (576 x 49,152) is a fifth
-    of a token's FLOPs, while the full fp32 logits of a batch of 4 x 256 tokens
-    take 200 MB. The result equals the model's own loss. Prompt-learning
-    methods and heads that scale or cap logits use the model's own loss.
+    a labelled token instead of at every position (`response_logits_of`): on
+    Alpaca-style data about half of the tokens are prompt, SmolLM2's head
+    (576 x 49,152) is a fifth of a token's FLOPs and Gemma 3's (640 x 262,144)
+    more than the rest of the model, while the full fp32 logits of a batch of
+    4 x 256 tokens take 200 MB (SmolLM2). The result equals the model's own loss.
     """
-    parts = _backbone(model) if response_logits else None
-    if parts is None:
+    if not response_logits:
         return model(**batch, use_cache=False).loss
-    decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = head(hidden.last_hidden_state[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    return F.cross_entropy(response_logits_of(model, batch, keep).float(), targets[keep])
 
 
 def sequence_logps(
@@ -55,19 +82,16 @@ def sequence_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each row's labelled tokens, summed, in fp32; how many there are).
 
-    The head runs at the labelled positions alone where `lm_loss` would. Otherwise
-    (prompt learning, capped heads) the model's own logits are used, their last
-    `input_ids` positions (prompt learning puts its virtual tokens first)."""
+    With `response_logits` the head runs at the labelled positions alone, as for
+    `lm_loss`; otherwise the model's logits at every position are computed, their
+    last `input_ids` positions taken (prompt learning puts its virtual tokens first)."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    parts = _backbone(model) if response_logits else None
-    if parts is None:
+    if response_logits:
+        logits = response_logits_of(model, batch, keep)
+    else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1][keep]
-    else:
-        decoder, head = parts
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = head(hidden.last_hidden_state[:, :-1][keep])
     per_token = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=per_token.device).index_add(0, rows, per_token)

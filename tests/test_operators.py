@@ -32,13 +32,21 @@ def gradients(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "p_tuning", "prefix_tuning"])
 def test_response_logits_give_the_models_own_loss_and_gradients(bundle_data, method):
     cfg, bundle, data = bundle_data(f"peft={method}")
     batch = next(iter_batches(data.train, 4, bundle.tokenizer.pad_token_id, seed=0))
     own = bundle.model(**batch).loss
+    positions = []  # how many positions of each row the LM head ran at
+    hook = bundle.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: positions.append(args[0].shape[-2] if args[0].dim() == 3 else None)
+    )
     sliced = lm_loss(bundle.model, batch, response_logits=True)
+    hook.remove()
     torch.testing.assert_close(sliced, own, rtol=1e-5, atol=1e-6)
+    responses = (batch["labels"][:, 1:] != -100).any(dim=0).sum().item()
+    assert positions == [None if method == "lora" else responses]  # lora: the kept rows, flattened
+    assert responses < batch["input_ids"].shape[1] - 1  # the prompt is left out
     g_own, g_sliced = gradients(bundle.model, own), gradients(bundle.model, lm_loss(bundle.model, batch))
     for name in g_own:
         torch.testing.assert_close(g_sliced[name], g_own[name], rtol=1e-4, atol=1e-7)
