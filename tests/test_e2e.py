@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 
 import pytest
 from conftest import ROOT, TINY_OVERRIDES
@@ -561,9 +562,10 @@ def poisoned_app(root, folder):
         shutil.copy(root / name, folder / name)
     shutil.copy(root / "tests" / "poisoned_client.py", folder / "poisoned_client.py")
     text = (root / "pyproject.toml").read_text()
-    (folder / "pyproject.toml").write_text(
-        text.replace('clientapp = "client_app:app"', 'clientapp = "poisoned_client:app"')
-    )
+    text = text.replace('clientapp = "client_app:app"', 'clientapp = "poisoned_client:app"')
+    # Its FAB: these files only (the package comes from the environment's install).
+    text = re.sub(r"fab-include = \[.*\]", 'fab-include = ["*.py"]', text)
+    (folder / "pyproject.toml").write_text(text)
     return folder
 
 

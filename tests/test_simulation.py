@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_staged_repository_packs_into_the_same_fab(tmp_path):
     staged = stage_app(ROOT, tmp_path / "app")
-    assert build_fab_from_disk(staged) == build_fab_from_disk(ROOT)
+    fab = build_fab_from_disk(staged)
+    assert fab == build_fab_from_disk(ROOT)
+    # The apps, the package and its configs travel; results, docs, scripts and tests do not.
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert {n.split("/")[0] for n in names} == {"server_app.py", "client_app.py", "pyproject.toml", "fedllm_flwr",
+                                                "conf", ".info"}  # fmt: skip
+    assert "conf/config.yaml" in names and "fedllm_flwr/node.py" in names
     assert not (staged / ".venv").exists() and not (staged / ".git").exists()
     assert (staged / "fedllm_flwr" / "server" / "run.py").is_file() and (staged / "pyproject.toml").is_file()
 
@@ -23,7 +32,8 @@ def test_the_staged_repository_packs_into_the_same_fab(tmp_path):
 def test_staging_skips_what_flower_leaves_out_and_nothing_it_packs(tmp_path):
     app = tmp_path / "app"
     files = {
-        "pyproject.toml": (ROOT / "pyproject.toml").read_text(),
+        # Flower's own filters only: no fab-include (whose patterns must match files here).
+        "pyproject.toml": re.sub(r"\nfab-include = .*", "", (ROOT / "pyproject.toml").read_text()),
         ".gitignore": "outputs/\n*.log\nsecret.json\n",
         "pkg/mod.py": "x = 1\n",
         "pkg/conf/a.yaml": "a: 1\n",
