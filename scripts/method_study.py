@@ -3,9 +3,10 @@ on each base model, in the global, fed and local scenarios.
 
     python scripts/method_study.py --out ~/fedllm-flwr/study [--models smollm2,gemma3]
         [--methods lora,prompt_tuning,p_tuning,prefix_tuning] [--seeds 0,1,2]
-        [--sweep-rounds 5] [--screen-rounds 1] [--keep 0.34] [--extend 2] [--rounds 10] [-- EXTRA HYDRA OVERRIDES]
+        [--sweep-rounds 5] [--screen-rounds 1] [--keep 0.34] [--extend 2] [--rounds 10]
+        [--check-rounds 20] [--check-every 2] [-- EXTRA HYDRA OVERRIDES]
 
-Per model (a `conf/model/` preset), two stages, each job a `flwr run` of this app on
+Per model (a `conf/model/` preset), three stages, each job a `flwr run` of this app on
 one simulation SuperLink and Ray instance that the script starts on 127.0.0.1 and
 stops at the end:
 
@@ -21,8 +22,12 @@ stops at the end:
 2. `OUT/<model>/grid/`: each method at its best rate (by the final task metric of
    stage 1) in every scenario and seed, for `--rounds` rounds; `OUT/<model>/report/`
    holds the tables of `fedllm-flwr report`. The fed cells of the first seed are
-   evaluated after every round: set beside the sweep's run at the same rate, they show
-   whether the curves flatten (`OUT/<model>/rounds.png` draws both).
+   evaluated after every round.
+3. `OUT/<model>/rounds/`: each method at its rate in the fed scenario (first seed) for
+   `--check-rounds` rounds, scored every `--check-every`: set beside the sweep's run and
+   the grid's fed run at the same rate, they show whether the curves had flattened at
+   the grid's budget and how far each method goes on a longer one
+   (`OUT/<model>/rounds.png` draws all three).
 
 At the end `OUT/findings.md` (and `.json`) checks FS-LLM's findings on each model, and
 `OUT/lr_curves.png` plots the task metric and eval loss against the learning rate.
@@ -124,28 +129,46 @@ def grid_stage(
                 runner.run(name, overrides)
 
 
+def rounds_stage(
+    runner: JobRunner, best: dict[str, float], seed: int, common: list[str], rounds: int, every: int
+) -> None:
+    """Each method at its rate, fed, for `rounds` rounds (a longer budget than the grid's),
+    scored every `every` rounds and after the last: had the grid's curves flattened?"""
+    for method, lr in best.items():
+        overrides = [f"peft={method}", f"train.lr={lr:g}", "scenario=fed", f"seed={seed}", *common,
+                     f"eval.every={every}"]  # fmt: skip
+        runner.run(f"fed-{method}-s{seed}-r{rounds}", overrides)
+
+
 def _curve(run: Path) -> dict[int, float]:
     """Round -> the task metric, from a run folder's metrics.jsonl."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["round"]: r[TASK_METRIC] for r in rows if r.get(TASK_METRIC) is not None}
 
 
+def late_gain(curve: dict[int, float]) -> float:
+    """The metric's gain over the last fifth of a run's rounds (from the round scored
+    nearest before that fifth began): near zero once a curve has flattened."""
+    n = max(curve)
+    start = max(r for r in curve if r <= n - max(1, round(n / 5)))
+    return curve[n] - curve[start]
+
+
 def rounds_findings(out: Path, model: str, best: dict[str, float], seed: int) -> list[dict]:
-    """Per method: the sweep's run against the grid's fed run (first seed) at the same
-    rate. Each run's cosine schedule spans its own rounds: the longer one is not a
-    continuation of the shorter."""
+    """Per method, the fed runs (first seed) at its rate on each budget: the sweep's, the
+    grid's and the longer check's. Each run's cosine schedule spans its own rounds: a
+    longer run is not a continuation of a shorter one."""
     rows = []
     for method, lr in best.items():
-        short = out / model / "lr" / f"full_{method}_{lr:g}"
-        long = out / model / "grid" / f"fed-{method}-s{seed}"
-        if not (short / "summary.json").is_file() or not (long / "summary.json").is_file():
+        found = [out / model / "lr" / f"full_{method}_{lr:g}", out / model / "grid" / f"fed-{method}-s{seed}",
+                 *sorted((out / model / "rounds").glob(f"fed-{method}-s{seed}-r*"))]  # fmt: skip
+        runs = [p for p in found if (p / "summary.json").is_file()]
+        if len(runs) < 2:
             continue
-        a, b = _curve(short), _curve(long)
-        n, m = max(a), max(b)
-        rows.append({"method": method, "rounds": n, "final": a[n], "last-round gain": a[n] - a.get(n - 1, a[n]),
-                     "long rounds": m, "long at rounds": b.get(n), "long final": b[m],
-                     "long gain after rounds": b[m] - b.get(n, b[m]),
-                     "runs": [str(short.relative_to(out)), str(long.relative_to(out))]})  # fmt: skip
+        curves = sorted((_curve(p) for p in runs), key=max)
+        rows.append({"method": method, "budgets": [{"rounds": max(c), "final": c[max(c)], "late gain": late_gain(c)}
+                                                   for c in curves],
+                     "runs": [str(p.relative_to(out)) for p in runs]})  # fmt: skip
     return rows
 
 
@@ -207,7 +230,7 @@ def compute_time(folder: Path) -> dict:
     """Jobs and their summed wall hours per stage, from every job.json under `folder`
     (the study may have run over several invocations and machines)."""
     out = {}
-    for stage in ("lr", "grid"):
+    for stage in ("lr", "grid", "rounds"):
         jobs = [json.loads(p.read_text()) for p in sorted((folder / stage).glob(f"*/{JOB_FILE}"))]
         done = [j for j in jobs if j.get("status") == "completed"]
         out[stage] = {"jobs": len(done), "failed": len(jobs) - len(done),
@@ -239,9 +262,10 @@ def write_findings(out: Path, results: dict, seed: int) -> str:
         )  # fmt: skip
         lines += ["", f"LoRA strongest, per scenario: {f['lora-strongest']}", ""]
         c = f["compute"]
-        lr, grid = c["lr"], c["grid"]
+        lr, grid, check = c["lr"], c["grid"], c["rounds"]
         lines += [f"Compute: rate sweep {lr['jobs']} jobs, {lr['hours']:.1f} h; grid {grid['jobs']} jobs, "
-                  f"{grid['hours']:.1f} h (jobs' wall time, one at a time)", ""]  # fmt: skip
+                  f"{grid['hours']:.1f} h; rounds check {check['jobs']} jobs, {check['hours']:.1f} h "
+                  "(jobs' wall time, one at a time)", ""]  # fmt: skip
         sizes = ", ".join(f"{m} {b:,.0f}" for m, b in sorted(f["bytes-up"].items(), key=lambda kv: kv[1] or 0))
         lines += [f"Bytes up per client per round (fed): {sizes}; prompt < prefix < LoRA: "
                   f"{f.get('prompt<prefix<lora')}", ""]  # fmt: skip
@@ -255,13 +279,14 @@ def write_findings(out: Path, results: dict, seed: int) -> str:
               cell(p["lr by loss"], "g"), cell(p["score at that lr"], ".3f")] for p in g["picks"]],
         )  # fmt: skip
         if f["rounds"]:
-            lines += ["", f"Rounds: the sweep's run against the grid's (fed, seed {seed}) at the same rate:", ""]
+            budgets = sorted({b["rounds"] for r in f["rounds"] for b in r["budgets"]})
+            lines += ["", f"Rounds: {TASK_METRIC} after the last round (gain over the last fifth of the rounds), "
+                      f"fed, seed {seed}, each method at its rate:", ""]  # fmt: skip
             lines += markdown_table(
-                ["method", "sweep: rounds", TASK_METRIC, "gain in its last round", "grid: rounds",
-                 "at the sweep's rounds", "final", "gain after the sweep's rounds"],
-                [[r["method"], r["rounds"], cell(r["final"], ".3f"), cell(r["last-round gain"], "+.3f"),
-                  r["long rounds"], cell(r["long at rounds"], ".3f"), cell(r["long final"], ".3f"),
-                  cell(r["long gain after rounds"], "+.3f")] for r in f["rounds"]],
+                ["method", *(f"{n} rounds" for n in budgets)],
+                [[r["method"], *(next((f"{cell(b['final'], '.3f')} ({cell(b['late gain'], '+.3f')})"
+                                       for b in r["budgets"] if b["rounds"] == n), "") for n in budgets)]
+                 for r in f["rounds"]],
             )  # fmt: skip
         lines.append("")
     markdown = "\n".join(lines)
@@ -309,6 +334,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sweep-rounds", type=int, default=5, help="rounds of the rate sweep's runs")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the grid's runs")
+    parser.add_argument("--check-rounds", type=int, default=20, help="rounds of the fed check runs (0: none)")
+    parser.add_argument("--check-every", type=int, default=2, help="the check runs are scored every N rounds")
     parser.add_argument("--screen-rounds", type=int, default=1)
     parser.add_argument("--keep", type=float, default=0.34)
     parser.add_argument("--extend", type=int, default=2, help="rates added past an end of the grid, per method")
@@ -343,6 +370,10 @@ def main() -> int:
             print(f"[study] {model}: best rates {best}", flush=True)
             runner.sweep_dir = out / model / "grid"
             grid_stage(runner, best, seeds, common, out / model / "lr", args.rounds)
+            if args.check_rounds:
+                runner.sweep_dir = out / model / "rounds"
+                longer = [f"model={model}", f"num_rounds={args.check_rounds}", *PINNED, *args.extra]
+                rounds_stage(runner, best, seeds[0], longer, args.check_rounds, args.check_every)
         finally:
             runner.close()
         write_report([out / model / "grid"], out / model / "report")

@@ -160,6 +160,34 @@ def test_the_rate_sweep_extends_past_the_grid_while_the_best_rate_is_at_its_end(
     assert (study.beyond(5e-3, up=True), study.beyond(1e-1, up=True), study.beyond(1e-4, up=False)) == (1e-2, 0.3, 3e-5)
 
 
+def test_the_rounds_check_runs_each_method_longer_and_tabulates_every_budget(tmp_path):
+    """Per method, the fed runs at its rate on three budgets (the sweep's 5 rounds, the
+    grid's 10, the check's 20, scored every 2): final metric and late gain of each."""
+    study = load_method_study()
+    assert study.late_gain({0: 0.0, 1: 0.5, 4: 0.7, 5: 0.72}) == pytest.approx(0.02)  # from round 4
+    assert study.late_gain({r: r / 20 for r in range(0, 21, 2)}) == pytest.approx(0.2)  # from round 16
+    started = []
+
+    class Runner:
+        sweep_dir = tmp_path / "smollm2" / "rounds"
+
+        def run(self, name, overrides):
+            started.append((name, overrides))
+            fake_job(self.sweep_dir, name, 0.005, [0.1 * r / 20 + 0.8 for r in range(21)], [1.0] * 21)
+
+    study.rounds_stage(Runner(), {"lora": 5e-3}, 0, ["num_rounds=20"], 20, 2)
+    ((name, overrides),) = started
+    assert name == "fed-lora-s0-r20"
+    assert {"peft=lora", "train.lr=0.005", "scenario=fed", "seed=0", "num_rounds=20", "eval.every=2"} == set(overrides)
+    fake_job(tmp_path / "smollm2" / "lr", "full_lora_0.005", 0.005, [0.0, 0.3, 0.5, 0.6, 0.7, 0.75], [1.0] * 6)
+    fake_job(tmp_path / "smollm2" / "grid", "fed-lora-s0", 0.005, [0.0, *[0.9] * 10], [1.0] * 11)
+    (row,) = study.rounds_findings(tmp_path, "smollm2", {"lora": 5e-3, "p_tuning": 1e-2}, 0)  # no p_tuning runs
+    assert [b["rounds"] for b in row["budgets"]] == [5, 10, 20]
+    assert [b["final"] for b in row["budgets"]] == pytest.approx([0.75, 0.9, 0.9])
+    assert [b["late gain"] for b in row["budgets"]] == pytest.approx([0.05, 0.0, 0.02])
+    assert row["runs"][-1] == "smollm2/rounds/fed-lora-s0-r20"
+
+
 def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no sweep jobs"):
         summarize(tmp_path)
