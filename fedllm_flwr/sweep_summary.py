@@ -35,6 +35,10 @@ class JobRecord:
     metric: str
     score: float | None
     eval_loss: float | None
+    """The server's test-set loss after the last round."""
+    held_out_loss: float | None
+    """The clients' mean loss on their held-out (validation) splits after the last
+    round: what a federation that keeps no test set of its own could tune by."""
     seconds: float | None
     bytes_per_client_round: float | None
     rounds: int | None
@@ -76,6 +80,7 @@ def job_record(folder: Path) -> JobRecord | None:
         metric=metric,
         score=summary.get("score-final", summary.get("accuracy-final")) if job["status"] == "completed" else None,
         eval_loss=summary.get("eval-loss-final") if job["status"] == "completed" else None,
+        held_out_loss=rows[-1].get("client-eval-loss") if rows and job["status"] == "completed" else None,
         seconds=job.get("seconds"),
         bytes_per_client_round=statistics.fmean(traffic) if traffic else None,
         rounds=summary.get("rounds"),
@@ -212,6 +217,7 @@ def summarize(sweep_dir: Path, keep: float = 0.34, screening: dict[str, Any] | N
             "lr": r.lr,
             "overrides": " ".join(r.overrides),
             "eval loss": r.eval_loss,
+            "held-out loss": r.held_out_loss,
             "metric": r.metric,
             "score": r.score,
             "rounds": r.rounds,
@@ -225,6 +231,8 @@ def summarize(sweep_dir: Path, keep: float = 0.34, screening: dict[str, Any] | N
     full = [r for r in records if r.stage == "full" and r.status == "completed" and r.score is not None]
     scored = [r for r in full if r.eval_loss is not None]
     rho = spearman([r.eval_loss for r in scored], [r.score for r in scored])
+    validated = [r for r in full if r.held_out_loss is not None]
+    rho_held_out = spearman([r.held_out_loss for r in validated], [r.score for r in validated])
     best = best_per_method(records)
     audit = screening_audit(records, keep)
     plot = _plot(records, sweep_dir / "lr.png")
@@ -234,6 +242,7 @@ def summarize(sweep_dir: Path, keep: float = 0.34, screening: dict[str, Any] | N
         "failed": [r.name for r in records if r.status == "failed"],
         "best": {m: {"job": r.name, "lr": r.lr, "score": r.score, "overrides": r.overrides} for m, r in best.items()},
         "spearman-eval-loss-vs-score": rho,
+        "spearman-held-out-loss-vs-score": rho_held_out,
         "screening-audit": audit,
         "plot": str(plot) if plot else None,
         "screening": screening,
@@ -259,16 +268,19 @@ def _markdown(table: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines += ["", "Best configuration per method (by the task metric after the last round):", ""]
     for method, best in sorted(summary["best"].items()):
         lines.append(f"- {method}: {best['job']} (lr {best['lr']:g}), {metric} {best['score']:.3f}")
-    rho = summary["spearman-eval-loss-vs-score"]
     lines.append("")
-    lines.append(
-        f"Spearman rank correlation of final eval loss and {metric} across completed jobs: "
-        + (
+    losses = {
+        "spearman-eval-loss-vs-score": "eval loss (test set)",
+        "spearman-held-out-loss-vs-score": "held-out loss (the clients' validation splits)",
+    }
+    for key, loss in losses.items():
+        rho = summary.get(key)
+        verdict = (
             f"{rho:.3f} (-1: lower loss always meant a better {metric})"
             if rho is not None
             else "n/a (fewer than 3 jobs, or one column is constant)"
         )
-    )
+        lines.append(f"Spearman rank correlation of final {loss} and {metric} across completed jobs: {verdict}")
     if summary["screening-audit"]:
         lines += ["", "Screening audit (would keeping the top share after round R have kept the best job?):", ""]
         columns = ["method", "screen round", "jobs", "kept", "best at full budget", "kept the best"]

@@ -47,7 +47,7 @@ from pathlib import Path
 from fedllm_flwr.report import effectiveness, efficiency, find_runs, write_report
 from fedllm_flwr.simulation import stop_on_sigterm
 from fedllm_flwr.sweep import Job, JobRunner
-from fedllm_flwr.sweep_summary import JOB_FILE, best_per_method, keep_best, read_sweep, spearman, summarize
+from fedllm_flwr.sweep_summary import JOB_FILE, JobRecord, best_per_method, keep_best, read_sweep, spearman, summarize
 from fedllm_flwr.tables import cell, markdown_table
 
 FS_LLM_GRID = (1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 5e-3)
@@ -176,6 +176,10 @@ def _pick(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
+#: The losses finding 4 checks as guides to the rate, by the name its tables use.
+LOSSES = {"held-out": lambda r: r.held_out_loss, "test": lambda r: r.eval_loss}
+
+
 def model_findings(out: Path, model: str) -> dict:
     """FS-LLM's four findings, checked on one model's grid and rate sweep."""
     runs, _ = find_runs([out / model / "grid"])
@@ -203,27 +207,39 @@ def model_findings(out: Path, model: str) -> dict:
     found["bytes-up"] = size
     if {"prompt_tuning", "prefix_tuning", "lora"} <= set(size):
         found["prompt<prefix<lora"] = size["prompt_tuning"] < size["prefix_tuning"] < size["lora"]
-    # 4. Validation loss as a guide to the rate: rank agreement, and the rate it would pick.
-    sweep = [r for r in read_sweep(out / model / "lr") if r.status == "completed" and r.score is not None]
-    guide = {}
-    for stage in ("screen", "full"):
-        jobs = [r for r in sweep if r.stage == stage and r.eval_loss is not None]
-        guide[f"spearman-{stage}"] = spearman([r.eval_loss for r in jobs], [r.score for r in jobs])
-    picks = []
-    for m in methods:
-        jobs = [r for r in sweep if r.stage == "full" and r.method == m and r.eval_loss is not None]
-        if jobs:
-            by_loss = min(jobs, key=lambda r: r.eval_loss)
-            by_metric = max(jobs, key=lambda r: (r.score, -r.eval_loss))
-            rates = [r.lr for r in sweep if r.stage == "screen" and r.method == m]
-            edge = by_metric.lr in (min(rates), max(rates)) if rates else None  # the best may lie beyond
-            picks.append({"method": m, "lr by metric": by_metric.lr, "score": by_metric.score,
-                          "lr by loss": by_loss.lr, "score at that lr": by_loss.score,
-                          "at the grid's edge": edge})  # fmt: skip
-    guide["picks"] = picks
-    found["loss-as-guide"] = guide
+    # 4. Loss as a guide to the rate.
+    found["loss-as-guide"] = loss_guide(read_sweep(out / model / "lr"))
     found["compute"] = compute_time(out / model)
     return found
+
+
+def loss_guide(records: list[JobRecord]) -> dict:
+    """FS-LLM's finding 4 on a rate sweep: how each final loss ranks the jobs against the
+    task metric (Spearman, per stage), and the rate each loss would pick per method. Two
+    losses: the clients' held-out (validation) loss, what a federation without a test set
+    of its own would tune by, and the server's test-set loss."""
+    sweep = [r for r in records if r.status == "completed" and r.score is not None]
+    guide = {}
+    for stage in ("screen", "full"):
+        for name, loss in LOSSES.items():
+            jobs = [r for r in sweep if r.stage == stage and loss(r) is not None]
+            guide[f"spearman-{name}-{stage}"] = spearman([loss(r) for r in jobs], [r.score for r in jobs])
+    picks = []
+    for m in sorted({r.method for r in sweep}):
+        jobs = [r for r in sweep if r.stage == "full" and r.method == m]
+        if jobs:
+            by_metric = max(jobs, key=lambda r: (r.score, -(r.eval_loss or 0.0)))
+            rates = [r.lr for r in sweep if r.stage == "screen" and r.method == m]
+            edge = by_metric.lr in (min(rates), max(rates)) if rates else None  # the best may lie beyond
+            pick = {"method": m, "lr by metric": by_metric.lr, "score": by_metric.score, "at the grid's edge": edge}
+            for name, loss in LOSSES.items():
+                scored = [r for r in jobs if loss(r) is not None]
+                by_loss = min(scored, key=loss) if scored else None
+                pick[f"lr by {name} loss"] = by_loss.lr if by_loss else None
+                pick[f"score at the {name} pick"] = by_loss.score if by_loss else None
+            picks.append(pick)
+    guide["picks"] = picks
+    return guide
 
 
 def compute_time(folder: Path) -> dict:
@@ -270,13 +286,17 @@ def write_findings(out: Path, results: dict, seed: int) -> str:
         lines += [f"Bytes up per client per round (fed): {sizes}; prompt < prefix < LoRA: "
                   f"{f.get('prompt<prefix<lora')}", ""]  # fmt: skip
         g = f["loss-as-guide"]
-        lines += [f"Spearman (final eval loss, {TASK_METRIC}) over the rate sweep: screen "
-                  f"{cell(g['spearman-screen'], '.3f')}, full {cell(g['spearman-full'], '.3f')}", ""]  # fmt: skip
+        for name in LOSSES:
+            lines += [f"Spearman (final {name} loss, {TASK_METRIC}) over the rate sweep: screen "
+                      f"{cell(g[f'spearman-{name}-screen'], '.3f')}, full {cell(g[f'spearman-{name}-full'], '.3f')}",
+                      ""]  # fmt: skip
         lines += markdown_table(
-            ["method", "rate by metric", TASK_METRIC, "at the grid's edge", "rate by lowest loss",
-             f"{TASK_METRIC} there"],
+            ["method", "rate by metric", TASK_METRIC, "at the grid's edge", "rate by lowest held-out loss",
+             f"{TASK_METRIC} there", "rate by lowest test loss", f"{TASK_METRIC} there"],
             [[p["method"], cell(p["lr by metric"], "g"), cell(p["score"], ".3f"), p["at the grid's edge"],
-              cell(p["lr by loss"], "g"), cell(p["score at that lr"], ".3f")] for p in g["picks"]],
+              *(x for name in LOSSES for x in (cell(p[f"lr by {name} loss"], "g"),
+                                               cell(p[f"score at the {name} pick"], ".3f")))]
+             for p in g["picks"]],
         )  # fmt: skip
         if f["rounds"]:
             budgets = sorted({b["rounds"] for r in f["rounds"] for b in r["budgets"]})
@@ -295,7 +315,7 @@ def write_findings(out: Path, results: dict, seed: int) -> str:
 
 
 def plot_lr_curves(out: Path, models: list[str], path: Path) -> None:
-    """Per model: the task metric and eval loss against the rate, one line per method
+    """Per model: the task metric and test-set eval loss against the rate, one line per method
     (every rate after the screen; the kept rates after the last round as markers)."""
     import matplotlib
 
@@ -313,7 +333,7 @@ def plot_lr_curves(out: Path, models: list[str], path: Path) -> None:
                 for ax, values in ((row[0], [r.score for r in mine]), (row[1], [r.eval_loss for r in mine])):
                     ax.plot([r.lr for r in mine], values, style, marker="o" if style else "*", color=color,
                             markersize=5 if style else 11, label=label)  # fmt: skip
-        for ax, ylabel in zip(row, (TASK_METRIC, "eval loss"), strict=True):
+        for ax, ylabel in zip(row, (TASK_METRIC, "eval loss (test set)"), strict=True):
             ax.set_xscale("log")
             ax.set_xlabel("learning rate")
             ax.set_ylabel(ylabel)

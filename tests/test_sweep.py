@@ -21,8 +21,9 @@ from fedllm_flwr.sweep import JobRunner, first_error
 from fedllm_flwr.sweep_summary import keep_best, ranks, read_sweep, screening_audit, spearman, summarize
 
 
-def fake_job(root, name, lr, scores, losses, method="lora", stage="full", status="completed"):
-    """A job folder as the sweep writes it; `scores[r]` is the metric after round r."""
+def fake_job(root, name, lr, scores, losses, method="lora", stage="full", status="completed", held_out=None):
+    """A job folder as the sweep writes it; `scores[r]` is the metric after round r,
+    `held_out[r]` (if given) the clients' mean held-out loss."""
     folder = root / name
     folder.mkdir(parents=True)
     overrides = [f"train.lr={lr}", f"peft={method}"]
@@ -38,6 +39,8 @@ def fake_job(root, name, lr, scores, losses, method="lora", stage="full", status
         {"round": r, "accuracy": s, "eval-loss": loss, "bytes-down": 100, "bytes-up": 100, "clients-ok": 2}
         for r, (s, loss) in enumerate(zip(scores, losses, strict=True))
     ]
+    for row, value in zip(rows, held_out or [], strict=False):
+        row["client-eval-loss"] = value
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"status": "completed", "metric": "accuracy", "score-final": scores[-1], "eval-loss-final": losses[-1]}
     summary["scenario"], summary["method"] = "fed", method
@@ -57,16 +60,18 @@ def test_ranks_and_spearman_against_hand_values():
 
 def test_summary_table_best_correlation_audit_and_plot(tmp_path):
     # Round 1 ranks job_2 first, but job_1 is best after the last round.
-    fake_job(tmp_path, "job_0", 1e-4, [0.0, 0.10, 0.20], [3.0, 2.0, 1.5])
-    fake_job(tmp_path, "job_1", 1e-3, [0.0, 0.20, 0.60], [3.0, 1.5, 0.9])
-    fake_job(tmp_path, "job_2", 1e-2, [0.0, 0.30, 0.40], [3.0, 1.2, 1.2])
+    fake_job(tmp_path, "job_0", 1e-4, [0.0, 0.10, 0.20], [3.0, 2.0, 1.5], held_out=[None, 2.0, 0.6])
+    fake_job(tmp_path, "job_1", 1e-3, [0.0, 0.20, 0.60], [3.0, 1.5, 0.9], held_out=[None, 2.0, 0.5])
+    fake_job(tmp_path, "job_2", 1e-2, [0.0, 0.30, 0.40], [3.0, 1.2, 1.2], held_out=[None, 2.0, 0.4])
     fake_job(tmp_path, "job_3", 1e-1, [], [], status="failed")
-    fake_job(tmp_path, "job_4", 1e-3, [0.0, 0.5, 0.5], [3.0, 1.0, 1.0], method="prompt_tuning")
+    fake_job(tmp_path, "job_4", 1e-3, [0.0, 0.5, 0.5], [3.0, 1.0, 1.0], method="prompt_tuning", held_out=[None, 1, 0.3])
     summary = summarize(tmp_path, keep=0.34)
     assert summary["jobs"] == 5 and summary["completed"] == 4 and summary["failed"] == ["job_3"]
     assert summary["best"]["lora"]["job"] == "job_1" and summary["best"]["prompt_tuning"]["job"] == "job_4"
     # loss vs accuracy over the 4 completed jobs: (1.5, .2) (0.9, .6) (1.2, .4) (1.0, .5): perfectly inverse
     assert summary["spearman-eval-loss-vs-score"] == pytest.approx(-1.0)
+    # the clients' held-out losses (0.6, 0.5, 0.4, 0.3) rank them otherwise: 1 - 6 * 14 / (4 * 15)
+    assert summary["spearman-held-out-loss-vs-score"] == pytest.approx(-0.4)
     audit = summary["screening-audit"]
     assert audit == [
         {
@@ -158,6 +163,25 @@ def test_the_rate_sweep_extends_past_the_grid_while_the_best_rate_is_at_its_end(
     study.lr_stage(Runner(), ["lora", "p_tuning"], [], screen=1, keep=0.34, extend=3)
     assert len(started) == n
     assert (study.beyond(5e-3, up=True), study.beyond(1e-1, up=True), study.beyond(1e-4, up=False)) == (1e-2, 0.3, 3e-5)
+
+
+def test_finding_4_ranks_and_picks_rates_by_the_clients_held_out_loss_and_by_the_test_loss(tmp_path):
+    """LoRA: the metric and the test loss pick 5e-3, the clients' held-out loss 1e-2. A job
+    whose clients never evaluated (P-tuning here) has no held-out pick."""
+    study = load_method_study()
+    for lr, score, test, held in [(3e-3, 0.70, 0.30, 0.40), (5e-3, 0.81, 0.15, 0.25), (1e-2, 0.77, 0.20, 0.20)]:
+        fake_job(tmp_path, f"full_lora_{lr:g}", lr, [0.0, score], [2.0, test], held_out=[None, held])
+    fake_job(tmp_path, "full_p_tuning_0.01", 1e-2, [0.0, 0.3], [2.0, 0.7], method="p_tuning")
+    for lr in (3e-3, 1e-2):
+        fake_job(tmp_path, f"screen_lora_{lr:g}", lr, [0.0, 0.1], [2.0, 0.9], stage="screen", held_out=[None, 0.8])
+    guide = study.loss_guide(read_sweep(tmp_path))
+    assert guide["spearman-test-full"] == pytest.approx(-1.0)  # loss ranks (3, 1, 2) against metric ranks (1, 3, 2)
+    assert guide["spearman-held-out-full"] == pytest.approx(-0.5)  # (3, 2, 1): 1 - 6 * 6 / (3 * 8)
+    assert guide["spearman-test-screen"] is None  # two screen jobs: too few to rank
+    lora, p_tuning = guide["picks"]
+    assert (lora["lr by metric"], lora["lr by test loss"], lora["lr by held-out loss"]) == (5e-3, 5e-3, 1e-2)
+    assert lora["score at the held-out pick"] == 0.77 and lora["at the grid's edge"] is False  # inside 3e-3..1e-2
+    assert p_tuning["lr by held-out loss"] is None and p_tuning["lr by test loss"] == 1e-2
 
 
 def test_the_rounds_check_runs_each_method_longer_and_tabulates_every_budget(tmp_path):
