@@ -20,7 +20,7 @@ from fedllm_flwr.errors import UserError
 log = logging.getLogger(__name__)
 
 #: Config keys that differ between any two runs and say nothing about them.
-IGNORED_KEYS = ("run.name", "run.output_dir", "resume", "run.stop_after")
+IGNORED_KEYS = ("run.name", "run.output_dir", "resume", "run.stop_after", "log.experiment")
 
 
 def read_run(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, str]]:
@@ -92,7 +92,7 @@ def plot_runs(paths: list[Path], out: Path) -> Path:
 
 
 def figure(paths: list[Path]):
-    """The matplotlib figure of the runs' curves (one colour per run, legend on the first panel)."""
+    """The matplotlib figure of the runs' curves (one colour per run, the legend below the panels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +102,10 @@ def figure(paths: list[Path]):
     runs = [read_run(p) for p in paths]
     names = labels(paths, [flat for _, _, flat in runs])
     clients = any(any(k.endswith("-held-out-loss") for k in row) for _, rows, _ in runs for row in rows)
-    fig, axes = plt.subplots(1, 4 if clients else 3, figsize=(16 if clients else 12.5, 3.8), dpi=100)
+    columns = 1 if len(runs) < 4 else 2
+    legend_rows = -(-len(runs) // columns)
+    height = 3.8 + 0.2 * legend_rows  # the panels keep their height however many runs the legend names
+    fig, axes = plt.subplots(1, 4 if clients else 3, figsize=(16 if clients else 12.5, height), dpi=100)
     metric_names = sorted({m for m, _, _ in runs if m})
     for i, ((metric, rows, _), name) in enumerate(zip(runs, names, strict=True)):
         color = f"C{i % 10}"
@@ -133,8 +136,8 @@ def figure(paths: list[Path]):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].set_ylim(0, max(axes[2].get_ylim()[1], 1) * 1.15)
     axes[2].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} MB" if v >= 1e6 else f"{v / 1e3:g} KB"))
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=columns, fontsize=7)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / height, 1, 1))
     return fig
 
 

@@ -340,8 +340,9 @@ def plot_lr_curves(out: Path, models: list[str], path: Path) -> None:
             ax.set_title(f"{model}: {ylabel} by rate (fed)")
             ax.grid(True, which="both", alpha=0.3)
         row[1].set_yscale("log")
-        row[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()  # the same methods and colours on every row
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
+    fig.tight_layout(rect=(0, 0.1 / len(models), 1, 1))
     fig.savefig(path)
     plt.close(fig)
 

@@ -123,7 +123,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_plot_of_two_runs_names_both_and_what_differs(tmp_path):
     a = fake_run(tmp_path, "run-a", "0.001")
     b = fake_run(tmp_path, "run-b", "0.01", scale=0.5)
-    legend = [t.get_text() for t in figure([a, b]).axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in figure([a, b]).legends[0].get_texts()]
     assert legend == ["run-a (train.lr=0.001)", "run-b (train.lr=0.01)"]
     out = plot_runs([a, b], tmp_path / "both.png")
     width, height = png_size(out)
