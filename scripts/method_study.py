@@ -29,8 +29,9 @@ stops at the end:
    the grid's budget and how far each method goes on a longer one
    (`OUT/<model>/rounds.png` draws all three).
 
-At the end `OUT/findings.md` (and `.json`) checks FS-LLM's findings on each model, and
-`OUT/lr_curves.png` plots the task metric and eval loss against the learning rate.
+At the end `OUT/findings.md` (and `.json`) checks FS-LLM's findings on each model (the
+fourth with two losses: the clients' held-out loss and the server's test-set loss), and
+`OUT/lr_curves.png` plots the task metric and test-set loss against the learning rate.
 Finished jobs are kept, so an interrupted study resumes where it stopped.
 """
 
