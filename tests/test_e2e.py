@@ -348,7 +348,7 @@ def test_compressed_messages_shrink_and_the_run_still_trains(sim, tiny_model_dir
     out = tmp_path / "runs"
     sent = {}
     for codec in ("int8", "topk"):
-        # The top-k run also checks eval.every=0: no server-side evaluation at all.
+        # The top-k run also checks eval.every=0: no evaluation at all, the server's or the clients'.
         extra = ["eval.every=0"] if codec == "topk" else []
         overrides = " ".join(
             [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", f"compression={codec}", *extra,
@@ -372,6 +372,8 @@ def test_compressed_messages_shrink_and_the_run_still_trains(sim, tiny_model_dir
     assert sent["topk"][1] < sent["int8"][1] < fp16
     assert all(finite(r["eval-loss"], 0) for r in sent["int8"][2])
     assert all(r["eval-loss"] is None for r in sent["topk"][2])
+    assert all(r.get("client-eval-loss") is None and r.get("eval-bytes-down") is None for r in sent["topk"][2])
+    assert all(finite(r["client-eval-loss"], 0) for r in sent["int8"][2][1:])
     summary = json.loads((out / "topk" / "summary.json").read_text())
     assert summary["eval-loss-final"] is None and (out / "topk" / "adapter" / "final").is_dir()
 
@@ -523,6 +525,7 @@ def test_differential_privacy_clips_noises_and_accounts_every_round(sim, tiny_mo
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
     rows = [json.loads(line) for line in (out / "dp" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["eval-loss"] is None and finite(rows[2]["eval-loss"], 0)  # eval.initial=false: no round-0 scores
+    assert rows[1].get("client-eval-loss") is None and finite(rows[2]["client-eval-loss"], 0)  # the clients' too
     for r in rows[1:]:
         assert r["clients-ok"] == 2 and 0 < r["update-norm-max"] <= clip * (1 + 1e-6)
         assert r["noise-std"] == pytest.approx(0.5 * clip / 2)

@@ -116,6 +116,26 @@ def test_outgoing_messages_carry_only_the_packed_fp16_adapter():
 
 
 @pytest.mark.parametrize(
+    ("every", "offset", "asked"), [(1, 0, [1, 2, 3, 4, 5]), (2, 0, [2, 4, 5]), (3, 1, [3, 5]), (0, 0, [])]
+)
+def test_clients_evaluate_on_the_rounds_the_server_does(every, offset, asked):
+    """eval.every schedules the clients' held-out scoring too: after every N rounds and
+    the last (a resumed run counts from its first round), never with 0."""
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.strategy import build_strategy
+
+    strat = build_strategy(load_cfg(["num_rounds=5", f"eval.every={every}"]))
+    strat.round_offset = offset
+    glob = state_to_arrays(state(0.25))
+    sent = {
+        r + offset: len(list(strat.configure_evaluate(r, glob, ConfigRecord(), FakeGrid())))
+        for r in range(1, 6 - offset)
+    }
+    assert [r for r, n in sent.items() if n] == asked
+    assert all(n == 2 for n in sent.values() if n)  # each due round asks every node
+
+
+@pytest.mark.parametrize(
     "bad",
     [
         {"num-examples": float("nan")},

@@ -57,9 +57,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 1
-    """Server-side evaluation after round 0 (before training), every N rounds,
-    and after the last round. 0: the server never evaluates (train only; score
-    the saved adapters later with `fedllm-flwr evaluate`)."""
+    """Evaluation after round 0 (before training), every N rounds, and after the
+    last round: the server scores the test set, the clients their held-out splits
+    (not at round 0). 0: neither ever evaluates (train only; score the saved
+    adapters later with `fedllm-flwr evaluate`)."""
     initial: bool = True
     """Also evaluate at round 0, before any training (false: the first row holds no
     scores; worth it where runs share a starting point already scored elsewhere)."""
@@ -82,9 +83,17 @@ class EvalConfig:
     """gsm8k: chain-of-thought exemplars before each question ("Q: ... A: ...
     The answer is N."); 0 asks in the training prompt format instead."""
 
+    def due(self, server_round: int, last_round: int) -> bool:
+        """Whether round `server_round` of a run ending at `last_round` is evaluated."""
+        if self.every <= 0:
+            return False
+        if server_round == 0:
+            return self.initial
+        return server_round == last_round or server_round % self.every == 0
+
     def __post_init__(self) -> None:
         if self.every < 0:
-            raise ValueError("eval.every must be >= 0 (0: no server-side evaluation)")
+            raise ValueError("eval.every must be >= 0 (0: no evaluation)")
         if self.code_prompt not in ("raw", "instruct", "chat"):
             raise ValueError(f"eval.code_prompt={self.code_prompt!r}: use raw, instruct or chat")
         if not 0 <= self.shots <= 8:

@@ -160,11 +160,7 @@ class ServerEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         last_round = server_round == self.cfg.rounds_to_run
-        every = self.cfg.eval.every
-        if server_round == 0:
-            due = every > 0 and self.cfg.eval.initial
-        else:
-            due = every > 0 and (last_round or server_round % every == 0)
+        due = self.cfg.eval.due(server_round, self.cfg.rounds_to_run)
         adapters = self.adapters(arrays)
         merged = self.merged()
         for view in self.views:

@@ -81,6 +81,7 @@ def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **a
         min_evaluate_nodes=s.min_evaluate_nodes,
         min_available_nodes=s.min_available_nodes,
     )
+    strategy.evaluate_due = partial(cfg.eval.due, last_round=cfg.rounds_to_run)
     # FFA-LoRA: A is the same frozen matrix everywhere, so the mean of B A is B_avg A.
     strategy.exact_products = cfg.peft.freeze_a
     strategy.availability = Availability(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -145,6 +145,8 @@ class AdapterFedAvg(FedAvg):
         self.round_offset = 0
         """Rounds already done before this `start` (a resumed run): Flower counts
         from 1, so every method adds this to the round it is given."""
+        self.evaluate_due: Callable[[int], bool] = lambda server_round: True
+        """Whether clients evaluate after this round (`eval.every`'s rounds in a run)."""
 
     def state(self) -> dict[str, np.ndarray]:
         """What this strategy carries from round to round besides the global
@@ -352,6 +354,8 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        if not self.evaluate_due(server_round):
+            return []
         messages = self._wire(arrays, super().configure_evaluate(server_round, arrays, config, grid))
         self.ledger.add(server_round, "eval-bytes-down", sum(message_bytes(m) for m in messages))
         self.attach_broadcast(server_round, messages)
