@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from fedllm_flwr.config import Config, cfg_to_yaml
+from fedllm_flwr.config import Config, cfg_to_yaml, config_changes
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.files import publish, temp_folder, write_atomically, write_text_atomically
 from fedllm_flwr.metrics import MetricsLog
@@ -64,6 +64,29 @@ class RunDir:
         (path / "config.yaml").write_text(cfg_to_yaml(cfg))
         return cls(path)
 
+    @classmethod
+    def reopen(cls, cfg: Config) -> tuple[RunDir, int]:
+        """The run folder `cfg.resume` names and the round its checkpoint holds, after
+        checking it can go on: it is a run folder, its config is this one (but for `run`
+        and `resume`) and rounds remain. Changes nothing; raises UserError naming why not."""
+        from omegaconf import OmegaConf
+
+        path = Path(cfg.resume).expanduser()
+        if not (path / "config.yaml").is_file():
+            raise UserError(f"resume={cfg.resume}: not a run folder (no config.yaml)")
+        before = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+        changed = config_changes(before, OmegaConf.to_container(OmegaConf.create(cfg_to_yaml(cfg))))
+        if changed:
+            raise UserError(
+                f"resume={cfg.resume}: the config differs from the run being resumed in {', '.join(changed)}; "
+                "give the same overrides as that run, plus resume=..."
+            )
+        run_dir = cls(path)
+        done = run_dir.checkpoint_round()
+        if done >= cfg.rounds_to_run:
+            raise UserError(f"resume={cfg.resume}: all {cfg.rounds_to_run} rounds are done already")
+        return run_dir, done
+
     def save_adapters(self, model: PeftModel, folder: str, states: dict[str, dict[str, torch.Tensor]]) -> Path:
         """Save adapters in peft's format under adapter/<folder>/ (atomically).
 
@@ -92,8 +115,13 @@ class RunDir:
         metadata = {"round": str(server_round)}
         write_atomically(self.path / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
-    def read_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(round, global adapter, strategy state) of the last checkpoint."""
+    def checkpoint_round(self) -> int:
+        """The round the last checkpoint was written after (its tensors are not read)."""
+        return self.read_checkpoint(tensors=False)[0]
+
+    def read_checkpoint(self, tensors: bool = True) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(round, global adapter, strategy state) of the last checkpoint; with
+        `tensors=False`, the round and two empty dicts."""
         from safetensors import safe_open
 
         path = self.path / CHECKPOINT
@@ -101,9 +129,9 @@ class RunDir:
             raise UserError(f"resume: {self.path} has no {CHECKPOINT}; it stopped before its first round ended")
         with safe_open(str(path), framework="numpy") as handle:
             server_round = int(handle.metadata()["round"])
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
-        adapter = {k.removeprefix("adapter/"): v for k, v in tensors.items() if k.startswith("adapter/")}
-        strategy = {k.removeprefix("strategy/"): v for k, v in tensors.items() if k.startswith("strategy/")}
+            found = {k: handle.get_tensor(k) for k in (handle.keys() if tensors else [])}
+        adapter = {k.removeprefix("adapter/"): v for k, v in found.items() if k.startswith("adapter/")}
+        strategy = {k.removeprefix("strategy/"): v for k, v in found.items() if k.startswith("strategy/")}
         return server_round, adapter, strategy
 
     def rows(self) -> list[dict[str, Any]]:

@@ -5,6 +5,8 @@ multirun (`conf/sweep.yaml`). Each job runs as `flwr run` of this app on one
 private simulation SuperLink and one Ray instance kept for the whole sweep, so a
 job takes the same code path as `flwr run .` without paying their start-up again.
 A job that fails is recorded (`job.json`, with the reason) and the sweep goes on.
+Run again into its folder, a sweep keeps its completed jobs and resumes the one
+that stopped at that job's last checkpoint (`JobRunner.resume_point`).
 At the end, `SweepCallback` writes the summary; `fedllm-flwr sweep-summary DIR`
 rewrites it for any sweep folder.
 
@@ -43,12 +45,16 @@ class Job:
     """`full`, or `screen` for a low-fidelity (run.stop_after) job."""
     error: str = ""
     seconds: float | None = None
+    """Wall time; for a resumed job, plus what its checkpointed rounds took before."""
+    resumed_after: int | None = None
+    """The round a resumed job went on from (its last attempt); None if it ran whole."""
     path: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        data = {k: getattr(self, k) for k in ("name", "overrides", "status", "stage", "error", "seconds", "path")}
+        keys = ("name", "overrides", "status", "stage", "error", "seconds", "resumed_after", "path")
+        data = {k: getattr(self, k) for k in keys}
         (folder / JOB_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -107,12 +113,11 @@ class JobRunner:
         if done is not None:
             print(f"[fedllm-flwr sweep] {name}: completed before, kept", flush=True)
             return done
-        if folder.exists():  # an interrupted or failed attempt, or other overrides: start it again
-            shutil.rmtree(folder)
         print(f"[fedllm-flwr sweep] {name}: {' '.join(overrides) or '(defaults)'}", flush=True)
         try:
             load_cfg(list(overrides))  # a bad override fails here, not inside Flower
         except UserError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
             job.status, job.error = "failed", str(exc)
             job.save(folder)
             print(f"[fedllm-flwr sweep] {name}: failed: {exc}", flush=True)
@@ -120,7 +125,15 @@ class JobRunner:
         full = [*overrides, f"run.output_dir={self.sweep_dir}", f"run.name={name}"]
         if not any(o.split("=", 1)[0].lstrip("+~") == "log.experiment" for o in overrides):
             full.append(f"log.experiment={self.sweep_dir.name}")  # MLflow: one experiment per sweep
-        t0 = time.perf_counter()
+        resumed, carried = self.resume_point(folder, full), 0.0
+        if resumed is not None:  # an interrupted or failed attempt of this config left a checkpoint
+            (folder / "flwr-run.log").unlink(missing_ok=True)
+            full.append(f"resume={folder}")
+            job.resumed_after, carried = resumed
+            print(f"[fedllm-flwr sweep] {name}: resuming after round {job.resumed_after}", flush=True)
+        elif folder.exists():  # an attempt without a checkpoint, or of other overrides: start again
+            shutil.rmtree(folder)
+        t0 = time.perf_counter() - carried
         try:
             result = self._simulation().run(
                 self.app_dir, overrides=shlex.join(full), num_supernodes=self.supernodes, timeout=self.timeout
@@ -141,6 +154,25 @@ class JobRunner:
         return job
 
     @staticmethod
+    def resume_point(folder: Path, overrides: list[str]) -> tuple[int, float] | None:
+        """(round, seconds) if `folder` holds an unfinished run of exactly this config
+        that can go on from its checkpoint (`RunDir.reopen`'s checks, and the config's
+        own: some state cannot be restored); else None. The seconds are those its
+        checkpointed rounds took, from their metrics rows, so a resumed job's time counts
+        each round once (an earlier attempt's start-up is not in it)."""
+        from fedllm_flwr.config import load_cfg
+        from fedllm_flwr.run_dir import CHECKPOINT, RunDir
+
+        if not (folder / CHECKPOINT).is_file():
+            return None
+        try:
+            run_dir, done = RunDir.reopen(load_cfg([*overrides, f"resume={folder}"]))
+            seconds = sum(row.get("seconds") or 0.0 for row in run_dir.rows() if row["round"] <= done)
+        except (UserError, OSError, ValueError, KeyError):
+            return None
+        return done, seconds
+
+    @staticmethod
     def finished(folder: Path, job: Job) -> Job | None:
         """The job as recorded in `folder` if it completed there with the same
         overrides and stage: a sweep run again into its folder resumes."""
@@ -153,7 +185,7 @@ class JobRunner:
         same = recorded.get("overrides") == job.overrides and recorded.get("stage", "full") == job.stage
         if not same or recorded.get("status") != "completed" or load_run(folder) is None:
             return None
-        return Job(**{**{k: recorded.get(k) for k in ("name", "status", "stage", "error", "seconds")},
+        return Job(**{**{k: recorded.get(k) for k in ("name", "status", "stage", "error", "seconds", "resumed_after")},
                       "overrides": job.overrides, "path": str(folder)})  # fmt: skip
 
     def close(self) -> None:

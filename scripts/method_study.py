@@ -32,7 +32,8 @@ stops at the end:
 At the end `OUT/findings.md` (and `.json`) checks FS-LLM's findings on each model (the
 fourth with two losses: the clients' held-out loss and the server's test-set loss), and
 `OUT/lr_curves.png` plots the task metric and test-set loss against the learning rate.
-Finished jobs are kept, so an interrupted study resumes where it stopped.
+Finished jobs are kept and the job it stopped in goes on from its last checkpointed
+round, so an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations

@@ -102,18 +102,25 @@ def test_screen_keeps_a_share_and_breaks_ties_by_loss(tmp_path):
     assert screening_audit(records, 0.34) == []  # a single round: nothing to screen on
 
 
-def test_a_sweep_run_again_into_its_folder_keeps_completed_jobs_and_reruns_the_rest(tmp_path, monkeypatch):
-    fake_job(tmp_path, "job_0", 0.001, [0.0, 0.5], [3.0, 1.0])
-    fake_job(tmp_path, "job_1", 0.01, [], [], status="failed")
+def failing_runner(sweep_dir, monkeypatch):
+    """A JobRunner whose simulation records each run's overrides (the list returned) and
+    fails it, as a job whose ServerApp errors does."""
     started = []
 
-    class Simulation:  # records what would have run; every run it starts fails
+    class Simulation:
         def run(self, app_dir, overrides, num_supernodes, timeout):
             started.append(overrides)
             return SimpleNamespace(stdout="ERROR: boom")
 
-    runner = JobRunner(tmp_path, supernodes=2, timeout=60)
+    runner = JobRunner(sweep_dir, supernodes=2, timeout=60)
     monkeypatch.setattr(runner, "_simulation", Simulation)
+    return runner, started
+
+
+def test_a_sweep_run_again_into_its_folder_keeps_completed_jobs_and_reruns_the_rest(tmp_path, monkeypatch):
+    fake_job(tmp_path, "job_0", 0.001, [0.0, 0.5], [3.0, 1.0])
+    fake_job(tmp_path, "job_1", 0.01, [], [], status="failed")
+    runner, started = failing_runner(tmp_path, monkeypatch)
     kept = runner.run("job_0", ["train.lr=0.001", "peft=lora"])
     assert kept.status == "completed" and started == [] and (tmp_path / "job_0" / "summary.json").is_file()
     again = runner.run("job_1", ["train.lr=0.01", "peft=lora"])
@@ -121,6 +128,49 @@ def test_a_sweep_run_again_into_its_folder_keeps_completed_jobs_and_reruns_the_r
     other = runner.run("job_0", ["train.lr=0.003", "peft=lora"])  # the folder held other overrides
     assert other.status == "failed" and len(started) == 2 and not (tmp_path / "job_0" / "summary.json").exists()
     assert json.loads((tmp_path / "job_0" / "job.json").read_text())["overrides"][0] == "train.lr=0.003"
+
+
+def test_an_interrupted_job_resumes_at_its_checkpoint_and_counts_each_round_once(tmp_path, monkeypatch):
+    """A job folder left with a checkpoint after round 2 (rows to round 3) by an attempt
+    of the same config goes on with resume=; one of other overrides, without a
+    checkpoint, or with every round checkpointed starts again."""
+    import numpy as np
+
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.run_dir import RunDir
+
+    runner, started = failing_runner(tmp_path, monkeypatch)
+    overrides = ["train.lr=0.001", "num_rounds=4"]
+
+    def left_behind(name, checkpoint_round, lr=0.001):
+        sweep_args = [f"run.output_dir={tmp_path}", f"run.name={name}", f"log.experiment={tmp_path.name}"]
+        run_dir = RunDir.create(load_cfg([f"train.lr={lr}", "num_rounds=4", *sweep_args]))
+        rows = [{"round": r, "seconds": 5.0 * 2**r} for r in range(4)]  # 5, 10, 20, 40
+        (run_dir.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if checkpoint_round is not None:
+            run_dir.write_checkpoint(checkpoint_round, {"w": np.zeros(3, dtype=np.float32)}, {})
+        return run_dir.path
+
+    folder = left_behind("job_0", 2)
+    job = runner.run("job_0", overrides)
+    assert started[-1].endswith(f"resume={folder}") and job.resumed_after == 2
+    assert 35.0 <= job.seconds < 35.0 + 30  # rounds 0-2 of the first attempt (5+10+20), then this one
+    assert json.loads((folder / "job.json").read_text())["resumed_after"] == 2
+    assert (folder / "metrics.jsonl").is_file()  # kept for the run to rewind
+
+    for name, checkpoint_round, lr in [("job_1", None, 0.001), ("job_2", 4, 0.001), ("job_3", 2, 0.003)]:
+        left_behind(name, checkpoint_round, lr)
+        job = runner.run(name, overrides)
+        assert "resume=" not in started[-1] and job.resumed_after is None, name
+        assert not (tmp_path / name / "metrics.jsonl").exists(), name  # started again from nothing
+    # What refuses job_3, said to a user who resumes by hand: the key that differs.
+    left_behind("job_4", 2, 0.003)
+    with pytest.raises(UserError, match=r"differs from the run being resumed in train\.lr; "):
+        RunDir.reopen(
+            load_cfg(
+                ["train.lr=0.001", "num_rounds=4", f"log.experiment={tmp_path.name}", f"resume={tmp_path / 'job_4'}"]
+            )
+        )
 
 
 def load_method_study():

@@ -135,3 +135,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     for key, value in tree.items():
         out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
+
+
+def config_changes(
+    before: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ("run", "resume")
+) -> list[str]:
+    """Dotted keys whose values differ between two config trees (as config.yaml holds
+    them), leaving out the top-level groups in `ignore`."""
+    a, b = flatten(before), flatten(now)
+    return sorted(k for k in set(a) | set(b) if k.split(".")[0] not in ignore and a.get(k) != b.get(k))
