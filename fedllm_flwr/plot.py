@@ -80,19 +80,23 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_runs(paths: list[Path], out: Path) -> Path:
-    """Draw the runs' curves into `out` (PNG); returns it."""
+def plot_runs(
+    paths: list[Path], out: Path, names: list[str] | None = None, styles: list[tuple[str, str]] | None = None
+) -> Path:
+    """Draw the runs' curves into `out` (PNG); returns it. `names` and `styles` (a
+    colour and a line style per run) replace the default legend and colours."""
     import matplotlib.pyplot as plt
 
-    fig = figure(paths)
+    fig = figure(paths, names, styles)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
     return out
 
 
-def figure(paths: list[Path]):
-    """The matplotlib figure of the runs' curves (one colour per run, the legend below the panels)."""
+def figure(paths: list[Path], names: list[str] | None = None, styles: list[tuple[str, str]] | None = None):
+    """The matplotlib figure of the runs' curves (by default one colour per run, named
+    by what differs between them; the legend below the panels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,18 +104,19 @@ def figure(paths: list[Path]):
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     runs = [read_run(p) for p in paths]
-    names = labels(paths, [flat for _, _, flat in runs])
+    names = names or labels(paths, [flat for _, _, flat in runs])
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    styles = styles or [(palette(i % 20), "-") for i in range(len(runs))]
     clients = any(any(k.endswith("-held-out-loss") for k in row) for _, rows, _ in runs for row in rows)
     columns = 1 if len(runs) < 4 else 2
     legend_rows = -(-len(runs) // columns)
     height = 3.8 + 0.2 * legend_rows  # the panels keep their height however many runs the legend names
     fig, axes = plt.subplots(1, 4 if clients else 3, figsize=(16 if clients else 12.5, height), dpi=100)
     metric_names = sorted({m for m, _, _ in runs if m})
-    for i, ((metric, rows, _), name) in enumerate(zip(runs, names, strict=True)):
-        color = f"C{i % 10}"
-        axes[0].plot(*_series(rows, "eval-loss"), marker="o", color=color, label=name)
+    for (metric, rows, _), name, (color, line) in zip(runs, names, styles, strict=True):
+        axes[0].plot(*_series(rows, "eval-loss"), line, marker="o", color=color, label=name)
         if metric:
-            axes[1].plot(*_series(rows, metric), marker="o", color=color, label=name)
+            axes[1].plot(*_series(rows, metric), line, marker="o", color=color, label=name)
         traffic = [(r["round"], r.get("bytes-down"), r.get("bytes-up"), r.get("clients-ok") or 0) for r in rows]
         traffic = [(rnd, d / n, u / n) for rnd, d, u, n in traffic if n and d is not None and u is not None]
         if traffic:

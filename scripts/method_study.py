@@ -257,10 +257,18 @@ def compute_time(folder: Path) -> dict:
 
 
 def plot_rounds(out: Path, rows: list[dict], path: Path) -> None:
+    """One colour per method, one line style per budget (solid: the longest)."""
     from fedllm_flwr.plot import plot_runs
 
-    if rows:
-        plot_runs([out / p for r in rows for p in r["runs"]], path)
+    paths, names, styles = [], [], []
+    for i, row in enumerate(rows):
+        runs = sorted((json.loads((out / p / "summary.json").read_text())["rounds"], out / p) for p in row["runs"])
+        for j, (rounds, run) in enumerate(reversed(runs)):
+            paths.append(run)
+            names.append(f"{row['method']}, {rounds} rounds")
+            styles.append((f"C{i % 10}", ["-", "--", ":", "-."][j % 4]))
+    if paths:
+        plot_runs(paths, path, names, styles)
 
 
 def write_findings(out: Path, results: dict, seed: int) -> str:

@@ -234,7 +234,7 @@ def test_finding_4_ranks_and_picks_rates_by_the_clients_held_out_loss_and_by_the
     assert p_tuning["lr by held-out loss"] is None and p_tuning["lr by test loss"] == 1e-2
 
 
-def test_the_rounds_check_runs_each_method_longer_and_tabulates_every_budget(tmp_path):
+def test_the_rounds_check_runs_each_method_longer_and_tabulates_every_budget(tmp_path, monkeypatch):
     """Per method, the fed runs at its rate on three budgets (the sweep's 5 rounds, the
     grid's 10, the check's 20, scored every 2): final metric and late gain of each."""
     study = load_method_study()
@@ -260,6 +260,11 @@ def test_the_rounds_check_runs_each_method_longer_and_tabulates_every_budget(tmp
     assert [b["final"] for b in row["budgets"]] == pytest.approx([0.75, 0.9, 0.9])
     assert [b["late gain"] for b in row["budgets"]] == pytest.approx([0.05, 0.0, 0.02])
     assert row["runs"][-1] == "smollm2/rounds/fed-lora-s0-r20"
+    drawn = {}  # rounds.png: one colour per method, the longest budget solid
+    monkeypatch.setattr("fedllm_flwr.plot.plot_runs", lambda paths, out, names, styles: drawn.update(n=names, s=styles))
+    study.plot_rounds(tmp_path, [row], tmp_path / "rounds.png")
+    assert drawn["n"] == ["lora, 20 rounds", "lora, 10 rounds", "lora, 5 rounds"]
+    assert drawn["s"] == [("C0", "-"), ("C0", "--"), ("C0", ":")]
 
 
 def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):

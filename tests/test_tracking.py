@@ -131,6 +131,14 @@ def test_plot_of_two_runs_names_both_and_what_differs(tmp_path):
     assert cli.main(["plot", str(a), str(b), "--out", str(tmp_path / "cli.png")]) == 0
     assert png_size(tmp_path / "cli.png") == (width, height)
     assert cli.main(["plot", str(a)]) == 0 and (a / "curves.png").is_file()  # one run: into its folder
+    # Twelve runs keep twelve colours; given names and styles replace them.
+    many = [fake_run(tmp_path, f"run-{i}", f"0.00{i + 1}") for i in range(2, 12)]
+    lines = figure([a, b, *many]).axes[0].get_lines()
+    assert len({tuple(line.get_color()) for line in lines}) == 12
+    styles = [("C3", ":"), ("C3", "-")]
+    styled = figure([a, b], names=["a, 5 rounds", "b, 10 rounds"], styles=styles)
+    assert [t.get_text() for t in styled.legends[0].get_texts()] == ["a, 5 rounds", "b, 10 rounds"]
+    assert [(line.get_color(), line.get_linestyle()) for line in styled.axes[0].get_lines()] == styles
 
 
 def test_plot_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
