@@ -69,7 +69,7 @@ def run_variant(loop: str, every: int | None, data: Path, steps: int, batches_fi
         import bare_loop
         from efficiency import lora_settings
 
-        from fedllm_flwr.model import resolve_model
+        from fedllm_flwr.model_files import resolve_model
 
         model = bare_loop.load_lora_model(resolve_model(cfg.model), lora_settings(cfg))
         if every is not None:

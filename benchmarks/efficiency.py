@@ -85,7 +85,8 @@ def drawn_batches(cfg, partition: int, num_partitions: int, rounds: int):
     """(tokenizer, batches) client `partition` trains on over `rounds` rounds, in order."""
     from fedllm_flwr.data import client_data
     from fedllm_flwr.data.prompts import iter_batches
-    from fedllm_flwr.model import load_tokenizer, resolve_model
+    from fedllm_flwr.model import load_tokenizer
+    from fedllm_flwr.model_files import resolve_model
 
     tokenizer = load_tokenizer(resolve_model(cfg.model))
     data = client_data(cfg, tokenizer, partition, num_partitions)
@@ -108,7 +109,7 @@ def lora_settings(cfg) -> dict:
 
 
 def bare_spec(cfg, examples: Path, pad_id: int, threads: int) -> dict:
-    from fedllm_flwr.model import resolve_model
+    from fedllm_flwr.model_files import resolve_model
 
     return {
         "model": resolve_model(cfg.model), "examples": str(examples), "batch_size": cfg.train.batch_size,

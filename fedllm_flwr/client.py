@@ -268,7 +268,7 @@ def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None
     """FedOT: the config that trains on the emulator `emulator_id`, installing it
     from `files` (sent with the node's first message) or finding it installed."""
     from fedllm_flwr import offsite
-    from fedllm_flwr.model import model_cache_dir
+    from fedllm_flwr.model_files import model_cache_dir
 
     if not emulator_id:
         raise ValueError("algorithm=fedot, but the server's message names no emulator")

@@ -80,7 +80,7 @@ def chain(previous: str, server_round: int, indices: np.ndarray, coefficients: n
 
 def store_folder(store_dir: str, model_cfg) -> Path:
     """`zo.store_dir`, else `zo-weights` in the model cache."""
-    from fedllm_flwr.model import model_cache_dir
+    from fedllm_flwr.model_files import model_cache_dir
 
     return Path(store_dir).expanduser() if store_dir else model_cache_dir(model_cfg) / "zo-weights"
 

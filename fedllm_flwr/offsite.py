@@ -34,16 +34,8 @@ from fedllm_flwr.data.sources import read_records
 from fedllm_flwr.data.synthetic import TASKS, generate
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.files import file_lock, publish, temp_folder
-from fedllm_flwr.model import (
-    ModelBundle,
-    build_model,
-    default_device,
-    load_base_model,
-    load_tokenizer,
-    model_cache_dir,
-    resolve_dtype,
-    resolve_model,
-)
+from fedllm_flwr.model import ModelBundle, build_model, default_device, load_base_model, load_tokenizer, resolve_dtype
+from fedllm_flwr.model_files import model_cache_dir, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from fedllm_flwr import model as model_module
+from fedllm_flwr import model_files
 from fedllm_flwr.config import ModelConfig, load_cfg
 from fedllm_flwr.data.prompts import IGNORE_INDEX
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.lm_loss import _backbone, lm_loss
 
-HAS_GEMMA3 = importlib.util.find_spec(model_module.GEMMA3_PACKAGE) is not None
+HAS_GEMMA3 = importlib.util.find_spec(model_files.GEMMA3_PACKAGE) is not None
 
 
 def tiny_gemma3(softcap: float | None) -> torch.nn.Module:
@@ -46,10 +46,10 @@ def test_gemma3_loss_slices_the_head_only_where_logits_are_not_soft_capped(softc
 def test_gemma3_alias_without_its_package_names_the_extra(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == model_module.GEMMA3_PACKAGE else real(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == model_files.GEMMA3_PACKAGE else real(name, *a)
     )
     with pytest.raises(UserError, match=r"model.name=gemma3-270m needs .*pip install -e '\.\[gemma3\]'") as info:
-        model_module.resolve_model(ModelConfig(name="gemma3-270m", cache_dir=str(tmp_path)))
+        model_files.resolve_model(ModelConfig(name="gemma3-270m", cache_dir=str(tmp_path)))
     assert "\n" not in str(info.value) and not any(tmp_path.iterdir())
 
 

@@ -3,13 +3,8 @@ import torch
 
 from fedllm_flwr.config import AdapterConfig, ModelConfig
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.model import (
-    build_model,
-    clear_model_cache,
-    get_adapter_state,
-    resolve_model,
-    set_adapter_state,
-)
+from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state, set_adapter_state
+from fedllm_flwr.model_files import resolve_model
 
 
 @pytest.fixture
@@ -95,7 +90,7 @@ def test_a_converted_model_is_stored_once_in_the_compute_dtype(tiny_model_dir, t
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from fedllm_flwr.model import CONVERTED, weights_in
+    from fedllm_flwr.model_files import CONVERTED, weights_in
 
     folder = tmp_path / "converted"
     shutil.copytree(tiny_model_dir, folder)

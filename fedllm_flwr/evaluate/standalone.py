@@ -109,7 +109,8 @@ def load_for_eval(cfg: Config, adapter: Path | None):
     """(model, tokenizer, base path): the base model, with the adapter loaded if given."""
     from peft import PeftModel
 
-    from fedllm_flwr.model import default_device, load_base_model, load_tokenizer, resolve_dtype, resolve_model
+    from fedllm_flwr.model import default_device, load_base_model, load_tokenizer, resolve_dtype
+    from fedllm_flwr.model_files import resolve_model
 
     device = default_device()
     base_path = resolve_model(cfg.model)
