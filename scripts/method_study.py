@@ -48,7 +48,7 @@ from pathlib import Path
 
 from fedllm_flwr.report import effectiveness, efficiency, find_runs, write_report
 from fedllm_flwr.simulation import stop_on_sigterm
-from fedllm_flwr.sweep import Job, JobRunner
+from fedllm_flwr.sweep import Job, JobRunner, Progress
 from fedllm_flwr.sweep_summary import JOB_FILE, JobRecord, best_per_method, keep_best, read_sweep, spearman, summarize
 from fedllm_flwr.tables import cell, markdown_table
 
@@ -79,21 +79,29 @@ def lr_stage(
     A method whose best full run sits at an end of the rates swept is not yet at its best
     rate: up to `extend` times, the next rate past that end is screened and run in full."""
 
-    def job(method: str, lr: float, stage: str) -> None:
+    def job(method: str, lr: float, stage: str, progress: Progress | None = None) -> None:
         overrides = [f"peft={method}", f"train.lr={lr:g}", "scenario=fed", "seed=0", *common]
         if stage == "screen":
             overrides.append(f"run.stop_after={screen}")
+        if progress:
+            progress.next(f"{stage}_{method}_{lr:g}", overrides)
         runner.run(f"{stage}_{method}_{lr:g}", overrides, stage)
 
+    model = runner.sweep_dir.parent.name
     grids = {m: [float(f"{lr:g}") for lr in lrs or lr_grid(m)] for m in methods}
+    n_screens = sum(map(len, grids.values()))
+    screens = Progress(f"[study] {model} rate sweep, screens", n_screens, runner.sweep_dir, "screen")
     for method in methods:
         for lr in grids[method]:
-            job(method, lr, "screen")
+            job(method, lr, "screen", screens)
     records = [r for r in read_sweep(runner.sweep_dir) if r.stage == "screen" and r.status == "completed"]
+    kept = []
     for method in methods:  # kept among the grid's rates only, so extensions never change the kept set
         group = [r for r in records if r.method == method and r.score is not None and r.lr in grids[method]]
-        for r in keep_best(group, {r.name: (r.score, -(r.eval_loss or 0.0)) for r in group}, keep) if group else []:
-            job(method, r.lr, "full")
+        kept += keep_best(group, {r.name: (r.score, -(r.eval_loss or 0.0)) for r in group}, keep) if group else []
+    full = Progress(f"[study] {model} rate sweep, full runs", len(kept), runner.sweep_dir)
+    for r in kept:
+        job(r.method, r.lr, "full", full)
     for method in methods:
         for _ in range(extend):
             done = [r for r in read_sweep(runner.sweep_dir) if r.method == method and r.status == "completed"]
@@ -114,6 +122,7 @@ def grid_stage(
     """Each method at its rate in every scenario and seed. The server evaluates after the
     last round only, not at round 0 either: only final figures are compared; the fed
     cells of the first seed after every round and at round 0, for their curves."""
+    progress = Progress(f"[study] {runner.sweep_dir.parent.name} grid", len(seeds) * len(best) * 3, runner.sweep_dir)
     for seed in seeds:
         for method, lr in best.items():
             for scenario in ("global", "fed", "local"):
@@ -128,6 +137,7 @@ def grid_stage(
                     print(f"[study] {name}: the same run as {same.name} of the rate sweep, copied", flush=True)
                 if JobRunner.finished(runner.sweep_dir / name, Job(name, as_swept)):
                     overrides = as_swept  # the same training, evaluated after every round as well
+                progress.next(name, overrides)
                 runner.run(name, overrides)
 
 
@@ -136,9 +146,11 @@ def rounds_stage(
 ) -> None:
     """Each method at its rate, fed, for `rounds` rounds (a longer budget than the grid's),
     scored every `every` rounds and after the last: had the grid's curves flattened?"""
+    progress = Progress(f"[study] {runner.sweep_dir.parent.name} rounds check", len(best), runner.sweep_dir)
     for method, lr in best.items():
         overrides = [f"peft={method}", f"train.lr={lr:g}", "scenario=fed", f"seed={seed}", *common,
                      f"eval.every={every}"]  # fmt: skip
+        progress.next(f"fed-{method}-s{seed}-r{rounds}", overrides)
         runner.run(f"fed-{method}-s{seed}-r{rounds}", overrides)
 
 

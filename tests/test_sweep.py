@@ -267,6 +267,40 @@ def test_the_rounds_check_runs_each_method_longer_and_tabulates_every_budget(tmp
     assert drawn["s"] == [("C0", "-"), ("C0", "--"), ("C0", ":")]
 
 
+def test_each_grid_job_that_runs_says_where_the_stage_stands_and_how_long_the_rest_takes(tmp_path, capsys):
+    """Six cells (2 seeds x 3 scenarios), the first finished before (60 s): every other
+    cell is announced with its number and the time left at the finished cells' pace."""
+    study = load_method_study()
+    grid = tmp_path / "smollm2" / "grid"
+
+    class Runner:
+        sweep_dir = grid
+
+        def run(self, name, overrides):  # a job finishes in 60 s (seed 0) or two hours (seed 1)
+            folder = self.sweep_dir / name
+            if folder.exists():
+                return  # kept, as JobRunner keeps a finished job
+            folder.mkdir(parents=True)
+            job = {"name": name, "overrides": overrides, "status": "completed", "seconds": 60 if "s0" in name else 7200}
+            (folder / "job.json").write_text(json.dumps(job))
+            (folder / "summary.json").write_text(json.dumps({"status": "completed", "scenario": "fed"}))
+            (folder / "metrics.jsonl").write_text("")
+
+    first = ["peft=lora", "train.lr=0.005", "scenario=global", "seed=0", "num_rounds=10", "eval.every=10",
+             "eval.initial=false"]  # fmt: skip
+    Runner().run("global-lora-s0", first)
+    study.grid_stage(Runner(), {"lora": 5e-3}, [0, 1], ["num_rounds=10"], tmp_path / "lr", 10)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[study] smollm2 grid")]
+    assert lines[0] == "[study] smollm2 grid: job 2 of 6, ~5 min left at the pace of the 1 finished"
+    assert lines[1] == "[study] smollm2 grid: job 3 of 6, ~4 min left at the pace of the 2 finished"
+    # Then seed 1's cells take two hours each: (3 x 60 + 7200) / 4 s a cell, for 2 cells.
+    assert lines[3] == "[study] smollm2 grid: job 5 of 6, ~1.0 h left at the pace of the 4 finished"
+    assert lines[4] == "[study] smollm2 grid: job 6 of 6, ~49 min left at the pace of the 5 finished"
+    assert len(lines) == 5
+    study.grid_stage(Runner(), {"lora": 5e-3}, [0, 1], ["num_rounds=10"], tmp_path / "lr", 10)
+    assert "job" not in capsys.readouterr().out  # all finished: nothing announced
+
+
 def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no sweep jobs"):
         summarize(tmp_path)
