@@ -16,8 +16,14 @@ def quiet_third_party_output() -> None:
     if _QUIET:
         return
     _QUIET = True
+    import logging
     import warnings
 
+    # bitsandbytes' CPU backend, on CPUs with AVX512-BF16, fetches a 4-bit kernel from the
+    # Hugging Face Hub through the optional `kernels` package and, without it, logs a
+    # warning on import telling the user to install it; nothing here fetches from the Hub
+    # at run time, and bitsandbytes goes on with its own CPU kernel.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_a_hub_kernel_notice)
     import datasets
     import transformers
 
@@ -29,3 +35,7 @@ def quiet_third_party_output() -> None:
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
     # bitsandbytes' 8-bit matmul says so on every call (model.quantization=8bit).
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+def _not_a_hub_kernel_notice(record) -> bool:
+    return "kernels-community" not in record.getMessage()

@@ -90,3 +90,23 @@ def test_evaluate_rejects_missing_adapter_and_bad_k(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert main(["evaluate", "--task", "humaneval", "--k", "one"]) == 2
     assert "--k" in capsys.readouterr().err
+
+
+def test_the_quieted_output_drops_bitsandbytes_hub_kernel_notice_and_keeps_its_other_warnings():
+    import logging
+
+    from fedllm_flwr import quiet_third_party_output
+
+    quiet_third_party_output()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.addHandler(handler)
+    try:
+        # What bitsandbytes 0.50 logs on import on an AVX512-BF16 CPU without `kernels`.
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")
+        logger.warning("some other problem")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["some other problem"]
