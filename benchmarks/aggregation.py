@@ -20,13 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def rows_of(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if run.is_dir() else []
+    return read_metrics(run) if run.is_dir() else []
 
 
 def main() -> int:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from fedllm_flwr.deploy import LocalDeployment, make_credentials
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.simulation import stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def main() -> int:
         if "[fedllm-flwr] done in" not in result.stdout:
             print(result.stdout[-3000:], file=sys.stderr)
             return 1
-        rows = [json.loads(line) for line in (out / "s" / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(out / "s")
     report = {
         "nodes": args.nodes,
         "rounds": args.rounds,

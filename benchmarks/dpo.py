@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
 from fedllm_flwr.tables import cell, markdown_table
 
@@ -38,7 +39,7 @@ EXTRA_JOB = ("sigmoid-fed-secagg-int8", ["dpo_loss=sigmoid", "scenario=fed", "pr
 
 
 def job_row(folder: Path, name: str) -> dict:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(folder)
     first, last = rows[0], rows[-1]
     clients = sorted(int(k.split("_")[1].split("-")[0]) for k in last if k.endswith("-held-out-preference-accuracy"))
     return {

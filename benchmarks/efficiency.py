@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procmem  # noqa: E402
 from efficiency_report import check_targets, summary  # noqa: E402
 
+from fedllm_flwr.metrics import read_metrics  # noqa: E402
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def log(message: str) -> None:
 
 
 def rows_of(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run)
 
 
 # -- the examples a client draws, for the bare loop ----------------------------

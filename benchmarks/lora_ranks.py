@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
 from fedllm_flwr.tables import cell, markdown_table, mean_std
 
@@ -50,7 +51,7 @@ def methods(noise: float) -> dict[str, list[str]]:
 
 def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -> dict:
     folder = sim.run_once(ROOT, runs, name, overrides, num_supernodes=4, timeout=3600)
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(folder)
     trained = rows[1:]
     return {
         "accuracy": rows[-1].get("accuracy"),

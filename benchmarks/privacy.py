@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
 from fedllm_flwr.tables import cell
 
@@ -52,7 +53,7 @@ def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -
     folder = runs / name
     if result.returncode != 0 or not (folder / "summary.json").is_file():
         raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}")
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(folder)
     trained = rows[1:]
     last = rows[-1]
     privacy = json.loads((folder / "summary.json").read_text()).get("privacy") or {}

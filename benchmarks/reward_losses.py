@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.simulation import stop_on_sigterm
 from fedllm_flwr.tables import cell
 
@@ -32,7 +33,7 @@ def job_row(folder: Path) -> dict | None:
     if not (folder / "summary.json").is_file():
         return None
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(folder)
     first, last = rows[0], rows[-1]
     clients = sorted(int(k.split("_")[1].split("-")[0]) for k in last if k.endswith("-held-out-preference-accuracy"))
     return {

@@ -33,6 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
 from fedllm_flwr.tables import cell, markdown_table
 
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -> dict:
     folder = sim.run_once(ROOT, runs, name, overrides, num_supernodes=2, timeout=6 * 3600)
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(folder)
     trained = rows[1:]
     elapsed, total = [], 0.0
     for r in rows:  # training time: the server's evaluation (every round for lora) is left out

@@ -1,4 +1,6 @@
-"""Cost accounting (memory, seconds) and the per-round metrics log."""
+"""Cost accounting (memory, seconds) and the per-round metrics log: its writer and its
+reader. Light at import (torch is imported where memory is measured): reports and plots
+read run folders without the ML stack."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from fedllm_flwr.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +23,8 @@ log = logging.getLogger(__name__)
 def peak_memory_mb(device: torch.device | None = None) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, else peak RSS."""
     if device is not None and device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -35,6 +42,21 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 6)
     return value
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The rows of run folder `run`'s metrics.jsonl, one per round logged; UserError
+    naming the file and line for a line that is not JSON."""
+    path = run / "metrics.jsonl"
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{path}, line {number} is not JSON") from None
+    return rows
 
 
 class MetricsLog:

@@ -16,6 +16,7 @@ from typing import Any
 
 from fedllm_flwr.config import flatten
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,7 @@ def read_run(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, str]]:
         raise UserError(f"plot: {path} is not a folder")
     if not metrics.is_file():
         raise UserError(f"plot: {path} has no metrics.jsonl (not a run folder, or it never finished a round)")
-    rows = []
-    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserError(f"plot: {metrics}, line {number} is not JSON") from None
+    rows = read_metrics(path)
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     flat = flatten(config or {})
     metric = _metric(path, rows, flat)

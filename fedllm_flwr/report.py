@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.tables import cell, markdown_table, mean_std, write_csv
 
 SCENARIO_ORDER = {"global": 0, "fed": 1, "local": 2}
@@ -44,7 +45,7 @@ def load_run(path: Path) -> RunResult | None:
     summary = json.loads(summary_file.read_text())
     if summary.get("status") != "completed" or "scenario" not in summary:
         return None
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)
     return RunResult(path, summary, rows)
 
 

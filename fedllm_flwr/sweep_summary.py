@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.tables import cell, markdown_table, write_csv
 
 JOB_FILE = "job.json"
@@ -63,7 +64,7 @@ def job_record(folder: Path) -> JobRecord | None:
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     rows = []
     if (folder / "metrics.jsonl").is_file():
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(folder)
     metric = summary.get("metric") or PRIMARY.get(cfg.get("dataset", {}).get("metric", ""), "accuracy")
     per_round = {r["round"]: (r[metric], -(r.get("eval-loss") or 0.0)) for r in rows if r.get(metric) is not None}
     traffic = [(r["bytes-down"] + r["bytes-up"]) / r["clients-ok"] for r in rows[1:] if r.get("clients-ok")]

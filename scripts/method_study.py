@@ -46,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.report import effectiveness, efficiency, find_runs, write_report
 from fedllm_flwr.simulation import stop_on_sigterm
 from fedllm_flwr.sweep import Job, JobRunner, Progress
@@ -156,7 +157,7 @@ def rounds_stage(
 
 def _curve(run: Path) -> dict[int, float]:
     """Round -> the task metric, from a run folder's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run)
     return {r["round"]: r[TASK_METRIC] for r in rows if r.get(TASK_METRIC) is not None}
 
 

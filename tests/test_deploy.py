@@ -10,6 +10,7 @@ from fedllm_flwr.config import load_cfg
 from fedllm_flwr.data.synthetic import generate
 from fedllm_flwr.deploy import LocalDeployment, make_credentials
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -17,10 +18,6 @@ pytestmark = pytest.mark.slow
 def write_site(path, task, n, seed):
     path.write_text("".join(json.dumps(r) + "\n" for r in generate([task], n, seed=seed)))
     return path
-
-
-def run_rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_credentials_are_complete_private_and_kept(tmp_path):
@@ -75,16 +72,16 @@ def test_authenticated_sites_federate_adapters_and_seed_lists_an_unknown_node_is
         # it with round 2's training message (no evaluation messages here).
         result = dep.run(ROOT, overrides.replace("run.name=d", "run.name=z") + " algorithm=zo", timeout=400)
         assert "[fedllm-flwr] done in" in result.stdout, result.stdout[-3000:]
-    zo_rows = run_rows(out / "z")
+    zo_rows = read_metrics(out / "z")
     assert [r["clients-ok"] for r in zo_rows[1:]] == [2, 2] and not any(r.get("clients-dropped") for r in zo_rows)
     # Seed indices and coefficients, never weights: well under FedKSeed's 20 KB a client a round.
     assert all(0 < r[key] / 2 < 20_000 for r in zo_rows[1:] for key in ("bytes-down", "bytes-up"))
     # The server applied the same seed lists to the same initial adapter: LoRA's B moved off zero.
     tensors = load_file(out / "z" / "adapter" / "final" / "adapter_model.safetensors")
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
-    secure = run_rows(out / "s")[1]
+    secure = read_metrics(out / "s")[1]
     assert secure["clients-ok"] == 2 and secure["clients-failed"] == 0 and secure["secagg-clients"] == 2
-    rows = run_rows(out / "d")
+    rows = read_metrics(out / "d")
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["clients-ok"] == 2 and r["clients-failed"] == 0
@@ -136,7 +133,7 @@ def test_a_killed_supernode_fails_its_round_and_a_rejoining_one_takes_part_again
         dep.start_node(2, {"partition-id": 2, "num-partitions": 3})  # the same key: the same node rejoins
         runner.join(timeout=900)
         assert "[fedllm-flwr] done in" in result["r"].stdout, result["r"].stdout[-3000:]
-    rows = run_rows(out / "f")
+    rows = read_metrics(out / "f")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # no round lost or repeated
     assert rows[1]["clients-ok"] == 3
     assert rows[2]["clients-ok"] == 2 and rows[2]["clients-failed"] == 1  # the killed node's failure is recorded

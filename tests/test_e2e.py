@@ -10,6 +10,7 @@ from conftest import ROOT, TINY_OVERRIDES
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.simulation import LocalRay, LocalSimulation
 
 pytestmark = pytest.mark.slow
@@ -70,7 +71,7 @@ def test_two_supernodes_two_rounds(sim, ray_head, tiny_model_dir, tmp_path):
     assert not list(sim.ray_tmp.glob("session_*"))
     assert actors() - before == min(2, ray_head.num_cpus)
 
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(set(rows[0]) <= set(r) for r in rows[1:])  # one schema: rows load as a table
     for r in rows:
@@ -177,7 +178,7 @@ def test_scenarios_and_benchmark_presets_run_with_the_same_command(
     result = sim.run(ROOT, overrides=overrides, num_supernodes=nodes, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
     run = out / "s"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(finite(r[metric], 0, 1) for r in rows)
     summary = json.loads((run / "summary.json").read_text())
@@ -204,7 +205,7 @@ def test_partial_sharing_keeps_lora_b_on_the_clients_and_fine_tunes_with_it(sim,
     result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
     assert "partial sharing: 4 of 8 adapter tensors stay on the clients" in result.stdout
-    rows = [json.loads(line) for line in (out / "p" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "p")
     from safetensors.torch import load_file
 
     tensors = load_file(out / "p" / "adapter" / "final" / "adapter_model.safetensors")
@@ -253,7 +254,7 @@ def test_fedot_clients_train_on_the_emulator_and_the_adapter_plugs_into_the_full
     result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
     run = out / "ot"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     summary = json.loads((run / "summary.json").read_text())
     fedot = summary["fedot"]
     assert fedot["full-layers"] == 8 and fedot["emulator-layers"] == 6 and fedot["dropped-layers"] == [3, 4]
@@ -304,7 +305,7 @@ def test_mifa_under_half_availability_logs_who_took_part_and_resumes_to_the_same
     whole = sim.run(ROOT, overrides=" ".join([*common, "run.name=whole"]), num_supernodes=3, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", whole.stdout[-3000:]
     assert "[fedllm-flwr] nodes: " in whole.stdout  # every node described its partition
-    whole_rows = [json.loads(line) for line in (out / "whole" / "metrics.jsonl").read_text().splitlines()]
+    whole_rows = read_metrics(out / "whole")
     taken = [r.get("participants") for r in whole_rows[1:]]
     assert all(isinstance(t, str) for t in taken)
     counts = [len([p for p in t.split(",") if p]) for t in taken]
@@ -356,7 +357,7 @@ def test_compressed_messages_shrink_and_the_run_still_trains(sim, tiny_model_dir
         )  # fmt: skip
         result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
         assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
-        rows = [json.loads(line) for line in (out / codec / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(out / codec)
         assert all(r["clients-ok"] == 2 and not r.get("clients-dropped") for r in rows[1:])
         sent[codec] = (rows[1]["bytes-down"] / 2, rows[1]["bytes-up"] / 2, rows)
         # LoRA's B starts at zero: nonzero B in the final adapter is the clients' updates, decoded and added.
@@ -387,7 +388,7 @@ def test_sites_of_unequal_ranks_federate_and_every_adapter_loads_at_the_global_r
     result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
     assert "LoRA ranks by partition: {0: 2, 1: 4}; the global adapter has rank 4" in result.stdout
-    rows = [json.loads(line) for line in (out / "ranks" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "ranks")
     for r in rows[1:]:
         assert r["clients-ok"] == 2 and not r.get("clients-dropped"), r
         assert finite(r["lora-aggregation-error"], 0, 1) and finite(r["client-eval-loss"], 0), r
@@ -416,7 +417,7 @@ def test_stacking_merges_every_round_exactly_and_exports_the_merged_delta(sim, t
     )  # fmt: skip
     result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
-    rows = [json.loads(line) for line in (out / "stack" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "stack")
     assert [r["merged-rank"] for r in rows[1:]] == [6, 12]  # (2 + 4) ranks a round, stacked
     assert all(r["lora-aggregation-error"] == 0.0 and r["clients-ok"] == 2 for r in rows[1:])
     # Round 1's evaluation messages carry round 1's stack (to each of the 2 nodes): 2 layers x
@@ -462,7 +463,7 @@ def test_zeroth_order_on_every_base_weight_stops_resumes_and_saves_a_transformer
     resumed = sim.run(ROOT, overrides=" ".join([*common, f"resume={out / 'full'}"]), num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", resumed.stdout[-3000:]
     assert "zo: replayed 1 rounds" in resumed.stdout
-    rows = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "full")
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:  # round 2's nodes are new: they caught up on round 1 and their replies were taken
         assert r["clients-ok"] == 2 and not r.get("clients-dropped") and finite(r["train-loss"], 0), r
@@ -493,7 +494,7 @@ def test_preference_tasks_federate_and_report_preference_accuracy(sim, tiny_mode
     )  # fmt: skip
     result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
-    rows = [json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "rm")
     for r in rows:
         assert finite(r["preference-accuracy"], 0, 1) and finite(r["margin"]) and finite(r["eval-loss"], 0), r
     if scenario == "global":  # one holder of all the pairs
@@ -523,7 +524,7 @@ def test_differential_privacy_clips_noises_and_accounts_every_round(sim, tiny_mo
     )  # fmt: skip
     result = sim.run(ROOT, overrides=overrides, num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
-    rows = [json.loads(line) for line in (out / "dp" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "dp")
     assert rows[0]["eval-loss"] is None and finite(rows[2]["eval-loss"], 0)  # eval.initial=false: no round-0 scores
     assert rows[1].get("client-eval-loss") is None and finite(rows[2]["client-eval-loss"], 0)  # the clients' too
     for r in rows[1:]:
@@ -544,7 +545,7 @@ def test_secure_aggregation_runs_in_simulation(sim, tiny_model_dir, tmp_path):
     )  # fmt: skip
     result = sim.run(ROOT, overrides=overrides, num_supernodes=3, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
-    rows = [json.loads(line) for line in (out / "secagg" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "secagg")
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["clients-ok"] == 3 and r["clients-failed"] == 0, result.stdout[-3000:]
@@ -586,7 +587,7 @@ def test_a_client_poisoning_every_round_is_dropped_and_learning_goes_on(sim, tin
     result = sim.run(app, overrides=overrides, num_supernodes=2, timeout=500)
     assert result.returncode == 0, result.stdout[-3000:]
     assert run_status(sim)["status"] == "finished:completed", result.stdout[-3000:]
-    rows = [json.loads(line) for line in (out / "poisoned" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "poisoned")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
     for r in rows[1:]:
         assert r["clients-ok"] == 1 and r["clients-dropped"] == 1 and r["clients-failed"] == 1, r

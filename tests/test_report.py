@@ -47,3 +47,14 @@ def test_no_completed_runs_is_an_error(tmp_path, capsys):
         write_report([tmp_path], tmp_path / "out")
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_completed_run_with_a_line_that_is_not_json_is_one_line_naming_it(tmp_path, capsys):
+    fake_run(tmp_path, "a", "fed", "lora", 0, 0.4)
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as handle:
+        handle.write('{"round": 2, "accur\n')  # a run folder edited or cut short by hand
+    out = tmp_path / "out"
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a' / 'metrics.jsonl'}, line 3 is not JSON" in err and err.count("\n") == 1
+    assert not out.exists()
