@@ -1,6 +1,20 @@
 """fedllm-flwr: federated fine-tuning of LLM adapters with Flower, peft and Hydra."""
 
+import logging
+
 __version__ = "0.1.0"
+
+
+def _not_a_hub_kernel_notice(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
+# bitsandbytes' CPU backend, on CPUs with AVX512-BF16, fetches a 4-bit kernel from the
+# Hugging Face Hub through the optional `kernels` package and, without it, logs on import
+# that the user should install it; nothing here fetches from the Hub at run time, and
+# bitsandbytes goes on with its own CPU kernel. A filter on that one message, installed
+# on import because every module that imports peft imports bitsandbytes with it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_a_hub_kernel_notice)
 
 
 _QUIET = False
@@ -16,14 +30,8 @@ def quiet_third_party_output() -> None:
     if _QUIET:
         return
     _QUIET = True
-    import logging
     import warnings
 
-    # bitsandbytes' CPU backend, on CPUs with AVX512-BF16, fetches a 4-bit kernel from the
-    # Hugging Face Hub through the optional `kernels` package and, without it, logs a
-    # warning on import telling the user to install it; nothing here fetches from the Hub
-    # at run time, and bitsandbytes goes on with its own CPU kernel.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_a_hub_kernel_notice)
     import datasets
     import transformers
 
@@ -35,7 +43,3 @@ def quiet_third_party_output() -> None:
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
     # bitsandbytes' 8-bit matmul says so on every call (model.quantization=8bit).
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-
-
-def _not_a_hub_kernel_notice(record) -> bool:
-    return "kernels-community" not in record.getMessage()

@@ -92,12 +92,11 @@ def test_evaluate_rejects_missing_adapter_and_bad_k(tmp_path, capsys):
     assert "--k" in capsys.readouterr().err
 
 
-def test_the_quieted_output_drops_bitsandbytes_hub_kernel_notice_and_keeps_its_other_warnings():
+def test_bitsandbytes_notice_to_fetch_a_hub_kernel_is_dropped_and_its_other_warnings_kept():
     import logging
 
-    from fedllm_flwr import quiet_third_party_output
+    import fedllm_flwr  # noqa: F401  (installs the filter)
 
-    quiet_third_party_output()
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
