@@ -5,16 +5,11 @@ from typing import Any
 
 from fedllm_flwr.compression import codecs
 from fedllm_flwr.config import RANKED_STRATEGIES, Config
-from fedllm_flwr.strategy.adapter_fedavg import (
-    AdapterFedAvg,
-    RoundLedger,
-    ValidReply,
-    aggregate_client_metrics,
-    weighted_mean,
-)
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, RoundLedger, weighted_mean
 from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, server_optimizer
 from fedllm_flwr.strategy.availability import Availability
 from fedllm_flwr.strategy.ranked import RankedLoRA, SvdRedistribution, ZeroPadding
+from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics
 from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
 from fedllm_flwr.strategy.stacking import Stacking
 

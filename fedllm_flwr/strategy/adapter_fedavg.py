@@ -7,18 +7,17 @@ uplink codec, which the server adds to what it sent them. Each training reply
 is validated against the global adapter (names, shapes, codec, dtype, finite
 values, every reply number finite and the weight a positive count no larger
 than the node's partition where the server knows it) and dropped with a logged
-reason if it fails; the
-rest are averaged in fp32, weighted by `num-examples`. `RoundLedger` keeps the per-round
-accounting (bytes both ways, clients ok/failed/dropped).
+reason if it fails (the metric checks and the reply type live in
+`fedllm_flwr.strategy.replies`); the rest are averaged in fp32, weighted by
+`num-examples`. `RoundLedger` keeps the per-round accounting (bytes both ways,
+clients ok/failed/dropped).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -32,6 +31,7 @@ from fedllm_flwr.compression import Codec
 from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY
 from fedllm_flwr.strategy.availability import Availability
 from fedllm_flwr.strategy.lora_products import aggregation_error
+from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics, check_metrics, partition_of
 from fedllm_flwr.transport import is_relative, manifest_of, message_bytes, pack, unpack
 
 
@@ -59,38 +59,6 @@ def weighted_mean(states: list[dict[str, np.ndarray]], weights: list[float]) -> 
         for key, value in state.items():
             out[key] += value.astype(np.float32) * np.float32(weight / total)
     return out
-
-
-def check_metrics(metrics: MetricRecord | None, weighted_by_key: str, allow_zero_weight: bool = False) -> float:
-    """The reply's weight, after checking every number it carries: each must be
-    finite, the weight a non-negative count (positive unless `allow_zero_weight`).
-    ValueError, naming the key, otherwise: the reply is dropped, never averaged in."""
-    if metrics is None:
-        raise ValueError("the reply carries no metrics")
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if any(not math.isfinite(float(v)) for v in values):
-            raise ValueError(f"metric {key!r} is not finite ({value!r})")
-    weight = metrics.get(weighted_by_key)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise ValueError(f"metric {weighted_by_key!r} must be a number, got {weight!r}")
-    if weight < 0 or (weight == 0 and not allow_zero_weight) or float(weight) != int(weight):
-        raise ValueError(f"metric {weighted_by_key!r} must be a positive whole count, got {weight!r}")
-    return float(weight)
-
-
-@dataclass
-class ValidReply:
-    """A training reply that passed validation, unpacked."""
-
-    node_id: int
-    state: dict[str, np.ndarray]
-    """The adapter the reply stands for: what the node was sent (as it decoded it) plus its update."""
-    weight: float
-    content: RecordDict
-    update: dict[str, np.ndarray] | None = None
-    """What the node changed: its decoded update, or None for a whole-adapter reply
-    from a node this round sent nothing to train."""
 
 
 class AdapterFedAvg(FedAvg):
@@ -333,7 +301,7 @@ class AdapterFedAvg(FedAvg):
             valid.append(ValidReply(node, state, 1.0 if self.dp_denominator else float(weight), msg.content, update))
             self.delivered.add(node)
         # Replies arrive in any order; a fixed one makes the fp32 sums reproducible.
-        valid.sort(key=lambda r: (_partition(r.content), r.node_id))
+        valid.sort(key=lambda r: (partition_of(r.content), r.node_id))
         # A node that left mid-round (or answered after the round's timeout) sends nothing.
         silent = sorted(sampled - {m.metadata.src_node_id for m in replies})
         for node in silent:
@@ -406,42 +374,3 @@ class AdapterFedAvg(FedAvg):
                 continue
             valid.append(msg)
         return valid
-
-
-def _partition(content: RecordDict) -> int:
-    metrics = next(iter(content.metric_records.values()), None)
-    value = metrics.get("partition-id") if metrics is not None else None
-    return int(value) if isinstance(value, (int, float)) else -1
-
-
-SUMMED = ("num-examples", "tokens", "examples-seen", "skipped-steps")
-MAXED = ("seconds", "peak-memory-mb", "model-layers", "model-parameters", "model-load-seconds",
-         "process-start-seconds", "catch-up-seconds")  # fmt: skip
-IDENTIFIERS = ("partition-id",)
-
-
-def aggregate_client_metrics(records: list, weighted_by_key: str) -> MetricRecord:
-    """Weighted mean of losses, sums of counts, maxima of time and memory.
-
-    Keys come from every row, and each is weighted over the rows that carry it:
-    a figure only some clients report is their weighted mean, not diluted by
-    the others' weights."""
-    rows = [next(iter(r.metric_records.values())) for r in records]
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    out = MetricRecord()
-    for key in keys:
-        if key in IDENTIFIERS:
-            continue
-        having = [row for row in rows if key in row]
-        values = [float(row[key]) for row in having]
-        if key.startswith("eval-") and len(values) > 1:  # spread across clients
-            out[f"{key}-std"] = float(np.std(values))
-        if key in SUMMED:
-            out[key] = sum(values)
-        elif key in MAXED:
-            out[key] = max(values)
-        else:
-            weights = [float(row[weighted_by_key]) for row in having]
-            if sum(weights) > 0:
-                out[key] = sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
-    return out

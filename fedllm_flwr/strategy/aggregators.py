@@ -35,7 +35,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedMedian, FedTrimmedAvg, FedYogi
 
-from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
+from fedllm_flwr.strategy.replies import ValidReply
 
 State = dict[str, np.ndarray]
 

@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply, weighted_mean
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, weighted_mean
 from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.lora_products import (
     aggregation_error,
@@ -39,6 +39,7 @@ from fedllm_flwr.strategy.lora_products import (
     product_factors,
     rank_of,
 )
+from fedllm_flwr.strategy.replies import ValidReply
 
 
 class RankedLoRA(AdapterFedAvg):

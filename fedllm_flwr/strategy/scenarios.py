@@ -18,7 +18,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fedllm_flwr.keys import DATA_KEY, STEPS_KEY
-from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
+from fedllm_flwr.strategy.replies import ValidReply
 
 
 class GlobalFedAvg(AdapterFedAvg):

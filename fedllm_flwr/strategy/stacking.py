@@ -23,11 +23,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedllm_flwr.keys import MERGED_KEY
-from fedllm_flwr.strategy.adapter_fedavg import ValidReply, weighted_mean
+from fedllm_flwr.strategy.adapter_fedavg import weighted_mean
 from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.catch_up import CatchUp, with_count
 from fedllm_flwr.strategy.lora_products import multiplying_pairs
 from fedllm_flwr.strategy.ranked import RankedLoRA
+from fedllm_flwr.strategy.replies import ValidReply
 
 
 class Stacking(RankedLoRA):

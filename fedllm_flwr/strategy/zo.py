@@ -24,9 +24,10 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedllm_flwr.keys import ARRAYS_KEY, ZO_POOL_KEY, ZO_REPLY_KEY, ZO_STEPS_KEY
-from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, ValidReply
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.catch_up import CatchUp, with_count
+from fedllm_flwr.strategy.replies import ValidReply
 from fedllm_flwr.zo import apply_steps, pool_id
 
 

@@ -1,0 +1,87 @@
+"""What a client's reply may carry, and how the replies' metrics combine.
+
+`check_metrics` is the gate every training and evaluation reply passes before its
+numbers count: finite values and a whole, positive weight. A training reply that
+passes becomes a `ValidReply`; `aggregate_client_metrics` merges the metrics of
+the replies kept (weighted means of losses, sums of counts, maxima of time and
+memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+
+
+def check_metrics(metrics: MetricRecord | None, weighted_by_key: str, allow_zero_weight: bool = False) -> float:
+    """The reply's weight, after checking every number it carries: each must be
+    finite, the weight a non-negative count (positive unless `allow_zero_weight`).
+    ValueError, naming the key, otherwise: the reply is dropped, never averaged in."""
+    if metrics is None:
+        raise ValueError("the reply carries no metrics")
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(not math.isfinite(float(v)) for v in values):
+            raise ValueError(f"metric {key!r} is not finite ({value!r})")
+    weight = metrics.get(weighted_by_key)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"metric {weighted_by_key!r} must be a number, got {weight!r}")
+    if weight < 0 or (weight == 0 and not allow_zero_weight) or float(weight) != int(weight):
+        raise ValueError(f"metric {weighted_by_key!r} must be a positive whole count, got {weight!r}")
+    return float(weight)
+
+
+@dataclass
+class ValidReply:
+    """A training reply that passed validation, unpacked."""
+
+    node_id: int
+    state: dict[str, np.ndarray]
+    """The adapter the reply stands for: what the node was sent (as it decoded it) plus its update."""
+    weight: float
+    content: RecordDict
+    update: dict[str, np.ndarray] | None = None
+    """What the node changed: its decoded update, or None for a whole-adapter reply
+    from a node this round sent nothing to train."""
+
+
+def partition_of(content: RecordDict) -> int:
+    metrics = next(iter(content.metric_records.values()), None)
+    value = metrics.get("partition-id") if metrics is not None else None
+    return int(value) if isinstance(value, (int, float)) else -1
+
+
+SUMMED = ("num-examples", "tokens", "examples-seen", "skipped-steps")
+MAXED = ("seconds", "peak-memory-mb", "model-layers", "model-parameters", "model-load-seconds",
+         "process-start-seconds", "catch-up-seconds")  # fmt: skip
+IDENTIFIERS = ("partition-id",)
+
+
+def aggregate_client_metrics(records: list, weighted_by_key: str) -> MetricRecord:
+    """Weighted mean of losses, sums of counts, maxima of time and memory.
+
+    Keys come from every row, and each is weighted over the rows that carry it:
+    a figure only some clients report is their weighted mean, not diluted by
+    the others' weights."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    out = MetricRecord()
+    for key in keys:
+        if key in IDENTIFIERS:
+            continue
+        having = [row for row in rows if key in row]
+        values = [float(row[key]) for row in having]
+        if key.startswith("eval-") and len(values) > 1:  # spread across clients
+            out[f"{key}-std"] = float(np.std(values))
+        if key in SUMMED:
+            out[key] = sum(values)
+        elif key in MAXED:
+            out[key] = max(values)
+        else:
+            weights = [float(row[weighted_by_key]) for row in having]
+            if sum(weights) > 0:
+                out[key] = sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
+    return out
