@@ -107,7 +107,9 @@ def lr_stage(
         for _ in range(extend):
             done = [r for r in read_sweep(runner.sweep_dir) if r.method == method and r.status == "completed"]
             best = best_per_method(done).get(method)
-            rates = sorted({r.lr for r in done if r.stage == "screen"})
+            # The grid's rates and the extensions run in full: an extension stopped after its
+            # screen is not yet swept, so a resumed study finishes it as an unbroken one would.
+            rates = sorted(set(grids[method]) | {r.lr for r in done if r.stage == "full"})
             if best is None or rates[0] < best.lr < rates[-1]:
                 break
             lr = beyond(best.lr, up=best.lr == rates[-1])

@@ -215,6 +215,39 @@ def test_the_rate_sweep_extends_past_the_grid_while_the_best_rate_is_at_its_end(
     assert (study.beyond(5e-3, up=True), study.beyond(1e-1, up=True), study.beyond(1e-4, up=False)) == (1e-2, 0.3, 3e-5)
 
 
+def test_a_study_stopped_between_an_extensions_screen_and_its_full_run_finishes_it_when_resumed(tmp_path):
+    """Stopped right after the screen at 1e-2 (past LoRA's grid), the resumed sweep runs
+    1e-2 in full and goes on to 3e-2: the jobs an unbroken sweep runs, none skipped."""
+    study = load_method_study()
+    started = []
+
+    class Stopped(Exception):
+        pass
+
+    class Runner:
+        sweep_dir = tmp_path
+        stop_at = "full_lora_0.01"
+
+        def run(self, name, overrides, stage):
+            if (tmp_path / name).exists():
+                return
+            if name == self.stop_at:
+                raise Stopped(name)
+            started.append(name)
+            lr = float(dict(o.split("=", 1) for o in overrides)["train.lr"])
+            score = max(0.0, 1.0 - abs(math.log10(lr / 1e-2)) / 4)
+            fake_job(tmp_path, name, lr, [0.0, score], [3.0, 2.0 - score], stage=stage)
+
+    with pytest.raises(Stopped):
+        study.lr_stage(Runner(), ["lora"], [], screen=1, keep=0.34, extend=3)
+    assert started[-1] == "screen_lora_0.01"
+    resumed = Runner()
+    resumed.stop_at = None
+    n = len(started)
+    study.lr_stage(resumed, ["lora"], [], screen=1, keep=0.34, extend=3)
+    assert started[n:] == ["full_lora_0.01", "screen_lora_0.03", "full_lora_0.03"]
+
+
 def test_finding_4_ranks_and_picks_rates_by_the_clients_held_out_loss_and_by_the_test_loss(tmp_path):
     """LoRA: the metric and the test loss pick 5e-3, the clients' held-out loss 1e-2. A job
     whose clients never evaluated (P-tuning here) has no held-out pick."""
