@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def job(data: Path, every: int | None) -> list[str]:
-    from efficiency import job_p
+    from efficiency_loops import job_p
 
     lean = ["train.gradient_checkpointing=false"] if every is None else [
         "train.gradient_checkpointing=true", f"train.checkpoint_every={every}"]  # fmt: skip
@@ -67,7 +67,7 @@ def run_variant(loop: str, every: int | None, data: Path, steps: int, batches_fi
             train_steps(bundle.model, iter([batch]), cfg.train, compute_dtype=bundle.dtype)
     else:
         import bare_loop
-        from efficiency import lora_settings
+        from efficiency_loops import lora_settings
 
         from fedllm_flwr.model_files import resolve_model
 
@@ -119,7 +119,7 @@ def main() -> None:
         return
 
     import torch
-    from efficiency import drawn_batches
+    from efficiency_loops import drawn_batches
 
     from fedllm_flwr.config import load_cfg
 
