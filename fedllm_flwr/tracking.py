@@ -135,11 +135,19 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status="FINISHED" if completed else "FAILED")
 
 
-def open_trackers(cfg: Config, run_path: Path) -> list[Tracker]:
+def open_trackers(cfg: Config, run_path: Path, earlier: list[dict[str, Any]] = ()) -> list[Tracker]:
+    """The trackers switched on. `earlier` holds the rows a resumed run wrote before:
+    a tracker that starts a record of its own (the run folder keeps no TensorBoard
+    folder or MLflow run id, as when a sweep's job goes on from its screen's
+    checkpoint) gets them first, so its curves start at round 0, not at the resume."""
     check_installed(cfg)
     trackers: list[Tracker] = []
-    if cfg.log.tensorboard:
-        trackers.append(TensorBoardTracker(cfg, run_path))
-    if cfg.log.mlflow:
-        trackers.append(MlflowTracker(cfg, run_path))
+    for switch, kind, record in (("tensorboard", TensorBoardTracker, "tensorboard"),
+                                 ("mlflow", MlflowTracker, "mlflow-run-id")):  # fmt: skip
+        if getattr(cfg.log, switch):
+            fresh = not (run_path / record).exists()
+            tracker = kind(cfg, run_path)
+            for row in earlier if fresh else ():
+                tracker.log_row(row)
+            trackers.append(tracker)
     return trackers

@@ -114,6 +114,37 @@ def test_mlflow_holds_params_metrics_and_the_adapter_and_a_resumed_run_continues
     assert (artifacts / "lr-sweep").is_dir()
 
 
+@pytest.mark.skipif(not (HAS_MLFLOW and HAS_TB), reason="mlflow or tensorboard is not installed (the tracking extra)")
+def test_a_resumed_run_without_tracker_records_of_its_own_gives_new_ones_its_earlier_rows(tmp_path, monkeypatch):
+    """A sweep job gone on from its screen's checkpoint keeps the screen's rows but none of
+    its tracker records: the new MLflow run and TensorBoard folder start at round 0. A
+    resume that kept its records gets no earlier row again."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_cfg(["log.mlflow=true", "log.tensorboard=true", "log.experiment=screened"])
+    run = tmp_path / "outputs" / "full_0"
+    run.mkdir(parents=True)
+    for tracker in tracking.open_trackers(cfg, run, rows()[:2]):
+        tracker.log_row(rows()[2])
+        tracker.finish(True, None)
+    client = MlflowClient(tracking_uri=tracking.mlflow_store(cfg, run)[0])
+    (found,) = client.search_runs([client.get_experiment_by_name("screened").experiment_id])
+    history = client.get_metric_history(found.info.run_id, "round/eval-loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 3.0), (1, 2.0), (2, 1.5)]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("round/eval-loss")] == [(0, 3.0), (1, 2.0), (2, 1.5)]
+
+    logged = []
+    for kind in (MlflowTracker, TensorBoardTracker):
+        monkeypatch.setattr(kind, "log_row", lambda self, row, kind=kind: logged.append((kind.__name__, row["round"])))
+    resumed = tracking.open_trackers(cfg, run, rows())
+    assert len(resumed) == 2 and logged == []
+    assert resumed[1].run_id == found.info.run_id
+
+
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -77,7 +77,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
         run_dir, done, initial_arrays = resume_run(cfg, strategy)
     else:
         run_dir, initial_arrays = RunDir.create(cfg), state_to_arrays(initial)
-    run_dir.metrics.trackers = open_trackers(cfg, run_dir.path)
+    run_dir.metrics.trackers = open_trackers(cfg, run_dir.path, run_dir.rows() if done else [])
     completed, final = False, None
     try:
         if cfg.algorithm.name == "zo" and cfg.zo.params == "full":
