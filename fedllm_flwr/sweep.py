@@ -12,7 +12,8 @@ rewrites it for any sweep folder.
 
 Screening (`sweep.screen_rounds=R`): every job first runs only R rounds
 (`run.stop_after`, an exact prefix of the full run); per PEFT method the best
-`sweep.keep` share by the task metric then runs to `num_rounds`.
+`sweep.keep` share by the task metric then goes on from the screen's checkpoint
+to `num_rounds` (`continue_screen`).
 """
 
 from __future__ import annotations
@@ -103,8 +104,10 @@ class JobRunner:
             self._sim = LocalSimulation(Path(self._tmp.name), env=env, client_cpus=self.client_cpus).start()
         return self._sim
 
-    def run(self, name: str, overrides: list[str], stage: str = "full") -> Job:
-        """Run one job into `<sweep dir>/<name>/`; never raises for a failed job."""
+    def run(self, name: str, overrides: list[str], stage: str = "full", go_on_from: Path | None = None) -> Job:
+        """Run one job into `<sweep dir>/<name>/`; never raises for a failed job. With
+        `go_on_from` (a screen of the same config), a job with no folder of its own
+        starts from a copy of that run's checkpoint (`continue_screen`)."""
         from fedllm_flwr.config import load_cfg
         from fedllm_flwr.report import load_run
 
@@ -126,6 +129,8 @@ class JobRunner:
         full = [*overrides, f"run.output_dir={self.sweep_dir}", f"run.name={name}"]
         if not any(o.split("=", 1)[0].lstrip("+~") == "log.experiment" for o in overrides):
             full.append(f"log.experiment={self.sweep_dir.name}")  # MLflow: one experiment per sweep
+        if go_on_from is not None and not folder.exists() and continue_screen(go_on_from, folder, full):
+            print(f"[fedllm-flwr sweep] {name}: going on from {go_on_from.name}'s checkpoint", flush=True)
         resumed, carried = self.resume_point(folder, full), 0.0
         if resumed is not None:  # an interrupted or failed attempt of this config left a checkpoint
             (folder / "flwr-run.log").unlink(missing_ok=True)
@@ -245,6 +250,39 @@ def _close_runner() -> None:
         _RUNNER = None
 
 
+# What a screen's folder holds that is its own, not the run's state: left behind when a
+# promoted job goes on from the screen's checkpoint (its summary would mark it done).
+SCREEN_ONLY = {JOB_FILE, "summary.json", "flwr-run.log", "curves.png", "mlflow-run-id", "tensorboard"}
+
+
+def continue_screen(screen: Path, folder: Path, overrides: list[str]) -> bool:
+    """Seed `folder` with the run state of `screen` (checkpoint, metrics rows, config,
+    round adapters) so that the job resumes after the screen's last round instead of
+    training those rounds again: the screen is an exact prefix of the full run
+    (`run.stop_after`), and a resumed run ends where an unbroken one does. Its trackers
+    start records of their own, given the screen's rows first (`open_trackers`).
+    Nothing is copied, and False returned, when the screen left no checkpoint of this config."""
+    from fedllm_flwr.config import cfg_to_yaml, load_cfg
+    from fedllm_flwr.files import publish, temp_folder
+
+    if JobRunner.resume_point(screen, overrides) is None:
+        return False
+    cfg = load_cfg(overrides)
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        if Path(directory) == screen:
+            return SCREEN_ONLY & set(names)
+        if Path(directory) == screen / "adapter":
+            return {"final", "personalized"} & set(names)
+        return set()
+
+    with temp_folder(folder.parent, folder.name) as tmp:  # the job's folder appears whole or not at all
+        shutil.copytree(screen, tmp, ignore=ignore, dirs_exist_ok=True)
+        (tmp / "config.yaml").write_text(cfg_to_yaml(cfg))  # the job's own name and budget; the rest is the screen's
+        publish(tmp, folder)
+    return True
+
+
 def _job(cfg) -> float | None:
     """One Hydra job: run its overrides as a Flower simulation."""
     from hydra.core.hydra_config import HydraConfig
@@ -270,17 +308,18 @@ def _promote(sweep_dir: Path, cfg) -> dict[str, Any]:
         group = [r for r in done if r.method == method]
         promoted += keep_best(group, {r.name: (r.score, -(r.eval_loss or 0.0)) for r in group}, cfg.sweep.keep)
     runner = _runner(sweep_dir, cfg)
+    rounds_full, rounds_promoted = cfg.num_rounds, 0
     for r in promoted:
         overrides = [o for o in r.overrides if not o.startswith("run.stop_after=")]
-        runner.run(f"full_{r.name.rpartition('_')[2]}", overrides, "full")
+        job = runner.run(f"full_{r.name.rpartition('_')[2]}", overrides, "full", go_on_from=sweep_dir / r.name)
+        rounds_promoted += rounds_full - (job.resumed_after or 0)  # a job gone on from its screen trains the rest
     # Rounds each job really ran (a job that failed before training ran none), against
     # the full budget for every job that screening found runnable.
-    rounds_full = cfg.num_rounds
     return {
         "rounds": cfg.sweep.screen_rounds,
         "screened": len(records),
         "promoted": len(promoted),
-        "rounds-run": sum(r.rounds_logged for r in records) + len(promoted) * rounds_full,
+        "rounds-run": sum(r.rounds_logged for r in records) + rounds_promoted,
         "rounds-full-grid": len(done) * rounds_full,
     }
 

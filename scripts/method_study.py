@@ -86,6 +86,8 @@ def lr_stage(
             overrides.append(f"run.stop_after={screen}")
         if progress:
             progress.next(f"{stage}_{method}_{lr:g}", overrides)
+        # A full run starts from scratch here, as when the committed figures were made;
+        # `go_on_from` its screen would end at the same adapter and save the screen's rounds.
         runner.run(f"{stage}_{method}_{lr:g}", overrides, stage)
 
     model = runner.sweep_dir.parent.name

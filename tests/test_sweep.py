@@ -17,6 +17,7 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.sweep import JobRunner, first_error
 from fedllm_flwr.sweep_summary import keep_best, ranks, read_sweep, screening_audit, spearman, summarize
 
@@ -362,12 +363,13 @@ def sweep(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_a_screened_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path):
     """Three rates, one of them invalid: the two valid jobs run 1 of 2 rounds, the better
-    half goes on to the full budget, and the failed job is recorded, not fatal."""
+    half goes on from its screen's checkpoint to the full budget, and the failed job is
+    recorded, not fatal."""
     sweep_dir = tmp_path / "sweep"
     tracked = ["log.mlflow=true"] if importlib.util.find_spec("mlflow") else []
-    args = ["-m", "train.lr=1e-4,1e-2,-1", f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2",
-            "sweep.screen_rounds=1", "sweep.keep=0.5", "sweep.client_cpus=2", f"hydra.sweep.dir={sweep_dir}",
-            *tracked]  # fmt: skip
+    job = [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "sweep.client_cpus=2"]
+    args = ["-m", "train.lr=1e-4,1e-2,-1", *job, "sweep.screen_rounds=1", "sweep.keep=0.5",
+            f"hydra.sweep.dir={sweep_dir}", *tracked]  # fmt: skip
     done = sweep(*args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
@@ -381,8 +383,16 @@ def test_a_screened_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_p
     full = [p for p in sweep_dir.iterdir() if p.name.startswith("full_")]
     assert len(full) == 1 and json.loads((full[0] / "summary.json").read_text())["rounds"] == 2
     assert (full[0] / "adapter" / "final" / "adapter_config.json").is_file()
-    # 2 x 1 screening rounds + 2 for the promoted job, against 2 runnable jobs x 2; the failed job ran none.
-    assert summary["screening"] == {"rounds": 1, "screened": 3, "promoted": 1, "rounds-run": 4, "rounds-full-grid": 4}
+    # The promoted job went on from its screen: round 0 and 1 are the screen's, round 2 its own.
+    screen = sweep_dir / f"job_{full[0].name.rpartition('_')[2]}"
+    assert json.loads((full[0] / "job.json").read_text())["resumed_after"] == 1
+    assert f"going on from {screen.name}'s checkpoint" in done.stdout
+    rows, screen_rows = read_metrics(full[0]), read_metrics(screen)
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[:2] == screen_rows
+    assert f"name: {full[0].name}" in (full[0] / "config.yaml").read_text()
+    assert "stop_after: 0" in (full[0] / "config.yaml").read_text()
+    # 2 x 1 screening rounds + the promoted job's 1 more, against 2 runnable jobs x 2; the failed job ran none.
+    assert summary["screening"] == {"rounds": 1, "screened": 3, "promoted": 1, "rounds-run": 3, "rounds-full-grid": 4}
     assert summary["jobs"] == 4 and summary["completed"] == 3
     assert summary["best"]["lora"]["job"] == full[0].name
     assert (sweep_dir / "lr.png").is_file() and "Best configuration per method" in done.stdout
@@ -393,10 +403,23 @@ def test_a_screened_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_p
         runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
         assert sorted(r.info.run_name for r in runs) == sorted(["job_0", "job_1", full[0].name])
         assert {r.info.status for r in runs} == {"FINISHED"}
+        (promoted,) = [r for r in runs if r.info.run_name == full[0].name]
+        steps = sorted(m.step for m in client.get_metric_history(promoted.info.run_id, "round/eval-loss"))
+        assert steps == [0, 1, 2]  # the screen's rounds, then its own
     # The same command again resumes: the completed jobs are kept, nothing trains again.
     again = sweep(*args)
     assert again.returncode == 0 and again.stdout.count("completed before, kept") == 3, again.stdout[-3000:]
     assert json.loads((sweep_dir / "summary.json").read_text())["completed"] == 3
+    # The promoted job ends with the adapter its config ends with when run whole, unscreened.
+    from safetensors.torch import load_file
+
+    lr = ["1e-4", "1e-2"][int(screen.name.removeprefix("job_"))]
+    whole = sweep("-m", f"train.lr={lr}", *job, f"hydra.sweep.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    final = "adapter/final/adapter_model.safetensors"
+    adapters = [load_file(folder / final) for folder in (full[0], tmp_path / "whole" / "job_0")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(bool((adapters[0][k] == adapters[1][k]).all()) for k in adapters[0])
 
 
 def _sweep_processes(mark: str, ray_prefix: str) -> dict[int, str]:
