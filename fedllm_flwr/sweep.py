@@ -259,15 +259,14 @@ def continue_screen(screen: Path, folder: Path, overrides: list[str]) -> bool:
     """Seed `folder` with the run state of `screen` (checkpoint, metrics rows, config,
     round adapters) so that the job resumes after the screen's last round instead of
     training those rounds again: the screen is an exact prefix of the full run
-    (`run.stop_after`), and a resumed run ends where an unbroken one does. Its trackers
+    (`run.stop_after`), and a resumed run ends where an unbroken one does; the server
+    records the job's own `run` section in config.yaml when it resumes. Its trackers
     start records of their own, given the screen's rows first (`open_trackers`).
     Nothing is copied, and False returned, when the screen left no checkpoint of this config."""
-    from fedllm_flwr.config import cfg_to_yaml, load_cfg
     from fedllm_flwr.files import publish, temp_folder
 
     if JobRunner.resume_point(screen, overrides) is None:
         return False
-    cfg = load_cfg(overrides)
 
     def ignore(directory: str, names: list[str]) -> set[str]:
         if Path(directory) == screen:
@@ -278,7 +277,6 @@ def continue_screen(screen: Path, folder: Path, overrides: list[str]) -> bool:
 
     with temp_folder(folder.parent, folder.name) as tmp:  # the job's folder appears whole or not at all
         shutil.copytree(screen, tmp, ignore=ignore, dirs_exist_ok=True)
-        (tmp / "config.yaml").write_text(cfg_to_yaml(cfg))  # the job's own name and budget; the rest is the screen's
         publish(tmp, folder)
     return True
 

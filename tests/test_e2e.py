@@ -463,6 +463,7 @@ def test_zeroth_order_on_every_base_weight_stops_resumes_and_saves_a_transformer
     resumed = sim.run(ROOT, overrides=" ".join([*common, f"resume={out / 'full'}"]), num_supernodes=2, timeout=400)
     assert run_status(sim)["status"] == "finished:completed", resumed.stdout[-3000:]
     assert "zo: replayed 1 rounds" in resumed.stdout
+    assert "stop_after: 0" in (out / "full" / "config.yaml").read_text()  # the resumed start's, not the first's
     rows = read_metrics(out / "full")
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:  # round 2's nodes are new: they caught up on round 1 and their replies were taken
