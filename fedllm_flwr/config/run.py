@@ -58,8 +58,8 @@ class SweepConfig:
     """Seconds a job may run before it is recorded as failed."""
     screen_rounds: int = 0
     """Low-fidelity screening: first run every job for this many rounds
-    (`run.stop_after`), then only the best `keep` share per method to
-    `num_rounds`. 0 runs every job to the full budget."""
+    (`run.stop_after`), then only the best `keep` share per method on to
+    `num_rounds`, from the screen's checkpoint. 0 runs every job to the full budget."""
     keep: float = 0.34
     """Share of each method's configurations that survives the screen (at least one)."""
 
