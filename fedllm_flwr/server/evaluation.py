@@ -26,6 +26,7 @@ from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters
 from fedllm_flwr.transport import arrays_to_state
 
 INFO = logging.INFO
+WARNING = logging.WARNING
 
 #: Keys present in every metrics.jsonl row (null where a round has no value), so
 #: the file loads into one table.
@@ -196,7 +197,15 @@ class ServerEvaluator:
         self.last = now
         self.run_dir.metrics.write(row)
         self.rows.append(row)
-        if server_round > 0:  # after the row: a crash in between only repeats this round
+        # After the row: a crash in between only repeats this round. A round in which
+        # every sampled client failed (as when the machine stops under a run) trained
+        # nothing new; the checkpoint stays at the round before, so a resumed run
+        # trains that round again instead of counting it as done.
+        trained_nothing = bool(row.get("clients-sampled")) and not row["clients-ok"]
+        if trained_nothing:
+            log(WARNING, "Round %s: no client reply was aggregated; the checkpoint stays at the round before",
+                server_round)  # fmt: skip
+        elif server_round > 0:
             self.run_dir.write_checkpoint(
                 server_round, {k: v.numpy() for k, v in arrays.items()}, self.strategy.state()
             )
