@@ -263,13 +263,18 @@ def loss_guide(records: list[JobRecord]) -> dict:
 
 def compute_time(folder: Path) -> dict:
     """Jobs and their summed wall hours per stage, from every job.json under `folder`
-    (the study may have run over several invocations and machines)."""
+    (the study may have run over several invocations and machines), and the rounds in
+    which some client failed (none, for a fair comparison: every job trained with all)."""
     out = {}
     for stage in ("lr", "grid", "rounds"):
-        jobs = [json.loads(p.read_text()) for p in sorted((folder / stage).glob(f"*/{JOB_FILE}"))]
-        done = [j for j in jobs if j.get("status") == "completed"]
+        jobs = {p.parent: json.loads(p.read_text()) for p in sorted((folder / stage).glob(f"*/{JOB_FILE}"))}
+        finished = {run: j for run, j in jobs.items() if j.get("status") == "completed"}
+        done = list(finished.values())
+        failing = [f"{run.name} round {row['round']}" for run in finished for row in read_metrics(run)
+                   if row.get("clients-failed")]  # fmt: skip
         out[stage] = {"jobs": len(done), "failed": len(jobs) - len(done),
-                      "hours": round(sum(j.get("seconds") or 0.0 for j in done) / 3600, 2)}  # fmt: skip
+                      "hours": round(sum(j.get("seconds") or 0.0 for j in done) / 3600, 2),
+                      "rounds with a failed client": failing}  # fmt: skip
     return out
 
 
@@ -309,6 +314,8 @@ def write_findings(out: Path, results: dict, seed: int) -> str:
         lines += [f"Compute: rate sweep {lr['jobs']} jobs, {lr['hours']:.1f} h; grid {grid['jobs']} jobs, "
                   f"{grid['hours']:.1f} h; rounds check {check['jobs']} jobs, {check['hours']:.1f} h "
                   "(jobs' wall time, one at a time)", ""]  # fmt: skip
+        failing = [r for stage in c.values() for r in stage["rounds with a failed client"]]
+        lines += [f"Rounds in which a client failed: {', '.join(failing) or 'none'}", ""]
         sizes = ", ".join(f"{m} {b:,.0f}" for m, b in sorted(f["bytes-up"].items(), key=lambda kv: kv[1] or 0))
         lines += [f"Bytes up per client per round (fed): {sizes}; prompt < prefix < LoRA: "
                   f"{f.get('prompt<prefix<lora')}", ""]  # fmt: skip

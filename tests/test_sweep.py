@@ -469,3 +469,21 @@ def test_sigterm_mid_job_stops_the_sweeps_superlink_and_ray(tiny_model_dir, tmp_
             os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM
     assert not left, left
+
+
+def test_the_study_counts_its_hours_and_names_every_round_in_which_a_client_failed(tmp_path):
+    study = load_method_study()
+    fake_job(tmp_path / "grid", "fed-lora-s0", 3e-3, [0.0, 0.5, 0.6], [3.0, 2.0, 1.5])
+    fake_job(tmp_path / "grid", "fed-lora-s1", 3e-3, [0.0, 0.4, 0.7], [3.0, 2.0, 1.4])
+    fake_job(tmp_path / "grid", "fed-lora-s2", 3e-3, [0.0], [3.0], status="failed")
+    metrics = tmp_path / "grid" / "fed-lora-s1" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[1].update({"clients-ok": 0, "clients-failed": 2})
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grid = study.compute_time(tmp_path)["grid"]
+    assert grid == {
+        "jobs": 2,
+        "failed": 1,
+        "hours": round(20 / 3600, 2),
+        "rounds with a failed client": ["fed-lora-s1 round 1"],
+    }
