@@ -174,9 +174,10 @@ def test_an_interrupted_job_resumes_at_its_checkpoint_and_counts_each_round_once
         )
 
 
-def load_method_study():
-    path = Path(__file__).parents[1] / "scripts" / "method_study.py"
-    spec = importlib.util.spec_from_file_location("method_study", path)
+def load_script(name: str = "method_study"):
+    """scripts/<name>.py as a module (the scripts folder is not a package)."""
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -186,7 +187,7 @@ def test_the_rate_sweep_extends_past_the_grid_while_the_best_rate_is_at_its_end(
     """LoRA peaks at 1e-2, past FS-LLM's grid: the sweep adds 1e-2 (now the best, again at
     the end), then 3e-2 (worse), and stops with one extension to spare. P-tuning peaks
     inside its grid: nothing is added. Run again, the study starts nothing new."""
-    study = load_method_study()
+    study = load_script()
     peaks = {"lora": 1e-2, "p_tuning": 1e-3}
     started = []
 
@@ -219,7 +220,7 @@ def test_the_rate_sweep_extends_past_the_grid_while_the_best_rate_is_at_its_end(
 def test_a_study_stopped_between_an_extensions_screen_and_its_full_run_finishes_it_when_resumed(tmp_path):
     """Stopped right after the screen at 1e-2 (past LoRA's grid), the resumed sweep runs
     1e-2 in full and goes on to 3e-2: the jobs an unbroken sweep runs, none skipped."""
-    study = load_method_study()
+    study = load_script()
     started = []
 
     class Stopped(Exception):
@@ -252,13 +253,13 @@ def test_a_study_stopped_between_an_extensions_screen_and_its_full_run_finishes_
 def test_finding_4_ranks_and_picks_rates_by_the_clients_held_out_loss_and_by_the_test_loss(tmp_path):
     """LoRA: the metric and the test loss pick 5e-3, the clients' held-out loss 1e-2. A job
     whose clients never evaluated (P-tuning here) has no held-out pick."""
-    study = load_method_study()
+    findings = load_script("method_study_findings")
     for lr, score, test, held in [(3e-3, 0.70, 0.30, 0.40), (5e-3, 0.81, 0.15, 0.25), (1e-2, 0.77, 0.20, 0.20)]:
         fake_job(tmp_path, f"full_lora_{lr:g}", lr, [0.0, score], [2.0, test], held_out=[None, held])
     fake_job(tmp_path, "full_p_tuning_0.01", 1e-2, [0.0, 0.3], [2.0, 0.7], method="p_tuning")
     for lr in (3e-3, 1e-2):
         fake_job(tmp_path, f"screen_lora_{lr:g}", lr, [0.0, 0.1], [2.0, 0.9], stage="screen", held_out=[None, 0.8])
-    guide = study.loss_guide(read_sweep(tmp_path))
+    guide = findings.loss_guide(read_sweep(tmp_path))
     assert guide["spearman-test-full"] == pytest.approx(-1.0)  # loss ranks (3, 1, 2) against metric ranks (1, 3, 2)
     assert guide["spearman-held-out-full"] == pytest.approx(-0.5)  # (3, 2, 1): 1 - 6 * 6 / (3 * 8)
     assert guide["spearman-test-screen"] is None  # two screen jobs: too few to rank
@@ -271,9 +272,9 @@ def test_finding_4_ranks_and_picks_rates_by_the_clients_held_out_loss_and_by_the
 def test_the_rounds_check_runs_each_method_longer_and_tabulates_every_budget(tmp_path, monkeypatch):
     """Per method, the fed runs at its rate on three budgets (the sweep's 5 rounds, the
     grid's 10, the check's 20, scored every 2): final metric and late gain of each."""
-    study = load_method_study()
-    assert study.late_gain({0: 0.0, 1: 0.5, 4: 0.7, 5: 0.72}) == pytest.approx(0.02)  # from round 4
-    assert study.late_gain({r: r / 20 for r in range(0, 21, 2)}) == pytest.approx(0.2)  # from round 16
+    study, findings = load_script(), load_script("method_study_findings")
+    assert findings.late_gain({0: 0.0, 1: 0.5, 4: 0.7, 5: 0.72}) == pytest.approx(0.02)  # from round 4
+    assert findings.late_gain({r: r / 20 for r in range(0, 21, 2)}) == pytest.approx(0.2)  # from round 16
     started = []
 
     class Runner:
@@ -289,14 +290,14 @@ def test_the_rounds_check_runs_each_method_longer_and_tabulates_every_budget(tmp
     assert {"peft=lora", "train.lr=0.005", "scenario=fed", "seed=0", "num_rounds=20", "eval.every=2"} == set(overrides)
     fake_job(tmp_path / "smollm2" / "lr", "full_lora_0.005", 0.005, [0.0, 0.3, 0.5, 0.6, 0.7, 0.75], [1.0] * 6)
     fake_job(tmp_path / "smollm2" / "grid", "fed-lora-s0", 0.005, [0.0, *[0.9] * 10], [1.0] * 11)
-    (row,) = study.rounds_findings(tmp_path, "smollm2", {"lora": 5e-3, "p_tuning": 1e-2}, 0)  # no p_tuning runs
+    (row,) = findings.rounds_findings(tmp_path, "smollm2", {"lora": 5e-3, "p_tuning": 1e-2}, 0)  # no p_tuning runs
     assert [b["rounds"] for b in row["budgets"]] == [5, 10, 20]
     assert [b["final"] for b in row["budgets"]] == pytest.approx([0.75, 0.9, 0.9])
     assert [b["late gain"] for b in row["budgets"]] == pytest.approx([0.05, 0.0, 0.02])
     assert row["runs"][-1] == "smollm2/rounds/fed-lora-s0-r20"
     drawn = {}  # rounds.png: one colour per method, the longest budget solid
     monkeypatch.setattr("fedllm_flwr.plot.plot_runs", lambda paths, out, names, styles: drawn.update(n=names, s=styles))
-    study.plot_rounds(tmp_path, [row], tmp_path / "rounds.png")
+    findings.plot_rounds(tmp_path, [row], tmp_path / "rounds.png")
     assert drawn["n"] == ["lora, 20 rounds", "lora, 10 rounds", "lora, 5 rounds"]
     assert drawn["s"] == [("C0", "-"), ("C0", "--"), ("C0", ":")]
 
@@ -304,7 +305,7 @@ def test_the_rounds_check_runs_each_method_longer_and_tabulates_every_budget(tmp
 def test_each_grid_job_that_runs_says_where_the_stage_stands_and_how_long_the_rest_takes(tmp_path, capsys):
     """Six cells (2 seeds x 3 scenarios), the first finished before (60 s): every other
     cell is announced with its number and the time left at the finished cells' pace."""
-    study = load_method_study()
+    study = load_script()
     grid = tmp_path / "smollm2" / "grid"
 
     class Runner:
@@ -472,7 +473,7 @@ def test_sigterm_mid_job_stops_the_sweeps_superlink_and_ray(tiny_model_dir, tmp_
 
 
 def test_the_study_counts_its_hours_and_names_every_round_in_which_a_client_failed(tmp_path):
-    study = load_method_study()
+    findings = load_script("method_study_findings")
     fake_job(tmp_path / "grid", "fed-lora-s0", 3e-3, [0.0, 0.5, 0.6], [3.0, 2.0, 1.5])
     fake_job(tmp_path / "grid", "fed-lora-s1", 3e-3, [0.0, 0.4, 0.7], [3.0, 2.0, 1.4])
     fake_job(tmp_path / "grid", "fed-lora-s2", 3e-3, [0.0], [3.0], status="failed")
@@ -480,7 +481,7 @@ def test_the_study_counts_its_hours_and_names_every_round_in_which_a_client_fail
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     rows[1].update({"clients-ok": 0, "clients-failed": 2})
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    grid = study.compute_time(tmp_path)["grid"]
+    grid = findings.compute_time(tmp_path)["grid"]
     assert grid == {
         "jobs": 2,
         "failed": 1,
