@@ -104,12 +104,8 @@ class AdapterConfig:
             raise ValueError("peft.num_virtual_tokens and peft.encoder_hidden_size must be >= 1")
         if self.layers and self.method not in LAYERED_METHODS:
             raise ValueError(f"peft.layers works with {', '.join(LAYERED_METHODS)}, not {self.method}")
-        if self.client_ranks and self.method not in LORA_METHODS:
-            raise ValueError(f"peft.client_ranks gives sites LoRA ranks; use peft=lora or dora, not {self.method}")
         if any(r < 1 for r in self.client_ranks):
             raise ValueError(f"peft.client_ranks must all be >= 1, got {list(self.client_ranks)}")
-        if self.freeze_a and self.method not in LORA_METHODS:
-            raise ValueError(f"peft.freeze_a (FFA-LoRA) freezes LoRA's A; use peft=lora or dora, not {self.method}")
         if self.method == "adalora" and not 1 <= self.target_r <= self.r:
             raise ValueError(f"peft.target_r must be in 1..peft.r ({self.r}), got {self.target_r}")
 
