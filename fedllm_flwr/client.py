@@ -12,6 +12,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -245,6 +246,28 @@ def personalize(
     metrics = {f"before-{k}": v for k, v in before.items()} | {f"after-{k}": v for k, v in after.items()}
     metrics.update({"num-examples": len(data.train), "partition-id": partition_id, "ft-loss": result.loss})
     return get_adapter_state(bundle.model), metrics
+
+
+def save_personalized(
+    cfg: Config, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int, run_name: str
+) -> Path:
+    """Keep a personalized adapter on this node (`Config.personalized_stays_on_nodes`), in
+    peft's format: `adapter/personalized/client_<partition>/` of the run folder named
+    `run_name` under this node's own `$FEDLLM_FLWR_HOME` and `run.output_dir` (in a
+    simulation, the server's run folder). Written whole or not at all."""
+    from fedllm_flwr.files import publish, temp_folder
+    from fedllm_flwr.run_dir import resolve_run_path
+
+    if not run_name:
+        raise ValueError("the personalization message names no run folder to keep the adapter in")
+    bundle, _ = _setup(cfg, partition_id, num_partitions)
+    run = resolve_run_path(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name)))
+    target = run / "adapter" / "personalized" / f"client_{partition_id}"
+    set_adapter_state(bundle.model, state)
+    with temp_folder(target.parent, target.name) as tmp:
+        bundle.model.save_pretrained(tmp)
+        publish(tmp, target, replace=True)
+    return target
 
 
 def warm_up(cfg: Config, node_config: dict) -> dict[str, int | str]:

@@ -46,6 +46,9 @@ STEPS_KEY = "local-steps"
 """Overrides train.local_steps for this round."""
 PERSONALIZE_KEY = "personalize"
 """1 after the last round: FedAvg + FT, tune and score before and after."""
+RUN_NAME_KEY = "run-name"
+"""With PERSONALIZE_KEY: the run folder's name, where a node keeps a personalized adapter
+that may not leave it (`Config.personalized_stays_on_nodes`)."""
 EMULATOR_ID_KEY = "fedot-emulator"
 """FedOT: the fingerprint of the emulator the node trains on."""
 CLIPPING_NORM_KEY = KEY_CLIPPING_NORM

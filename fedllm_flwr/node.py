@@ -32,6 +32,7 @@ from fedllm_flwr.keys import (
     PERSONALIZE_KEY,
     PRIVATE_KEY,
     ROUNDS_HELD_KEY,
+    RUN_NAME_KEY,
     SERVER_ROUND_KEY,
     STEPS_KEY,
     WARM_UP_KEY,
@@ -158,7 +159,7 @@ class NodeState:
 def train(content: RecordDict, run_config: Config, node_config: Config, node: NodeState) -> RecordDict:
     """Train the adapter the message carries on this node's data; reply with the
     update (or, after the last round, FedAvg + FT's personalized adapter)."""
-    from fedllm_flwr.client import local_train, personalize, split_private
+    from fedllm_flwr.client import local_train, personalize, save_personalized, split_private
     from fedllm_flwr.compression import codecs
     from fedllm_flwr.data.sites import partition_of
     from fedllm_flwr.metrics import process_age_seconds
@@ -174,6 +175,9 @@ def train(content: RecordDict, run_config: Config, node_config: Config, node: No
     received = unpack_state(content, codec=down)
     if config.get(PERSONALIZE_KEY):  # after the last round: FedAvg + FT
         state, metrics = personalize(cfg, received, partition_id, num_partitions, node.private_state())
+        if cfg.personalized_stays_on_nodes:  # private tensors or a protected run: only the scores leave
+            save_personalized(cfg, state, partition_id, num_partitions, str(config.get(RUN_NAME_KEY, "")))
+            return RecordDict({"metrics": MetricRecord(metrics)})
         reply = pack(state)
         reply["metrics"] = MetricRecord(metrics)
         return reply
