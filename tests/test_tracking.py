@@ -11,6 +11,7 @@ import pytest
 from fedllm_flwr import cli, tracking
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.plot import figure, plot_runs
 from fedllm_flwr.tracking import MlflowTracker, TensorBoardTracker, check_installed, scalars
 
@@ -187,6 +188,46 @@ def test_a_resumed_run_shows_each_round_it_trains_again_once(tmp_path, monkeypat
     assert new.data.tags["fedllm.resumed-after-round"] == "1"
     assert old.info.status == "FAILED" and old.data.tags["fedllm.resumed-in"] == new_id
     assert "round 1" in old.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.skipif(not HAS_MLFLOW, reason="mlflow is not installed (the tracking extra)")
+def test_a_tracker_dropped_mid_run_ends_its_mlflow_run_as_failed(tmp_path, monkeypatch, caplog):
+    """Its server gone away, a tracker is dropped and the run goes on: its MLflow run is
+    ended as failed then (best effort, one warning each), not left RUNNING, and gets no
+    adapter when the run completes."""
+    from mlflow import MlflowClient
+
+    from fedllm_flwr.metrics import MetricsLog
+
+    class Broken:
+        def log_row(self, row):
+            raise ConnectionError("no route to host")
+
+        def finish(self, completed, adapter):
+            raise ConnectionError("no route to host")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_cfg(["log.mlflow=true", "log.experiment=dropped"])
+    run = tmp_path / "outputs" / "job"
+    (run / "adapter" / "final").mkdir(parents=True)
+    (run / "adapter" / "final" / "adapter_config.json").write_text("{}")
+    mlflow = MlflowTracker(cfg, run)
+    log = MetricsLog(run / "metrics.jsonl")
+    log.trackers = [mlflow, Broken()]
+    log.write(rows()[0])
+    monkeypatch.setattr(mlflow.client, "log_batch", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("gone")))
+    with caplog.at_level("WARNING", logger="fedllm_flwr.metrics"):
+        for row in rows()[1:]:
+            log.write(row)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fedllm_flwr.metrics"]
+    assert log.trackers == [] and len(warnings) == 2  # one per tracker dropped
+    assert warnings[0].startswith("Broken") and warnings[1].startswith("MlflowTracker") and "gone" in warnings[1]
+    log.close(True, run / "adapter" / "final")
+    client = MlflowClient(tracking_uri=tracking.mlflow_store(cfg, run)[0])
+    found = client.get_run(mlflow.run_id)
+    assert found.info.status == "FAILED" and client.list_artifacts(mlflow.run_id) == []
+    assert [(m.step, m.value) for m in client.get_metric_history(mlflow.run_id, "round/eval-loss")] == [(0, 3.0)]
+    assert len(read_metrics(run)) == 3  # the run's own log goes on
 
 
 def png_size(path: Path) -> tuple[int, int]:
