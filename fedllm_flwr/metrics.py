@@ -59,9 +59,20 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _end_failed(tracker) -> str:  # noqa: ANN001 - a tracking.Tracker
+    """End a dropped tracker's record as failed, never left running (best effort: its
+    server may be the reason it was dropped); says how that went, for the warning."""
+    try:
+        tracker.finish(False, None)
+    except Exception as exc:
+        return f"its record could not be ended either ({exc})"
+    return "its record is ended as failed"
+
+
 class MetricsLog:
     """Append-only JSONL, one object per round; each line is flushed when written, and
-    handed to the run's live trackers (fedllm_flwr/tracking.py)."""
+    handed to the run's live trackers (fedllm_flwr/tracking.py). A tracker that fails is
+    dropped, its record ended as failed, and the run goes on."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -75,8 +86,8 @@ class MetricsLog:
             try:
                 tracker.log_row(clean)
             except Exception as exc:  # a tracker server gone away must not stop the run
-                log.warning("%s stopped logging this run: %s", type(tracker).__name__, exc)
                 self.trackers.remove(tracker)
+                log.warning("%s stopped logging this run (%s); %s", type(tracker).__name__, exc, _end_failed(tracker))
 
     def close(self, completed: bool, final: Path | None = None) -> None:
         """End every tracker's run: completed (with the final adapter) or failed."""

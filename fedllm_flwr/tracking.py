@@ -5,6 +5,10 @@ metrics, the clients' means and per-client values, bytes, seconds, memory,
 privacy spent) also goes, as it is written, to each tracker switched on with
 `log.tensorboard` / `log.mlflow`. Both libraries are optional (the `tracking`
 extra); a switch that is on without its library fails before the run starts.
+
+A resumed run trains again the rounds after its checkpoint (RunDir.rewind drops
+their rows from metrics.jsonl): each tracker is opened with the rows kept, so that
+every round shows once in its curves, as it is in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ def flat_config(cfg: Config) -> dict[str, str]:
     return flatten(yaml.safe_load(cfg_to_yaml(cfg)))
 
 
+def next_round(earlier: list[dict[str, Any]]) -> int:
+    """The first round a run logs after the rows it kept: 0 for a new run."""
+    return earlier[-1]["round"] + 1 if earlier else 0
+
+
 class Tracker(Protocol):
     def log_row(self, row: dict[str, Any]) -> None: ...
 
@@ -61,13 +70,23 @@ class Tracker(Protocol):
 
 class TensorBoardTracker:
     """Event files under `<run>/tensorboard/` (torch's SummaryWriter, from the
-    tensorboard package): `tensorboard --logdir ~/fedllm-flwr/outputs` shows every run."""
+    tensorboard package): `tensorboard --logdir ~/fedllm-flwr/outputs` shows every run.
 
-    def __init__(self, cfg: Config, run_path: Path) -> None:
+    `earlier`: the rows a resumed run kept. Where the folder exists, the new writer
+    purges every event from the first round trained again on (`purge_step`: TensorBoard
+    hides what an earlier start logged at or after that step); a new folder gets the
+    rows first, so its curves start at round 0."""
+
+    def __init__(self, cfg: Config, run_path: Path, earlier: list[dict[str, Any]] = ()) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_path / "tensorboard"))
-        self.writer.add_text("config", "```\n" + cfg_to_yaml(cfg) + "```", 0)
+        folder = run_path / "tensorboard"
+        resumed = folder.is_dir()
+        start = next_round(earlier) if resumed else 0
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=start if resumed else None)
+        self.writer.add_text("config", "```\n" + cfg_to_yaml(cfg) + "```", start)  # each start's config
+        for row in () if resumed else earlier:
+            self.log_row(row)
 
     def log_row(self, row: dict[str, Any]) -> None:
         for tag, value in scalars(row).items():
@@ -92,14 +111,27 @@ def mlflow_store(cfg: Config, run_path: Path) -> tuple[str, Path | None]:
 
 class MlflowTracker:
     """One MLflow run per federated run: the flattened config as params, every row as
-    metrics at step = round, the final adapter as an artifact. A resumed run continues
-    the same MLflow run (its id is kept in `<run>/mlflow-run-id`)."""
+    metrics at step = round, the final adapter as an artifact; its id is kept in
+    `<run>/mlflow-run-id`.
 
-    def __init__(self, cfg: Config, run_path: Path) -> None:
+    `earlier`: the rows a resumed run kept. An MLflow run whose last step is the last
+    row kept goes on. One that logged rounds the resume trains again (or missed some,
+    having been dropped) cannot be edited: the run goes on in a new MLflow run that gets
+    the kept rows first and the tag `fedllm.resumed-from`; the interrupted one is ended
+    as failed (if it was still running) with the tag `fedllm.resumed-in` and a note."""
+
+    def __init__(self, cfg: Config, run_path: Path, earlier: list[dict[str, Any]] = ()) -> None:
         from mlflow import MlflowClient
 
         uri, artifacts = mlflow_store(cfg, run_path)
         self.client = MlflowClient(tracking_uri=uri)
+        id_file = run_path / "mlflow-run-id"
+        before = id_file.read_text().strip() if id_file.is_file() else None
+        start = next_round(earlier)
+        if before is not None and self.last_step(before) == start - 1:
+            self.run_id = before
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
         name = cfg.log.experiment or "fedllm-flwr"
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
@@ -107,19 +139,37 @@ class MlflowTracker:
             experiment_id = self.client.create_experiment(name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
-        id_file = run_path / "mlflow-run-id"
-        if id_file.is_file():
-            self.run_id = id_file.read_text().strip()
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            run = self.client.create_run(experiment_id, run_name=run_path.name, tags={"run-folder": str(run_path)})
-            self.run_id = run.info.run_id
-            id_file.write_text(self.run_id + "\n")
-            params = sorted(flat_config(cfg).items())
-            for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-                from mlflow.entities import Param
+        tags = {"run-folder": str(run_path)}
+        if before is not None:
+            tags.update({"fedllm.resumed-from": before, "fedllm.resumed-after-round": str(start - 1)})
+        self.run_id = self.client.create_run(experiment_id, run_name=run_path.name, tags=tags).info.run_id
+        self.log_params(cfg)
+        for row in earlier:
+            self.log_row(row)
+        id_file.write_text(self.run_id + "\n")
+        if before is not None:
+            self.supersede(before, start - 1)
 
-                self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in params[start : start + 100]])
+    def last_step(self, run_id: str) -> int:
+        """The last round `run_id` logged a metric for (-1: none)."""
+        keys = self.client.get_run(run_id).data.metrics
+        return max((m.step for key in keys for m in self.client.get_metric_history(run_id, key)), default=-1)
+
+    def supersede(self, run_id: str, resumed_after: int) -> None:
+        """Mark interrupted run `run_id` as continued in this one, after round `resumed_after`."""
+        self.client.set_tag(run_id, "fedllm.resumed-in", self.run_id)
+        note = (f"Interrupted. The run went on after round {resumed_after} in MLflow run {self.run_id}, which "
+                "holds every round once; the rounds logged here after that one were trained again there.")  # fmt: skip
+        self.client.set_tag(run_id, "mlflow.note.content", note)
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, status="FAILED")
+
+    def log_params(self, cfg: Config) -> None:
+        from mlflow.entities import Param
+
+        params = sorted(flat_config(cfg).items())
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in params[start : start + 100]])
 
     def log_row(self, row: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -136,18 +186,10 @@ class MlflowTracker:
 
 
 def open_trackers(cfg: Config, run_path: Path, earlier: list[dict[str, Any]] = ()) -> list[Tracker]:
-    """The trackers switched on. `earlier` holds the rows a resumed run wrote before:
-    a tracker that starts a record of its own (the run folder keeps no TensorBoard
-    folder or MLflow run id, as when a sweep's job goes on from its screen's
-    checkpoint) gets them first, so its curves start at round 0, not at the resume."""
+    """The trackers switched on. `earlier` holds the rows a resumed run kept (RunDir.rewind):
+    each tracker continues its record from there or starts one that holds them, as when
+    a sweep's job goes on from its screen's checkpoint without the screen's records."""
     check_installed(cfg)
-    trackers: list[Tracker] = []
-    for switch, kind, record in (("tensorboard", TensorBoardTracker, "tensorboard"),
-                                 ("mlflow", MlflowTracker, "mlflow-run-id")):  # fmt: skip
-        if getattr(cfg.log, switch):
-            fresh = not (run_path / record).exists()
-            tracker = kind(cfg, run_path)
-            for row in earlier if fresh else ():
-                tracker.log_row(row)
-            trackers.append(tracker)
-    return trackers
+    switched_on = [kind for switch, kind in (("tensorboard", TensorBoardTracker), ("mlflow", MlflowTracker))
+                   if getattr(cfg.log, switch)]  # fmt: skip
+    return [kind(cfg, run_path, list(earlier)) for kind in switched_on]

@@ -11,6 +11,7 @@ import pytest
 from fedllm_flwr import cli, tracking
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.plot import figure, plot_runs
 from fedllm_flwr.tracking import MlflowTracker, TensorBoardTracker, check_installed, scalars
 
@@ -95,7 +96,7 @@ def test_mlflow_holds_params_metrics_and_the_adapter_and_a_resumed_run_continues
     for row in rows()[:2]:
         first.log_row(row)
     first.finish(False, None)  # the server died after round 1
-    again = MlflowTracker(cfg, run)  # resumed: the same MLflow run
+    again = MlflowTracker(cfg, run, rows()[:2])  # resumed after round 1: the same MLflow run
     assert again.run_id == first.run_id
     again.log_row(rows()[2])
     again.finish(True, adapter)
@@ -143,6 +144,90 @@ def test_a_resumed_run_without_tracker_records_of_its_own_gives_new_ones_its_ear
     resumed = tracking.open_trackers(cfg, run, rows())
     assert len(resumed) == 2 and logged == []
     assert resumed[1].run_id == found.info.run_id
+
+
+@pytest.mark.skipif(not (HAS_MLFLOW and HAS_TB), reason="mlflow or tensorboard is not installed (the tracking extra)")
+def test_a_resumed_run_shows_each_round_it_trains_again_once(tmp_path, monkeypatch):
+    """Killed after logging round 2, resumed from the checkpoint of round 1: round 2 is
+    trained and logged again. TensorBoard discards the first round 2; MLflow, whose
+    history cannot be edited, goes on in a new run holding rounds 0-1 and the new round 2,
+    linked to the interrupted one, which is ended as failed."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_cfg(["log.mlflow=true", "log.tensorboard=true", "log.experiment=resumed"])
+    run = tmp_path / "outputs" / "job"
+    run.mkdir(parents=True)
+    killed = tracking.open_trackers(cfg, run)
+    for tracker in killed:
+        for row in rows():
+            tracker.log_row(row)
+    killed[0].writer.close()  # the process ends; its MLflow run stays RUNNING
+    again = {**rows()[2], "eval-loss": 1.25, "client_1-held-out-loss": 1.8}
+    for tracker in tracking.open_trackers(cfg, run, rows()[:2]):  # RunDir.rewind kept rounds 0 and 1
+        tracker.log_row(again)
+        tracker.finish(True, None)
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("round/eval-loss")] == [(0, 3.0), (1, 2.0), (2, 1.25)]
+    assert [(e.step, e.value) for e in events.Scalars("client_1/held-out-loss")] == [
+        (1, pytest.approx(2.4)), (2, pytest.approx(1.8))]  # fmt: skip
+    assert [e.step for e in events.Scalars("round/bytes-up")] == [1, 2]
+
+    client = MlflowClient(tracking_uri=tracking.mlflow_store(cfg, run)[0])
+    runs = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    new_id = (run / "mlflow-run-id").read_text().strip()
+    (new,) = [r for r in runs if r.info.run_id == new_id]
+    (old,) = [r for r in runs if r.info.run_id != new_id]
+    history = client.get_metric_history(new_id, "round/eval-loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 3.0), (1, 2.0), (2, 1.25)]
+    assert new.info.status == "FINISHED" and new.info.run_name == "job" and new.data.params["peft.method"] == "lora"
+    assert new.data.tags["fedllm.resumed-from"] == old.info.run_id
+    assert new.data.tags["fedllm.resumed-after-round"] == "1"
+    assert old.info.status == "FAILED" and old.data.tags["fedllm.resumed-in"] == new_id
+    assert "round 1" in old.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.skipif(not HAS_MLFLOW, reason="mlflow is not installed (the tracking extra)")
+def test_a_tracker_dropped_mid_run_ends_its_mlflow_run_as_failed(tmp_path, monkeypatch, caplog):
+    """Its server gone away, a tracker is dropped and the run goes on: its MLflow run is
+    ended as failed then (best effort, one warning each), not left RUNNING, and gets no
+    adapter when the run completes."""
+    from mlflow import MlflowClient
+
+    from fedllm_flwr.metrics import MetricsLog
+
+    class Broken:
+        def log_row(self, row):
+            raise ConnectionError("no route to host")
+
+        def finish(self, completed, adapter):
+            raise ConnectionError("no route to host")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_cfg(["log.mlflow=true", "log.experiment=dropped"])
+    run = tmp_path / "outputs" / "job"
+    (run / "adapter" / "final").mkdir(parents=True)
+    (run / "adapter" / "final" / "adapter_config.json").write_text("{}")
+    mlflow = MlflowTracker(cfg, run)
+    log = MetricsLog(run / "metrics.jsonl")
+    log.trackers = [mlflow, Broken()]
+    log.write(rows()[0])
+    monkeypatch.setattr(mlflow.client, "log_batch", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("gone")))
+    with caplog.at_level("WARNING", logger="fedllm_flwr.metrics"):
+        for row in rows()[1:]:
+            log.write(row)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fedllm_flwr.metrics"]
+    assert log.trackers == [] and len(warnings) == 2  # one per tracker dropped
+    assert warnings[0].startswith("Broken") and warnings[1].startswith("MlflowTracker") and "gone" in warnings[1]
+    log.close(True, run / "adapter" / "final")
+    client = MlflowClient(tracking_uri=tracking.mlflow_store(cfg, run)[0])
+    found = client.get_run(mlflow.run_id)
+    assert found.info.status == "FAILED" and client.list_artifacts(mlflow.run_id) == []
+    assert [(m.step, m.value) for m in client.get_metric_history(mlflow.run_id, "round/eval-loss")] == [(0, 3.0)]
+    assert len(read_metrics(run)) == 3  # the run's own log goes on
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -24,6 +24,19 @@ class RunConfig:
     """Stop after this many rounds (0 = `num_rounds`). The learning-rate schedule
     still spans `num_rounds`, so the run is an exact prefix of the full one: a
     low-fidelity evaluation for screening."""
+    max_rounds_without_reply: int = 3
+    """Stop the run after this many rounds in a row in which clients were sampled and
+    no reply was aggregated (each failed, timed out or was dropped): its clients are
+    gone. summary.json says `stopped`, adapter/final is not written, and the checkpoint
+    holds the last round that trained, so `resume=<run folder>` goes on once they are
+    back. Rounds that sampled nobody (`strategy.availability`) neither count nor break
+    the run of rounds. 0: never stop, run every round."""
+
+    def __post_init__(self) -> None:
+        if self.max_rounds_without_reply < 0:
+            raise ValueError(
+                f"run.max_rounds_without_reply must be >= 0 (0: never stop), got {self.max_rounds_without_reply}"
+            )
 
 
 @dataclass

@@ -17,11 +17,12 @@ from flwr.common.logger import log
 
 from fedllm_flwr.config import Config
 from fedllm_flwr.data import tokenize_set
+from fedllm_flwr.errors import UserError
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
 from fedllm_flwr.lora_merge import save_merged, set_merged, stacked
 from fedllm_flwr.model import ModelBundle, set_adapter_state
-from fedllm_flwr.run_dir import RunDir
+from fedllm_flwr.run_dir import CHECKPOINT, RunDir
 from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters
 from fedllm_flwr.transport import arrays_to_state
 
@@ -34,6 +35,12 @@ ROW_KEYS = (
     "round", "train-loss", "eval-loss", "eval-ppl", "accuracy", "bytes-down", "bytes-up",
     "seconds", "clients-ok", "clients-failed",
 )  # fmt: skip
+
+
+class RunStopped(UserError):
+    """The run stops before its last round, for the reason in the message (its clients
+    are gone). Not bad input, but it ends as bad input does: one line, a failed run;
+    `run_server` records it in summary.json first."""
 
 
 def generation_records(cfg: Config, test: list[dict[str, str]]) -> list[dict]:
@@ -87,6 +94,8 @@ class ServerEvaluator:
         (each round's would be the base's size; the checkpoint's seed lists rebuild any)."""
         self.last = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
+        self.unanswered: list[int] = []
+        """The latest rounds in a row that sampled clients and aggregated no reply."""
 
     @functools.cached_property
     def test_set(self):
@@ -205,10 +214,13 @@ class ServerEvaluator:
         if trained_nothing:
             log(WARNING, "Round %s: no client reply was aggregated; the checkpoint stays at the round before",
                 server_round)  # fmt: skip
+            self.unanswered.append(server_round)
         elif server_round > 0:
             self.run_dir.write_checkpoint(
                 server_round, {k: v.numpy() for k, v in arrays.items()}, self.strategy.state()
             )
+            if row["clients-ok"]:  # a round that sampled nobody expected no reply: it leaves the count as it is
+                self.unanswered = []
         parts = [f"round {server_round}/{self.cfg.rounds_to_run}"]
         if row["train-loss"] is not None:
             parts.append(f"train-loss {row['train-loss']:.4f}")
@@ -226,4 +238,24 @@ class ServerEvaluator:
             parts.append(f"clients ok {row['clients-ok'] or 0} failed {row['clients-failed'] or 0}")
         parts.append(f"{row['seconds']:.1f} s")
         log(INFO, "[fedllm-flwr] %s", "  |  ".join(parts))
+        limit = self.cfg.run.max_rounds_without_reply
+        if limit and len(self.unanswered) >= limit:
+            raise RunStopped(self.clients_gone(server_round))
         return MetricRecord({k: float(v) for k, v in results.items()}) if results else None
+
+    def checkpoint_round(self) -> int:
+        """The round the run folder's checkpoint holds (0: none written yet)."""
+        return self.run_dir.checkpoint_round() if (self.run_dir.path / CHECKPOINT).is_file() else 0
+
+    def clients_gone(self, server_round: int) -> str:
+        """Why the run stops after `server_round`, and how it goes on."""
+        kept = self.checkpoint_round()
+        then = (f"the checkpoint holds round {kept}: once the clients are back, resume={self.run_dir.path} goes on "
+                "from there" if kept else "no round trained, so there is no checkpoint: start the run again once the "
+                "clients are back")  # fmt: skip
+        return (
+            f"stopped after round {server_round} of {self.cfg.rounds_to_run}: no client reply since round "
+            f"{self.unanswered[0]} ({len(self.unanswered)} rounds sampled clients and aggregated nothing; "
+            f"run.max_rounds_without_reply={self.cfg.run.max_rounds_without_reply}). adapter/final was not "
+            f"written; {then}"
+        )

@@ -23,7 +23,7 @@ from fedllm_flwr.model import build_model, count_parameters, get_adapter_state
 from fedllm_flwr.plot import write_curves
 from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
 from fedllm_flwr.run_dir import RunDir
-from fedllm_flwr.server.evaluation import ServerEvaluator, generation_records
+from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator, generation_records
 from fedllm_flwr.server.fedot import offsite_summary, prepare_fedot
 from fedllm_flwr.server.nodes import connected_nodes, discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
@@ -38,7 +38,9 @@ INFO = logging.INFO
 
 def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     """Run the configured federated job to the end; returns the finished run folder.
-    `warm_ups`: ids of warm-up messages in flight, answered before the first round."""
+    `warm_ups`: ids of warm-up messages in flight, answered before the first round.
+    A run whose clients are gone (`run.max_rounds_without_reply`) stops with RunStopped,
+    its summary.json saying `stopped` and why."""
     t_start = time.perf_counter()
     check_installed(cfg)  # a tracker switched on without its library: before any work
     records(cfg)  # read and check the whole data set before the (slower) model
@@ -113,15 +115,24 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
         runner = private_runner(cfg, strategy, len(connected_nodes(grid, cfg)) if cfg.privacy.name == "dp" else 0)
         if warm_ups:
             await_warm_up(grid, list(warm_ups), cfg.strategy.round_timeout)
-        result = runner.start(
-            grid=grid,
-            initial_arrays=initial_arrays,
-            num_rounds=cfg.rounds_to_run - done,
-            timeout=cfg.strategy.round_timeout,
-            train_config=ConfigRecord({"num-rounds": cfg.num_rounds, **dict(client_config.items())}),
-            evaluate_config=client_config,
-            evaluate_fn=evaluate_fn,
-        )
+        about = {"scenario": cfg.scenario.name, "method": cfg.peft.method, "seed": cfg.seed,
+                 "rounds": cfg.rounds_to_run, "num-rounds": cfg.num_rounds}  # fmt: skip
+        try:
+            result = runner.start(
+                grid=grid,
+                initial_arrays=initial_arrays,
+                num_rounds=cfg.rounds_to_run - done,
+                timeout=cfg.strategy.round_timeout,
+                train_config=ConfigRecord({"num-rounds": cfg.num_rounds, **dict(client_config.items())}),
+                evaluate_config=client_config,
+                evaluate_fn=evaluate_fn,
+            )
+        except RunStopped as stop:
+            run_dir.write_summary({"status": "stopped", "reason": str(stop), **about,
+                                   "last-round": evaluator.rows[-1]["round"],
+                                   "checkpoint-round": evaluator.checkpoint_round(),
+                                   "seconds": round(time.perf_counter() - t_start, 2)})  # fmt: skip
+            raise
         if result.arrays is None or len(result.arrays) == 0:  # no round after a resume aggregated anything
             result.arrays = initial_arrays
         if not evaluator.rows or evaluator.rows[-1]["round"] != cfg.rounds_to_run:
@@ -138,11 +149,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
         run_dir.write_summary(
             {
                 "status": "completed",
-                "scenario": cfg.scenario.name,
-                "method": cfg.peft.method,
-                "seed": cfg.seed,
-                "rounds": cfg.rounds_to_run,
-                "num-rounds": cfg.num_rounds,
+                **about,
                 "trainable-parameters": trainable,
                 "seconds": round(time.perf_counter() - t_start, 2),
                 "metric": evaluator.primary,
