@@ -5,7 +5,7 @@ node's model, and each round trains a fresh adapter on top. Adding the delta to
 the base weights would round it away in bf16 (a LoRA update is far below a bf16
 weight's last bit), so it stays factored: `set_merged` adds
 scaling * x A^T B^T, in fp32, to the output of each LoRA layer, the product of all
-rounds' stacked factors, with no gradient to them. `save_merged` writes that delta
+rounds' stacked factors, placed on the layer's device once, with no gradient to them. `save_merged` writes that delta
 as a peft LoRA adapter of the stacked rank (alpha scaled alike), which
 `PeftModel.from_pretrained` loads as it is. No Flower.
 """
@@ -42,11 +42,11 @@ def set_merged(model: PeftModel, factors: Factors | None) -> None:
     for path, (a, b) in (factors or {}).items():
         layer = model.get_submodule(path)
         scaling = float(layer.scaling["default"])
-        a32, b32 = a.detach().float(), b.detach().float()
+        device = next(layer.parameters()).device  # once here, not a copy in every forward
+        a32, b32 = a.detach().to(device, torch.float32), b.detach().to(device, torch.float32)
 
         def add_delta(module, args, output, a32=a32, b32=b32, scaling=scaling):
-            x = args[0]
-            delta = (x.float() @ a32.to(x.device).T) @ b32.to(x.device).T
+            delta = (args[0].float() @ a32.T) @ b32.T
             return output + (scaling * delta).to(output.dtype)
 
         handles.append(layer.register_forward_hook(add_delta))

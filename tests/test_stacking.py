@@ -194,3 +194,39 @@ def test_what_an_evaluation_message_brings_is_kept_and_a_node_that_lost_a_round_
 
     with pytest.raises(ValueError, match="this node holds 1 rounds' stacks and the global model 2"):
         node.evaluate(content, run_config, context.node_config, node.NodeState.load(context.state))
+
+
+def test_the_merged_factors_are_put_on_the_layer_once_and_no_forward_moves_them(monkeypatch):
+    """A forward hook that copies its factors to the input's device pays a host-to-device
+    copy in every forward of every LoRA layer: they belong on the layer's device, once."""
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    model = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    path = "base_model.model.q_proj"
+    layer = model.get_submodule(path)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 6, generator=gen), torch.randn(4, 3, generator=gen)
+    set_merged(model, {path: (a, b)})
+    moved = []
+    to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        if "device" in kwargs or any(isinstance(arg, torch.device | str) for arg in args):
+            moved.append(tuple(self.shape))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    x = torch.randn(2, 6, generator=gen)
+    with torch.no_grad():
+        out = layer(x)
+        expected = layer.base_layer(x) + 2.0 * (x @ a.T) @ b.T  # the fresh adapter's B is 0; scaling 4 / 2
+    assert moved == []
+    torch.testing.assert_close(out, expected)
