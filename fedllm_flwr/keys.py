@@ -20,9 +20,10 @@ RELATIVE_KEY = "relative"
 EMULATOR_FILES_KEY = "emulator-files"
 """FedOT: ArrayRecord of the emulator folder's files (uint8 arrays), on a node's first message."""
 MERGED_KEY = "merged-lora"
-"""strategy=stacking: ArrayRecord of the rounds' stacked LoRA factors this node has not
-got yet, keyed "<round>/<adapter tensor name>" (the clients' weights folded into B);
-the node keeps every round's under the same key in its state."""
+"""strategy=stacking: ArrayRecord of the parts of the merged LoRA delta this node has not
+got yet, keyed "<round>/<module>/<A|B|w|rounds>" (`fedllm_flwr.lora_stacks`: a round's
+stack, or a compaction that replaces the rounds it lists); the node keeps what it holds
+under the same key in its state."""
 
 ZO_STEPS_KEY = "zo-steps"
 """algorithm=zo: ArrayRecord of the rounds' aggregated steps this node has not applied:
@@ -33,9 +34,10 @@ ZO_REPLY_KEY = "zo-reply"
 ZO_POOL_KEY = "zo-pool"
 """algorithm=zo: in the "config" records both ways, the seed pool's fingerprint."""
 ROUNDS_HELD_KEY = "rounds-held"
-"""stacking, algorithm=zo: in a message's "config", how many rounds' stacks or steps the
-global model holds; a node that holds another number after the message refuses it
-(a lost state would otherwise go unnoticed and train on the wrong model)."""
+"""stacking, algorithm=zo: in a message's "config", how many rounds' stacks (in every
+module, a compaction counting the rounds it covers) or steps the global model holds;
+a node that holds another number after the message refuses it (a lost state would
+otherwise go unnoticed and train on the wrong model)."""
 
 # --- Keys of a train message's "config" ConfigRecord ------------------------------
 SERVER_ROUND_KEY = "server-round"

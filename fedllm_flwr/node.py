@@ -55,7 +55,8 @@ class NodeState:
     private: ArrayRecord | None = None
     residual: np.ndarray | None = None
     merged: ArrayRecord | None = None
-    """strategy=stacking: every round's stacked factors this node has merged."""
+    """strategy=stacking: the parts of the merged delta this node holds, the server's bits
+    ("<round>/<module>/<field>", `fedllm_flwr.lora_stacks`)."""
     zo_adapter: ArrayRecord | None = None
     """algorithm=zo: this node's copy of the global adapter, after round `zo_round`."""
     zo_round: int = 0
@@ -128,26 +129,21 @@ class NodeState:
         return state
 
     def merge(self, content: RecordDict):
-        """Keep the stacked factors a message carries (strategy=stacking) with those
-        kept before; the delta of all of them, per LoRA module, or None."""
+        """Take the parts of the merged delta a message carries (strategy=stacking) into
+        those kept before, as the server did (`HeldStacks.receive`: a compaction replaces
+        the rounds it covers); the delta of all of them, per LoRA module, or None."""
         from fedllm_flwr.lora_merge import stacked
+        from fedllm_flwr.lora_stacks import HeldStacks, flat_of, parts_of
 
+        held = HeldStacks(parts_of({k: v.numpy() for k, v in self.merged.items()}) if self.merged else None)
         new = content.array_records.get(MERGED_KEY)
-        if new is not None:
-            kept = dict(self.merged.items()) if self.merged is not None else {}
-            kept.update(new.items())  # a round sent twice (a reply lost) is the same round
-            self.merged = ArrayRecord(kept)
-        held = {key.split("/", 1)[0] for key in self.merged} if self.merged is not None else set()
+        if new is not None:  # a round sent twice (a reply lost) is the same round
+            held.receive(parts_of({k: v.numpy() for k, v in new.items()}))
+            self.merged = ArrayRecord({k: Array(v) for k, v in flat_of(held.parts).items()})
         expected = content["config"].get(ROUNDS_HELD_KEY) if "config" in content else None
-        if expected is not None and len(held) != int(expected):
-            raise ValueError(f"this node holds {len(held)} rounds' stacks and the global model {expected}")
-        if self.merged is None:
-            return None
-        parts: dict[int, dict] = {}
-        for key, array in self.merged.items():
-            done, name = key.split("/", 1)
-            parts.setdefault(int(done), {})[name] = torch_tensor(array.numpy())
-        return stacked(parts)
+        if expected is not None and held.rounds_held() != int(expected):
+            raise ValueError(f"this node holds {held.rounds_held()} rounds' stacks and the global model {expected}")
+        return stacked(held.parts) if held.parts else None
 
     def private_state(self):
         """The kept private tensors as a state dict (torch), or None."""
@@ -302,12 +298,6 @@ def _zo_train(cfg, content: RecordDict, node: NodeState, partition_id: int, num_
 def _merged(cfg, content: RecordDict, node: NodeState):
     """strategy=stacking: the frozen delta under the adapter (`NodeState.merge`); else None."""
     return node.merge(content) if cfg.strategy.name == "stacking" else None
-
-
-def torch_tensor(array: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
 def _feedback(cfg, node: NodeState):

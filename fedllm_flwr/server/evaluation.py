@@ -149,11 +149,7 @@ class ServerEvaluator:
     def merged(self):
         """strategy=stacking: the delta merged under the global adapter, per LoRA module (else None)."""
         parts = self.strategy.merged_parts()
-        if not parts:
-            return None
-        return stacked(
-            {t: {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in p.items()} for t, p in parts.items()}
-        )
+        return stacked(parts) if parts else None
 
     def save(self, folder: str, adapters: dict[str, ArrayRecord]) -> Path:
         main = self.views[0]

@@ -125,8 +125,8 @@ class AdapterFedAvg(FedAvg):
         """Restore `state()` (resuming a run)."""
 
     def merged_parts(self) -> dict[int, dict[str, np.ndarray]]:
-        """Round -> the stacked LoRA factors merged under the global adapter
-        (strategy=stacking; none for the others)."""
+        """Round -> the parts of the LoRA delta merged under the global adapter
+        (strategy=stacking, `fedllm_flwr.lora_stacks`; none for the others)."""
         return {}
 
     def set_broadcast(self, records: RecordDict) -> None:

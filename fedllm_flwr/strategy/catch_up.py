@@ -1,6 +1,8 @@
 """Which rounds' broadcasts each node holds: for strategies whose nodes keep what
-every round sent (stacking's stacks, zeroth-order seed lists), so that a message
-carries only what its node lacks and a node that missed rounds catches up."""
+every round sent (stacking's parts, zeroth-order seed lists), so that a message
+carries only what its node lacks and a node that missed rounds catches up. Under
+stacking a compaction is a part of the round that made it, in place of the older
+rounds' parts of its module: a node that lacks those rounds gets the compaction."""
 
 from __future__ import annotations
 
