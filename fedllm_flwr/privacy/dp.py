@@ -6,11 +6,24 @@ one client changes the mean of n updates by at most C / n; the server then
 adds N(0, (z C / n)^2) noise per coordinate (Flower's client-side fixed
 clipping wrapper, `fedllm_flwr.privacy.dp_server`). That is the Gaussian
 mechanism with noise multiplier z at the level of a client (DP-FedAvg,
-McMahan et al. 2018): the guarantee covers everything a client holds.
+McMahan et al. 2018): the guarantee covers everything a client holds. n is
+the number of clients sent a training message that round, counted afresh
+each round.
 
 The budget is tracked with Opacus's RDP accountant: one subsampled Gaussian
-step per round at sampling rate q (the chance a client takes part in a
-round), converted to (epsilon, delta).
+step per round at that round's sampling rate q_t (the chance a client takes
+part: Flower's sample size over the nodes connected that round, times
+`available_p` under uniform availability), composed over the rounds and
+converted to (epsilon, delta).
+
+An approximation, stated: the accountant's analysis is for Poisson sampling
+(each client in independently with probability q), while Flower samples a
+fixed number of nodes without replacement. The two differ (analyses of
+fixed-size sampling, e.g. Wang, Balle and Kasiviswanathan 2019, bound it for
+replacing one client rather than adding or removing one, and their epsilon
+can come out larger), so the reported epsilon is the Poisson figure at q_t,
+the common practice, not a proven bound for Flower's sampling. At q_t = 1
+(every node trains every round) nothing is sampled and nothing approximated.
 """
 
 from __future__ import annotations
@@ -36,19 +49,27 @@ def update_norm(update: dict[str, np.ndarray]) -> float:
 
 
 class PrivacyBudget:
-    """(epsilon, delta) spent so far by `rounds` Gaussian releases at noise
-    multiplier z and sampling rate q (Opacus's RDP accountant)."""
+    """(epsilon, delta) spent so far by Gaussian releases at noise multiplier z,
+    each at its own round's sampling rate q (Opacus's RDP accountant, which keeps
+    the history of (z, q, steps) and composes it)."""
 
-    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float) -> None:
+    def __init__(self, noise_multiplier: float, delta: float) -> None:
         from opacus.accountants import RDPAccountant
 
-        self.noise_multiplier, self.sample_rate, self.delta = noise_multiplier, sample_rate, delta
+        self.noise_multiplier, self.delta = noise_multiplier, delta
         self._accountant = RDPAccountant()
-        self.rounds = 0
+        self.sample_rates: list[float] = []
+        """q of each release so far, in order."""
 
-    def step(self) -> None:
-        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        self.rounds += 1
+    @property
+    def rounds(self) -> int:
+        """Releases accounted so far."""
+        return len(self.sample_rates)
+
+    def step(self, sample_rate: float) -> None:
+        """Account one release at sampling rate `sample_rate`."""
+        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=sample_rate)
+        self.sample_rates.append(sample_rate)
 
     def epsilon(self) -> float:
         """Epsilon at `delta` after the rounds so far (inf without noise, 0 before any)."""
