@@ -286,7 +286,7 @@ def opacus_epsilon(rounds: list[tuple[float, float]], delta: float) -> float:
     from opacus.accountants.rdp import RDPAccountant
 
     alphas = RDPAccountant.DEFAULT_ALPHAS
-    rdp = sum(compute_rdp(q=q, noise_multiplier=z, steps=1, orders=alphas) for q, z in rounds)
+    rdp = sum(compute_rdp(q=q, noise_multiplier=z, steps=rounds.count((q, z)), orders=alphas) for q, z in set(rounds))
     return get_privacy_spent(orders=alphas, rdp=rdp, delta=delta)[0]
 
 
