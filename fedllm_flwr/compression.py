@@ -114,7 +114,13 @@ class Codec:
         }
 
     def decode(self, arrays: dict[str, np.ndarray], manifest: Manifest) -> np.ndarray:
-        """The fp32 vector `arrays` encode; ValueError says what does not fit."""
+        """The fp32 vector `arrays` encode; ValueError says what does not fit,
+        including a value that is not finite once decoded (finite int8 values
+        times finite scales can still leave fp32: 127 x 3e38 is inf)."""
+        return _finite(self._decode(arrays, manifest), manifest)
+
+    def _decode(self, arrays: dict[str, np.ndarray], manifest: Manifest) -> np.ndarray:
+        """`decode` before its finiteness check."""
         total = sum(sizes_of(manifest))
         expected = {"fp32": {"values"}, "fp16": {"values"}, "int8": {"values", "scales"}, "topk": {"indices", "values"}}
         if set(arrays) != expected[self.name]:
@@ -126,7 +132,7 @@ class Codec:
             if values.dtype not in (np.float16, np.float32):
                 raise ValueError(f"dtype {values.dtype} (accepted for {self.name}: float16, float32)")
             _check_size(values.size, total, "packed array")
-            return _finite(values.astype(np.float32), manifest)
+            return values.astype(np.float32)
         if self.name == "int8":
             scales = arrays["scales"]
             groups = self._groups(manifest)
@@ -139,7 +145,8 @@ class Codec:
                 raise ValueError("int8 codec: scales must be finite and non-negative")
             if (values == -128).any():
                 raise ValueError("int8 codec: value -128 is outside the symmetric range")
-            return values.astype(np.float32) * np.repeat(scales, groups)
+            with np.errstate(over="ignore"):  # an overflow becomes inf, which `decode` refuses
+                return values.astype(np.float32) * np.repeat(scales, groups)
         indices = arrays["indices"]
         count = sum(self.kept(size) for size in sizes_of(manifest))
         if indices.dtype != np.int32 or values.dtype != np.float16:
@@ -157,7 +164,7 @@ class Codec:
             raise ValueError("topk codec: the number of values per tensor does not match the ratio")
         out = np.zeros(total, dtype=np.float32)
         out[indices] = values.astype(np.float32)
-        return _finite(out, manifest)
+        return out
 
     def kept(self, size: int) -> int:
         """topk: how many of a tensor's `size` values are sent."""

@@ -7,8 +7,10 @@ Every loss is a function of the log-ratio gap of a pair,
     h = (log pi(y_c | x) - log ref(y_c | x)) - (log pi(y_r | x) - log ref(y_r | x)),
 
 log-probabilities summed over the response tokens (the prompt is masked as in SFT);
-the implicit reward of a response is beta (log pi - log ref). Definitions follow
-TRL's DPOTrainer (tests/test_dpo.py checks ours against it on a hand batch):
+the implicit reward of a response is beta (log pi - log ref). As in TRL's
+DPOTrainer, every response ends with EOS (`fedllm_flwr.data.pairs`) and the policy
+runs without dropout (`disable_dropout`). Definitions follow TRL's DPOTrainer
+(tests/test_dpo.py checks ours against it on a hand batch):
 
 | dpo_loss | loss | reference |
 |---|---|---|
@@ -52,11 +54,26 @@ def dpo_loss(
     raise ValueError(f"unknown dpo loss {cfg.name!r}")
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout layer of `model` to p = 0, for good, as TRL's DPOTrainer does
+    (`DPOConfig.disable_dropout`, default True). The reference is the same model
+    with its adapter off, which skips LoRA's dropout: a policy that kept it would
+    compare a dropped-out forward with a clean one, so h would carry dropout noise
+    even while pi = ref. (Set once, not per forward: gradient checkpointing reruns
+    the forward during backward and must see the same p.)"""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def policy_and_reference(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], response_logits: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(policy log-probs, reference log-probs, response token counts) of a pair batch;
-    the reference is the model with its adapter off, without gradients."""
+    the reference is the model with its adapter off, without gradients. Dropout is
+    switched off in `model` first (`disable_dropout`), so training and evaluation
+    compare like with like."""
+    disable_dropout(model)
     policy, tokens = sequence_logps(model, batch, response_logits)
     with torch.no_grad(), model.disable_adapter():
         reference, _ = sequence_logps(model, batch, response_logits)

@@ -44,13 +44,15 @@ def cpu_has_bf16() -> bool:
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """Compute dtype of the frozen base model for `train.precision`.
 
-    `auto` is bf16 on GPUs that support it (no loss scaling needed), fp16 (trained
-    with a GradScaler) on older GPUs; on CPU bf16 where the CPU computes in it
-    (`cpu_has_bf16`), else fp32.
+    `auto` is bf16 on GPUs that compute in it (compute capability 8.0 and up, and
+    ROCm; no loss scaling needed), fp16 (trained with a GradScaler) on older GPUs
+    such as the T4 and V100, where bf16 would only be emulated
+    (`is_bf16_supported()` counts emulation unless told not to); on CPU bf16 where
+    the CPU computes in it (`cpu_has_bf16`), else fp32.
     """
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if precision == "fp16" and device.type != "cuda":
         raise UserError("train.precision=fp16 needs CUDA (loss scaling); use bf16 or fp32 on CPU")

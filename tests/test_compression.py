@@ -227,3 +227,24 @@ def test_client_app_keeps_its_error_feedback_across_rounds(tiny_cfg, tiny_model_
         residuals.append(context.state.array_records["error-feedback"]["residual"].numpy().copy())
     assert residuals[0].shape == (sum(sizes),) and np.abs(residuals[0]).max() > 0
     assert not np.array_equal(residuals[0], residuals[1])
+
+
+def test_an_int8_reply_whose_scaled_values_overflow_is_dropped_and_the_mean_stays_finite(task_identity, caplog):
+    """Finite int8 values times finite scales can still leave fp32 (127 x 3e38 = inf):
+    the codec checks the decoded values, not only the scales."""
+    global_state = {k: v[:2] for k, v in list(smollm2_lora().items())[:8]}
+    strat = AdapterFedAvg(down=INT8, up=INT8)
+    strat._expected = manifest_of(global_state)
+    for node in (7, 8):
+        strat.sent[node] = unpack(pack(global_state, INT8))
+    update = {k: np.full_like(v, 0.01) for k, v in global_state.items()}
+    sound, huge = pack(update, INT8, relative=True), pack(update, INT8, relative=True)
+    scales = huge[ARRAYS_KEY]["scales"].numpy().copy()
+    scales[0] = 3e38  # finite and non-negative: it passes the scale check
+    huge[ARRAYS_KEY]["scales"] = Array(scales)
+    with caplog.at_level("WARNING", logger="flwr"):
+        arrays, _ = strat.aggregate_train(1, [reply(7, sound), reply(8, huge)])
+    assert all(np.isfinite(value.numpy()).all() for value in arrays.values())
+    row = strat.ledger.pop(1)
+    assert row["clients-ok"] == 1 and row["clients-dropped"] == 1 and row["failed-nodes"] == "8"
+    assert "reply from node 8 dropped" in caplog.text and "non-finite" in caplog.text

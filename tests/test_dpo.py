@@ -16,7 +16,7 @@ from fedllm_flwr.data.pairs import PairSet, collate_pairs
 from fedllm_flwr.dpo import closer_to_chosen, dpo_loss, dpo_loss_fn, evaluate_dpo, policy_and_reference
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.lm_loss import sequence_logps
-from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state, set_adapter_state
+from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state, load_tokenizer, set_adapter_state
 
 DPO = ["task=dpo", "train.precision=fp32"]
 
@@ -135,6 +135,43 @@ def test_at_the_start_policy_and_reference_agree_and_training_moves_the_margin(t
     scores = local_evaluate(cfg, trained, 0, 1)
     assert {"eval-loss", "eval-preference-accuracy", "eval-margin"} <= set(scores) and scores["num-examples"] > 0
     assert scores["eval-margin"] != 0.0 and np.isfinite(scores["eval-loss"])
+
+
+@pytest.mark.parametrize("task", ["dpo", "reward"])
+def test_every_chosen_and_rejected_response_ends_with_eos_as_trl_tokenizes_them(tiny_cfg, task):
+    """TRL's DPOTrainer and RewardTrainer append EOS to both responses (unless the text already
+    ends with it): the policy learns to stop, and a reward model scores the closed response."""
+    cfg = tiny_cfg(f"task={task}", "train.precision=fp32")
+    tok = load_tokenizer(str(cfg.model.name))
+    eos = tok.eos_token_id
+    data = client_data(cfg, tok, 0, 1)
+    pairs = [p for i in range(len(data.train.records)) if (p := data.train.example(i)) is not None]
+    assert pairs and all(p.chosen[-1] == eos and p.rejected[-1] == eos for p in pairs)
+    assert all(eos not in p.chosen[:-1] and eos not in p.rejected[:-1] for p in pairs)  # one EOS, at the end
+    labels = collate_pairs(pairs, tok.pad_token_id)["labels"]
+    ends = [len(p.chosen) - 1 for p in pairs] + [len(p.rejected) - 1 for p in pairs]
+    assert all(labels[row, end] == eos for row, end in enumerate(ends))  # EOS is scored with the response
+    closed = {"instruction": "What is 2 + 3?", "chosen": "5" + tok.eos_token, "rejected": "6"}
+    pair = PairSet([closed], tok, 64).pairs[0]
+    assert pair.chosen.count(eos) == 1 and pair.chosen[-1] == eos and pair.rejected[-1] == eos
+
+
+def test_the_policy_trains_without_dropout_so_its_log_probs_are_deterministic(tiny_cfg):
+    """The reference (the adapter switched off) has no LoRA dropout; TRL disables dropout in the
+    policy too (DPOConfig.disable_dropout). In training mode two forwards must agree."""
+    cfg, bundle = _bundle(tiny_cfg, "peft.dropout=0.5")
+    batch = _batch(cfg, bundle)
+    with torch.no_grad():
+        for name, p in bundle.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # LoRA's B = 0 at the start hides what dropout does to A's input
+    bundle.model.train()
+    first, reference, _ = policy_and_reference(bundle.model, batch)
+    second, _, _ = policy_and_reference(bundle.model, batch)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not torch.allclose(first, reference)  # the adapter does act
+    loss = dpo_loss_fn(cfg.dpo_loss)
+    assert float(loss(bundle.model, batch).detach()) == float(loss(bundle.model, batch).detach())
 
 
 def test_bad_pairs_are_dropped_and_counted_never_a_nan_loss(tiny_cfg):

@@ -531,10 +531,11 @@ def test_differential_privacy_clips_noises_and_accounts_every_round(sim, tiny_mo
     for r in rows[1:]:
         assert r["clients-ok"] == 2 and 0 < r["update-norm-max"] <= clip * (1 + 1e-6)
         assert r["noise-std"] == pytest.approx(0.5 * clip / 2)
+        assert r["dp-sample-rate"] == 1.0 and r["dp-clients"] == 2  # both nodes sampled, every round
     assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] and rows[2]["delta"] == 1e-5
     summary = json.loads((out / "dp" / "summary.json").read_text())["privacy"]
     assert summary["epsilon"] == pytest.approx(rows[2]["epsilon"], rel=1e-5)
-    assert summary["releases"] == 2 and summary["sample-rate"] == 1.0
+    assert summary["releases"] == 2 and summary["sample-rates"] == [1.0, 1.0] and summary["sampled-clients"] == [2, 2]
 
 
 def test_secure_aggregation_runs_in_simulation(sim, tiny_model_dir, tmp_path):

@@ -124,3 +124,22 @@ def test_generation_hands_the_lm_head_contiguous_inputs(bundle):
     finally:
         hook.remove()
     assert len(answers) == 2 and len(seen) >= 2 and all(seen)
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_auto_precision_takes_bf16_only_on_gpus_that_compute_in_it(monkeypatch, capability, expected):
+    """A T4 (7.5) runs bf16 only by emulation, which torch.cuda.is_bf16_supported() counts by
+    default: auto must give it fp16 (with a GradScaler); an A100 (8.0) gets bf16."""
+    from types import SimpleNamespace
+
+    from fedllm_flwr.model import resolve_dtype
+
+    major, minor = capability
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major, minor=minor)
+    )
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    assert resolve_dtype("auto", torch.device("cuda")) == expected

@@ -1,12 +1,13 @@
 """Privacy: differential privacy (clipping, noise, budget) and secure aggregation (SecAgg+)."""
 
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_OVERRIDES
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedllm_flwr.compression import Codec
 from fedllm_flwr.config import load_cfg
@@ -14,7 +15,7 @@ from fedllm_flwr.errors import UserError
 from fedllm_flwr.privacy.dp import PrivacyBudget, clip_update, update_norm
 from fedllm_flwr.privacy.dp_server import AccountedClientSideDP
 from fedllm_flwr.strategy import AdapterFedAvg
-from fedllm_flwr.transport import manifest_of, pack, unpack, update_between
+from fedllm_flwr.transport import pack, state_to_arrays, update_between
 
 FP16 = Codec("fp16")
 
@@ -31,6 +32,11 @@ def clipped_reply(trained, base, codec, clip):
     if clip is not None:
         update, _ = clip_update(update, clip)
     return pack(update, codec, relative=True)
+
+
+def global_arrays():
+    """The global adapter the DP tests start a round from, as the server holds it."""
+    return state_to_arrays({k: torch.from_numpy(v) for k, v in adapter(seed=9).items()})
 
 
 def adapter(seed=0, scale=0.02, size=4000):
@@ -52,9 +58,9 @@ def test_clipping_bounds_the_norm_and_leaves_small_updates_alone():
 
 def test_the_budget_grows_with_rounds_and_shrinks_with_noise_and_sampling():
     def eps(z, q, rounds):
-        budget = PrivacyBudget(z, q, 1e-5)
+        budget = PrivacyBudget(z, 1e-5)
         for _ in range(rounds):
-            budget.step()
+            budget.step(q)
         return budget.epsilon()
 
     assert eps(1.0, 1.0, 0) == 0.0 and math.isinf(eps(0.0, 1.0, 1))
@@ -69,13 +75,21 @@ def train_reply(node: int, content: RecordDict, n: int = 10) -> Message:
     return Message(content, reply_to=sent)
 
 
+class NodesGrid:
+    """Connected nodes a test sets (and changes between rounds): all the grid FedAvg's sampling reads."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
 def dp_strategy(noise=1.0, clip=0.1, clients=3):
-    global_state = adapter(seed=9)
+    """The DP wrapper around AdapterFedAvg after configuring round 1 on `clients` nodes, all sampled."""
     inner = AdapterFedAvg(min_available_nodes=1, min_train_nodes=1)
-    inner._expected = manifest_of(global_state)
-    runner = AccountedClientSideDP(inner, noise, clip, clients, 1.0, 1e-5)
-    for node in range(1, clients + 1):
-        inner.sent[node] = unpack(pack(global_state, FP16))
+    runner = AccountedClientSideDP(inner, noise, clip, 1e-5)
+    runner.configure_train(1, global_arrays(), ConfigRecord(), NodesGrid(range(1, clients + 1)))
     return runner, inner
 
 
@@ -266,28 +280,73 @@ def test_a_round_with_a_dropped_reply_releases_a_mean_whose_sensitivity_matches_
     assert update_norm(one) <= 0.1 / 3 + 1e-6  # client 1's whole influence: C / n
 
 
-def test_the_accountant_gets_the_runs_rate_and_noise_and_matches_opacus_by_hand(tiny_model_dir):
+def opacus_epsilon(rounds: list[tuple[float, float]], delta: float) -> float:
+    """Epsilon by hand from Opacus's RDP analysis: one subsampled Gaussian step per (q, z)."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
     from opacus.accountants.rdp import RDPAccountant
 
+    alphas = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum(compute_rdp(q=q, noise_multiplier=z, steps=rounds.count((q, z)), orders=alphas) for q, z in set(rounds))
+    return get_privacy_spent(orders=alphas, rdp=rdp, delta=delta)[0]
+
+
+def dp_run(tiny_model_dir, *overrides):
     from fedllm_flwr.privacy.runner import private_runner, private_strategy
 
-    class Grid:
-        def get_node_ids(self):
-            return list(range(1, 11))
-
-    sampling = ["strategy.fraction_train=0.5", "strategy.availability=uniform", "strategy.available_p=0.8"]
     cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=dp", "privacy.noise_multiplier=1.3",
-                    *sampling])  # fmt: skip
-    runner = private_runner(cfg, private_strategy(cfg), len(Grid().get_node_ids()))
-    assert runner.budget.sample_rate == pytest.approx(0.4) and runner.budget.noise_multiplier == 1.3
-    assert runner.num_sampled_clients == 4 and runner.inner.dp_denominator == 4  # q N = 0.4 * 10
-    for _ in range(5):
-        runner.budget.step()
-    alphas = RDPAccountant.DEFAULT_ALPHAS
-    rdp = compute_rdp(q=0.4, noise_multiplier=1.3, steps=5, orders=alphas)
-    expected, _ = get_privacy_spent(orders=alphas, rdp=rdp, delta=cfg.privacy.delta)
-    assert runner.budget.epsilon() == pytest.approx(expected, rel=1e-9)
+                    *overrides])  # fmt: skip
+    return cfg, private_runner(cfg, private_strategy(cfg))
+
+
+def dp_round(runner, grid, server_round):
+    """One round through the DP wrapper: configure it on `grid`, every node sent a message
+    answers (a zero update); the round's metrics row."""
+    messages = list(runner.configure_train(server_round, global_arrays(), ConfigRecord(), grid))
+    zero = {k: np.zeros_like(v) for k, v in adapter().items()}
+    replies = [train_reply(m.metadata.dst_node_id, pack(zero, FP16, relative=True)) for m in messages]
+    runner.aggregate_train(server_round, replies)
+    return messages, runner.inner.ledger.pop(server_round)
+
+
+def test_noise_and_rate_come_from_flowers_real_sample_not_fraction_train(tiny_model_dir):
+    """10 nodes, fraction_train 0.1, min_train_nodes 2: Flower samples max(int(10 * 0.1), 2) = 2,
+    so q = 0.2 and the noise is sized for n = 2 (not q = 0.1 and n = 1)."""
+    from fedllm_flwr.privacy.runner import privacy_summary
+
+    cfg, runner = dp_run(tiny_model_dir, "strategy.fraction_train=0.1", "strategy.min_train_nodes=2")
+    grid = NodesGrid(range(1, 11))
+    for server_round in (1, 2, 3):
+        messages, row = dp_round(runner, grid, server_round)
+        assert len(messages) == 2 and runner.inner.dp_denominator == 2
+        assert row["dp-sample-rate"] == pytest.approx(0.2) and row["dp-clients"] == 2
+        assert row["noise-std"] == pytest.approx(1.3 * cfg.privacy.clipping_norm / 2)
+        assert row["epsilon"] == pytest.approx(opacus_epsilon([(0.2, 1.3)] * server_round, 1e-5), rel=1e-9)
+    summary = privacy_summary(cfg, runner)
+    assert summary["releases"] == 3 and summary["sample-rates"] == pytest.approx([0.2] * 3)
+    assert summary["sampled-clients"] == [2, 2, 2]
+
+
+def test_a_node_joining_between_rounds_changes_the_rate(tiny_model_dir):
+    cfg, runner = dp_run(tiny_model_dir, "strategy.fraction_train=0.5")
+    grid = NodesGrid(range(1, 11))
+    _, first = dp_round(runner, grid, 1)
+    grid.nodes.append(11)  # a late site: Flower samples int(11 * 0.5) = 5 of 11
+    messages, second = dp_round(runner, grid, 2)
+    assert first["dp-sample-rate"] == pytest.approx(0.5) and second["dp-sample-rate"] == pytest.approx(5 / 11)
+    assert len(messages) == second["dp-clients"] == 5
+    assert second["epsilon"] == pytest.approx(opacus_epsilon([(0.5, 1.3), (5 / 11, 1.3)], 1e-5), rel=1e-9)
+
+
+def test_under_uniform_availability_the_rate_is_flowers_times_p_and_the_noise_fits_who_was_sent(tiny_model_dir):
+    random.seed(0)
+    cfg, runner = dp_run(tiny_model_dir, "strategy.fraction_train=0.5", "strategy.availability=uniform",
+                         "strategy.available_p=0.8")  # fmt: skip
+    messages, row = dp_round(runner, NodesGrid(range(1, 11)), 1)
+    n = len(messages)  # the sampled 5 that were available
+    assert 0 < n <= 5 and row["dp-clients"] == n == runner.inner.dp_denominator
+    assert row["dp-sample-rate"] == pytest.approx(0.5 * 0.8)
+    assert row["noise-std"] == pytest.approx(1.3 * cfg.privacy.clipping_norm / n)
+    assert row["epsilon"] == pytest.approx(opacus_epsilon([(0.4, 1.3)], 1e-5), rel=1e-9)
 
 
 def test_secure_aggregation_refuses_a_weight_above_max_weight(tiny_model_dir):

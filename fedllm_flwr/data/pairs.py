@@ -1,5 +1,9 @@
 """Preference pairs (task=reward, task=dpo): a prompt with a chosen and a rejected
-response, tokenized as prompt + response on each side, and batched side by side."""
+response, tokenized as prompt + response + EOS on each side, and batched side by side.
+
+EOS closes both responses as in TRL's DPOTrainer and RewardTrainer (which append it
+to the text unless it already ends with it): a DPO policy learns where a preferred
+answer stops, and a reward model scores the finished response."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from fedllm_flwr.data.prompts import IGNORE_INDEX, bos_ids, format_prompt
 
 
 class Pair(NamedTuple):
-    """Token ids of prompt + chosen and of prompt + rejected, and the prompt's length."""
+    """Token ids of prompt + chosen + EOS and of prompt + rejected + EOS, and the prompt's length."""
 
     chosen: list[int]
     rejected: list[int]
@@ -19,15 +23,19 @@ class Pair(NamedTuple):
 
 
 def tokenize_pair(record: dict[str, str], tokenizer, max_seq_len: int, bos: list[int]) -> Pair | None:
-    """Both sides of a pair as prompt + response, cut to `max_seq_len`; None (the
-    record is dropped and counted) when the cut leaves the two identical (nothing
-    tells them apart: identical texts, or a prompt that fills `max_seq_len`) or
-    leaves a side no response token (an empty response)."""
+    """Both sides of a pair as prompt + response + EOS (one EOS: none is added to a
+    response that ends with it), cut to `max_seq_len`; None (the record is dropped
+    and counted) for an empty response, or when the cut leaves the two identical
+    (nothing tells them apart: identical texts, or a prompt that fills
+    `max_seq_len`) or leaves a side no response token."""
     prompt = record.get("instruction", "")
     head = bos + (tokenizer.encode(format_prompt(prompt, record.get("input", "")), add_special_tokens=False)
                   if prompt else [])  # fmt: skip
-    sides = [(head + tokenizer.encode(record[key], add_special_tokens=False))[:max_seq_len]
-             for key in ("chosen", "rejected")]  # fmt: skip
+    eos = tokenizer.eos_token_id
+    responses = [tokenizer.encode(record[key], add_special_tokens=False) for key in ("chosen", "rejected")]
+    if not all(responses):
+        return None
+    sides = [(head + r + ([] if r[-1] == eos else [eos]))[:max_seq_len] for r in responses]
     if sides[0] == sides[1] or min(len(side) for side in sides) <= len(head):
         return None
     return Pair(sides[0], sides[1], len(head))

@@ -18,21 +18,22 @@ def private_strategy(cfg: Config) -> AdapterFedAvg:
     return secagg_strategy(cfg) if cfg.privacy.name == "secagg" else build_strategy(cfg)
 
 
-def private_runner(cfg: Config, strategy: AdapterFedAvg, population: int):
+def private_runner(cfg: Config, strategy: AdapterFedAvg):
     """What runs the rounds: `strategy`, or under privacy=dp Flower's DP wrapper around it
-    (noise for the expected number of sampled clients, n = q N, of `population` nodes)."""
+    (its noise, denominator and sampling rate taken from each round's real sample)."""
     if cfg.privacy.name != "dp":
         return strategy
     p, s = cfg.privacy, cfg.strategy
-    rate = s.fraction_train * (s.available_p if s.availability == "uniform" else 1.0)
-    sampled = max(1, round(rate * population))
-    log(INFO, "[fedllm-flwr] privacy=dp: clip %g, noise multiplier %g, %s of %s clients a round (q=%.3f), delta %g",
-        p.clipping_norm, p.noise_multiplier, sampled, population, rate, p.delta)  # fmt: skip
-    return AccountedClientSideDP(strategy, p.noise_multiplier, p.clipping_norm, sampled, rate, p.delta)
+    available_p = s.available_p if s.availability == "uniform" else 1.0
+    log(INFO, "[fedllm-flwr] privacy=dp: clip %g, noise multiplier %g, delta %g; n and q from each round's sample "
+        "(fraction_train %g, min_train_nodes %s, available_p %g)", p.clipping_norm, p.noise_multiplier, p.delta,
+        s.fraction_train, s.min_train_nodes, available_p)  # fmt: skip
+    return AccountedClientSideDP(strategy, p.noise_multiplier, p.clipping_norm, p.delta, available_p)
 
 
 def privacy_summary(cfg: Config, runner) -> dict | None:  # noqa: ANN001 - a strategy or its DP wrapper
-    """What summary.json reports about privacy: the mode, and under dp the budget spent."""
+    """What summary.json reports about privacy: the mode, and under dp the budget spent
+    with the sampling rate q and the client count n of each release."""
     if cfg.privacy.name == "none":
         return None
     out: dict[str, Any] = {"name": cfg.privacy.name}
@@ -40,5 +41,6 @@ def privacy_summary(cfg: Config, runner) -> dict | None:  # noqa: ANN001 - a str
         budget = runner.budget
         out.update({"epsilon": budget.epsilon(), "delta": budget.delta, "releases": budget.rounds,
                     "noise-multiplier": budget.noise_multiplier, "clipping-norm": cfg.privacy.clipping_norm,
-                    "sample-rate": budget.sample_rate, "sampled-clients": runner.num_sampled_clients})  # fmt: skip
+                    "sample-rates": list(budget.sample_rates),
+                    "sampled-clients": list(runner.released_clients)})  # fmt: skip
     return out

@@ -25,7 +25,7 @@ from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator, generation_records
 from fedllm_flwr.server.fedot import offsite_summary, prepare_fedot
-from fedllm_flwr.server.nodes import connected_nodes, discover_nodes, example_limits
+from fedllm_flwr.server.nodes import discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
 from fedllm_flwr.server.ranks import node_ranks
 from fedllm_flwr.server.resume import resume_run
@@ -112,7 +112,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
                 return None  # a resumed run: round `done` was evaluated and logged already
             return evaluator(server_round + done, arrays)
 
-        runner = private_runner(cfg, strategy, len(connected_nodes(grid, cfg)) if cfg.privacy.name == "dp" else 0)
+        runner = private_runner(cfg, strategy)
         if warm_ups:
             await_warm_up(grid, list(warm_ups), cfg.strategy.round_timeout)
         about = {"scenario": cfg.scenario.name, "method": cfg.peft.method, "seed": cfg.seed,

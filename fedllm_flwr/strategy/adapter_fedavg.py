@@ -61,6 +61,23 @@ def weighted_mean(states: list[dict[str, np.ndarray]], weights: list[float]) -> 
     return out
 
 
+class ListedNodes:
+    """`grid`, remembering the node ids it listed last: FedAvg's `sample_nodes` waits
+    until enough nodes are connected and draws its sample from the last list it read,
+    so this is the population of the round's sample (late joiners included)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.nodes: list[int] = []
+
+    def get_node_ids(self) -> list[int]:
+        self.nodes = list(self._grid.get_node_ids())
+        return self.nodes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class AdapterFedAvg(FedAvg):
     """FedAvg that exchanges only adapter weights and never averages in a bad reply."""
 
@@ -86,10 +103,15 @@ class AdapterFedAvg(FedAvg):
         enforces it on the decoded update (codec rounding may add a hair) and
         refuses replies that are not updates."""
         self.dp_denominator: int | None = None
-        """privacy=dp: the new adapter is the one sent plus the sum of the clipped
-        updates over this fixed count (the clients expected per round), not over
-        the replies that arrived: one client moves it by at most clip_norm / n,
-        the sensitivity the noise is sized for, however many replies were dropped."""
+        """privacy=dp: the number of clients sent a training message this round (set
+        by `configure_train`). The new adapter is the one sent plus the sum of the
+        clipped updates over this count, not over the replies that arrived: one
+        client moves it by at most clip_norm / n, the sensitivity the noise is sized
+        for, however many replies were dropped."""
+        self.drawn: tuple[int, int] = (0, 0)
+        """Flower's sample in the latest `configure_train`: (nodes it sampled, nodes
+        connected that it sampled them from), before availability; privacy=dp's
+        sampling rate is their ratio."""
         self._norms: list[float] = []
         self._reclipped = 0
         self.ledger = RoundLedger()
@@ -218,9 +240,14 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         server_round += self.round_offset
         self._expected = manifest_of(arrays)
-        sampled = self.select_train(server_round, list(super().configure_train(server_round, arrays, config, grid)))
+        listed = ListedNodes(grid)
+        offered = list(super().configure_train(server_round, arrays, config, listed))
+        self.drawn = (len(offered), len(listed.nodes))
+        sampled = self.select_train(server_round, offered)
         self.sent, self._expected_by_node = {}, {}
         messages = self._wire(arrays, sampled, remember=True)
+        if self.clip_norm is not None:
+            self.dp_denominator = len(messages)
         self.ledger.add(server_round, "bytes-down", sum(message_bytes(m) for m in messages))
         self.ledger.set(server_round, "clients-sampled", len(messages))
         self.sampled[server_round] = {m.metadata.dst_node_id for m in messages}
