@@ -1,10 +1,11 @@
 """FedAvg for LoRA adapters of unequal ranks: each site trains at its own rank.
 
 The global adapter has the largest rank R (the server learns every node's rank
-before round 1, see `fedllm_flwr.server.ranks`). Each node is sent the global
-adapter truncated to its rank (A's first r rows, B's first r columns) and replies
-with an update of that shape, which is validated against what it was sent. The
-strategies differ in how they combine the replies into a new rank-R adapter:
+before round 1, see `fedllm_flwr.server.ranks`, and asks a node that connects
+later before its first message). Each node is sent the global adapter truncated
+to its rank (A's first r rows, B's first r columns) and replies with an update of
+that shape, which is validated against what it was sent. The strategies differ in
+how they combine the replies into a new rank-R adapter:
 
 - `ZeroPadding` (HetLoRA, Cho et al. 2024): each client's A and B zero-padded to R,
   then the usual weighted mean. Rows a small-rank client does not hold are averaged
@@ -22,11 +23,13 @@ them scale B A alike and the factors combine as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, weighted_mean
@@ -41,17 +44,27 @@ from fedllm_flwr.strategy.lora_products import (
 )
 from fedllm_flwr.strategy.replies import ValidReply
 
+AskRanks = Callable[[list[int]], dict[int, int | str]]
+"""Asks nodes for their LoRA rank: node id -> its rank, or why it cannot train here
+(`fedllm_flwr.server.ranks.RankQuery`)."""
+
 
 class RankedLoRA(AdapterFedAvg):
     """Sends each node the global adapter at its own rank; `merge` makes the new one."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, ranks: Mapping[int, int] | None = None, ask_ranks: AskRanks | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.ranks: dict[int, int] = {}
-        """Node id -> its LoRA rank (a node not listed gets the global rank R)."""
+        self.ranks: dict[int, int] = dict(ranks or {})
+        """Node id -> its LoRA rank, learned before round 1 or asked since."""
+        self.ask_ranks = ask_ranks
+        """Asks a node not in `ranks` before it is sent anything; a node it cannot
+        give a rank for is left out of that message's round. None (tests): such a
+        node is sent the global rank R."""
         self.current: dict[str, np.ndarray] = {}
         """The global adapter this round started from (rank R)."""
-        self._by_rank: dict[tuple[int, int], ArrayRecord] = {}
+        self._by_rank: dict[int, ArrayRecord] = {}
+        """One truncation per rank, shared by its nodes, of the adapter whose content is `_source`."""
+        self._source = ""
 
     @property
     def global_rank(self) -> int:
@@ -62,11 +75,28 @@ class RankedLoRA(AdapterFedAvg):
         rank = self.ranks.get(node_id, full)
         if rank == full:
             return global_arrays
-        key = (id(global_arrays), rank)  # one truncation per rank, shared by its nodes
-        if key not in self._by_rank:
-            self._by_rank = {k: v for k, v in self._by_rank.items() if k[0] == id(global_arrays)}
-            self._by_rank[key] = to_arrays(at_rank({k: v.numpy() for k, v in global_arrays.items()}, rank))
-        return self._by_rank[key]
+        # Keyed by content: Flower's object_id, a hash of the record computed once and
+        # cached on it. An id() is given to the next record once this one is freed,
+        # and would serve an older adapter's truncation.
+        if global_arrays.object_id != self._source:
+            self._by_rank, self._source = {}, global_arrays.object_id
+        if rank not in self._by_rank:
+            self._by_rank[rank] = to_arrays(at_rank({k: v.numpy() for k, v in global_arrays.items()}, rank))
+        return self._by_rank[rank]
+
+    def _wire(self, arrays: ArrayRecord, messages: Iterable[Message], remember: bool = False) -> list[Message]:
+        """Every message for a node of a known rank (asking the others first); a node
+        with no rank that can be served is left out, with the reason logged."""
+        messages = list(messages)
+        unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.ranks]
+        if unknown and self.ask_ranks is not None:
+            for node, answer in sorted(self.ask_ranks(unknown).items()):
+                if isinstance(answer, str):
+                    log(WARNING, "[fedllm-flwr] node %s left out of this round: %s", node, answer)
+                else:
+                    self.ranks[node] = answer
+            messages = [m for m in messages if m.metadata.dst_node_id in self.ranks]
+        return super()._wire(arrays, messages, remember)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
