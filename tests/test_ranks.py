@@ -72,26 +72,49 @@ def _send(strategy, global_state: dict[str, np.ndarray], nodes: list[int]) -> di
     return strategy.sent
 
 
-def test_zero_padding_by_hand_and_a_reply_of_the_wrong_rank_is_dropped(task_identity):
+A1, B1 = "layers.1.q_proj.lora_A.weight", "layers.1.q_proj.lora_B.weight"
+
+
+def test_zero_padding_is_hetloras_sparsity_weighted_mean_by_hand(task_identity):
     strategy = ZeroPadding(ranks={1: 1, 2: 2}, down=None, up=None)
-    start = lora(np.arange(6).reshape(2, 3) / 10, np.zeros((2, 2)))
+    start = lora(np.arange(6).reshape(2, 3) / 10, np.zeros((2, 2)), **{A1: np.ones((2, 3)), B1: np.zeros((2, 2))})
     sent = _send(strategy, start, [1, 2])
     assert sent[1][A].shape == (1, 3) and sent[2][A].shape == (2, 3)
-    one = lora([[1.0, 0, 0]], [[2.0], [0]])
-    two = lora([[0, 1.0, 0], [0, 0, 1.0]], [[0, 1.0], [1.0, 0]])
+    one = lora([[1.0, 0, 0]], [[2.0], [0]], **{A1: [[1.0, 0, 0]], B1: [[0.0], [0]]})
+    two = lora(
+        [[0, 1.0, 0], [0, 0, 1.0]], [[0, 1.0], [1.0, 0]], **{A1: [[0, 1.0, 0], [0, 0, 1.0]], B1: np.zeros((2, 2))}
+    )
     arrays, _ = strategy.aggregate_train(1, [_reply(1, one, 30), _reply(2, two, 10)])
     out = {k: v.numpy() for k, v in arrays.items()}
-    # Padded: node 1's A row 2 and B column 2 are zeros; weights 3/4 and 1/4.
-    np.testing.assert_allclose(out[A], [[0.75, 0.25, 0], [0, 0, 0.25]], atol=1e-7)
-    np.testing.assert_allclose(out[B], [[1.5, 0.25], [0.25, 0]], atol=1e-7)
+    # ||B_1 A_1||_F = 2 and ||B_2 A_2||_F = sqrt(2), whatever the example counts (30, 10):
+    # weights 2 / (2 + sqrt 2) = 2 - sqrt 2 and sqrt 2 - 1; node 1 padded with zeros.
+    w1, w2 = 2 - np.sqrt(2), np.sqrt(2) - 1
+    np.testing.assert_allclose(out[A], [[w1, w2, 0], [0, 0, w2]], atol=1e-7)
+    np.testing.assert_allclose(out[B], [[2 * w1, w2], [w2, 0]], atol=1e-7)
+    # Per module: in layer 1 both products are zero, so the example weights 3/4 and 1/4 apply.
+    np.testing.assert_allclose(out[A1], [[0.75, 0.25, 0], [0, 0, 0.25]], atol=1e-7)
     error = strategy.ledger.pop(1)["lora-aggregation-error"]
-    meant = 0.75 * one[B] @ one[A] + 0.25 * padded(two, 2)[B] @ two[A]
+    meant = w1 * one[B] @ one[A] + w2 * two[B] @ two[A]
     assert error == pytest.approx(np.linalg.norm(meant - out[B] @ out[A]) / np.linalg.norm(meant), rel=1e-5)
 
     _send(strategy, out, [1, 2])
     arrays, _ = strategy.aggregate_train(2, [_reply(1, two, 30), _reply(2, two, 10)])  # node 1 sends rank 2
     assert strategy.ledger.pop(2)["clients-dropped"] == 1
     np.testing.assert_allclose(arrays[A].numpy(), two[A], atol=1e-3)  # only node 2's reply counted
+
+
+def test_zero_padding_keeps_a_rank_slot_no_reply_holds(task_identity):
+    # The rank-2 site fails this round: slot 1 would average zeros alone, A[1] = B[:, 1] = 0,
+    # and its gradient would stay 0 in every later round. It keeps the global adapter's values.
+    strategy = ZeroPadding(ranks={1: 1, 2: 2}, down=None, up=None)
+    start = lora([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], [[0.5, -0.5], [0.25, 0.75]])
+    _send(strategy, start, [1, 2])
+    one = lora([[1.0, 0, 0]], [[2.0], [1.0]])
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, one, 30)])
+    out = {k: v.numpy() for k, v in arrays.items()}
+    np.testing.assert_allclose(out[A][0], one[A][0], atol=1e-3)  # fp16 on the wire
+    np.testing.assert_array_equal(out[A][1], start[A][1])
+    np.testing.assert_array_equal(out[B][:, 1], start[B][:, 1])
 
 
 def test_svd_redistribution_is_the_truncated_sum_and_keeps_unused_directions_trainable(task_identity):

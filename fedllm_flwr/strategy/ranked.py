@@ -8,8 +8,10 @@ that shape, which is validated against what it was sent. The strategies differ i
 how they combine the replies into a new rank-R adapter:
 
 - `ZeroPadding` (HetLoRA, Cho et al. 2024): each client's A and B zero-padded to R,
-  then the usual weighted mean. Rows a small-rank client does not hold are averaged
-  with its zeros, so they shrink towards zero as it takes part.
+  then averaged per LoRA module with HetLoRA's sparsity weights ||B_k A_k||_F / Z
+  (Z their sum over the round's clients; example counts do not enter). Rows a
+  small-rank client does not hold are averaged with its zeros, so they shrink
+  towards zero as it takes part; rows no reply holds keep their values.
 - `Stacking` (FLoRA, in `stacking.py`): exact, by stacking the factors; its own module.
 - `SvdRedistribution` (FlexLoRA, Bai et al. 2024): the weighted sum of the clients'
   products sum_k p_k B_k A_k per module, split by a truncated SVD into rank-R factors;
@@ -35,11 +37,11 @@ from flwr.serverapp import Grid
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, weighted_mean
 from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.lora_products import (
-    aggregation_error,
     at_rank,
     multiplying_pairs,
-    padded,
     product_factors,
+    product_gap,
+    product_norms,
     rank_of,
 )
 from fedllm_flwr.strategy.replies import ValidReply
@@ -121,11 +123,41 @@ class RankedLoRA(AdapterFedAvg):
 
 
 class ZeroPadding(RankedLoRA):
-    """HetLoRA's aggregation: zero-pad to rank R, weighted mean, truncate on the way down."""
+    """HetLoRA's aggregation: zero-pad to rank R, sparsity-weighted mean, truncate on the way down.
+
+    Per LoRA module, client k's weight is ||B_k A_k||_F / sum_j ||B_j A_j||_F (Cho et
+    al. 2024, "sparsity-weighted aggregation"): a client whose update moved the
+    module more counts more, whatever its example count; a module whose products
+    are all zero falls back to the example weights. Other tensors (DoRA's
+    magnitudes) take the example-weighted mean. A rank slot j no reply holds (the
+    rank-R sites failed, timed out or were not sampled) keeps the previous A[j] and
+    B[:, j]: averaged with zeros alone it would be 0 in both, and B A's gradient
+    with respect to either is then 0 for good. `lora-aggregation-error` compares
+    the new B A with sum_k w_k B_k A_k under the same weights."""
 
     def merge(self, states, weights, rank):
-        full = [padded(s, rank) for s in states]
-        return weighted_mean(full, list(weights)), aggregation_error(full, list(weights))
+        pairs = multiplying_pairs(states[0])
+        factored = {key for pair in pairs for key in pair}
+        rest = [{k: v for k, v in s.items() if k not in factored} for s in states]
+        out = weighted_mean(rest, list(weights)) if rest[0] else {}
+        total = lost = 0.0
+        for a_key, b_key in pairs:
+            a_list = [np.asarray(s[a_key], np.float64) for s in states]
+            b_list = [np.asarray(s[b_key], np.float64) for s in states]
+            norms = product_norms(a_list, b_list)
+            w = norms / norms.sum() if norms.sum() > 0 else np.asarray(weights, np.float64)
+            a = np.zeros((rank, a_list[0].shape[1]))
+            b = np.zeros((b_list[0].shape[0], rank))
+            for wk, ak, bk in zip(w, a_list, b_list, strict=True):  # zero-padded: only the first r_k slots
+                a[: ak.shape[0]] += wk * ak
+                b[:, : bk.shape[1]] += wk * bk
+            held = max(ak.shape[0] for ak in a_list)
+            if held < rank and a_key in self.current:
+                a[held:], b[:, held:] = self.current[a_key][held:rank], self.current[b_key][:, held:rank]
+            gap, norm = product_gap(a_list, b_list, w, a, b)
+            out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
+            total, lost = total + norm, lost + gap
+        return out, math.sqrt(lost / total) if total > 0 else 0.0
 
 
 class SvdRedistribution(RankedLoRA):
