@@ -2,11 +2,13 @@
 
 One function builds the PEFT model for the server and for every client
 (`build_model`), so the adapter keys and shapes cannot drift apart. The frozen
-base model is loaded once per process and reused across rounds and clients.
+base model is loaded once per process and reused across rounds, clients and
+the LoRA ranks of sites that differ only in their adapter.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -201,9 +203,26 @@ class ModelBundle:
         return full
 
 
-# get_peft_model injects layers into the base in place, so each bundle owns its
-# own base model; a process normally holds exactly one bundle.
+_BASES: dict[tuple, torch.nn.Module] = {}
+"""Loaded base models, never wrapped: each bundle wraps a `sharing_copy` of one."""
 _BUNDLES: dict[tuple, ModelBundle] = {}
+
+
+def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model`'s module tree that holds `model`'s own parameters and buffers:
+    no weight is copied. get_peft_model injects its layers into the copy in place and
+    leaves `model`, and every other copy, as they are.
+
+    Each tensor is its own copy in deepcopy's memo, so only the modules (and small
+    objects such as the config) are new; a tied weight stays tied (one tensor, two
+    names), and a quantized weight keeps its quantization state (attributes of the
+    same parameter object)."""
+    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in model.named_buffers(remove_duplicate=False)]
+    # A quantized weight's own tensors (bitsandbytes' int8 CB and SCB), which its
+    # layer's state may also point to.
+    tensors += [v for t in tensors for v in vars(t).values() if isinstance(v, torch.Tensor)]
+    return copy.deepcopy(model, memo={id(t): t for t in tensors})
 
 
 def build_model(
@@ -218,20 +237,30 @@ def build_model(
 
     The adapter is initialised from `seed`, so the server's initial adapter is
     reproducible; clients overwrite it with the state the server sends. Every
-    caller shares one model per configuration; an `owner` (a client, under
-    `model.share_base=false`) gets a model of its own. `task` is `lm` or `dpo` (a causal
-    LM) or `reward` (a sequence scorer whose head trains with the adapter).
+    caller shares one model per configuration, and models that differ only in
+    their adapter (sites of unequal LoRA ranks served by one worker) share one
+    frozen base: each is a `sharing_copy` of the loaded base, so a 7B base is held
+    once however many ranks a worker serves. An `owner` (a client, under
+    `model.share_base=false`) gets a base and a model of its own. `task` is `lm` or
+    `dpo` (a causal LM) or `reward` (a sequence scorer whose head trains with the
+    adapter).
+
+    The frozen weights are shared, so nothing may change them in place but
+    zo.params=full, which runs one adapter configuration per process.
     """
     device = default_device()
     dtype = resolve_dtype(precision, device)
     base_path = resolve_model(model_cfg)
-    key = (base_path, dtype, str(device), model_cfg.quantization, repr(adapter_cfg), seed, owner, task)
+    base_key = (base_path, dtype, str(device), model_cfg.quantization, seed, owner, task)
+    key = (*base_key, repr(adapter_cfg))
     if key not in _BUNDLES:
         tokenizer = load_tokenizer(base_path)
-        torch.manual_seed(seed)  # a reward model's new head is drawn here
-        base = load_base_model(base_path, dtype, device, model_cfg.quantization, task)
-        if task == "reward":  # the head reads the last token that is not padding
-            base.config.pad_token_id = tokenizer.pad_token_id
+        if base_key not in _BASES:
+            torch.manual_seed(seed)  # a reward model's new head is drawn here
+            _BASES[base_key] = load_base_model(base_path, dtype, device, model_cfg.quantization, task)
+            if task == "reward":  # the head reads the last token that is not padding
+                _BASES[base_key].config.pad_token_id = tokenizer.pad_token_id
+        base = sharing_copy(_BASES[base_key])
         if adapter_cfg.method in TARGETED_METHODS:
             _check_targets(base, adapter_cfg)
         torch.manual_seed(seed)
@@ -303,4 +332,5 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def clear_model_cache() -> None:
     """Forget cached models and tokenizers (tests; a process switching models)."""
     _BUNDLES.clear()
+    _BASES.clear()
     _TOKENIZERS.clear()

@@ -60,3 +60,25 @@ def test_fedavg_logs_the_error_each_round_and_secagg_does_not(task_identity):
     strategy.sees_clients = False  # SecAgg+: the server holds one sum, no client's product
     strategy.aggregate_train(2, [reply(1, one), reply(2, two)])
     assert "lora-aggregation-error" not in strategy.ledger.pop(2)
+
+
+def test_the_factored_gap_equals_the_dense_one_for_factors_of_unequal_ranks():
+    rng = np.random.default_rng(3)
+    out_features, in_features, ranks, p = 7, 11, [1, 3, 2], np.array([0.5, 0.2, 0.3])
+    a = [rng.normal(size=(r, in_features)) for r in ranks]
+    b = [rng.normal(size=(out_features, r)) for r in ranks]
+    meant = sum(pk * bk @ ak for pk, ak, bk in zip(p, a, b, strict=True))
+    # The whole metric, clients of unequal ranks: the mean of the factors zero-padded to rank 3.
+    states = [module(ak, bk) for ak, bk in zip(a, b, strict=True)]
+    a_avg = sum(pk * np.pad(ak, ((0, 3 - ak.shape[0]), (0, 0))) for pk, ak in zip(p, a, strict=True))
+    b_avg = sum(pk * np.pad(bk, ((0, 0), (0, 3 - bk.shape[1]))) for pk, bk in zip(p, b, strict=True))
+    dense = np.linalg.norm(meant - b_avg @ a_avg) / np.linalg.norm(meant)
+    assert aggregation_error(states, list(p * 10)) == pytest.approx(dense, rel=1e-5)  # fp32 states
+
+    from fedllm_flwr.strategy.lora_products import product_gap, product_norms
+
+    a_got, b_got = rng.normal(size=(4, in_features)), rng.normal(size=(out_features, 4))
+    lost, total = product_gap(a, b, p, a_got, b_got)
+    assert lost == pytest.approx(np.square(meant - b_got @ a_got).sum(), rel=1e-10)
+    assert total == pytest.approx(np.square(meant).sum(), rel=1e-10)
+    np.testing.assert_allclose(product_norms(a, b), [np.linalg.norm(bk @ ak) for ak, bk in zip(a, b, strict=True)])

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -143,3 +145,60 @@ def test_auto_precision_takes_bf16_only_on_gpus_that_compute_in_it(monkeypatch, 
     )
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
     assert resolve_dtype("auto", torch.device("cuda")) == expected
+
+
+def _base_tensors(bundle) -> dict[str, torch.Tensor]:
+    """Every frozen parameter and every buffer of a bundle's model, by name."""
+    model = bundle.model
+    frozen = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return frozen | dict(model.named_buffers(remove_duplicate=False))
+
+
+def test_sites_of_unequal_ranks_share_one_base_and_train_as_if_alone(tiny_cfg):
+    """model.share_base: a worker serving sites of ranks 2 and 4 holds one frozen base
+    (a 7B base per rank would not fit), and each site's numbers are those of a model
+    built for it alone."""
+    from fedllm_flwr.client import local_evaluate, local_train
+
+    cfg = tiny_cfg()
+    sites = {rank: dataclasses.replace(cfg, peft=cfg.peft.at_rank(rank)) for rank in (2, 4)}
+
+    def bundle_of(rank):
+        site = sites[rank]
+        return build_model(site.model, site.peft, site.train.precision, site.seed)
+
+    def train(rank):
+        state, metrics = local_train(sites[rank], bundle_of(rank).initial, 1, rank // 2 - 1, 2)
+        return state, metrics["train-loss"]
+
+    def evaluate(rank, state):
+        return local_evaluate(sites[rank], state, rank // 2 - 1, 2)["eval-loss"]
+
+    clear_model_cache()
+    low, high = bundle_of(2), bundle_of(4)
+    assert low is not high and low.model is not high.model
+    low_base, high_base = _base_tensors(low), _base_tensors(high)
+    assert set(low_base) == set(high_base) and len(low_base) > 10
+    assert all(low_base[n].data_ptr() == high_base[n].data_ptr() for n in low_base)
+    assert {tuple(v.shape) for k, v in low.initial.items() if "lora_A" in k} == {(2, 32)}
+    assert {tuple(v.shape) for k, v in high.initial.items() if "lora_A" in k} == {(4, 32)}
+    # Interleaved in one process: rank 2 trains, rank 4 trains, rank 2 is evaluated after it.
+    low_state, low_loss = train(2)
+    high_state, high_loss = train(4)
+    together = (low_loss, evaluate(2, low_state), high_loss, evaluate(4, high_state))
+    alone = []
+    for rank in (2, 4):
+        clear_model_cache()
+        state, loss = train(rank)
+        alone += [loss, evaluate(rank, state)]
+        trained = low_state if rank == 2 else high_state
+        assert all(torch.equal(state[k], trained[k]) for k in state)
+    assert together == tuple(alone)
+
+
+def test_share_base_false_keeps_a_model_per_client(tiny_cfg):
+    cfg = tiny_cfg()
+    clear_model_cache()
+    one, two = (build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner) for owner in (0, 1))
+    first, second = _base_tensors(one), _base_tensors(two)
+    assert not any(first[n].data_ptr() == second[n].data_ptr() for n in first if first[n].numel())

@@ -62,44 +62,66 @@ def _reply(node: int, state: dict[str, np.ndarray], n: int) -> Message:
     return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN))
 
 
-def _send(strategy, global_state: dict[str, np.ndarray], ranks: dict[int, int]) -> dict[int, dict[str, np.ndarray]]:
+def _send(strategy, global_state: dict[str, np.ndarray], nodes: list[int]) -> dict[int, dict[str, np.ndarray]]:
     """Configure a round by hand: what each node is sent (as it decodes it)."""
-    strategy.ranks = ranks
     arrays = ArrayRecord({k: Array(v) for k, v in global_state.items()})
     strategy.current = {k: v.copy() for k, v in global_state.items()}
     strategy._expected = [(k, v.shape) for k, v in global_state.items()]
-    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in ranks]
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
     strategy._wire(arrays, messages, remember=True)
     return strategy.sent
 
 
-def test_zero_padding_by_hand_and_a_reply_of_the_wrong_rank_is_dropped(task_identity):
-    strategy = ZeroPadding(down=None, up=None)
-    start = lora(np.arange(6).reshape(2, 3) / 10, np.zeros((2, 2)))
-    sent = _send(strategy, start, {1: 1, 2: 2})
+A1, B1 = "layers.1.q_proj.lora_A.weight", "layers.1.q_proj.lora_B.weight"
+
+
+def test_zero_padding_is_hetloras_sparsity_weighted_mean_by_hand(task_identity):
+    strategy = ZeroPadding(ranks={1: 1, 2: 2}, down=None, up=None)
+    start = lora(np.arange(6).reshape(2, 3) / 10, np.zeros((2, 2)), **{A1: np.ones((2, 3)), B1: np.zeros((2, 2))})
+    sent = _send(strategy, start, [1, 2])
     assert sent[1][A].shape == (1, 3) and sent[2][A].shape == (2, 3)
-    one = lora([[1.0, 0, 0]], [[2.0], [0]])
-    two = lora([[0, 1.0, 0], [0, 0, 1.0]], [[0, 1.0], [1.0, 0]])
+    one = lora([[1.0, 0, 0]], [[2.0], [0]], **{A1: [[1.0, 0, 0]], B1: [[0.0], [0]]})
+    two = lora(
+        [[0, 1.0, 0], [0, 0, 1.0]], [[0, 1.0], [1.0, 0]], **{A1: [[0, 1.0, 0], [0, 0, 1.0]], B1: np.zeros((2, 2))}
+    )
     arrays, _ = strategy.aggregate_train(1, [_reply(1, one, 30), _reply(2, two, 10)])
     out = {k: v.numpy() for k, v in arrays.items()}
-    # Padded: node 1's A row 2 and B column 2 are zeros; weights 3/4 and 1/4.
-    np.testing.assert_allclose(out[A], [[0.75, 0.25, 0], [0, 0, 0.25]], atol=1e-7)
-    np.testing.assert_allclose(out[B], [[1.5, 0.25], [0.25, 0]], atol=1e-7)
+    # ||B_1 A_1||_F = 2 and ||B_2 A_2||_F = sqrt(2), whatever the example counts (30, 10):
+    # weights 2 / (2 + sqrt 2) = 2 - sqrt 2 and sqrt 2 - 1; node 1 padded with zeros.
+    w1, w2 = 2 - np.sqrt(2), np.sqrt(2) - 1
+    np.testing.assert_allclose(out[A], [[w1, w2, 0], [0, 0, w2]], atol=1e-7)
+    np.testing.assert_allclose(out[B], [[2 * w1, w2], [w2, 0]], atol=1e-7)
+    # Per module: in layer 1 both products are zero, so the example weights 3/4 and 1/4 apply.
+    np.testing.assert_allclose(out[A1], [[0.75, 0.25, 0], [0, 0, 0.25]], atol=1e-7)
     error = strategy.ledger.pop(1)["lora-aggregation-error"]
-    meant = 0.75 * one[B] @ one[A] + 0.25 * padded(two, 2)[B] @ two[A]
+    meant = w1 * one[B] @ one[A] + w2 * two[B] @ two[A]
     assert error == pytest.approx(np.linalg.norm(meant - out[B] @ out[A]) / np.linalg.norm(meant), rel=1e-5)
 
-    _send(strategy, out, {1: 1, 2: 2})
+    _send(strategy, out, [1, 2])
     arrays, _ = strategy.aggregate_train(2, [_reply(1, two, 30), _reply(2, two, 10)])  # node 1 sends rank 2
     assert strategy.ledger.pop(2)["clients-dropped"] == 1
     np.testing.assert_allclose(arrays[A].numpy(), two[A], atol=1e-3)  # only node 2's reply counted
 
 
+def test_zero_padding_keeps_a_rank_slot_no_reply_holds(task_identity):
+    # The rank-2 site fails this round: slot 1 would average zeros alone, A[1] = B[:, 1] = 0,
+    # and its gradient would stay 0 in every later round. It keeps the global adapter's values.
+    strategy = ZeroPadding(ranks={1: 1, 2: 2}, down=None, up=None)
+    start = lora([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], [[0.5, -0.5], [0.25, 0.75]])
+    _send(strategy, start, [1, 2])
+    one = lora([[1.0, 0, 0]], [[2.0], [1.0]])
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, one, 30)])
+    out = {k: v.numpy() for k, v in arrays.items()}
+    np.testing.assert_allclose(out[A][0], one[A][0], atol=1e-3)  # fp16 on the wire
+    np.testing.assert_array_equal(out[A][1], start[A][1])
+    np.testing.assert_array_equal(out[B][:, 1], start[B][:, 1])
+
+
 def test_svd_redistribution_is_the_truncated_sum_and_keeps_unused_directions_trainable(task_identity):
-    strategy = SvdRedistribution(down=None, up=None)
+    strategy = SvdRedistribution(ranks={1: 1, 2: 1}, down=None, up=None)
     rng = np.random.default_rng(2)
     start = lora(rng.normal(size=(3, 5)), np.zeros((4, 3)))
-    _send(strategy, start, {1: 1, 2: 1})
+    _send(strategy, start, [1, 2])
     one = lora(rng.normal(size=(1, 5)), rng.normal(size=(4, 1)))
     two = lora(rng.normal(size=(1, 5)), rng.normal(size=(4, 1)))
     arrays, _ = strategy.aggregate_train(1, [_reply(1, one, 10), _reply(2, two, 30)])
@@ -113,8 +135,8 @@ def test_svd_redistribution_is_the_truncated_sum_and_keeps_unused_directions_tra
     np.testing.assert_array_equal(out[A][2], start[A][2])
 
     # Three directions into rank 2: the figure is what the truncation dropped.
-    strategy = SvdRedistribution(down=None, up=None)
-    _send(strategy, at_rank(start, 2), {1: 2, 2: 1})
+    strategy = SvdRedistribution(ranks={1: 2, 2: 1}, down=None, up=None)
+    _send(strategy, at_rank(start, 2), [1, 2])
     wide = lora(rng.normal(size=(2, 5)), rng.normal(size=(4, 2)))
     strategy.aggregate_train(1, [_reply(1, wide, 10), _reply(2, one, 10)])
     total, best = dense_truncation([wide[B] @ wide[A], one[B] @ one[A]], [0.5, 0.5], 2)
@@ -189,19 +211,24 @@ def test_ffa_lora_trains_and_sends_only_b_and_its_average_is_exact(tiny_cfg):
 
 
 class NodesGrid:
-    """A grid whose nodes answer QUERY messages with `fedllm_flwr.node.query`."""
+    """A grid whose nodes answer QUERY messages with `fedllm_flwr.node.query`; an
+    `unreachable` node answers with an error."""
 
-    def __init__(self, run_config: dict, node_configs: dict[int, dict]):
-        self.run_config, self.node_configs = run_config, node_configs
+    def __init__(self, run_config: dict, node_configs: dict[int, dict], unreachable: set[int] = frozenset()):
+        self.run_config, self.node_configs, self.unreachable = run_config, node_configs, unreachable
 
     def get_node_ids(self):
         return list(self.node_configs)
 
     def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+
         from fedllm_flwr import node
 
         return [
-            Message(node.query(m.content, self.run_config, self.node_configs[m.metadata.dst_node_id]), reply_to=m)
+            Message(Error(code=0, reason="the node is gone"), reply_to=m)
+            if m.metadata.dst_node_id in self.unreachable
+            else Message(node.query(m.content, self.run_config, self.node_configs[m.metadata.dst_node_id]), reply_to=m)
             for m in messages
         ]
 
@@ -224,3 +251,51 @@ def test_the_server_learns_each_nodes_rank_and_refuses_what_cannot_run(tiny_mode
         setup("peft.client_ranks=[2,4]", part)
     with pytest.raises(UserError, match=r"--node-config lora-rank: node 2 \(partition 1\) has LoRA rank 40, larger "):
         setup("", {1: part[1], 2: {**part[2], "lora-rank": 40}})
+
+
+def test_a_truncation_is_never_served_for_a_newer_adapter_at_a_freed_ones_address():
+    # CPython gives a freed object's address to the next object of its size: a cache
+    # keyed by id() then serves the freed adapter's truncation for the new one.
+    strategy = ZeroPadding(ranks={1: 1}, down=None, up=None)
+
+    def values(seed: int) -> dict[str, Array]:
+        return {A: Array(np.full((2, 3), seed, np.float32)), B: Array(np.full((4, 2), seed, np.float32))}
+
+    record = ArrayRecord(values(0))
+    strategy.arrays_for(1, record)
+    for seed in range(1, 50):
+        address, arrays = id(record), values(seed)  # built first: the record is the next allocation
+        del record  # the only reference: freed here
+        record = ArrayRecord(arrays)
+        sent = strategy.arrays_for(1, record)
+        if id(record) == address:
+            break
+    assert id(record) == address, "no address was reused: the test could not reproduce the case"
+    np.testing.assert_array_equal(sent[A].numpy(), np.full((1, 3), seed, np.float32))
+    np.testing.assert_array_equal(sent[B].numpy(), np.full((4, 1), seed, np.float32))
+
+
+def test_a_node_that_connects_after_discovery_is_asked_its_rank_first(tiny_model_dir, task_identity, caplog):
+    from flwr.app import ConfigRecord
+
+    from fedllm_flwr.server.ranks import RankQuery, node_ranks
+
+    run_config = {"overrides": f"model.name={tiny_model_dir} strategy=zero_padding peft.client_ranks=[2,4,8,16]"}
+    part = {i: {"partition-id": i - 1, "num-partitions": 4} for i in (1, 2, 3, 4)}
+    grid = NodesGrid(run_config, {1: part[1], 4: part[4]}, unreachable={6})
+    cfg, _, ranks = node_ranks(grid, load_cfg(run_config))
+    strategy = build_strategy(cfg, ranks=ranks, ask_ranks=RankQuery(grid, cfg))
+    assert ranks == {1: 2, 4: 16}
+    # Three nodes connect after discovery: one of rank 4, one whose rank the global
+    # adapter (16) cannot serve, one that cannot be asked.
+    grid.node_configs.update({2: part[2], 5: {**part[3], "lora-rank": 40}, 6: part[3]})
+    rng = np.random.default_rng(4)
+    start = lora(rng.normal(size=(16, 6)), rng.normal(size=(5, 16)))
+    messages = strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in start.items()}), ConfigRecord(), grid)
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 4]
+    assert strategy.ranks[2] == 4 and strategy.sent[2][A].shape == (4, 6) and strategy.sent[2][B].shape == (5, 4)
+    assert (
+        "node 5 left out of this round: --node-config lora-rank: its LoRA rank 40 is larger than the global "
+        "adapter's (16)" in caplog.text
+    )
+    assert "node 6 left out of this round: it could not be asked for its LoRA rank: the node is gone" in caplog.text

@@ -19,7 +19,9 @@ class StrategyConfig:
     fedyogi (server optimizers on the averaged update), mifa (remembers every
     client's latest update), median / trimmed_mean (coordinate-wise, unweighted);
     for LoRA of unequal ranks per site: zero_padding (HetLoRA: pad to the largest
-    rank, average, truncate to each site's rank), stacking (FLoRA: the clients'
+    rank, average with HetLoRA's sparsity weights, per LoRA module each client's
+    ||B_k A_k||_F over their sum, not its example count; a rank slot no reply holds
+    keeps its values; truncate to each site's rank), stacking (FLoRA: the clients'
     factors stacked, so the sum of their B A is exact; nodes merge it and train a
     fresh adapter) or svd (FlexLoRA: the weighted sum of the clients' B A,
     truncated SVD to each site's rank)."""

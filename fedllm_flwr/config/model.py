@@ -24,7 +24,8 @@ class ModelConfig:
     fp32). Runs on CPU and CUDA (bitsandbytes >= 0.46)."""
     share_base: bool = True
     """A process serving several clients (a simulation worker) keeps one frozen
-    base model and swaps only the clients' adapters into it. false keeps a
+    base model and swaps only the clients' adapters into it (sites of unequal
+    LoRA ranks get one model each, all over that base's weights). false keeps a
     separate model per client, as a per-client model cache would (memory then
     grows with every client the worker serves)."""
 

@@ -27,8 +27,9 @@ from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator, generatio
 from fedllm_flwr.server.fedot import offsite_summary, prepare_fedot
 from fedllm_flwr.server.nodes import discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
-from fedllm_flwr.server.ranks import node_ranks
+from fedllm_flwr.server.ranks import RankQuery, node_ranks
 from fedllm_flwr.server.resume import resume_run
+from fedllm_flwr.strategy import build_strategy
 from fedllm_flwr.tracking import check_installed, open_trackers
 from fedllm_flwr.transport import state_to_arrays
 from fedllm_flwr.worker_start import await_warm_up, is_simulation
@@ -71,9 +72,11 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     test = test_records(cfg)
     if cfg.task.name == "lm":
         generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
-    strategy = private_strategy(cfg)
-    if ranks:
-        strategy.nodes, strategy.ranks = nodes, ranks
+    if ranks:  # privacy=none: the config refuses privacy with these strategies
+        strategy = build_strategy(cfg, ranks=ranks, ask_ranks=RankQuery(grid, cfg))
+        strategy.nodes = nodes
+    else:
+        strategy = private_strategy(cfg)
     done = 0  # rounds completed before this start (a resumed run)
     if cfg.resume:
         run_dir, done, initial_arrays = resume_run(cfg, strategy)

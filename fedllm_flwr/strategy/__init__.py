@@ -8,7 +8,7 @@ from fedllm_flwr.config import RANKED_STRATEGIES, Config
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, RoundLedger, weighted_mean
 from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, server_optimizer
 from fedllm_flwr.strategy.availability import Availability
-from fedllm_flwr.strategy.ranked import RankedLoRA, SvdRedistribution, ZeroPadding
+from fedllm_flwr.strategy.ranked import AskRanks, RankedLoRA, SvdRedistribution, ZeroPadding
 from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics
 from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
 from fedllm_flwr.strategy.stacking import Stacking
@@ -40,9 +40,18 @@ def round_lr(cfg: Config, server_round: int) -> float:
     return lr_at((server_round - 1) * steps, cfg.num_rounds * steps, cfg.train)
 
 
-def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **arguments: Any) -> AdapterFedAvg:
+def build_strategy(
+    cfg: Config,
+    override: type[AdapterFedAvg] | None = None,
+    *,
+    ranks: dict[int, int] | None = None,
+    ask_ranks: AskRanks | None = None,
+    **arguments: Any,
+) -> AdapterFedAvg:
     """The strategy the config asks for, or the class `override` with its own `arguments`
-    (`fedllm_flwr.privacy.secagg.secagg_strategy`), with the config's sampling and codecs."""
+    (`fedllm_flwr.privacy.secagg.secagg_strategy`), with the config's sampling and codecs.
+    The strategies for unequal LoRA ranks take every node's rank learned before round 1
+    and what asks a node that connects later (`fedllm_flwr.server.ranks`)."""
     s = cfg.strategy
     kinds: dict[str, Any] = {"fed": AdapterFedAvg, "global": GlobalFedAvg, "local": LocalAdapters}
     kind = kinds[cfg.scenario.name]
@@ -54,7 +63,8 @@ def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **a
     elif s.name in ("median", "trimmed_mean"):
         kind, extra = RobustAggregate, {"kind": s.name, "trim": s.trim}
     elif s.name in RANKED_STRATEGIES:
-        kind, extra = {"zero_padding": ZeroPadding, "svd": SvdRedistribution, "stacking": Stacking}[s.name], {}
+        kind = {"zero_padding": ZeroPadding, "svd": SvdRedistribution, "stacking": Stacking}[s.name]
+        extra = {"ranks": ranks, "ask_ranks": ask_ranks}
     elif s.name == "mifa":
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}
     if cfg.algorithm.name == "zo":  # seed lists, not adapters (config/schema.py allows only fedavg)
