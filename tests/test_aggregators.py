@@ -227,7 +227,7 @@ def test_fedprox_pulls_local_weights_toward_the_global_adapter(tiny_cfg):
 
 
 def test_strategies_other_than_fedavg_need_the_fed_scenario():
-    with pytest.raises(UserError, match="strategy=mifa aggregates federated replies"):
+    with pytest.raises(UserError, match="strategy=mifa cannot be combined with scenario=local"):
         load_cfg(["strategy=mifa", "scenario=local"])
 
 

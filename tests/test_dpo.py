@@ -201,8 +201,8 @@ def test_closeness_counts_answers_nearer_the_chosen_response():
         (["dpo_loss.name=kto"], r"dpo_loss\.name='kto': use one of sigmoid, hinge, ipo, robust"),
         (["dpo_loss.beta=0"], r"beta > 0"),
         (["dpo_loss=hinge", "dpo_loss.label_smoothing=0.1"], r"applies to sigmoid and robust, not hinge"),
-        (["algorithm=fedot"], r"task=dpo takes its reference from the full base model"),
-        (["personalize.ft_steps=2"], r"apply to task=lm"),
+        (["algorithm=fedot"], r"task=dpo cannot be combined with algorithm=fedot: .*reference"),
+        (["personalize.ft_steps=2"], r"task=dpo cannot be combined with personalize\.ft_steps=2"),
         (["strategy=stacking"], r"stacking"),
     ],
 )

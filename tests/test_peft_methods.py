@@ -166,7 +166,7 @@ def test_adalora_prunes_its_rank_budget_and_is_refused_for_fed(tiny_cfg):
     from fedllm_flwr.config import load_cfg
     from fedllm_flwr.errors import UserError
 
-    with pytest.raises(UserError, match="adalora cannot be federated-averaged"):
+    with pytest.raises(UserError, match="peft=adalora cannot be combined with scenario=fed: AdaLoRA"):
         load_cfg(["peft=adalora"])
     clear_model_cache()
     cfg = tiny_cfg("peft=adalora", "scenario=local", "train.local_steps=6", "peft.target_r=2")

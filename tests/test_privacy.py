@@ -139,7 +139,7 @@ def test_a_failed_client_skips_the_round_as_flowers_dp_wrapper_does():
     ("overrides", "message"),
     [
         (["privacy=dp", "scenario=local"], "aggregates nothing"),
-        (["privacy=dp", "strategy=median"], "robust aggregators"),
+        (["privacy=dp", "strategy=median"], "privacy=dp cannot be combined with strategy=median"),
         (["privacy=dp", "strategy=fedadam"], "sensitivity"),
         (["privacy=secagg", "compression=topk"], "masked integer vectors"),
         (["privacy=dp", "strategy.availability=per_client", "strategy.available_per_client=[1.0,0.5]"], "uniformly"),

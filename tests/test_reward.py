@@ -144,8 +144,8 @@ def test_preference_accuracy_and_margin_are_counted_over_pairs():
     ("overrides", "message"),
     [
         (["peft=prompt_tuning"], "adds virtual tokens"),
-        (["algorithm=fedot"], "algorithm=none"),
-        (["personalize.ft_steps=2"], "apply to task=lm"),
+        (["algorithm=fedot"], "task=reward cannot be combined with algorithm=fedot"),
+        (["personalize.ft_steps=2"], "task=reward cannot be combined with personalize.ft_steps=2"),
     ],
 )
 def test_unsupported_combinations_are_refused(tiny_model_dir, overrides, message):
