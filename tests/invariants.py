@@ -1,0 +1,168 @@
+"""The README's guarantees as checks on a federation run in this process
+(tests/federation.py), made after every round (`check_round`) and on a resumed run
+(`check_resume`). Each check names the promise it keeps; the README's guarantees
+section names the check.
+
+A check reads only what a run leaves where anyone could see it: the messages and
+replies that travelled (`run.grid.traffic`), each node's `context.state`, the global
+arrays the server evaluated each round, the server strategy's own state, and the run
+folder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY, PERSONALIZE_KEY, SERVER_ROUND_KEY, ZO_REPLY_KEY
+from fedllm_flwr.strategy.lora_products import at_rank, multiplying_pairs, rank_of
+from fedllm_flwr.transport import is_relative, pack, unpack
+
+
+def check_round(run, server_round: int) -> None:  # noqa: ANN001 - a federation.Run
+    """Every invariant that holds after each round (round 0 included)."""
+    seen = getattr(run, "_checked", 0)
+    new = run.grid.traffic[seen:]
+    run._checked = len(run.grid.traffic)
+    private_tensors_stay_home(run, new)
+    nothing_unmasked_leaves_a_node_under_secagg(run, new)
+    updates_are_clipped_and_releases_noised_under_dp(run, new, server_round)
+    nothing_non_finite_is_averaged_in(run, server_round)
+    nodes_hold_the_servers_model(run, new, server_round)
+    no_capacity_is_lost(run, server_round)
+
+
+def _config(content: RecordDict) -> dict:
+    record = content.config_records.get("config")
+    return dict(record.items()) if record is not None else {}
+
+
+def _round_of(exchange) -> int | None:  # noqa: ANN001
+    value = _config(exchange.message.content).get(SERVER_ROUND_KEY)
+    return int(value) if value is not None else None
+
+
+def _answered(exchanges) -> list:  # noqa: ANN001
+    return [x for x in exchanges if not x.reply.has_error()]
+
+
+def private_tensors_stay_home(run, new) -> None:  # noqa: ANN001
+    """`personalize.private`: no tensor marked private is in any reply a node sends
+    (training, evaluation, FedAvg + FT), nor is a personalized adapter that holds one."""
+    patterns = list(run.cfg.personalize.private)
+    if not patterns:
+        return
+    for exchange in _answered(new):
+        manifest = exchange.reply.content.config_records.get(MANIFEST_KEY)
+        names = list(manifest.get("names", [])) if manifest is not None else []
+        leaked = [n for n in names if any(p in n for p in patterns)]
+        assert not leaked, f"node {exchange.node} sent private tensors {leaked[:2]}"
+
+
+def nothing_unmasked_leaves_a_node_under_secagg(run, new) -> None:  # noqa: ANN001
+    """privacy=secagg: no reply carries an adapter, an update or seed list in the clear:
+    what a node trained leaves it only as SecAgg+'s masked vector (its metrics travel
+    in the clear, as the README says)."""
+    if run.cfg.privacy.name != "secagg":
+        return
+    for exchange in _answered(new):
+        content = exchange.reply.content
+        clear = [k for k in (ARRAYS_KEY, ZO_REPLY_KEY) if k in content.array_records]
+        assert not clear, f"node {exchange.node} sent {clear} unmasked ({exchange.kind} message)"
+
+
+def updates_are_clipped_and_releases_noised_under_dp(run, new, server_round: int) -> None:  # noqa: ANN001
+    """privacy=dp: every training reply is an update within the clipping norm C (as it
+    travels, up to the codec's rounding: the server re-clips it), and every release is
+    noised for the number of clients really sent a training message that round."""
+    if run.cfg.privacy.name != "dp" or server_round == 0:
+        return
+    p = run.cfg.privacy
+    sent = [x for x in new if x.kind == "train" and _round_of(x) == server_round
+            and not _config(x.message.content).get(PERSONALIZE_KEY)]  # fmt: skip
+    for exchange in _answered(sent):
+        content = exchange.reply.content
+        assert is_relative(content), f"node {exchange.node} sent a whole adapter under privacy=dp"
+        update = unpack(content)
+        norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.values()))
+        assert norm <= p.clipping_norm * 1.01, f"node {exchange.node}'s update has norm {norm} > C"
+    row = next(r for r in run.rows() if r["round"] == server_round)
+    if row.get("clients-ok"):
+        assert row["dp-clients"] == len(sent), f"noise sized for {row['dp-clients']} clients, {len(sent)} were sent"
+        assert math.isclose(row["noise-std"], p.noise_multiplier * p.clipping_norm / len(sent), rel_tol=1e-6)
+
+
+def nothing_non_finite_is_averaged_in(run, server_round: int) -> None:  # noqa: ANN001
+    """Whatever the codec, the global adapter the server holds after a round is finite."""
+    bad = [k for k, v in run.arrays[server_round].items() if not np.isfinite(v).all()]
+    assert not bad, f"round {server_round}: non-finite global tensors {bad[:2]}"
+
+
+def nodes_hold_the_servers_model(run, new, server_round: int) -> None:  # noqa: ANN001
+    """Where nodes keep the global model themselves (zeroth-order's adapter, stacking's
+    merged factors) or are sent a reshaped copy (unequal ranks), what a node holds is
+    the server's, bit for bit: the server evaluates and saves what the nodes train on."""
+    from fedllm_flwr.node import NodeState
+
+    states = run.grid.node_states()
+    if run.cfg.algorithm.name == "zo" and run.cfg.zo.params == "adapter":
+        for node, state in states.items():
+            held = NodeState.load(state)
+            if held.zo_adapter is None or held.zo_round != server_round:
+                continue  # this node has not caught up to this round yet (it catches up when next asked)
+            theirs = {k: v.numpy() for k, v in held.zo_adapter.items()}
+            ours = run.arrays[server_round]
+            assert set(theirs) == set(ours)
+            differ = [k for k in ours if not np.array_equal(theirs[k], ours[k])]
+            assert not differ, f"node {node}'s adapter differs from the server's in {len(differ)} tensors"
+    if run.cfg.strategy.name in ("zero_padding", "svd") and server_round > 0:
+        down = run.strategy.down
+        sent = [x for x in new if x.kind == "train" and _round_of(x) == server_round + 1]
+        for exchange in sent:  # the next round's messages: each node's truncation of this round's adapter
+            rank = run.strategy.ranks.get(exchange.node, rank_of(run.arrays[server_round]))
+            expected = unpack(pack(at_rank(run.arrays[server_round], rank), down))
+            got = unpack(exchange.message.content)
+            assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def no_capacity_is_lost(run, server_round: int) -> None:  # noqa: ANN001
+    """No LoRA slot of the global adapter is dead (A's row and B's column both zero: no
+    gradient can revive it), and no round counts that carried no step."""
+    arrays = run.arrays[server_round]
+    for a_key, b_key in multiplying_pairs(arrays):
+        a, b = arrays[a_key], arrays[b_key]
+        dead = np.flatnonzero(~np.any(a, axis=1) & ~np.any(b, axis=0))
+        assert not len(dead), f"round {server_round}: LoRA slots {dead.tolist()} of {a_key} are dead"
+    if server_round == 0:
+        return
+    row = next(r for r in run.rows() if r["round"] == server_round)
+    if row.get("clients-ok"):
+        steps = row.get("zo-seeds") if run.cfg.algorithm.name == "zo" else row.get("examples-seen")
+        assert steps, f"round {server_round} counted with no step taken ({row})"
+
+
+#: Row keys that depend on time, memory or the process, not on what was computed.
+UNTIMED = ("seconds", "time", "train-seconds", "eval-seconds", "aggregate-seconds", "peak-memory-mb",
+           "model-load-seconds", "process-start-seconds", "catch-up-seconds", "torch-threads")  # fmt: skip
+
+
+def check_resume(whole, first, resumed) -> None:  # noqa: ANN001 - federation.Run
+    """A run stopped after round 1 and resumed equals the run that never stopped, bit for
+    bit: the final global adapter (and what the strategy carries), and every figure of
+    every round's row that does not measure time or memory."""
+    from fedllm_flwr.run_dir import RunDir
+
+    a_round, a_arrays, a_state = RunDir(whole.path).read_checkpoint()
+    b_round, b_arrays, b_state = RunDir(resumed.path).read_checkpoint()
+    assert a_round == b_round == whole.cfg.num_rounds
+    for ours, theirs in ((a_arrays, b_arrays), (a_state, b_state)):
+        assert set(ours) == set(theirs)
+        differ = [k for k in ours if not np.array_equal(ours[k], theirs[k])]
+        assert not differ, f"the resumed run differs in {len(differ)} tensors, e.g. {differ[0]}"
+    for a, b in zip(whole.rows(), resumed.rows(), strict=True):
+        for key in sorted(set(a) | set(b)):
+            if key in UNTIMED or key.endswith(("-seconds", "-bytes")) or "bytes" in key:
+                continue
+            assert a.get(key) == b.get(key), f"round {a['round']}: {key} {a.get(key)} != {b.get(key)}"

@@ -1,0 +1,93 @@
+"""Every pair of settings either refused when the config is built, in one line naming
+both keys, or driven through a federation for two rounds with every guarantee checked.
+
+The groups and their values are in tests/combinations.py; the rows that hold every pair
+the config accepts are in tests/combination_rows.json (`python tests/combinations.py`
+writes them; `test_the_rows_hold_every_pair_the_config_accepts` says when they must be
+written again). Each row runs on three in-process nodes (tests/federation.py) with the
+checks of tests/invariants.py after every round; a row with `resume=yes` also runs
+stopped after round 1 and resumed, and must end bit for bit where the whole run did.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from combinations import (
+    GROUPS,
+    ROWS_FILE,
+    compatible_pairs,
+    conflicts,
+    overrides,
+    pair_refusals,
+    pairs_of,
+    refused_groups,
+)
+from conftest import ROOT, TINY_OVERRIDES
+from federation import run_federation
+from invariants import check_resume, check_round
+
+from fedllm_flwr.config import cfg_to_yaml, load_cfg, rules
+
+ROWS = json.loads(ROWS_FILE.read_text())
+#: Small enough for a row to take about a second: 3 nodes, 2 rounds, 8 test records.
+MATRIX = ["num_rounds=2", "log.curves=false", "run.save_every_round=false", "dataset.synthetic.test_per_task=2",
+          "dataset.synthetic.train_per_task=12", "strategy.min_available_nodes=3", "strategy.min_train_nodes=3",
+          "strategy.min_evaluate_nodes=3"]  # fmt: skip
+
+
+def test_every_pair_the_config_refuses_is_refused_in_one_line_naming_both_keys():
+    """A pair set on its own (every other group at its default) either builds or is
+    refused by a rule: one line, `<key>=<value> cannot be combined with <key>=<value>:
+    <reason>`. A pair refused for a third group's default is no conflict of its own
+    (another value of that group may serve it), and some row below must hold it."""
+    for pair, message in pair_refusals().items():
+        groups = refused_groups(message)
+        assert groups is not None, f"{sorted(pair)}: not a rule's one line: {message!r}"
+        assert set(groups) & {g for g, _ in pair}, f"{sorted(pair)} refused for {groups}: {message}"
+
+
+def test_the_rows_hold_every_pair_the_config_accepts():
+    held = set().union(*(pairs_of(row) for row in ROWS))
+    missing = sorted(sorted(p) for p in compatible_pairs() - held)
+    assert not missing, f"{len(missing)} pairs in no row, e.g. {missing[:3]}: run `python tests/combinations.py`"
+    clashing = [row for row in ROWS if pairs_of(row) & conflicts()]
+    assert not clashing, f"rows the config refuses: {clashing[:2]}; run `python tests/combinations.py`"
+
+
+def test_the_readme_table_of_what_does_not_combine_is_the_rules():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- combinations:start -->\n(.*?)<!-- combinations:end -->", readme, re.S)
+    assert block is not None, "README.md has no <!-- combinations:start --> ... <!-- combinations:end --> block"
+    assert block[1] == rules.markdown_table(), "README's table is stale: run `python tests/combinations.py`"
+
+
+def _name(row: dict[str, str]) -> str:
+    return "-".join(value for group, value in row.items() if value != next(iter(GROUPS[group])))
+
+
+@pytest.fixture(scope="session")
+def matrix_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with 12 decoder layers: enough for FedOT's emulator, and for
+    tensor names that sort apart from the model's order (layers.10 before layers.2)."""
+    from tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("matrix") / "model", layers=12)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[_name(r) or "defaults" for r in ROWS])
+def test_a_row_of_the_matrix_keeps_every_guarantee(row, monkeypatch, matrix_model_dir, task_identity):
+    base = [f"model.name={matrix_model_dir}", *TINY_OVERRIDES, *MATRIX]
+    items = [o for o in overrides(row) if not o.startswith("resume=")]
+    whole = run_federation(monkeypatch, [*base, *items], after_round=check_round)
+    assert cfg_to_yaml(whole.cfg) == cfg_to_yaml(load_cfg([*base, *items, "run.warm_up=false"]))
+    rows = whole.rows()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["clients-ok"] for r in rows[1:]), "a round aggregated nothing"
+    if row["resume"] == "yes":
+        first = run_federation(monkeypatch, [*base, *items, "run.stop_after=1"], after_round=check_round)
+        resumed = run_federation(monkeypatch, [*base, *items, f"resume={first.path}"], after_round=check_round)
+        check_resume(whole, first, resumed)
