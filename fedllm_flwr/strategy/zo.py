@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from logging import WARNING
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 
 from fedllm_flwr.keys import ARRAYS_KEY, ZO_POOL_KEY, ZO_REPLY_KEY, ZO_STEPS_KEY
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
@@ -72,7 +74,8 @@ class SeedFederation(AdapterFedAvg):
         super().__init__(**kwargs)
         self.pool, self.pool_id = pool, pool_id(pool)
         self.rounds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        """Round -> its aggregated (indices, coefficients), every round of the run."""
+        """Round -> its aggregated (indices, coefficients), every round of the run that
+        moved the global model (one whose replies carried no step is not kept)."""
         self.catch_up = CatchUp()
         self.current: dict[str, np.ndarray] = {}
         self.full: list[torch.Tensor] | None = None
@@ -105,10 +108,16 @@ class SeedFederation(AdapterFedAvg):
                 total[int(index)] += p * float(coefficient)
         indices = np.array(sorted(total), dtype=np.int64)
         coefficients = np.array([total[i] for i in indices], dtype=np.float64)
-        self.rounds[server_round] = (indices, coefficients)
         for reply in valid:
             self.catch_up.confirm(reply.node_id)
         self.ledger.set(server_round, "zo-seeds", len(indices))
+        if not len(indices):
+            # Not a round of the global model: a node counts the rounds whose steps it applied,
+            # and a round without steps leaves no trace in the lists it is sent.
+            log(WARNING, "Round %s: the replies carried no steps, so the global model did not move (every "
+                "client's steps skipped?)", server_round)  # fmt: skip
+            return to_arrays(self.current)
+        self.rounds[server_round] = (indices, coefficients)
         # The server's adapter (or model) takes the round's steps exactly as every node will.
         if self.full is not None:
             apply_steps(self.full, self.pool, zip(indices, coefficients, strict=True))
