@@ -299,14 +299,14 @@ def zo_catch_up(
     """algorithm=zo, zo.params=adapter: this node's adapter (`kept`, after round
     `kept_round`; None: the seeded initial one) after the aggregated `steps` of the
     rounds past `kept_round`, in order, and those rounds."""
-    from fedllm_flwr.zo import apply_steps
+    from fedllm_flwr.zo import apply_steps, in_draw_order, tuned_tensors
 
     seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
-    if kept is None:
-        kept = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).initial
-    state = {k: v.clone() for k, v in kept.items()}
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    order = list(tuned_tensors(bundle.model, "adapter"))
+    state = {k: v.clone() for k, v in (bundle.initial if kept is None else kept).items()}
     for _, indices, coefficients in rounds:
-        apply_steps(list(state.values()), seeds, zip(indices, coefficients, strict=True))
+        apply_steps(in_draw_order(state, order), seeds, zip(indices, coefficients, strict=True))
     return state, [t for t, _, _ in rounds]
 
 
@@ -317,12 +317,12 @@ def zo_full_catch_up(
     model (from `store`, tagged `fingerprint`; before any round, the base checkpoint's),
     apply the aggregated `steps` of the rounds past `kept_round` and keep the result in
     `store`. (The new fingerprint, the rounds applied.)"""
-    from fedllm_flwr.full_weights import base_weights, chain, reset_to, reset_to_base
-    from fedllm_flwr.zo import apply_steps, pool_id
+    from fedllm_flwr.full_weights import chain, reset_to, reset_to_base
+    from fedllm_flwr.zo import apply_steps, pool_id, tuned_tensors
 
     seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
-    weights = base_weights(bundle.model)
+    weights = tuned_tensors(bundle.model, "full")
     if kept_round:
         reset_to(weights, store.load(fingerprint))
     else:
@@ -342,9 +342,8 @@ def zo_local_round(
     """algorithm=zo: `train.local_steps` MeZO steps from the global adapter `state`
     (zo.params=full: None, the global weights are in the model, `zo_full_catch_up`);
     (pool index -> summed coefficient, the reply metrics)."""
-    from fedllm_flwr.full_weights import base_weights
     from fedllm_flwr.lm_loss import lm_loss
-    from fedllm_flwr.zo import seed_pool, zo_train
+    from fedllm_flwr.zo import seed_pool, tuned_tensors, zo_train
 
     bundle, data = _setup(cfg, partition_id, num_partitions)
     if len(data.train) == 0:
@@ -355,10 +354,7 @@ def zo_local_round(
     steps = cfg.train.local_steps
     batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id,
                            seed=cfg.seed * 1000 + partition_id, start=(server_round - 1) * steps)  # fmt: skip
-    if full:
-        params = list(base_weights(bundle.model).values())
-    else:
-        params = [p for p in bundle.model.parameters() if p.requires_grad]
+    params = list(tuned_tensors(bundle.model, cfg.zo.params).values())
     draw = np.random.default_rng([cfg.seed, server_round, partition_id])
     result = zo_train(
         bundle.model, params, batches, seed_pool(cfg.seed, cfg.zo.num_seeds), draw, steps, lambda k: cfg.zo.lr,

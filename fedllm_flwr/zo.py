@@ -22,13 +22,15 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 Loss = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+T = TypeVar("T")
 
 
 def seed_pool(seed: int, size: int) -> np.ndarray:
@@ -41,6 +43,28 @@ def seed_pool(seed: int, size: int) -> np.ndarray:
 def pool_id(pool: np.ndarray) -> str:
     """A short fingerprint of a pool: a reply names the pool its indices point into."""
     return hashlib.sha1(np.ascontiguousarray(pool, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def tuned_tensors(model: torch.nn.Module, params: str) -> dict[str, torch.Tensor]:
+    """The tensors `zo.params` tunes (`adapter`: the trainable ones; `full`: the base
+    weights, by their transformers names), in the model's own parameter order: the one
+    order z is drawn over them in, on the server and on every node."""
+    if params == "full":
+        from fedllm_flwr.full_weights import base_weights
+
+        return base_weights(model)
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def in_draw_order(tensors: Mapping[str, T], order: Sequence[str]) -> list[T]:
+    """The values of `tensors` in `order` (`tuned_tensors`' names), whatever order the
+    mapping has: z(seed) is one stream drawn tensor after tensor, so the same steps
+    applied to the tensors in another order (a checkpoint's, which is sorted) give other
+    weights. ValueError when the names are not the model's."""
+    if set(tensors) != set(order):
+        missing, extra = sorted(set(order) - set(tensors))[:2], sorted(set(tensors) - set(order))[:2]
+        raise ValueError(f"the tuned tensors are not the model's: missing {missing}, unexpected {extra}")
+    return [tensors[name] for name in order]
 
 
 @torch.no_grad()
@@ -95,7 +119,8 @@ def step_in_place(
 
 def apply_steps(params: list[torch.Tensor], pool: np.ndarray, steps: Iterable[tuple[int, float]]) -> None:
     """w <- w - c z(pool[i]) for each (index i, coefficient c), in order: a round of
-    the federation, or a node catching up on the rounds it missed."""
+    the federation, or a node catching up on the rounds it missed. `params` in the
+    order z is drawn over them (`in_draw_order`)."""
     for index, coefficient in steps:
         perturb(params, int(pool[index]), -float(coefficient))
 

@@ -106,7 +106,7 @@ def test_the_server_averages_seed_lists_refuses_bad_ones_and_sends_each_node_wha
     pool = seed_pool(0, 8)
     start = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
     arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
-    strategy = SeedFederation(pool=pool)
+    strategy = SeedFederation(pool=pool, order=list(start))
 
     def send(nodes, round_=1):
         messages = [
@@ -140,7 +140,7 @@ def test_the_server_averages_seed_lists_refuses_bad_ones_and_sends_each_node_wha
     sent = send([1, 9], 2)
     assert sent[1][ZO_STEPS_KEY]["rounds"].numpy().tolist() == [1, 1, 1]  # round 1's three steps
     assert sent[9][ZO_STEPS_KEY]["rounds"].numpy().tolist() == [1, 1, 1]  # a new node: everything
-    restored = SeedFederation(pool=pool)
+    restored = SeedFederation(pool=pool, order=list(start))
     restored.load_state(strategy.state())
     assert restored.rounds[1][0].tolist() == [0, 5, 7]
 

@@ -52,26 +52,65 @@ def _federate(strategy, arrays, nodes, rounds, run_config):
     return arrays
 
 
-def _initial(overrides):
-    """(config, the seeded initial adapter as the server's first arrays)."""
+def _server(overrides):
+    """(config, a fresh strategy, the seeded initial adapter as its first arrays), as the
+    ServerApp builds them."""
     from flwr.app import Array, ArrayRecord
 
     from fedllm_flwr.config import load_cfg
     from fedllm_flwr.model import build_model
+    from fedllm_flwr.strategy import build_strategy
 
     cfg = load_cfg(overrides)
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
-    return cfg, ArrayRecord({k: Array(v.numpy()) for k, v in bundle.initial.items()})
+    initial = ArrayRecord({k: Array(v.numpy()) for k, v in bundle.initial.items()})
+    return cfg, build_strategy(cfg, model=bundle.model), initial
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tmp_path_factory):
+    """A 12-layer tiny model: 48 LoRA tensors, whose sorted names (layers.1, layers.10,
+    layers.11, layers.2 ...) are not the model's order, as a real model's are not."""
+    from tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("deep") / "model", layers=12)
+
+
+def test_a_resumed_run_holds_the_adapter_its_nodes_hold(deep_model_dir, task_identity):
+    from fedllm_flwr import node
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.run_dir import RunDir
+    from fedllm_flwr.server.resume import resume_run
+
+    overrides = _zo_overrides(deep_model_dir, "num_rounds=2", "run.name=zo")
+    run_config = {"overrides": " ".join(overrides)}
+    cfg, uninterrupted, initial = _server(overrides)
+    assert len(initial) == 48
+    whole = _federate(uninterrupted, initial, {1: node.NodeState(), 2: node.NodeState()}, [1, 2], run_config)
+    # Stopped after round 1: its checkpoint, then a new server process and restarted nodes go on.
+    _, first, _ = _server(overrides)
+    after_one = _federate(first, initial, {1: node.NodeState(), 2: node.NodeState()}, [1], run_config)
+    run_dir = RunDir.create(cfg)
+    run_dir.write_checkpoint(1, {k: v.numpy() for k, v in after_one.items()}, first.state())
+    _, resumed, _ = _server(overrides)
+    _, done, arrays = resume_run(load_cfg([*overrides, f"resume={run_dir.path}"]), resumed)
+    resumed.round_offset = done  # as server/run.py does
+    nodes = {1: node.NodeState(), 2: node.NodeState()}
+    again = _federate(resumed, arrays, nodes, [2], run_config)
+    differing = [k for k in whole if not np.array_equal(whole[k].numpy(), again[k].numpy())]
+    assert not differing, f"{len(differing)} of {len(whole)} tensors differ, e.g. {differing[0]}"
+    # ... and the nodes hold it too (they apply round 2's steps with their next message).
+    _federate(resumed, again, nodes, [3], run_config)
+    for state in nodes.values():
+        assert all(np.array_equal(state.zo_adapter[k].numpy(), again[k].numpy()) for k in again)
 
 
 def test_a_round_that_carried_no_steps_is_not_held_and_nodes_go_on(tiny_model_dir, task_identity, caplog):
     from fedllm_flwr import node
-    from fedllm_flwr.strategy.zo import SeedFederation
 
     overrides = _zo_overrides(tiny_model_dir)
-    cfg, initial = _initial(overrides)
+    cfg, strategy, initial = _server(overrides)
     pool = seed_pool(cfg.seed, cfg.zo.num_seeds)
-    strategy = SeedFederation(pool=pool)
     strategy._wire(initial, [])
     # Every step of every client was skipped: replies with no (index, coefficient) pair.
     arrays, _ = strategy.aggregate_train(1, [_zo_reply(1, [], [], pool_id(pool)), _zo_reply(2, [], [], pool_id(pool))])

@@ -1,7 +1,9 @@
 """Server-side aggregation: the only place where client replies are combined."""
 
+from __future__ import annotations
+
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedllm_flwr.compression import codecs
 from fedllm_flwr.config import RANKED_STRATEGIES, Config
@@ -12,6 +14,9 @@ from fedllm_flwr.strategy.ranked import RankedLoRA, SvdRedistribution, ZeroPaddi
 from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics
 from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
 from fedllm_flwr.strategy.stacking import Stacking
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "AdapterFedAvg",
@@ -40,9 +45,12 @@ def round_lr(cfg: Config, server_round: int) -> float:
     return lr_at((server_round - 1) * steps, cfg.num_rounds * steps, cfg.train)
 
 
-def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **arguments: Any) -> AdapterFedAvg:
+def build_strategy(
+    cfg: Config, override: type[AdapterFedAvg] | None = None, *, model: torch.nn.Module | None = None, **arguments: Any
+) -> AdapterFedAvg:
     """The strategy the config asks for, or the class `override` with its own `arguments`
-    (`fedllm_flwr.privacy.secagg.secagg_strategy`), with the config's sampling and codecs."""
+    (`fedllm_flwr.privacy.secagg.secagg_strategy`), with the config's sampling and codecs.
+    `model`: the server's PEFT model, which algorithm=zo needs (the tensors its steps tune)."""
     s = cfg.strategy
     kinds: dict[str, Any] = {"fed": AdapterFedAvg, "global": GlobalFedAvg, "local": LocalAdapters}
     kind = kinds[cfg.scenario.name]
@@ -59,9 +67,13 @@ def build_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **a
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}
     if cfg.algorithm.name == "zo":  # seed lists, not adapters (config/schema.py allows only fedavg)
         from fedllm_flwr.strategy.zo import SeedFederation
-        from fedllm_flwr.zo import seed_pool
+        from fedllm_flwr.zo import seed_pool, tuned_tensors
 
-        kind, extra = SeedFederation, {"pool": seed_pool(cfg.seed, cfg.zo.num_seeds)}
+        if model is None:
+            raise ValueError("algorithm=zo: the strategy needs the server's model (the tensors its steps tune)")
+        tuned = tuned_tensors(model, cfg.zo.params)
+        kind, extra = SeedFederation, {"pool": seed_pool(cfg.seed, cfg.zo.num_seeds), "order": list(tuned),
+                                       "weights": tuned if cfg.zo.params == "full" else None}  # fmt: skip
     if override is not None:
         kind, extra = override, arguments
     # fedavg and fedprox aggregate alike; fedprox's term is in the clients' loss.

@@ -8,17 +8,19 @@ gets all it missed, which the server keeps for the whole run. A reply is the nod
 own (index, coefficient) pairs, validated (the run's pool, indices inside it, each
 once, finite coefficients) and averaged with the usual weights, a node that did not
 draw an index counting as 0 for it. The server applies the round's pairs, in index
-order, to its copy of the adapter exactly as every node will, so its evaluation and
-`adapter/final` are of the adapter the nodes hold, bit for bit. With zo.params=full
-the steps move `full`, the server model's own base weights, in place, and the adapter
-stays the initial one.
+order, to its copy of the adapter exactly as every node will (z drawn over the tensors
+in the model's order, whatever order a record or checkpoint holds them in), so its
+evaluation and `adapter/final` are of the adapter the nodes hold, bit for bit. With
+zo.params=full the steps move `weights`, the server model's own base weights, in place,
+and the adapter stays the initial one; a resumed run replays every kept round onto them.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Iterable
-from logging import WARNING
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.catch_up import CatchUp, with_count
 from fedllm_flwr.strategy.replies import ValidReply
-from fedllm_flwr.zo import apply_steps, pool_id
+from fedllm_flwr.zo import apply_steps, in_draw_order, pool_id
 
 
 def steps_record(rounds: dict[int, tuple[np.ndarray, np.ndarray]], which: list[int]) -> ArrayRecord:
@@ -70,16 +72,22 @@ def check_steps(content: RecordDict, pool_size: int, pool: str) -> tuple[np.ndar
 class SeedFederation(AdapterFedAvg):
     """FedAvg over (seed index, coefficient) lists; nodes keep the adapter."""
 
-    def __init__(self, *, pool: np.ndarray, **kwargs) -> None:
+    def __init__(
+        self, *, pool: np.ndarray, order: Sequence[str], weights: dict[str, torch.Tensor] | None = None, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.pool, self.pool_id = pool, pool_id(pool)
+        self.order = list(order)
+        """The tuned tensors' names in the model's own order (`zo.tuned_tensors`): z is
+        drawn over them in this order, whatever order the arrays or a checkpoint give."""
+        self.weights = weights
+        """zo.params=full: the server model's base weights, which the steps move in place
+        (in `order`); None: the steps move the adapter the arrays carry."""
         self.rounds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         """Round -> its aggregated (indices, coefficients), every round of the run that
         moved the global model (one whose replies carried no step is not kept)."""
         self.catch_up = CatchUp()
         self.current: dict[str, np.ndarray] = {}
-        self.full: list[torch.Tensor] | None = None
-        """zo.params=full: the server model's base weights, which the steps move."""
 
     def _wire(self, arrays: ArrayRecord, messages: Iterable[Message], remember: bool = False) -> list[Message]:
         """Each message gets the steps its node lacks and the pool's fingerprint, no adapter."""
@@ -119,20 +127,12 @@ class SeedFederation(AdapterFedAvg):
             return to_arrays(self.current)
         self.rounds[server_round] = (indices, coefficients)
         # The server's adapter (or model) takes the round's steps exactly as every node will.
-        if self.full is not None:
-            apply_steps(self.full, self.pool, zip(indices, coefficients, strict=True))
+        if self.weights is not None:
+            apply_steps(in_draw_order(self.weights, self.order), self.pool, zip(indices, coefficients, strict=True))
             return to_arrays(self.current)
-        params = [torch.from_numpy(np.array(v, dtype=np.float32)) for v in self.current.values()]
+        params = [torch.from_numpy(np.array(v, dtype=np.float32)) for v in in_draw_order(self.current, self.order)]
         apply_steps(params, self.pool, zip(indices, coefficients, strict=True))
-        return to_arrays({k: p.numpy() for k, p in zip(self.current, params, strict=True)})
-
-    def replay(self) -> int:
-        """zo.params=full, a resumed run: every kept round's steps onto `full` (the base
-        checkpoint's weights), in order. Returns how many steps that took."""
-        assert self.full is not None
-        for t in sorted(self.rounds):
-            apply_steps(self.full, self.pool, zip(*self.rounds[t], strict=True))
-        return sum(len(indices) for indices, _ in self.rounds.values())
+        return to_arrays(dict(zip(self.order, (p.numpy() for p in params), strict=True)))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -152,3 +152,10 @@ class SeedFederation(AdapterFedAvg):
             parts[int(done)][name] = value
         self.rounds = {t: (p["indices"], p["coefficients"]) for t, p in parts.items()}
         self.catch_up.forget()
+        if self.weights is not None:  # they are the base checkpoint's: replay every kept round onto them
+            started = time.perf_counter()
+            for t in sorted(self.rounds):
+                apply_steps(in_draw_order(self.weights, self.order), self.pool, zip(*self.rounds[t], strict=True))
+            steps = sum(len(indices) for indices, _ in self.rounds.values())
+            log(INFO, "[fedllm-flwr] zo: replayed %s rounds (%s steps) onto the base weights in %.1f s",
+                len(self.rounds), steps, time.perf_counter() - started)  # fmt: skip
