@@ -52,12 +52,18 @@ def training_threads(cfg: Config) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+def client_bundle(cfg: Config, partition_id: int) -> ModelBundle:
+    """The model this client trains and evaluates: the process's shared one, or under
+    `model.share_base=false` one of its own."""
+    owner = None if cfg.model.share_base else partition_id
+    return build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner, cfg.task.name)
+
+
 def _setup(cfg: Config, partition_id: int, num_partitions: int) -> tuple[ModelBundle, ClientData]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     t0 = time.perf_counter()
-    owner = None if cfg.model.share_base else partition_id
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner, cfg.task.name)
+    bundle = client_bundle(cfg, partition_id)
     _LOAD_SECONDS.append(time.perf_counter() - t0)  # ~0 once this process has the model
     key = (repr(cfg.dataset), cfg.seed, partition_id, num_partitions, cfg.task.name, bundle.base_path)
     if key not in _DATA:
@@ -294,7 +300,12 @@ def _zo_new_steps(cfg: Config, kept_round: int, steps: dict[str, np.ndarray], po
 
 
 def zo_catch_up(
-    cfg: Config, kept: dict[str, torch.Tensor] | None, kept_round: int, steps: dict[str, np.ndarray], pool: str
+    cfg: Config,
+    partition_id: int,
+    kept: dict[str, torch.Tensor] | None,
+    kept_round: int,
+    steps: dict[str, np.ndarray],
+    pool: str,
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """algorithm=zo, zo.params=adapter: this node's adapter (`kept`, after round
     `kept_round`; None: the seeded initial one) after the aggregated `steps` of the
@@ -302,7 +313,7 @@ def zo_catch_up(
     from fedllm_flwr.zo import apply_steps, in_draw_order, tuned_tensors
 
     seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    bundle = client_bundle(cfg, partition_id)
     order = list(tuned_tensors(bundle.model, "adapter"))
     state = {k: v.clone() for k, v in (bundle.initial if kept is None else kept).items()}
     for _, indices, coefficients in rounds:
@@ -311,17 +322,23 @@ def zo_catch_up(
 
 
 def zo_full_catch_up(
-    cfg: Config, store: WeightStore, fingerprint: str, kept_round: int, steps: dict[str, np.ndarray], pool: str
+    cfg: Config,
+    partition_id: int,
+    store: WeightStore,
+    fingerprint: str,
+    kept_round: int,
+    steps: dict[str, np.ndarray],
+    pool: str,
 ) -> tuple[str, list[int]]:
-    """algorithm=zo, zo.params=full: put this node's global weights into the process's
-    model (from `store`, tagged `fingerprint`; before any round, the base checkpoint's),
-    apply the aggregated `steps` of the rounds past `kept_round` and keep the result in
-    `store`. (The new fingerprint, the rounds applied.)"""
+    """algorithm=zo, zo.params=full: put this node's global weights into the model it
+    trains and evaluates (`client_bundle`; from `store`, tagged `fingerprint`; before
+    any round, the base checkpoint's), apply the aggregated `steps` of the rounds past
+    `kept_round` and keep the result in `store`. (The new fingerprint, the rounds applied.)"""
     from fedllm_flwr.full_weights import chain, reset_to, reset_to_base
     from fedllm_flwr.zo import apply_steps, pool_id, tuned_tensors
 
     seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+    bundle = client_bundle(cfg, partition_id)
     weights = tuned_tensors(bundle.model, "full")
     if kept_round:
         reset_to(weights, store.load(fingerprint))

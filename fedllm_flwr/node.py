@@ -92,9 +92,10 @@ class NodeState:
                 {"round": self.zo_round, "count": self.zo_count, "weights": self.zo_weights}
             )
 
-    def zo_catch_up(self, cfg, content: RecordDict):
+    def zo_catch_up(self, cfg, content: RecordDict, partition_id: int):
         """algorithm=zo: this node's adapter after the steps the message carries (kept);
-        zo.params=full: None, the weights are in the process's model and the node's store."""
+        zo.params=full: None, the weights are in the model client `partition_id` trains
+        and evaluates, and in the node's store."""
         from fedllm_flwr.client import zo_catch_up, zo_full_catch_up
         from fedllm_flwr.transport import arrays_to_state, state_to_arrays
 
@@ -114,10 +115,10 @@ class NodeState:
             name, _, fingerprint = self.zo_weights.partition(":")
             name = name or f"node-{uuid.uuid4().hex[:16]}"  # a new node (or a new run): its own file
             store = WeightStore(store_folder(cfg.zo.store_dir, cfg.model), name)
-            fingerprint, applied = zo_full_catch_up(cfg, store, fingerprint, self.zo_round, steps, pool)
+            fingerprint, applied = zo_full_catch_up(cfg, partition_id, store, fingerprint, self.zo_round, steps, pool)
         else:
             kept = arrays_to_state(self.zo_adapter) if self.zo_adapter is not None else None
-            state, applied = zo_catch_up(cfg, kept, self.zo_round, steps, pool)
+            state, applied = zo_catch_up(cfg, partition_id, kept, self.zo_round, steps, pool)
         if state is not None:
             self.zo_adapter = state_to_arrays(state)
         else:
@@ -215,7 +216,7 @@ def evaluate(content: RecordDict, run_config: Config, node_config: Config, node:
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
     if cfg.algorithm.name == "zo":  # zo.params=full: the weights are in the model, the adapter is the initial one
-        received = node.zo_catch_up(cfg, content) or {}
+        received = node.zo_catch_up(cfg, content, partition_id) or {}
     else:
         received = unpack_state(content, codec=codecs(cfg.compression)[0])
     merged = _merged(cfg, content, node)
@@ -280,7 +281,7 @@ def _quiet() -> None:
 def _zo_train(cfg, content: RecordDict, node: NodeState, partition_id: int, num_partitions: int) -> RecordDict:
     from fedllm_flwr.client import zo_local_round
 
-    state = node.zo_catch_up(cfg, content)
+    state = node.zo_catch_up(cfg, content, partition_id)
     server_round = int(content["config"][SERVER_ROUND_KEY])
     coefficients, metrics = zo_local_round(cfg, state, server_round, partition_id, num_partitions)
     metrics["catch-up-seconds"] = node.zo_seconds  # applying the rounds the message carried (and, full: load, save)

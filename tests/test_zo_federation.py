@@ -121,3 +121,40 @@ def test_a_round_that_carried_no_steps_is_not_held_and_nodes_go_on(tiny_model_di
     nodes = {1: node.NodeState()}
     _federate(strategy, arrays, nodes, [2], {"overrides": " ".join(overrides)})
     assert nodes[1].zo_count == 0 and strategy.ledger.pop(2)["clients-ok"] == 1
+
+
+def _steps_message(history, rounds, server_round, pool):
+    """A server's message carrying the steps of `rounds` (of `history`: round -> (indices, coefficients))."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from fedllm_flwr.keys import ZO_POOL_KEY, ZO_STEPS_KEY
+
+    picked = [(t, i, c) for t in rounds for i, c in zip(*history[t], strict=True)]
+    return RecordDict({
+        "config": ConfigRecord({"server-round": server_round, ZO_POOL_KEY: pool, "rounds-held": server_round - 1}),
+        ZO_STEPS_KEY: ArrayRecord({
+            "rounds": Array(np.array([p[0] for p in picked], np.int64)),
+            "indices": Array(np.array([p[1] for p in picked], np.int64)),
+            "coefficients": Array(np.array([p[2] for p in picked], np.float64)),
+        }),
+    })  # fmt: skip
+
+
+def test_full_weights_train_and_evaluate_the_model_they_caught_up_with_a_base_of_their_own(
+    tiny_model_dir, task_identity, tmp_path
+):
+    from fedllm_flwr import node
+    from fedllm_flwr.model import clear_model_cache
+
+    history, pool = {1: ([3, 9], [1e-3, -1e-3]), 2: ([0], [2e-3])}, pool_id(seed_pool(0, 16))
+    node_config = {"partition-id": 0, "num-partitions": 2}
+    results = {}
+    for share in ("true", "false"):  # false: this client's model is its own, not the process's shared one
+        clear_model_cache()
+        run_config = {"overrides": " ".join(_zo_overrides(tiny_model_dir, "zo.params=full", f"zo.store_dir={tmp_path}",
+                                                          f"model.share_base={share}"))}  # fmt: skip
+        reply = node.train(_steps_message(history, [1], 2, pool), run_config, node_config, node.NodeState())
+        scored = node.evaluate(_steps_message(history, [1, 2], 3, pool), run_config, node_config, node.NodeState())
+        results[share] = (reply["zo-reply"]["coefficients"].numpy(), scored["metrics"]["eval-loss"])
+    np.testing.assert_array_equal(results["false"][0], results["true"][0])  # trained the same model
+    assert results["false"][1] == results["true"][1]  # and scored the same
