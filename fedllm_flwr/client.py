@@ -331,25 +331,27 @@ def zo_full_catch_up(
     pool: str,
 ) -> tuple[str, list[int]]:
     """algorithm=zo, zo.params=full: put this node's global weights into the model it
-    trains and evaluates (`client_bundle`; from `store`, tagged `fingerprint`; before
-    any round, the base checkpoint's), apply the aggregated `steps` of the rounds past
-    `kept_round` and keep the result in `store`. (The new fingerprint, the rounds applied.)"""
+    trains and evaluates (`client_bundle`; from `store`, those of history `fingerprint`;
+    before any round, the base checkpoint's), apply the aggregated `steps` of the rounds
+    past `kept_round` and keep the result in `store` beside the weights of `fingerprint`,
+    which a retry of this message starts from again. (The new fingerprint, the rounds applied.)"""
     from fedllm_flwr.full_weights import chain, reset_to, reset_to_base
     from fedllm_flwr.zo import apply_steps, pool_id, tuned_tensors
 
     seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
     bundle = client_bundle(cfg, partition_id)
     weights = tuned_tensors(bundle.model, "full")
-    if kept_round:
-        reset_to(weights, store.load(fingerprint))
+    kept = fingerprint if kept_round else ""
+    if kept:
+        reset_to(weights, store.load(kept))
     else:
         reset_to_base(weights, bundle.base_path)
         fingerprint = pool_id(seeds)
     for t, indices, coefficients in rounds:
         apply_steps(list(weights.values()), seeds, zip(indices, coefficients, strict=True))
         fingerprint = chain(fingerprint, t, indices, coefficients)
-    if rounds or kept_round == 0:
-        store.save(weights, fingerprint)
+    if fingerprint != kept:
+        store.save(weights, fingerprint, keep=kept)
     return fingerprint, [t for t, _, _ in rounds]
 
 

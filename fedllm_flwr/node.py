@@ -15,7 +15,6 @@ data) never loads torch or the model.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,11 +62,15 @@ class NodeState:
     zo_seconds: float = 0.0
     """algorithm=zo: how long this message's catch-up took (not kept)."""
     zo_weights: str = ""
-    """zo.params=full: "<store file>:<fingerprint>" of this node's global weights
-    (`full_weights.WeightStore`: kept on disk, not in the context)."""
+    """zo.params=full: the fingerprint of the history of this node's global weights,
+    which names their file in its `full_weights.WeightStore` (on disk, not in the context)."""
+    identity: str = ""
+    """Which node of which run this is ("run<Flower run id>-node<Flower node id>"), given
+    by the ClientApp with each message (not kept): names what the node keeps outside the
+    context, the same across retries of a message (zo.params=full's weight files)."""
 
     @classmethod
-    def load(cls, state: RecordDict) -> NodeState:
+    def load(cls, state: RecordDict, identity: str = "") -> NodeState:
         feedback = state.array_records.get(FEEDBACK_KEY)
         residual = feedback["residual"].numpy() if feedback is not None else None
         merged = state.array_records.get(MERGED_KEY)
@@ -75,7 +78,7 @@ class NodeState:
         return cls(
             private=state.array_records.get(PRIVATE_KEY), residual=residual, merged=merged,
             zo_adapter=state.array_records.get(ZO_STATE_KEY), zo_round=int(zo.get("round", 0)),
-            zo_count=int(zo.get("count", 0)), zo_weights=str(zo.get("weights", "")),
+            zo_count=int(zo.get("count", 0)), zo_weights=str(zo.get("weights", "")), identity=identity,
         )  # fmt: skip
 
     def save(self, state: RecordDict) -> None:
@@ -112,17 +115,17 @@ class NodeState:
         if cfg.zo.params == "full":
             from fedllm_flwr.full_weights import WeightStore, store_folder
 
-            name, _, fingerprint = self.zo_weights.partition(":")
-            name = name or f"node-{uuid.uuid4().hex[:16]}"  # a new node (or a new run): its own file
-            store = WeightStore(store_folder(cfg.zo.store_dir, cfg.model), name)
-            fingerprint, applied = zo_full_catch_up(cfg, partition_id, store, fingerprint, self.zo_round, steps, pool)
+            store = WeightStore(store_folder(cfg.zo.store_dir, cfg.model), self.identity)
+            fingerprint, applied = zo_full_catch_up(
+                cfg, partition_id, store, self.zo_weights, self.zo_round, steps, pool
+            )
         else:
             kept = arrays_to_state(self.zo_adapter) if self.zo_adapter is not None else None
             state, applied = zo_catch_up(cfg, partition_id, kept, self.zo_round, steps, pool)
         if state is not None:
             self.zo_adapter = state_to_arrays(state)
         else:
-            self.zo_weights = f"{name}:{fingerprint}"
+            self.zo_weights = fingerprint
         self.zo_count, self.zo_round = count, max(applied, default=self.zo_round)
         self.zo_seconds = time.perf_counter() - started
         return state

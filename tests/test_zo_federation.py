@@ -153,8 +153,48 @@ def test_full_weights_train_and_evaluate_the_model_they_caught_up_with_a_base_of
         clear_model_cache()
         run_config = {"overrides": " ".join(_zo_overrides(tiny_model_dir, "zo.params=full", f"zo.store_dir={tmp_path}",
                                                           f"model.share_base={share}"))}  # fmt: skip
-        reply = node.train(_steps_message(history, [1], 2, pool), run_config, node_config, node.NodeState())
-        scored = node.evaluate(_steps_message(history, [1, 2], 3, pool), run_config, node_config, node.NodeState())
+        trainer, scorer = node.NodeState(identity="run1-node1"), node.NodeState(identity="run1-node2")
+        reply = node.train(_steps_message(history, [1], 2, pool), run_config, node_config, trainer)
+        scored = node.evaluate(_steps_message(history, [1, 2], 3, pool), run_config, node_config, scorer)
         results[share] = (reply["zo-reply"]["coefficients"].numpy(), scored["metrics"]["eval-loss"])
     np.testing.assert_array_equal(results["false"][0], results["true"][0])  # trained the same model
     assert results["false"][1] == results["true"][1]  # and scored the same
+
+
+def test_a_failed_message_leaves_no_weight_file_behind_and_its_retry_finds_the_weights(
+    tiny_model_dir, task_identity, tmp_path, monkeypatch
+):
+    from flwr.app import RecordDict
+
+    from fedllm_flwr import client, node
+
+    store = tmp_path / "store"
+    run_config = {"overrides": " ".join(_zo_overrides(tiny_model_dir, "zo.params=full", f"zo.store_dir={store}"))}
+    history, pool = {1: ([3, 9], [1e-3, -1e-3]), 2: ([0], [2e-3])}, pool_id(seed_pool(0, 16))
+    kept = RecordDict()  # Flower's context.state: saved only when a message went through
+
+    def deliver(rounds, server_round):
+        state = node.NodeState.load(kept, identity="run1-node1")  # as the ClientApp does, from Flower's ids
+        node.train(_steps_message(history, rounds, server_round, pool), run_config,
+                   {"partition-id": 0, "num-partitions": 2}, state)  # fmt: skip
+        state.save(kept)
+
+    def fail_after_catching_up(*args, **kwargs):
+        raise RuntimeError("the node stopped")
+
+    with monkeypatch.context() as patch:  # the first message fails after the weights were stored, three times
+        patch.setattr(client, "zo_local_round", fail_after_catching_up)
+        for _ in range(3):
+            with pytest.raises(RuntimeError):
+                deliver([], 1)
+    assert len(list(store.iterdir())) == 1
+    deliver([], 1)
+    deliver([1], 2)
+    with monkeypatch.context() as patch:  # round 3's fails the same way: the saved state names round 1's weights
+        patch.setattr(client, "zo_local_round", fail_after_catching_up)
+        for _ in range(3):
+            with pytest.raises(RuntimeError):
+                deliver([2], 3)
+    assert len(list(store.iterdir())) == 2  # the weights the saved state names, and the newest
+    deliver([2], 3)  # the retry finds the weights its saved state names
+    assert len(list(store.iterdir())) == 2
