@@ -2,6 +2,7 @@
 restore, and bit-identical weights from the same (seed, coefficient) list."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,35 @@ def test_a_zeroth_order_round_lowers_the_loss_and_its_coefficients_replay_it(tin
     apply_steps(list(start.parameters()), pool, sorted(result.coefficients.items()))
     for p, q in zip(model.parameters(), start.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+_APPLY_STEPS = """
+import hashlib, numpy as np, torch
+from fedllm_flwr.zo import apply_steps, seed_pool
+params = [torch.zeros(64, 48), torch.full((1000,), 0.5), torch.zeros(7)]
+apply_steps(params, seed_pool(0, 16), [(3, 1e-3), (9, -2.5e-4), (3, 7e-5)])
+print(torch.backends.cpu.get_cpu_capability(), hashlib.sha1(b"".join(p.numpy().tobytes() for p in params)).hexdigest())
+"""
+
+
+def test_nodes_on_cpus_with_other_torch_kernels_hold_the_same_bits():
+    """torch picks its CPU kernels by what the CPU offers (ATEN_CPU_CAPABILITY caps it):
+    the same steps must give the same weights under each."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no AVX2: only torch's default kernels run here")
+    root = str(Path(__file__).resolve().parents[1])
+    runs = {
+        capability: subprocess.Popen([sys.executable, "-c", _APPLY_STEPS], stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": root})
+        for capability in ("default", "avx2")
+    }  # fmt: skip
+    out = {capability: run.communicate(timeout=120)[0].split() for capability, run in runs.items()}
+    assert [out[c][0] for c in ("default", "avx2")] == ["DEFAULT", "AVX2"]  # each ran the kernels it was given
+    assert out["default"][1] == out["avx2"][1]
 
 
 # --- The federation: server strategy and nodes, over real records ----------------------
