@@ -285,13 +285,29 @@ def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None
     return offsite.client_config(cfg, folder)
 
 
-def _zo_new_steps(cfg: Config, kept_round: int, steps: dict[str, np.ndarray], pool: str):
+@dataclasses.dataclass
+class ZoMessage:
+    """What a zeroth-order message brings a node to catch up with."""
+
+    steps: dict[str, np.ndarray]
+    """The aggregated steps of the rounds the node may lack: int64 `rounds` and
+    `indices` (into the seed pool) and float64 `coefficients`, in order."""
+    pool: str
+    """The server's seed pool's fingerprint."""
+    weights: str
+    """The fingerprint of the global weights the server holds, those steps applied."""
+
+
+def _zo_new_steps(cfg: Config, kept_round: int, message: ZoMessage):
     """(the run's seed pool, [(round, indices, coefficients)] past `kept_round` in order)."""
     from fedllm_flwr.zo import pool_id, seed_pool
 
     seeds = seed_pool(cfg.seed, cfg.zo.num_seeds)
-    if pool != pool_id(seeds):
-        raise ValueError(f"the server's seed pool {pool!r} is not this node's {pool_id(seeds)!r} (seed, zo.num_seeds)")
+    if message.pool != pool_id(seeds):
+        raise ValueError(
+            f"the server's seed pool {message.pool!r} is not this node's {pool_id(seeds)!r} (seed, zo.num_seeds)"
+        )
+    steps = message.steps
     tags = steps["rounds"]
     if np.any(np.diff(tags) < 0):
         raise ValueError("the message's steps are not in round order")
@@ -300,45 +316,37 @@ def _zo_new_steps(cfg: Config, kept_round: int, steps: dict[str, np.ndarray], po
 
 
 def zo_catch_up(
-    cfg: Config,
-    partition_id: int,
-    kept: dict[str, torch.Tensor] | None,
-    kept_round: int,
-    steps: dict[str, np.ndarray],
-    pool: str,
+    cfg: Config, partition_id: int, kept: dict[str, torch.Tensor] | None, kept_round: int, message: ZoMessage
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """algorithm=zo, zo.params=adapter: this node's adapter (`kept`, after round
-    `kept_round`; None: the seeded initial one) after the aggregated `steps` of the
-    rounds past `kept_round`, in order, and those rounds."""
-    from fedllm_flwr.zo import apply_steps, in_draw_order, tuned_tensors
+    `kept_round`; None: the seeded initial one) after the aggregated steps of the
+    rounds past `kept_round`, in order, and those rounds. ValueError if the adapter is
+    not then the server's."""
+    from fedllm_flwr.zo import apply_steps, check_weights, in_draw_order, tuned_tensors
 
-    seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
+    seeds, rounds = _zo_new_steps(cfg, kept_round, message)
     bundle = client_bundle(cfg, partition_id)
     order = list(tuned_tensors(bundle.model, "adapter"))
     state = {k: v.clone() for k, v in (bundle.initial if kept is None else kept).items()}
     for _, indices, coefficients in rounds:
         apply_steps(in_draw_order(state, order), seeds, zip(indices, coefficients, strict=True))
+    check_weights(in_draw_order(state, order), message.weights, "adapter")
     return state, [t for t, _, _ in rounds]
 
 
 def zo_full_catch_up(
-    cfg: Config,
-    partition_id: int,
-    store: WeightStore,
-    fingerprint: str,
-    kept_round: int,
-    steps: dict[str, np.ndarray],
-    pool: str,
+    cfg: Config, partition_id: int, store: WeightStore, fingerprint: str, kept_round: int, message: ZoMessage
 ) -> tuple[str, list[int]]:
     """algorithm=zo, zo.params=full: put this node's global weights into the model it
     trains and evaluates (`client_bundle`; from `store`, those of history `fingerprint`;
-    before any round, the base checkpoint's), apply the aggregated `steps` of the rounds
-    past `kept_round` and keep the result in `store` beside the weights of `fingerprint`,
-    which a retry of this message starts from again. (The new fingerprint, the rounds applied.)"""
+    before any round, the base checkpoint's), apply the aggregated steps of the rounds
+    past `kept_round`, check them against the server's, and keep them in `store` beside
+    the weights of `fingerprint`, which a retry of this message starts from again.
+    (The new history fingerprint, the rounds applied.)"""
     from fedllm_flwr.full_weights import chain, reset_to, reset_to_base
-    from fedllm_flwr.zo import apply_steps, pool_id, tuned_tensors
+    from fedllm_flwr.zo import apply_steps, check_weights, pool_id, tuned_tensors
 
-    seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
+    seeds, rounds = _zo_new_steps(cfg, kept_round, message)
     bundle = client_bundle(cfg, partition_id)
     weights = tuned_tensors(bundle.model, "full")
     kept = fingerprint if kept_round else ""
@@ -350,6 +358,7 @@ def zo_full_catch_up(
     for t, indices, coefficients in rounds:
         apply_steps(list(weights.values()), seeds, zip(indices, coefficients, strict=True))
         fingerprint = chain(fingerprint, t, indices, coefficients)
+    check_weights(weights.values(), message.weights, "base weights")  # before they are kept
     if fingerprint != kept:
         store.save(weights, fingerprint, keep=kept)
     return fingerprint, [t for t, _, _ in rounds]

@@ -39,6 +39,7 @@ from fedllm_flwr.keys import (
     ZO_ROUND_KEY,
     ZO_STATE_KEY,
     ZO_STEPS_KEY,
+    ZO_WEIGHTS_KEY,
 )
 
 Config = Mapping[str, Any]  # Flower's run and node configs: flat str -> scalar maps
@@ -98,15 +99,20 @@ class NodeState:
     def zo_catch_up(self, cfg, content: RecordDict, partition_id: int):
         """algorithm=zo: this node's adapter after the steps the message carries (kept);
         zo.params=full: None, the weights are in the model client `partition_id` trains
-        and evaluates, and in the node's store."""
-        from fedllm_flwr.client import zo_catch_up, zo_full_catch_up
+        and evaluates, and in the node's store. ValueError, nothing kept, when this node
+        would then hold another number of rounds or other weights than the server."""
+        from fedllm_flwr.client import ZoMessage, zo_catch_up, zo_full_catch_up
         from fedllm_flwr.transport import arrays_to_state, state_to_arrays
 
         started = time.perf_counter()
-        steps = {k: v.numpy() for k, v in content[ZO_STEPS_KEY].items()}
         config = content["config"]
-        pool = str(config[ZO_POOL_KEY])
-        count = self.zo_count + len(np.unique(steps["rounds"][steps["rounds"] > self.zo_round]))
+        message = ZoMessage(
+            steps={k: v.numpy() for k, v in content[ZO_STEPS_KEY].items()},
+            pool=str(config[ZO_POOL_KEY]),
+            weights=str(config[ZO_WEIGHTS_KEY]),
+        )
+        tags = message.steps["rounds"]
+        count = self.zo_count + len(np.unique(tags[tags > self.zo_round]))
         if count != int(config[ROUNDS_HELD_KEY]):  # checked before anything is applied or stored
             raise ValueError(
                 f"this node has applied {count} rounds' steps and the global model {config[ROUNDS_HELD_KEY]}"
@@ -116,16 +122,12 @@ class NodeState:
             from fedllm_flwr.full_weights import WeightStore, store_folder
 
             store = WeightStore(store_folder(cfg.zo.store_dir, cfg.model), self.identity)
-            fingerprint, applied = zo_full_catch_up(
-                cfg, partition_id, store, self.zo_weights, self.zo_round, steps, pool
-            )
+            self.zo_weights, applied = zo_full_catch_up(cfg, partition_id, store, self.zo_weights, self.zo_round,
+                                                        message)  # fmt: skip
         else:
             kept = arrays_to_state(self.zo_adapter) if self.zo_adapter is not None else None
-            state, applied = zo_catch_up(cfg, partition_id, kept, self.zo_round, steps, pool)
-        if state is not None:
+            state, applied = zo_catch_up(cfg, partition_id, kept, self.zo_round, message)
             self.zo_adapter = state_to_arrays(state)
-        else:
-            self.zo_weights = fingerprint
         self.zo_count, self.zo_round = count, max(applied, default=self.zo_round)
         self.zo_seconds = time.perf_counter() - started
         return state

@@ -128,6 +128,32 @@ def step_in_place(
     return g, (plus + minus) / 2
 
 
+def weights_fingerprint(tensors: Iterable[torch.Tensor | np.ndarray]) -> str:
+    """A short fingerprint of weights given in draw order (`in_draw_order`): sha1 of each
+    tensor's dtype, shape and bytes. The server sends that of the global weights with
+    every message, and a node compares its own (`check_weights`)."""
+    digest = hashlib.sha1()
+    for tensor in tensors:
+        t = torch.from_numpy(np.ascontiguousarray(tensor)) if isinstance(tensor, np.ndarray) else tensor.detach()
+        t = t.cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:20]
+
+
+def check_weights(tensors: Iterable[torch.Tensor], expected: str, what: str) -> None:
+    """ValueError, saying what differs and why it likely does, when the weights `what`
+    (in draw order) are not those of fingerprint `expected` (the server's)."""
+    held = weights_fingerprint(tensors)
+    if held != expected:
+        raise ValueError(
+            f"this node's copy of the global {what} differs from the server's after the same steps (fingerprint "
+            f"{held}, the server's {expected}): z was drawn differently here (another torch version or a platform "
+            "the README does not list as agreeing) or the copy was changed on this node; the message is refused "
+            "rather than trained on another model"
+        )
+
+
 def apply_steps(params: list[torch.Tensor], pool: np.ndarray, steps: Iterable[tuple[int, float]]) -> None:
     """w <- w - c z(pool[i]) for each (index i, coefficient c), in order: a round of
     the federation, or a node catching up on the rounds it missed. `params` in the

@@ -123,15 +123,41 @@ def test_a_round_that_carried_no_steps_is_not_held_and_nodes_go_on(tiny_model_di
     assert nodes[1].zo_count == 0 and strategy.ledger.pop(2)["clients-ok"] == 1
 
 
-def _steps_message(history, rounds, server_round, pool):
-    """A server's message carrying the steps of `rounds` (of `history`: round -> (indices, coefficients))."""
+def _held_after(cfg, rounds):
+    """The fingerprint of the global weights after `rounds` of HISTORY: its steps applied
+    in the model's order to the seeded initial adapter or, zo.params=full, to the base
+    checkpoint's weights."""
+    from fedllm_flwr.full_weights import pristine
+    from fedllm_flwr.model import build_model
+    from fedllm_flwr.zo import apply_steps, tuned_tensors, weights_fingerprint
+
+    if cfg.zo.params == "full":
+        weights = {k: v.clone() for k, v in pristine(cfg.model.name).items()}
+    else:
+        bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
+        weights = {k: bundle.initial[k].clone() for k in tuned_tensors(bundle.model, "adapter")}
+    for t in rounds:
+        apply_steps(list(weights.values()), seed_pool(cfg.seed, cfg.zo.num_seeds), zip(*HISTORY[t], strict=True))
+    return weights_fingerprint(weights.values())
+
+
+HISTORY = {1: ([3, 9], [1e-3, -1e-3]), 2: ([0], [2e-3])}
+"""Two rounds' aggregated steps, (indices, coefficients), for nodes sent them by hand."""
+
+
+def _steps_message(cfg, rounds, server_round):
+    """The server's message for `server_round`, carrying the steps of `rounds` of HISTORY."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-    from fedllm_flwr.keys import ZO_POOL_KEY, ZO_STEPS_KEY
+    from fedllm_flwr.keys import ZO_POOL_KEY, ZO_STEPS_KEY, ZO_WEIGHTS_KEY
 
-    picked = [(t, i, c) for t in rounds for i, c in zip(*history[t], strict=True)]
+    picked = [(t, i, c) for t in rounds for i, c in zip(*HISTORY[t], strict=True)]
     return RecordDict({
-        "config": ConfigRecord({"server-round": server_round, ZO_POOL_KEY: pool, "rounds-held": server_round - 1}),
+        "config": ConfigRecord({
+            "server-round": server_round, "rounds-held": server_round - 1,
+            ZO_POOL_KEY: pool_id(seed_pool(cfg.seed, cfg.zo.num_seeds)),
+            ZO_WEIGHTS_KEY: _held_after(cfg, range(1, server_round)),
+        }),
         ZO_STEPS_KEY: ArrayRecord({
             "rounds": Array(np.array([p[0] for p in picked], np.int64)),
             "indices": Array(np.array([p[1] for p in picked], np.int64)),
@@ -140,22 +166,74 @@ def _steps_message(history, rounds, server_round, pool):
     })  # fmt: skip
 
 
+@pytest.mark.parametrize("params", ["adapter", "full"])
+def test_a_node_that_missed_a_round_catches_up_to_the_same_bits(tiny_model_dir, task_identity, tmp_path, params):
+    from flwr.app import RecordDict
+
+    from fedllm_flwr import node
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.full_weights import WeightStore, pristine
+    from fedllm_flwr.zo import apply_steps
+
+    overrides = _zo_overrides(tiny_model_dir, "train.local_steps=2", f"zo.params={params}", f"zo.store_dir={tmp_path}")
+    cfg, run_config = load_cfg(overrides), {"overrides": " ".join(overrides)}
+    node_config = {"partition-id": 0, "num-partitions": 2}
+    steady, late = node.NodeState(identity="run1-node1"), node.NodeState(identity="run1-node2")
+    node.train(_steps_message(cfg, [], 1), run_config, node_config, steady)
+    node.train(_steps_message(cfg, [1], 2), run_config, node_config, steady)
+    reply = node.train(_steps_message(cfg, [2], 3), run_config, node_config, steady)
+    node.train(_steps_message(cfg, [1, 2], 3), run_config, node_config, late)  # it missed rounds 1 and 2
+    kept = RecordDict()  # what the node keeps between messages (Flower's context.state)
+    steady.save(kept)
+    steady = node.NodeState.load(kept, identity=steady.identity)
+    assert steady.zo_round == late.zo_round == 2 and steady.zo_count == late.zo_count == 2
+    if params == "adapter":
+        held = [{k: v.numpy() for k, v in n.zo_adapter.items()} for n in (steady, late)]
+        assert steady.zo_weights == ""
+    else:  # each node's global weights are in its own file, tagged with the same history
+        assert steady.zo_weights == late.zo_weights
+        held = [{k: v.numpy() for k, v in WeightStore(tmp_path, n.identity).load(n.zo_weights).items()}
+                for n in (steady, late)]  # fmt: skip
+        # The steady node keeps the weights before round 2's too, for a retry of its last message.
+        assert sorted(p.name.split("-")[1] for p in tmp_path.iterdir()) == ["node1", "node1", "node2"]
+        # ... and they are the base checkpoint's weights moved by the two rounds' steps, as the server moves its own.
+        expected = {k: v.clone() for k, v in pristine(str(tiny_model_dir)).items()}
+        for t in (1, 2):
+            apply_steps(list(expected.values()), seed_pool(0, 16), zip(*HISTORY[t], strict=True))
+        assert expected.keys() == held[0].keys()
+        assert all(np.array_equal(v.numpy(), held[0][k]) for k, v in expected.items())
+        assert any(not np.array_equal(v.numpy(), held[0][k]) for k, v in pristine(str(tiny_model_dir)).items())
+    for key, value in held[0].items():
+        assert np.array_equal(value, held[1][key]), key
+    indices = reply["zo-reply"]["indices"].numpy()
+    assert (
+        1 <= len(indices) <= 2 and indices.max() < 16 and np.isfinite(reply["zo-reply"]["coefficients"].numpy()).all()
+    )
+    with pytest.raises(ValueError, match="this node has applied 1 rounds' steps and the global model 2"):
+        node.train(_steps_message(cfg, [2], 3), run_config, node_config, node.NodeState())  # round 1 is missing
+    # An evaluation message brings the same catch-up; the node scores the global model on its held-out split.
+    fresh = node.NodeState(identity="run1-node3")
+    scored = node.evaluate(_steps_message(cfg, [1, 2], 3), run_config, node_config, fresh)["metrics"]
+    assert np.isfinite(scored["eval-loss"]) and scored["num-examples"] > 0 and fresh.zo_count == 2
+
+
 def test_full_weights_train_and_evaluate_the_model_they_caught_up_with_a_base_of_their_own(
     tiny_model_dir, task_identity, tmp_path
 ):
     from fedllm_flwr import node
+    from fedllm_flwr.config import load_cfg
     from fedllm_flwr.model import clear_model_cache
 
-    history, pool = {1: ([3, 9], [1e-3, -1e-3]), 2: ([0], [2e-3])}, pool_id(seed_pool(0, 16))
     node_config = {"partition-id": 0, "num-partitions": 2}
     results = {}
     for share in ("true", "false"):  # false: this client's model is its own, not the process's shared one
         clear_model_cache()
-        run_config = {"overrides": " ".join(_zo_overrides(tiny_model_dir, "zo.params=full", f"zo.store_dir={tmp_path}",
-                                                          f"model.share_base={share}"))}  # fmt: skip
+        overrides = _zo_overrides(tiny_model_dir, "zo.params=full", f"zo.store_dir={tmp_path}",
+                                  f"model.share_base={share}")  # fmt: skip
+        cfg, run_config = load_cfg(overrides), {"overrides": " ".join(overrides)}
         trainer, scorer = node.NodeState(identity="run1-node1"), node.NodeState(identity="run1-node2")
-        reply = node.train(_steps_message(history, [1], 2, pool), run_config, node_config, trainer)
-        scored = node.evaluate(_steps_message(history, [1, 2], 3, pool), run_config, node_config, scorer)
+        reply = node.train(_steps_message(cfg, [1], 2), run_config, node_config, trainer)
+        scored = node.evaluate(_steps_message(cfg, [1, 2], 3), run_config, node_config, scorer)
         results[share] = (reply["zo-reply"]["coefficients"].numpy(), scored["metrics"]["eval-loss"])
     np.testing.assert_array_equal(results["false"][0], results["true"][0])  # trained the same model
     assert results["false"][1] == results["true"][1]  # and scored the same
@@ -167,16 +245,17 @@ def test_a_failed_message_leaves_no_weight_file_behind_and_its_retry_finds_the_w
     from flwr.app import RecordDict
 
     from fedllm_flwr import client, node
+    from fedllm_flwr.config import load_cfg
 
     store = tmp_path / "store"
-    run_config = {"overrides": " ".join(_zo_overrides(tiny_model_dir, "zo.params=full", f"zo.store_dir={store}"))}
-    history, pool = {1: ([3, 9], [1e-3, -1e-3]), 2: ([0], [2e-3])}, pool_id(seed_pool(0, 16))
+    overrides = _zo_overrides(tiny_model_dir, "zo.params=full", f"zo.store_dir={store}")
+    cfg, run_config = load_cfg(overrides), {"overrides": " ".join(overrides)}
     kept = RecordDict()  # Flower's context.state: saved only when a message went through
 
     def deliver(rounds, server_round):
         state = node.NodeState.load(kept, identity="run1-node1")  # as the ClientApp does, from Flower's ids
-        node.train(_steps_message(history, rounds, server_round, pool), run_config,
-                   {"partition-id": 0, "num-partitions": 2}, state)  # fmt: skip
+        node.train(_steps_message(cfg, rounds, server_round), run_config, {"partition-id": 0, "num-partitions": 2},
+                   state)  # fmt: skip
         state.save(kept)
 
     def fail_after_catching_up(*args, **kwargs):
@@ -198,3 +277,37 @@ def test_a_failed_message_leaves_no_weight_file_behind_and_its_retry_finds_the_w
     assert len(list(store.iterdir())) == 2  # the weights the saved state names, and the newest
     deliver([2], 3)  # the retry finds the weights its saved state names
     assert len(list(store.iterdir())) == 2
+
+
+@pytest.mark.parametrize("params", ["adapter", "full"])
+def test_a_node_whose_copy_differs_from_the_servers_refuses_the_message(tiny_model_dir, task_identity, tmp_path,
+                                                                        params):  # fmt: skip
+    from flwr.app import Array
+    from safetensors.torch import load_file, save_file
+
+    from fedllm_flwr import node
+    from fedllm_flwr.full_weights import WeightStore
+
+    # The node's model is its own: in one process it would otherwise be the server's.
+    overrides = _zo_overrides(tiny_model_dir, f"zo.params={params}", f"zo.store_dir={tmp_path}",
+                              "model.share_base=false")  # fmt: skip
+    run_config = {"overrides": " ".join(overrides)}
+    _, strategy, initial = _server(overrides)
+    nodes = {1: node.NodeState(identity="run1-node1")}
+    # Rounds 1 and 2: the node's weights agreed with the server's (it stored those after round 1).
+    arrays = _federate(strategy, initial, nodes, [1, 2], run_config)
+    # One weight of the node's copy one unit in the last place off: what a z drawn otherwise would leave.
+    if params == "adapter":
+        name = next(iter(nodes[1].zo_adapter))
+        held = nodes[1].zo_adapter[name].numpy().copy()
+        held.flat[0] = np.nextafter(held.flat[0], np.float32(np.inf))
+        nodes[1].zo_adapter[name] = Array(held)
+    else:
+        path = WeightStore(tmp_path, nodes[1].identity).path(nodes[1].zo_weights)
+        weights = load_file(path)
+        first = weights[next(iter(weights))].view(-1)
+        first[0] = float(np.nextafter(np.float32(first[0]), np.float32(np.inf)))
+        save_file(weights, str(path), metadata={"fingerprint": nodes[1].zo_weights})
+    what = "adapter" if params == "adapter" else "base weights"
+    with pytest.raises(ValueError, match=rf"this node's copy of the global {what} differs from the server's"):
+        _federate(strategy, arrays, nodes, [3], run_config)

@@ -13,6 +13,8 @@ in the model's order, whatever order a record or checkpoint holds them in), so i
 evaluation and `adapter/final` are of the adapter the nodes hold, bit for bit. With
 zo.params=full the steps move `weights`, the server model's own base weights, in place,
 and the adapter stays the initial one; a resumed run replays every kept round onto them.
+Each message also carries the fingerprint of the global weights the server holds, and a
+node that holds other weights after the same steps refuses it instead of drifting.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from fedllm_flwr.keys import ARRAYS_KEY, ZO_POOL_KEY, ZO_REPLY_KEY, ZO_STEPS_KEY
+from fedllm_flwr.keys import ARRAYS_KEY, ZO_POOL_KEY, ZO_REPLY_KEY, ZO_STEPS_KEY, ZO_WEIGHTS_KEY
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.catch_up import CatchUp, with_count
 from fedllm_flwr.strategy.replies import ValidReply
-from fedllm_flwr.zo import apply_steps, in_draw_order, pool_id
+from fedllm_flwr.zo import apply_steps, in_draw_order, pool_id, weights_fingerprint
 
 
 def steps_record(rounds: dict[int, tuple[np.ndarray, np.ndarray]], which: list[int]) -> ArrayRecord:
@@ -88,16 +90,28 @@ class SeedFederation(AdapterFedAvg):
         moved the global model (one whose replies carried no step is not kept)."""
         self.catch_up = CatchUp()
         self.current: dict[str, np.ndarray] = {}
+        self._weights_fingerprint = ""
+        """zo.params=full: that of `weights` as they are now ("": not computed since they moved)."""
+
+    def held(self) -> str:
+        """The fingerprint of the global weights the server holds: each message carries it,
+        and a node holding other weights after the same steps refuses the message."""
+        if self.weights is None:
+            return weights_fingerprint(in_draw_order(self.current, self.order))
+        if not self._weights_fingerprint:  # 135M weights take a third of a second: once a round
+            self._weights_fingerprint = weights_fingerprint(in_draw_order(self.weights, self.order))
+        return self._weights_fingerprint
 
     def _wire(self, arrays: ArrayRecord, messages: Iterable[Message], remember: bool = False) -> list[Message]:
-        """Each message gets the steps its node lacks and the pool's fingerprint, no adapter."""
+        """Each message gets the steps its node lacks and the fingerprints of the pool and
+        of the global weights, no adapter."""
         self.current = {k: v.numpy() for k, v in arrays.items()}
-        out = []
+        held, out = self.held(), []
         for message in messages:
             node = message.metadata.dst_node_id
             content = RecordDict({k: v for k, v in message.content.items() if k != ARRAYS_KEY})
             content[ZO_STEPS_KEY] = steps_record(self.rounds, self.catch_up.missing(node, self.rounds))
-            with_count(content, len(self.rounds), **{ZO_POOL_KEY: self.pool_id})
+            with_count(content, len(self.rounds), **{ZO_POOL_KEY: self.pool_id, ZO_WEIGHTS_KEY: held})
             if remember:
                 self.sent[node] = {}
             message.content = content
@@ -129,6 +143,7 @@ class SeedFederation(AdapterFedAvg):
         # The server's adapter (or model) takes the round's steps exactly as every node will.
         if self.weights is not None:
             apply_steps(in_draw_order(self.weights, self.order), self.pool, zip(indices, coefficients, strict=True))
+            self._weights_fingerprint = ""
             return to_arrays(self.current)
         params = [torch.from_numpy(np.array(v, dtype=np.float32)) for v in in_draw_order(self.current, self.order)]
         apply_steps(params, self.pool, zip(indices, coefficients, strict=True))
@@ -153,7 +168,7 @@ class SeedFederation(AdapterFedAvg):
         self.rounds = {t: (p["indices"], p["coefficients"]) for t, p in parts.items()}
         self.catch_up.forget()
         if self.weights is not None:  # they are the base checkpoint's: replay every kept round onto them
-            started = time.perf_counter()
+            started, self._weights_fingerprint = time.perf_counter(), ""
             for t in sorted(self.rounds):
                 apply_steps(in_draw_order(self.weights, self.order), self.pool, zip(*self.rounds[t], strict=True))
             steps = sum(len(indices) for indices, _ in self.rounds.values())
