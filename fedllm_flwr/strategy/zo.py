@@ -165,7 +165,8 @@ class SeedFederation(AdapterFedAvg):
         for key, value in arrays.items():
             _, done, name = key.split("/")
             parts[int(done)][name] = value
-        self.rounds = {t: (p["indices"], p["coefficients"]) for t, p in parts.items()}
+        # A round without steps is none of the global model's (a checkpoint from before they were dropped has them).
+        self.rounds = {t: (p["indices"], p["coefficients"]) for t, p in parts.items() if len(p["indices"])}
         self.catch_up.forget()
         if self.weights is not None:  # they are the base checkpoint's: replay every kept round onto them
             started, self._weights_fingerprint = time.perf_counter(), ""
