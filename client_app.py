@@ -15,9 +15,14 @@ from fedllm_flwr.privacy.secagg_client import secure_aggregation_mod
 app = ClientApp(mods=[secure_aggregation_mod])
 
 
+def _node_state(context: Context) -> node.NodeState:
+    """What this node kept from its earlier messages, and which node of which run it is."""
+    return node.NodeState.load(context.state, identity=f"run{context.run_id}-node{context.node_id}")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    state = node.NodeState.load(context.state)
+    state = _node_state(context)
     reply = node.train(msg.content, context.run_config, context.node_config, state)
     state.save(context.state)
     return Message(content=reply, reply_to=msg)
@@ -25,7 +30,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    state = node.NodeState.load(context.state)
+    state = _node_state(context)
     reply = node.evaluate(msg.content, context.run_config, context.node_config, state)
     state.save(context.state)  # what the message brought to keep (stacking's stacks, zeroth-order steps)
     return Message(content=reply, reply_to=msg)

@@ -53,12 +53,18 @@ def training_threads(cfg: Config) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+def client_bundle(cfg: Config, partition_id: int) -> ModelBundle:
+    """The model this client trains and evaluates: the process's shared one, or under
+    `model.share_base=false` one of its own."""
+    owner = None if cfg.model.share_base else partition_id
+    return build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner, cfg.task.name)
+
+
 def _setup(cfg: Config, partition_id: int, num_partitions: int) -> tuple[ModelBundle, ClientData]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     t0 = time.perf_counter()
-    owner = None if cfg.model.share_base else partition_id
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner, cfg.task.name)
+    bundle = client_bundle(cfg, partition_id)
     _LOAD_SECONDS.append(time.perf_counter() - t0)  # ~0 once this process has the model
     key = (repr(cfg.dataset), cfg.seed, partition_id, num_partitions, cfg.task.name, bundle.base_path)
     if key not in _DATA:
@@ -302,13 +308,29 @@ def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None
     return offsite.client_config(cfg, folder)
 
 
-def _zo_new_steps(cfg: Config, kept_round: int, steps: dict[str, np.ndarray], pool: str):
+@dataclasses.dataclass
+class ZoMessage:
+    """What a zeroth-order message brings a node to catch up with."""
+
+    steps: dict[str, np.ndarray]
+    """The aggregated steps of the rounds the node may lack: int64 `rounds` and
+    `indices` (into the seed pool) and float64 `coefficients`, in order."""
+    pool: str
+    """The server's seed pool's fingerprint."""
+    weights: str
+    """The fingerprint of the global weights the server holds, those steps applied."""
+
+
+def _zo_new_steps(cfg: Config, kept_round: int, message: ZoMessage):
     """(the run's seed pool, [(round, indices, coefficients)] past `kept_round` in order)."""
     from fedllm_flwr.zo import pool_id, seed_pool
 
     seeds = seed_pool(cfg.seed, cfg.zo.num_seeds)
-    if pool != pool_id(seeds):
-        raise ValueError(f"the server's seed pool {pool!r} is not this node's {pool_id(seeds)!r} (seed, zo.num_seeds)")
+    if message.pool != pool_id(seeds):
+        raise ValueError(
+            f"the server's seed pool {message.pool!r} is not this node's {pool_id(seeds)!r} (seed, zo.num_seeds)"
+        )
+    steps = message.steps
     tags = steps["rounds"]
     if np.any(np.diff(tags) < 0):
         raise ValueError("the message's steps are not in round order")
@@ -317,45 +339,51 @@ def _zo_new_steps(cfg: Config, kept_round: int, steps: dict[str, np.ndarray], po
 
 
 def zo_catch_up(
-    cfg: Config, kept: dict[str, torch.Tensor] | None, kept_round: int, steps: dict[str, np.ndarray], pool: str
+    cfg: Config, partition_id: int, kept: dict[str, torch.Tensor] | None, kept_round: int, message: ZoMessage
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """algorithm=zo, zo.params=adapter: this node's adapter (`kept`, after round
-    `kept_round`; None: the seeded initial one) after the aggregated `steps` of the
-    rounds past `kept_round`, in order, and those rounds."""
-    from fedllm_flwr.zo import apply_steps
+    `kept_round`; None: the seeded initial one) after the aggregated steps of the
+    rounds past `kept_round`, in order, and those rounds. ValueError if the adapter is
+    not then the server's."""
+    from fedllm_flwr.zo import apply_steps, check_weights, in_draw_order, tuned_tensors
 
-    seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
-    if kept is None:
-        kept = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).initial
-    state = {k: v.clone() for k, v in kept.items()}
+    seeds, rounds = _zo_new_steps(cfg, kept_round, message)
+    bundle = client_bundle(cfg, partition_id)
+    order = list(tuned_tensors(bundle.model, "adapter"))
+    state = {k: v.clone() for k, v in (bundle.initial if kept is None else kept).items()}
     for _, indices, coefficients in rounds:
-        apply_steps(list(state.values()), seeds, zip(indices, coefficients, strict=True))
+        apply_steps(in_draw_order(state, order), seeds, zip(indices, coefficients, strict=True))
+    check_weights(in_draw_order(state, order), message.weights, "adapter")
     return state, [t for t, _, _ in rounds]
 
 
 def zo_full_catch_up(
-    cfg: Config, store: WeightStore, fingerprint: str, kept_round: int, steps: dict[str, np.ndarray], pool: str
+    cfg: Config, partition_id: int, store: WeightStore, fingerprint: str, kept_round: int, message: ZoMessage
 ) -> tuple[str, list[int]]:
-    """algorithm=zo, zo.params=full: put this node's global weights into the process's
-    model (from `store`, tagged `fingerprint`; before any round, the base checkpoint's),
-    apply the aggregated `steps` of the rounds past `kept_round` and keep the result in
-    `store`. (The new fingerprint, the rounds applied.)"""
-    from fedllm_flwr.full_weights import base_weights, chain, reset_to, reset_to_base
-    from fedllm_flwr.zo import apply_steps, pool_id
+    """algorithm=zo, zo.params=full: put this node's global weights into the model it
+    trains and evaluates (`client_bundle`; from `store`, those of history `fingerprint`;
+    before any round, the base checkpoint's), apply the aggregated steps of the rounds
+    past `kept_round`, check them against the server's, and keep them in `store` beside
+    the weights of `fingerprint`, which a retry of this message starts from again.
+    (The new history fingerprint, the rounds applied.)"""
+    from fedllm_flwr.full_weights import chain, reset_to, reset_to_base
+    from fedllm_flwr.zo import apply_steps, check_weights, pool_id, tuned_tensors
 
-    seeds, rounds = _zo_new_steps(cfg, kept_round, steps, pool)
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
-    weights = base_weights(bundle.model)
-    if kept_round:
-        reset_to(weights, store.load(fingerprint))
+    seeds, rounds = _zo_new_steps(cfg, kept_round, message)
+    bundle = client_bundle(cfg, partition_id)
+    weights = tuned_tensors(bundle.model, "full")
+    kept = fingerprint if kept_round else ""
+    if kept:
+        reset_to(weights, store.load(kept))
     else:
         reset_to_base(weights, bundle.base_path)
         fingerprint = pool_id(seeds)
     for t, indices, coefficients in rounds:
         apply_steps(list(weights.values()), seeds, zip(indices, coefficients, strict=True))
         fingerprint = chain(fingerprint, t, indices, coefficients)
-    if rounds or kept_round == 0:
-        store.save(weights, fingerprint)
+    check_weights(weights.values(), message.weights, "base weights")  # before they are kept
+    if fingerprint != kept:
+        store.save(weights, fingerprint, keep=kept)
     return fingerprint, [t for t, _, _ in rounds]
 
 
@@ -365,9 +393,8 @@ def zo_local_round(
     """algorithm=zo: `train.local_steps` MeZO steps from the global adapter `state`
     (zo.params=full: None, the global weights are in the model, `zo_full_catch_up`);
     (pool index -> summed coefficient, the reply metrics)."""
-    from fedllm_flwr.full_weights import base_weights
     from fedllm_flwr.lm_loss import lm_loss
-    from fedllm_flwr.zo import seed_pool, zo_train
+    from fedllm_flwr.zo import seed_pool, tuned_tensors, zo_train
 
     bundle, data = _setup(cfg, partition_id, num_partitions)
     if len(data.train) == 0:
@@ -378,10 +405,7 @@ def zo_local_round(
     steps = cfg.train.local_steps
     batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id,
                            seed=cfg.seed * 1000 + partition_id, start=(server_round - 1) * steps)  # fmt: skip
-    if full:
-        params = list(base_weights(bundle.model).values())
-    else:
-        params = [p for p in bundle.model.parameters() if p.requires_grad]
+    params = list(tuned_tensors(bundle.model, cfg.zo.params).values())
     draw = np.random.default_rng([cfg.seed, server_round, partition_id])
     result = zo_train(
         bundle.model, params, batches, seed_pool(cfg.seed, cfg.zo.num_seeds), draw, steps, lambda k: cfg.zo.lr,

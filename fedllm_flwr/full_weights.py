@@ -86,33 +86,53 @@ def store_folder(store_dir: str, model_cfg) -> Path:
 
 
 class WeightStore:
-    """A node's copy of the global weights between messages, one safetensors file per
-    node (`name`) in `folder`, tagged with the fingerprint of the rounds it holds.
+    """A node's copies of the global weights between messages, in `folder`: one
+    safetensors file per weight history, `<node>-<history fingerprint>.safetensors`
+    (`node`: which node of which run, `NodeState.identity`).
 
     Why a file: a deployed SuperNode starts a fresh ClientApp process for every
     message, and a Flower context state of full weights would be copied with each one.
+    Why two: a message can fail after the node stored its new weights but before Flower
+    saved its state; the retry starts again from the weights the saved state names.
+    A save keeps those (`keep`) and the new ones and deletes the node's others, so a
+    node holds at most two files (each the size of the base in fp32), however often a
+    message is retried.
     """
 
-    def __init__(self, folder: Path, name: str) -> None:
-        self.path = folder / f"{name}.safetensors"
+    def __init__(self, folder: Path, node: str) -> None:
+        if not node:
+            raise ValueError("zo.params=full: a node needs an identity (Flower's run and node id) to name its files")
+        self.folder, self.node = folder, node
+
+    def path(self, fingerprint: str) -> Path:
+        return self.folder / f"{self.node}-{fingerprint}.safetensors"
 
     def load(self, fingerprint: str) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
-        if not self.path.is_file():
-            raise ValueError(f"this node's weights are gone from {self.path}; a restarted node catches up from round 0")
-        with safe_open(str(self.path), framework="pt") as handle:
+        path = self.path(fingerprint)
+        if not path.is_file():
+            raise ValueError(f"this node's weights are gone from {path}; a restarted node catches up from round 0")
+        with safe_open(str(path), framework="pt") as handle:
             stored = handle.metadata().get("fingerprint")
             if stored != fingerprint:
-                raise ValueError(f"{self.path} holds weights {stored}, not this node's {fingerprint}")
+                raise ValueError(f"{path} holds weights {stored}, not this node's {fingerprint}")
             return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
 
-    def save(self, weights: dict[str, torch.Tensor], fingerprint: str) -> None:
+    def save(self, weights: dict[str, torch.Tensor], fingerprint: str, keep: str = "") -> None:
+        """Store `weights` as those of history `fingerprint`; of this node's other files
+        only `keep`'s (the weights its saved state names; "": none) stays."""
         from safetensors.torch import save_file
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        wanted = {self.path(fingerprint), self.path(keep) if keep else None}
+        # Its other files, and what a process stopped while writing one left (`write_atomically`'s).
+        for path in [*self.folder.glob(f"{self.node}-*.safetensors"), *self.folder.glob(f".{self.node}-*.tmp")]:
+            if path not in wanted:
+                path.unlink(missing_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in weights.items()}
-        write_atomically(self.path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint}))
+        write_atomically(self.path(fingerprint),
+                         lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint}))  # fmt: skip
 
 
 def save_model(

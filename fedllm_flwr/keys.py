@@ -33,6 +33,10 @@ ZO_REPLY_KEY = "zo-reply"
 (per seed index, the sum of lr * g over the round's steps that drew it)."""
 ZO_POOL_KEY = "zo-pool"
 """algorithm=zo: in the "config" records both ways, the seed pool's fingerprint."""
+ZO_WEIGHTS_KEY = "zo-weights"
+"""algorithm=zo: in a message's "config", the fingerprint of the global weights the server
+holds (the adapter's tensors; zo.params=full: the base weights). A node whose weights
+differ after applying the message's steps refuses it (z drawn differently there)."""
 ROUNDS_HELD_KEY = "rounds-held"
 """stacking, algorithm=zo: in a message's "config", how many rounds' stacks (in every
 module, a compaction counting the rounds it covers) or steps the global model holds;

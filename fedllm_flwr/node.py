@@ -15,7 +15,6 @@ data) never loads torch or the model.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from fedllm_flwr.keys import (
     ZO_ROUND_KEY,
     ZO_STATE_KEY,
     ZO_STEPS_KEY,
+    ZO_WEIGHTS_KEY,
 )
 
 Config = Mapping[str, Any]  # Flower's run and node configs: flat str -> scalar maps
@@ -65,11 +65,15 @@ class NodeState:
     zo_seconds: float = 0.0
     """algorithm=zo: how long this message's catch-up took (not kept)."""
     zo_weights: str = ""
-    """zo.params=full: "<store file>:<fingerprint>" of this node's global weights
-    (`full_weights.WeightStore`: kept on disk, not in the context)."""
+    """zo.params=full: the fingerprint of the history of this node's global weights,
+    which names their file in its `full_weights.WeightStore` (on disk, not in the context)."""
+    identity: str = ""
+    """Which node of which run this is ("run<Flower run id>-node<Flower node id>"), given
+    by the ClientApp with each message (not kept): names what the node keeps outside the
+    context, the same across retries of a message (zo.params=full's weight files)."""
 
     @classmethod
-    def load(cls, state: RecordDict) -> NodeState:
+    def load(cls, state: RecordDict, identity: str = "") -> NodeState:
         feedback = state.array_records.get(FEEDBACK_KEY)
         residual = feedback["residual"].numpy() if feedback is not None else None
         merged = state.array_records.get(MERGED_KEY)
@@ -77,7 +81,7 @@ class NodeState:
         return cls(
             private=state.array_records.get(PRIVATE_KEY), residual=residual, merged=merged,
             zo_adapter=state.array_records.get(ZO_STATE_KEY), zo_round=int(zo.get("round", 0)),
-            zo_count=int(zo.get("count", 0)), zo_weights=str(zo.get("weights", "")),
+            zo_count=int(zo.get("count", 0)), zo_weights=str(zo.get("weights", "")), identity=identity,
         )  # fmt: skip
 
     def save(self, state: RecordDict) -> None:
@@ -94,17 +98,23 @@ class NodeState:
                 {"round": self.zo_round, "count": self.zo_count, "weights": self.zo_weights}
             )
 
-    def zo_catch_up(self, cfg, content: RecordDict):
+    def zo_catch_up(self, cfg, content: RecordDict, partition_id: int):
         """algorithm=zo: this node's adapter after the steps the message carries (kept);
-        zo.params=full: None, the weights are in the process's model and the node's store."""
-        from fedllm_flwr.client import zo_catch_up, zo_full_catch_up
+        zo.params=full: None, the weights are in the model client `partition_id` trains
+        and evaluates, and in the node's store. ValueError, nothing kept, when this node
+        would then hold another number of rounds or other weights than the server."""
+        from fedllm_flwr.client import ZoMessage, zo_catch_up, zo_full_catch_up
         from fedllm_flwr.transport import arrays_to_state, state_to_arrays
 
         started = time.perf_counter()
-        steps = {k: v.numpy() for k, v in content[ZO_STEPS_KEY].items()}
         config = content["config"]
-        pool = str(config[ZO_POOL_KEY])
-        count = self.zo_count + len(np.unique(steps["rounds"][steps["rounds"] > self.zo_round]))
+        message = ZoMessage(
+            steps={k: v.numpy() for k, v in content[ZO_STEPS_KEY].items()},
+            pool=str(config[ZO_POOL_KEY]),
+            weights=str(config[ZO_WEIGHTS_KEY]),
+        )
+        tags = message.steps["rounds"]
+        count = self.zo_count + len(np.unique(tags[tags > self.zo_round]))
         if count != int(config[ROUNDS_HELD_KEY]):  # checked before anything is applied or stored
             raise ValueError(
                 f"this node has applied {count} rounds' steps and the global model {config[ROUNDS_HELD_KEY]}"
@@ -113,17 +123,13 @@ class NodeState:
         if cfg.zo.params == "full":
             from fedllm_flwr.full_weights import WeightStore, store_folder
 
-            name, _, fingerprint = self.zo_weights.partition(":")
-            name = name or f"node-{uuid.uuid4().hex[:16]}"  # a new node (or a new run): its own file
-            store = WeightStore(store_folder(cfg.zo.store_dir, cfg.model), name)
-            fingerprint, applied = zo_full_catch_up(cfg, store, fingerprint, self.zo_round, steps, pool)
+            store = WeightStore(store_folder(cfg.zo.store_dir, cfg.model), self.identity)
+            self.zo_weights, applied = zo_full_catch_up(cfg, partition_id, store, self.zo_weights, self.zo_round,
+                                                        message)  # fmt: skip
         else:
             kept = arrays_to_state(self.zo_adapter) if self.zo_adapter is not None else None
-            state, applied = zo_catch_up(cfg, kept, self.zo_round, steps, pool)
-        if state is not None:
+            state, applied = zo_catch_up(cfg, partition_id, kept, self.zo_round, message)
             self.zo_adapter = state_to_arrays(state)
-        else:
-            self.zo_weights = f"{name}:{fingerprint}"
         self.zo_count, self.zo_round = count, max(applied, default=self.zo_round)
         self.zo_seconds = time.perf_counter() - started
         return state
@@ -215,7 +221,7 @@ def evaluate(content: RecordDict, run_config: Config, node_config: Config, node:
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
     if cfg.algorithm.name == "zo":  # zo.params=full: the weights are in the model, the adapter is the initial one
-        received = node.zo_catch_up(cfg, content) or {}
+        received = node.zo_catch_up(cfg, content, partition_id) or {}
     else:
         received = unpack_state(content, codec=codecs(cfg.compression)[0])
     merged = _merged(cfg, content, node)
@@ -280,7 +286,7 @@ def _quiet() -> None:
 def _zo_train(cfg, content: RecordDict, node: NodeState, partition_id: int, num_partitions: int) -> RecordDict:
     from fedllm_flwr.client import zo_local_round
 
-    state = node.zo_catch_up(cfg, content)
+    state = node.zo_catch_up(cfg, content, partition_id)
     server_round = int(content["config"][SERVER_ROUND_KEY])
     coefficients, metrics = zo_local_round(cfg, state, server_round, partition_id, num_partitions)
     metrics["catch-up-seconds"] = node.zo_seconds  # applying the rounds the message carried (and, full: load, save)

@@ -22,13 +22,15 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 Loss = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+T = TypeVar("T")
 
 
 def seed_pool(seed: int, size: int) -> np.ndarray:
@@ -43,14 +45,47 @@ def pool_id(pool: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(pool, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+def tuned_tensors(model: torch.nn.Module, params: str) -> dict[str, torch.Tensor]:
+    """The tensors `zo.params` tunes (`adapter`: the trainable ones; `full`: the base
+    weights, by their transformers names), in the model's own parameter order: the one
+    order z is drawn over them in, on the server and on every node."""
+    if params == "full":
+        from fedllm_flwr.full_weights import base_weights
+
+        return base_weights(model)
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def in_draw_order(tensors: Mapping[str, T], order: Sequence[str]) -> list[T]:
+    """The values of `tensors` in `order` (`tuned_tensors`' names), whatever order the
+    mapping has: z(seed) is one stream drawn tensor after tensor, so the same steps
+    applied to the tensors in another order (a checkpoint's, which is sorted) give other
+    weights. ValueError when the names are not the model's."""
+    if set(tensors) != set(order):
+        missing, extra = sorted(set(order) - set(tensors))[:2], sorted(set(tensors) - set(order))[:2]
+        raise ValueError(f"the tuned tensors are not the model's: missing {missing}, unexpected {extra}")
+    return [tensors[name] for name in order]
+
+
 @torch.no_grad()
 def perturb(params: list[torch.Tensor], seed: int, scale: float) -> None:
-    """params += scale * z(seed), z standard normal, drawn in fp32 on the CPU tensor by
-    tensor in the order given (so on any device the same z)."""
-    generator = torch.Generator().manual_seed(int(seed))
+    """params += scale * z(seed), z standard normal, drawn on the CPU tensor by tensor in
+    the order given, so that every node, on any CPU or device, adds the same bits.
+
+    torch picks its CPU kernels by what the CPU offers, and two of them would differ:
+    its float32 normal kernel (AVX2's vectorised one against the default's: over a third
+    of the draws) and `add_(z, alpha=scale)`, which AVX2 fuses into one multiply-add. So
+    z comes from numpy's PCG64 generator in float64 (integer arithmetic and a table for
+    almost every draw, no CPU dispatch), and the step scale * z is rounded to float32 and
+    then added: the multiply, the rounding and the addition each one correctly rounded
+    operation, whatever the vector width. A GPU node
+    draws on the CPU too (a CUDA generator would give another z) and moves each step to
+    the device. The README says what this costs and which platforms were seen to agree."""
+    draws = np.random.Generator(np.random.PCG64(int(seed)))
     for param in params:
-        z = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-        param.add_(z.to(param.device), alpha=scale)
+        z = torch.from_numpy(draws.standard_normal(param.numel())).view(param.shape)
+        step = z.mul_(scale).to(torch.float32)
+        param.add_(step.to(param.device))
 
 
 @torch.no_grad()
@@ -93,9 +128,36 @@ def step_in_place(
     return g, (plus + minus) / 2
 
 
+def weights_fingerprint(tensors: Iterable[torch.Tensor | np.ndarray]) -> str:
+    """A short fingerprint of weights given in draw order (`in_draw_order`): sha1 of each
+    tensor's dtype, shape and bytes. The server sends that of the global weights with
+    every message, and a node compares its own (`check_weights`)."""
+    digest = hashlib.sha1()
+    for tensor in tensors:
+        t = torch.from_numpy(np.ascontiguousarray(tensor)) if isinstance(tensor, np.ndarray) else tensor.detach()
+        t = t.cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:20]
+
+
+def check_weights(tensors: Iterable[torch.Tensor], expected: str, what: str) -> None:
+    """ValueError, saying what differs and why it likely does, when the weights `what`
+    (in draw order) are not those of fingerprint `expected` (the server's)."""
+    held = weights_fingerprint(tensors)
+    if held != expected:
+        raise ValueError(
+            f"this node's copy of the global {what} differs from the server's after the same steps (fingerprint "
+            f"{held}, the server's {expected}): z was drawn differently here (another torch version or a platform "
+            "the README does not list as agreeing) or the copy was changed on this node; the message is refused "
+            "rather than trained on another model"
+        )
+
+
 def apply_steps(params: list[torch.Tensor], pool: np.ndarray, steps: Iterable[tuple[int, float]]) -> None:
     """w <- w - c z(pool[i]) for each (index i, coefficient c), in order: a round of
-    the federation, or a node catching up on the rounds it missed."""
+    the federation, or a node catching up on the rounds it missed. `params` in the
+    order z is drawn over them (`in_draw_order`)."""
     for index, coefficient in steps:
         perturb(params, int(pool[index]), -float(coefficient))
 

@@ -133,8 +133,8 @@ def run_federation(
     run = Run(cfg, Path(), None, grid)
     build = server_run.private_strategy
 
-    def keep_strategy(cfg):  # noqa: ANN001
-        run.strategy = build(cfg)
+    def keep_strategy(cfg, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        run.strategy = build(cfg, *args, **kwargs)
         return run.strategy
 
     class Watched(ServerEvaluator):

@@ -470,7 +470,8 @@ def test_zeroth_order_on_every_base_weight_stops_resumes_and_saves_a_transformer
         assert r["clients-ok"] == 2 and not r.get("clients-dropped") and finite(r["train-loss"], 0), r
         assert finite(r["client-eval-loss"], 0), r  # the nodes scored the global weights on their held-out data
         assert 0 < r["bytes-down"] / 2 < 20_000 and 0 < r["bytes-up"] / 2 < 20_000, r
-    assert len(list(store.glob("*.safetensors"))) == 4  # one weight file per node of each run
+    # At most two weight files per node of each run: those its saved state names, and the newest.
+    assert 4 <= len(list(store.glob("*.safetensors"))) <= 8
     assert not (out / "full" / "adapter").exists()
     _, _, kept = RunDir(out / "full").read_checkpoint()
     expected = {k: v.clone() for k, v in pristine(str(tiny_model_dir)).items()}

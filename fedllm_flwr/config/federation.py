@@ -182,9 +182,9 @@ class ZoConfig:
     tuned weight at once, so rates are far below AdamW's. Unset: 5e-4 for `adapter`
     (LoRA r=8; 1e-3 diverged within 200 steps on the default task), 1e-5 for `full`."""
     store_dir: str = ""
-    """zo.params=full: the folder of each node's weight file (one per node, the size
-    of the base in fp32, left behind when a run ends); empty: `zo-weights` in
-    `model.cache_dir`."""
+    """zo.params=full: the folder of the nodes' weight files (at most two per node of a
+    run, each the size of the base in fp32, left behind when a run ends); empty:
+    `zo-weights` in `model.cache_dir`."""
 
     def resolve(self) -> None:
         """Fill an unset `eps` and `lr` with the default of `params` (Config does, once

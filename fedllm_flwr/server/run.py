@@ -29,7 +29,6 @@ from fedllm_flwr.server.nodes import discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
 from fedllm_flwr.server.ranks import RankQuery, node_ranks
 from fedllm_flwr.server.resume import resume_run
-from fedllm_flwr.strategy import build_strategy
 from fedllm_flwr.tracking import check_installed, open_trackers
 from fedllm_flwr.transport import state_to_arrays
 from fedllm_flwr.worker_start import await_warm_up, is_simulation
@@ -73,10 +72,10 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     if cfg.task.name == "lm":
         generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
     if ranks:  # privacy=none: the config refuses privacy with these strategies
-        strategy = build_strategy(cfg, ranks=ranks, ask_ranks=RankQuery(grid, cfg))
+        strategy = private_strategy(cfg, bundle.model, ranks=ranks, ask_ranks=RankQuery(grid, cfg))
         strategy.nodes = nodes
     else:
-        strategy = private_strategy(cfg)
+        strategy = private_strategy(cfg, bundle.model)
     done = 0  # rounds completed before this start (a resumed run)
     if cfg.resume:
         run_dir, done, initial_arrays = resume_run(cfg, strategy)
@@ -85,8 +84,6 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     run_dir.metrics.trackers = open_trackers(cfg, run_dir.path, run_dir.rows() if done else [])
     completed, final = False, None
     try:
-        if cfg.algorithm.name == "zo" and cfg.zo.params == "full":
-            zo_full_weights(strategy, bundle, done)
         evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy, views)
         if done:
             evaluator.rows = run_dir.rows()
@@ -177,16 +174,3 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     log(INFO, "[fedllm-flwr] done in %.1f s; %s saved to %s", time.perf_counter() - t_start,
         "model" if evaluator.full else "adapter", final)  # fmt: skip
     return run_dir
-
-
-def zo_full_weights(strategy, bundle, done: int) -> None:
-    """zo.params=full: the seed lists move the server model's base weights; a resumed
-    run first replays every round it kept onto the base checkpoint's."""
-    from fedllm_flwr.full_weights import base_weights
-
-    strategy.full = list(base_weights(bundle.model).values())
-    if done:
-        t0 = time.perf_counter()
-        steps = strategy.replay()
-        log(INFO, "[fedllm-flwr] zo: replayed %s rounds (%s steps) onto the base weights in %.1f s",
-            done, steps, time.perf_counter() - t0)  # fmt: skip
