@@ -11,8 +11,10 @@ so a test checks its invariants round by round (tests/invariants.py).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,26 @@ class Exchange:
         return self.message.metadata.message_type
 
 
+_RUN_IDS = itertools.count(1)
+
+
+@contextlib.contextmanager
+def worker_process(caches: dict[str, dict]) -> Iterator[None]:
+    """Model caches of their own while nodes run, as a simulation worker process has:
+    the server's model (whose weights algorithm=zo with zo.params=full moves) is not the
+    one the nodes train, exactly as with Flower's separate ServerApp process."""
+    import fedllm_flwr.model as model
+
+    server = {name: getattr(model, name) for name in caches}
+    for name, cache in caches.items():
+        setattr(model, name, cache)
+    try:
+        yield
+    finally:
+        for name, cache in server.items():
+            setattr(model, name, cache)
+
+
 class InProcessGrid:
     """Flower's Grid for nodes that run in this process, one `Context` per node."""
 
@@ -49,8 +71,9 @@ class InProcessGrid:
                  fail: Callable[[Message], str | None] | None = None,
                  tamper: Callable[[Message, RecordDict], RecordDict] | None = None) -> None:  # fmt: skip
         self.run_config = run_config
+        run_id = next(_RUN_IDS)  # Flower's run id: every run its own, a resumed one too
         self.contexts = {
-            101 + i: Context(run_id=1, node_id=101 + i, node_config=dict(config), state=RecordDict(),
+            101 + i: Context(run_id=run_id, node_id=101 + i, node_config=dict(config), state=RecordDict(),
                              run_config=dict(run_config))
             for i, config in enumerate(node_configs)
         }  # fmt: skip
@@ -59,6 +82,8 @@ class InProcessGrid:
         self.tamper = tamper
         """(message, reply content) -> the content a misbehaving node sends instead."""
         self.traffic: list[Exchange] = []
+        self.caches: dict[str, dict] = {"_BUNDLES": {}, "_BASES": {}}
+        """The nodes' model caches (one worker process serves every node)."""
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -77,7 +102,8 @@ class InProcessGrid:
                 reply = Message(Error(code=0, reason=reason), reply_to=received)
             else:
                 try:
-                    answer = client_app.app(received, context).content
+                    with worker_process(self.caches):
+                        answer = client_app.app(received, context).content
                     if self.tamper is not None:
                         answer = self.tamper(received, answer)
                     reply = Message(over_the_wire(answer), reply_to=received)

@@ -150,3 +150,16 @@ def test_rounds_nobody_was_sampled_in_are_no_client_loss(tiny_cfg, tmp_path):
 def test_a_negative_max_rounds_without_reply_is_one_line(tiny_cfg):
     with pytest.raises(UserError, match=r"run.max_rounds_without_reply must be >= 0 \(0: never stop\), got -1"):
         tiny_cfg("run.max_rounds_without_reply=-1")
+
+
+def test_a_second_run_in_the_same_process_starts_from_the_seeded_adapter(monkeypatch, tiny_model_dir, task_identity):
+    """The server's model is cached per process and every evaluation loads an adapter into
+    it: a run must start from the seeded initial adapter, not from what the run before
+    left there, or two runs of one config (a test, a sweep's warm server) differ."""
+    from conftest import TINY_OVERRIDES
+    from federation import run_federation
+
+    overrides = [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=2", "log.curves=false"]
+    first, second = (run_federation(monkeypatch, overrides, nodes=2) for _ in range(2))
+    assert [r["train-loss"] for r in first.rows()] == [r["train-loss"] for r in second.rows()]
+    assert all(np.array_equal(first.arrays[2][k], second.arrays[2][k]) for k in first.arrays[2])

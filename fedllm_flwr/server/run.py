@@ -19,7 +19,7 @@ from fedllm_flwr.config import RANKED_STRATEGIES, Config
 from fedllm_flwr.data import records, test_records
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.keys import EMULATOR_ID_KEY
-from fedllm_flwr.model import build_model, count_parameters, get_adapter_state
+from fedllm_flwr.model import build_model, count_parameters
 from fedllm_flwr.plot import write_curves
 from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
 from fedllm_flwr.run_dir import RunDir
@@ -56,7 +56,13 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     else:
         bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task=cfg.task.name)
     trainable, total = count_parameters(bundle.model)
-    initial = get_adapter_state(bundle.model)
+    # The seeded initial adapter, not what the model holds now: a process that ran a job
+    # before (a test, a sweep's warm server) left that job's last adapter in it.
+    initial = dict(bundle.initial)
+    if cfg.algorithm.name == "zo" and cfg.zo.params == "full":  # the base weights are the global model
+        from fedllm_flwr.full_weights import base_weights, reset_to_base
+
+        reset_to_base(base_weights(bundle.model), bundle.base_path)
     if cfg.personalize.private:
         shared = {k: v for k, v in initial.items() if not cfg.personalize.is_private(k)}
         if len(shared) in (0, len(initial)):
