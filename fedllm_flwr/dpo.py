@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from fedllm_flwr.config import DpoLossConfig
 from fedllm_flwr.data.pairs import PairSet, collate_pairs
 from fedllm_flwr.lm_loss import sequence_logps
+from fedllm_flwr.model import adapter_off
 
 
 def dpo_loss(
@@ -75,7 +76,7 @@ def policy_and_reference(
     compare like with like."""
     disable_dropout(model)
     policy, tokens = sequence_logps(model, batch, response_logits)
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad(), adapter_off(model):
         reference, _ = sequence_logps(model, batch, response_logits)
     return policy, reference, tokens
 

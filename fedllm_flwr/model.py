@@ -8,9 +8,11 @@ the LoRA ranks of sites that differ only in their adapter.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -320,6 +322,21 @@ def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
         if tuple(state[name].shape) != tuple(param.shape):
             raise ValueError(f"{name}: shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
         param.copy_(state[name])
+
+
+@contextlib.contextmanager
+def adapter_off(model: PeftModel) -> Iterator[None]:
+    """The base model alone (peft's `disable_adapter`: task=dpo's reference), with every
+    parameter trainable or frozen as before afterwards: on the way out peft marks every
+    tensor of the adapter trainable again, frozen ones included (FFA-LoRA's A, AdaLoRA's
+    rank divisor), which would change what the adapter state holds."""
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable.get(name, param.requires_grad))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

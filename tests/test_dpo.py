@@ -174,6 +174,18 @@ def test_the_policy_trains_without_dropout_so_its_log_probs_are_deterministic(ti
     assert float(loss(bundle.model, batch).detach()) == float(loss(bundle.model, batch).detach())
 
 
+@pytest.mark.parametrize("peft", ["ffa_lora", "adalora"])
+def test_the_reference_leaves_frozen_adapter_tensors_frozen(tiny_cfg, peft):
+    """peft's disable_adapter marks every adapter tensor trainable on its way out, FFA-LoRA's
+    frozen A and AdaLoRA's rank divisor included: after a reference forward the adapter
+    state would hold tensors no node sends (and the server would drop every reply)."""
+    extra = ["scenario=local"] if peft == "adalora" else []
+    cfg, bundle = _bundle(tiny_cfg, f"peft={peft}", *extra)
+    before = set(get_adapter_state(bundle.model))
+    policy_and_reference(bundle.model, _batch(cfg, bundle))
+    assert set(get_adapter_state(bundle.model)) == before
+
+
 def test_bad_pairs_are_dropped_and_counted_never_a_nan_loss(tiny_cfg):
     cfg, bundle = _bundle(tiny_cfg)
     tok = bundle.tokenizer
