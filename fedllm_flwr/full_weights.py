@@ -28,9 +28,13 @@ def hf_name(name: str) -> str:
 
 
 def base_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Every base parameter (not the adapter's), by its transformers name, in the
-    model's own order (the order z is drawn in)."""
-    return {hf_name(n): p for n, p in model.named_parameters() if not p.requires_grad}
+    """Every base parameter (not the adapter's, frozen ones such as FFA-LoRA's A
+    included), by its transformers name, in the model's own order (the order z is drawn in)."""
+    adapters = [f".{name}." for name in getattr(model, "peft_config", {})]
+    return {
+        hf_name(n): p for n, p in model.named_parameters()
+        if not p.requires_grad and not any(a in f"{n}." for a in adapters)
+    }  # fmt: skip
 
 
 @torch.no_grad()

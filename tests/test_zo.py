@@ -245,3 +245,17 @@ def test_full_weights_are_saved_as_a_model_transformers_loads(tiny_model_dir, tm
                                   loaded(ids).logits)  # fmt: skip
     assert (saved / "tokenizer_config.json").is_file()
     clear_model_cache()
+
+
+def test_the_base_weights_are_the_bases_alone_under_ffa_lora(tiny_cfg):
+    """zo.params=full tunes the base model's weights; FFA-LoRA's A is frozen too, but it is
+    the adapter's: it is no base weight, and no base checkpoint holds it."""
+    from fedllm_flwr.full_weights import base_weights
+    from fedllm_flwr.model import build_model, clear_model_cache
+
+    clear_model_cache()
+    cfg = tiny_cfg("peft=ffa_lora")
+    model = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).model
+    names = set(base_weights(model))
+    assert not any("lora_" in n for n in names)
+    assert "model.embed_tokens.weight" in names and len(names) > 10
