@@ -29,18 +29,18 @@ GROUPS: dict[str, dict[str, list[str]]] = {
     "strategy": {s: ([] if s == "fedavg" else [f"strategy={s}"]) for s in (
         "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "mifa", "median", "trimmed_mean", "zero_padding",
         "svd", "stacking")},
-    "ranks": {"equal": [], "unequal": ["peft.client_ranks=[2,4,4]"]},
-    "algorithm": {"none": [], "fedot": ["algorithm=fedot"], "zo": ["algorithm=zo"],
+    "ranks": {"equal": [], "unequal": ["peft.client_ranks=[2,4]"]},
+    "algorithm": {"none": [], "fedot": ["algorithm=fedot", "algorithm.adapter_layers=1"], "zo": ["algorithm=zo"],
                   "zo_full": ["algorithm=zo", "zo.params=full"]},
     "task": {"lm": [], "reward": ["task=reward"], "dpo": ["task=dpo"]},
     "compression": {"fp16": [], "fp32": ["compression=fp32"], "int8": ["compression=int8"],
                     "topk": ["compression=topk"]},
     "privacy": {"none": [], "dp": ["privacy=dp", "privacy.noise_multiplier=0.5"],
                 "secagg": ["privacy=secagg", "privacy.max_weight=100"]},
-    "personalize": {"none": [], "ft": ["personalize.ft_steps=2"], "private": ["personalize.private=[PRIVATE]"],
-                    "ft_private": ["personalize.ft_steps=2", "personalize.private=[PRIVATE]"]},
+    "personalize": {"none": [], "ft": ["personalize.ft_steps=1"], "private": ["personalize.private=[PRIVATE]"],
+                    "ft_private": ["personalize.ft_steps=1", "personalize.private=[PRIVATE]"]},
     "availability": {"always": [], "uniform": ["strategy.availability=uniform", "strategy.available_p=0.7"],
-                     "per_client": ["strategy.availability=per_client", "strategy.available_per_client=[1.0,0.6,0.6]"],
+                     "per_client": ["strategy.availability=per_client", "strategy.available_per_client=[1.0,0.6]"],
                      "category": ["strategy.availability=category", "strategy.available_per_category=[add:0.5]"]},
     "resume": {"no": [], "yes": ["resume=RESUME"]},
     "share_base": {"true": [], "false": ["model.share_base=false"]},
@@ -51,7 +51,7 @@ KEYS = {"ranks": "peft.client_ranks", "personalize": "personalize.", "availabili
         "share_base": "model.share_base", "algorithm": "algorithm", "compression": "compression"}  # fmt: skip
 
 #: personalize.private's pattern per method: some but not all of its adapter tensors.
-PRIVATE_PATTERN = {"lora": "lora_B", "dora": "lora_B", "ffa_lora": "lora_B", "adalora": "lora_B",
+PRIVATE_PATTERN = {"lora": "lora_B", "dora": "lora_B", "ffa_lora": "q_proj", "adalora": "lora_B",
                    "loha": "hada_w2", "ia3": "down_proj", "p_tuning": "mlp_head"}  # fmt: skip
 
 Row = dict[str, str]

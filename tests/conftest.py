@@ -31,6 +31,14 @@ TINY_OVERRIDES = [
 SLOW_FIRST = ("test_sweep.py", "test_deploy.py", "test_e2e.py", "test_smollm2.py")
 
 
+def pytest_configure(config):
+    import torch
+
+    # Tiny models gain nothing from threads, and `make test` runs three workers on two
+    # cores: more threads than cores make every worker spin-wait for the others.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> tuple[int, int]:
         module = item.path.name
