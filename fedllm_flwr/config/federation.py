@@ -94,7 +94,9 @@ class PersonalizeConfig:
     ft_steps: int = 0
     """FedAvg + local fine-tuning: after the last round every client tunes the
     final global adapter for this many steps on its own data (constant
-    `train.lr`), and is evaluated on its held-out split before and after. 0: off."""
+    `train.lr`), and is evaluated on its held-out split before and after. 0: off.
+    With `private` tensors or `privacy` on, each node keeps its personalized adapter
+    (saved in its own run folder) and sends only the scores."""
 
     private: list[str] = field(default_factory=list)
     """Partial sharing: adapter tensors whose name contains any of these strings
