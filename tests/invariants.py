@@ -23,16 +23,30 @@ from fedllm_flwr.transport import is_relative, pack, unpack
 
 def check_round(run, server_round: int) -> None:  # noqa: ANN001 - a federation.Run
     """Every invariant that holds after each round (round 0 included)."""
-    seen = getattr(run, "_checked", 0)
-    new = run.grid.traffic[seen:]
-    run._checked = len(run.grid.traffic)
-    no_node_fails(new)
-    private_tensors_stay_home(run, new)
-    nothing_unmasked_leaves_a_node_under_secagg(run, new)
+    new = _unchecked(run)
+    check_messages(run, new)
     updates_are_clipped_and_releases_noised_under_dp(run, new, server_round)
     nothing_non_finite_is_averaged_in(run, server_round)
     nodes_hold_the_servers_model(run, new, server_round)
     no_capacity_is_lost(run, server_round)
+
+
+def check_end(run) -> None:  # noqa: ANN001
+    """What holds of every message, for those after the last round (FedAvg + FT)."""
+    check_messages(run, _unchecked(run))
+
+
+def check_messages(run, new) -> None:  # noqa: ANN001
+    no_node_fails(new)
+    private_tensors_stay_home(run, new)
+    nothing_unmasked_leaves_a_node_under_secagg(run, new)
+    adapters_leave_a_node_only_as_clipped_updates_under_dp(run, new)
+
+
+def _unchecked(run) -> list:  # noqa: ANN001
+    seen = getattr(run, "_checked", 0)
+    run._checked = len(run.grid.traffic)
+    return run.grid.traffic[seen:]
 
 
 def _config(content: RecordDict) -> dict:
@@ -81,21 +95,30 @@ def nothing_unmasked_leaves_a_node_under_secagg(run, new) -> None:  # noqa: ANN0
         assert not clear, f"node {exchange.node} sent {clear} unmasked ({exchange.kind} message)"
 
 
+def adapters_leave_a_node_only_as_clipped_updates_under_dp(run, new) -> None:  # noqa: ANN001
+    """privacy=dp: whatever the message (training, FedAvg + FT), an adapter leaves a node
+    only as an update within the clipping norm C (as it travels, up to the codec's
+    rounding: the server re-clips it)."""
+    if run.cfg.privacy.name != "dp":
+        return
+    for exchange in _answered(new):
+        content = exchange.reply.content
+        if ARRAYS_KEY not in content.array_records:
+            continue
+        assert is_relative(content), f"node {exchange.node} sent a whole adapter under privacy=dp ({exchange.kind})"
+        update = unpack(content)
+        norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.values()))
+        assert norm <= run.cfg.privacy.clipping_norm * 1.01, f"node {exchange.node}'s update has norm {norm} > C"
+
+
 def updates_are_clipped_and_releases_noised_under_dp(run, new, server_round: int) -> None:  # noqa: ANN001
-    """privacy=dp: every training reply is an update within the clipping norm C (as it
-    travels, up to the codec's rounding: the server re-clips it), and every release is
-    noised for the number of clients really sent a training message that round."""
+    """privacy=dp: every release is noised for the number of clients really sent a
+    training message that round (their updates are clipped: see the check above)."""
     if run.cfg.privacy.name != "dp" or server_round == 0:
         return
     p = run.cfg.privacy
     sent = [x for x in new if x.kind == "train" and _round_of(x) == server_round
             and not _config(x.message.content).get(PERSONALIZE_KEY)]  # fmt: skip
-    for exchange in _answered(sent):
-        content = exchange.reply.content
-        assert is_relative(content), f"node {exchange.node} sent a whole adapter under privacy=dp"
-        update = unpack(content)
-        norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.values()))
-        assert norm <= p.clipping_norm * 1.01, f"node {exchange.node}'s update has norm {norm} > C"
     row = next(r for r in run.rows() if r["round"] == server_round)
     if row.get("clients-ok"):
         assert row["dp-clients"] == len(sent), f"noise sized for {row['dp-clients']} clients, {len(sent)} were sent"

@@ -28,7 +28,7 @@ from combinations import (
 )
 from conftest import ROOT, TINY_OVERRIDES
 from federation import run_federation
-from invariants import check_resume, check_round
+from invariants import check_end, check_resume, check_round
 
 from fedllm_flwr.config import cfg_to_yaml, load_cfg, rules
 
@@ -83,6 +83,7 @@ def test_a_row_of_the_matrix_keeps_every_guarantee(row, monkeypatch, matrix_mode
     base = [f"model.name={matrix_model_dir}", *TINY_OVERRIDES, *MATRIX]
     items = [o for o in overrides(row) if not o.startswith("resume=")]
     whole = run_federation(monkeypatch, [*base, *items], nodes=2, after_round=check_round)
+    check_end(whole)
     assert cfg_to_yaml(whole.cfg) == cfg_to_yaml(load_cfg([*base, *items, "run.warm_up=false"]))
     rows = whole.rows()
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -95,4 +96,6 @@ def test_a_row_of_the_matrix_keeps_every_guarantee(row, monkeypatch, matrix_mode
         first = run_federation(monkeypatch, [*base, *items, "run.stop_after=1"], nodes=2, after_round=check_round)
         resumed = run_federation(monkeypatch, [*base, *items, f"resume={first.path}"], nodes=2,
                                  after_round=check_round)  # fmt: skip
+        check_end(first)
+        check_end(resumed)
         check_resume(whole, first, resumed)
