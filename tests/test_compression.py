@@ -248,3 +248,35 @@ def test_an_int8_reply_whose_scaled_values_overflow_is_dropped_and_the_mean_stay
     row = strat.ledger.pop(1)
     assert row["clients-ok"] == 1 and row["clients-dropped"] == 1 and row["failed-nodes"] == "8"
     assert "reply from node 8 dropped" in caplog.text and "non-finite" in caplog.text
+
+
+def _spoiled(content, codec_name: str):
+    """`content` with one value that decodes to a non-finite number, as a faulty or
+    hostile client could send it in each codec's own arrays."""
+    arrays = content[ARRAYS_KEY]
+    if codec_name == "int8":
+        scales = arrays["scales"].numpy().copy()
+        scales[0] = 3e38  # finite, but 127 x 3e38 is not
+        arrays["scales"] = Array(scales)
+        return content
+    values = arrays[PACKED_KEY].numpy().copy()
+    values[0] = np.inf if codec_name != "fp32" else np.nan
+    arrays[PACKED_KEY] = Array(values)
+    return content
+
+
+@pytest.mark.parametrize("codec_name", ["fp32", "fp16", "int8", "topk"])
+def test_no_codec_lets_a_non_finite_value_into_the_mean(codec_name, task_identity):
+    """Whatever the uplink codec, a reply that decodes to a NaN or Inf anywhere is dropped
+    and the mean of the others stays finite."""
+    codec = Codec(codec_name)
+    global_state = {k: v[:2] for k, v in list(smollm2_lora().items())[:8]}
+    strat = AdapterFedAvg(down=Codec("fp16"), up=codec)
+    strat._expected = manifest_of(global_state)
+    for node in (7, 8):
+        strat.sent[node] = unpack(pack(global_state, Codec("fp16")))
+    update = {k: np.full_like(v, 0.01) for k, v in global_state.items()}
+    bad = _spoiled(pack(update, codec, relative=True), codec_name)
+    arrays, _ = strat.aggregate_train(1, [reply(7, pack(update, codec, relative=True)), reply(8, bad)])
+    assert all(np.isfinite(value.numpy()).all() for value in arrays.values())
+    assert strat.ledger.pop(1)["failed-nodes"] == "8"
