@@ -60,8 +60,15 @@ def test_ft_draws_depend_on_the_seed_and_the_client_not_on_what_ran_before(tiny_
 
 # -- through a whole federation (tests/federation.py) ------------------------------------
 
-THREE_NODES = ["num_rounds=1", "eval.every=0", "log.curves=false", "personalize.ft_steps=2",
-               "strategy.min_available_nodes=3", "strategy.min_train_nodes=3", "strategy.min_evaluate_nodes=3"]
+THREE_NODES = [
+    "num_rounds=1",
+    "eval.every=0",
+    "log.curves=false",
+    "personalize.ft_steps=2",
+    "strategy.min_available_nodes=3",
+    "strategy.min_train_nodes=3",
+    "strategy.min_evaluate_nodes=3",
+]
 
 
 def _personalization(run):
@@ -90,7 +97,10 @@ def test_a_protected_personalized_adapter_never_leaves_its_node(monkeypatch, tin
 
 def test_a_personalization_reply_of_the_wrong_shape_is_dropped_not_saved(monkeypatch, tiny_model_dir, task_identity):
     def wrong_shape(message, content):
-        if message.content.config_records.get("config", {}).get(PERSONALIZE_KEY) and message.metadata.dst_node_id == 102:
+        if (
+            message.content.config_records.get("config", {}).get(PERSONALIZE_KEY)
+            and message.metadata.dst_node_id == 102
+        ):
             state = unpack(content)
             name = next(iter(state))
             state[name] = np.zeros((1, 1), np.float32)

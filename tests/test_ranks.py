@@ -165,8 +165,14 @@ def test_each_site_takes_its_rank_and_alpha_scales_with_it():
     [
         (["peft.client_ranks=[2,4]"], "peft.client_ranks=[2,4] cannot be combined with strategy=fedavg"),
         (["strategy=svd", "peft=prompt_tuning"], "strategy=svd cannot be combined with peft=prompt_tuning"),
-        (["peft=adalora", "peft.freeze_a=true", "scenario=local"], "peft.freeze_a=true cannot be combined with peft=adalora"),
-        (["peft=ffa_lora", "strategy=zero_padding"], "peft.freeze_a=true cannot be combined with strategy=zero_padding"),
+        (
+            ["peft=adalora", "peft.freeze_a=true", "scenario=local"],
+            "peft.freeze_a=true cannot be combined with peft=adalora",
+        ),
+        (
+            ["peft=ffa_lora", "strategy=zero_padding"],
+            "peft.freeze_a=true cannot be combined with strategy=zero_padding",
+        ),
         (["peft=ia3", "peft.client_ranks=[2]"], "peft.client_ranks=[2] cannot be combined with peft=ia3"),
         (["peft.client_ranks=[0,2]", "strategy=svd"], "peft.client_ranks must all be >= 1"),
     ],

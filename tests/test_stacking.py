@@ -165,7 +165,10 @@ def test_a_node_keeps_every_rounds_stack_and_a_resent_round_counts_once():
     ("overrides", "message"),
     [
         (["strategy=stacking", "peft=dora"], "strategy=stacking cannot be combined with peft=dora"),
-        (["strategy=stacking", "personalize.ft_steps=2"], "strategy=stacking cannot be combined with personalize.ft_steps=2"),
+        (
+            ["strategy=stacking", "personalize.ft_steps=2"],
+            "strategy=stacking cannot be combined with personalize.ft_steps=2",
+        ),
     ],
 )
 def test_what_stacking_cannot_serve_is_refused(overrides, message):

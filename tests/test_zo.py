@@ -184,9 +184,15 @@ def test_the_server_averages_seed_lists_refuses_bad_ones_and_sends_each_node_wha
         (["privacy=dp"], r"algorithm=zo cannot be combined with privacy=dp"),
         (["compression=int8"], r"algorithm=zo cannot be combined with compression\.down=int8"),
         (["personalize.ft_steps=2"], r"algorithm=zo cannot be combined with personalize\.ft_steps=2"),
-        (["zo.params=full", "train.precision=bf16"], r"zo\.params=full cannot be combined with train\.precision=bf16: steps of ~1e-7 round away"),
+        (
+            ["zo.params=full", "train.precision=bf16"],
+            r"zo\.params=full cannot be combined with train\.precision=bf16: steps of ~1e-7 round away",
+        ),
         (["zo.params=full", "peft=prompt_tuning"], r"zo\.params=full cannot be combined with peft=prompt_tuning"),
-        (["zo.params=full", "model.quantization=4bit"], r"zo\.params=full cannot be combined with model\.quantization=4bit"),
+        (
+            ["zo.params=full", "model.quantization=4bit"],
+            r"zo\.params=full cannot be combined with model\.quantization=4bit",
+        ),
     ],
 )
 def test_what_zeroth_order_cannot_run_with_is_refused_naming_the_key(overrides, message):
