@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -23,6 +24,11 @@ TINY_OVERRIDES = [
     "train.batch_size=4",
     "eval.max_new_tokens=4",
 ]
+
+
+def finite(value, low: float = -math.inf, high: float = math.inf) -> bool:
+    """A number (not None, not NaN or Inf) within [low, high]."""
+    return isinstance(value, int | float) and math.isfinite(value) and low <= value <= high
 
 
 #: Modules whose slow tests start first, in this order (sweeps and deployments hold the

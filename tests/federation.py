@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 
@@ -69,7 +70,8 @@ class InProcessGrid:
 
     def __init__(self, run_config: dict[str, Any], node_configs: list[dict[str, Any]],
                  fail: Callable[[Message], str | None] | None = None,
-                 tamper: Callable[[Message, RecordDict], RecordDict] | None = None) -> None:  # fmt: skip
+                 tamper: Callable[[Message, RecordDict], RecordDict] | None = None,
+                 app: ClientApp | None = None) -> None:  # fmt: skip
         self.run_config = run_config
         run_id = next(_RUN_IDS)  # Flower's run id: every run its own, a resumed one too
         self.contexts = {
@@ -81,6 +83,8 @@ class InProcessGrid:
         """message -> a reason to fail it (as a node that left), or None to deliver it."""
         self.tamper = tamper
         """(message, reply content) -> the content a misbehaving node sends instead."""
+        self.app = app
+        """The ClientApp every node runs (None: the shipped `client_app.app`)."""
         self.traffic: list[Exchange] = []
         self.caches: dict[str, dict] = {"_BUNDLES": {}, "_BASES": {}}
         """The nodes' model caches (one worker process serves every node)."""
@@ -91,6 +95,7 @@ class InProcessGrid:
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
         import client_app
 
+        app = self.app or client_app.app
         replies = []
         for message in messages:
             meta = message.metadata
@@ -103,7 +108,7 @@ class InProcessGrid:
             else:
                 try:
                     with worker_process(self.caches):
-                        answer = client_app.app(received, context).content
+                        answer = app(received, context).content
                     if self.tamper is not None:
                         answer = self.tamper(received, answer)
                     reply = Message(over_the_wire(answer), reply_to=received)
@@ -143,9 +148,11 @@ def run_federation(
     after_round: Callable[[Run, int], None] | None = None,
     fail: Callable[[Message], str | None] | None = None,
     tamper: Callable[[Message, RecordDict], RecordDict] | None = None,
+    app: ClientApp | None = None,
 ) -> Run:
     """Run the job `overrides` describes on `nodes` in-process nodes, calling
-    `after_round(run, round)` after each round's evaluation (round 0 included)."""
+    `after_round(run, round)` after each round's evaluation (round 0 included).
+    `app`: the ClientApp the nodes run, when not the shipped one (a misbehaving node's)."""
     import numpy as np
 
     import fedllm_flwr.server.run as server_run
@@ -155,7 +162,7 @@ def run_federation(
     overrides = [*overrides, "run.warm_up=false"]
     cfg = load_cfg(overrides)
     configs = node_configs or [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
-    grid = InProcessGrid({"overrides": shlex.join(overrides)}, configs, fail, tamper)
+    grid = InProcessGrid({"overrides": shlex.join(overrides)}, configs, fail, tamper, app)
     run = Run(cfg, Path(), None, grid)
     build = server_run.private_strategy
 

@@ -175,7 +175,11 @@ class Mifa(_KeepsGlobal):
         return super().configure_train(server_round, arrays, config, grid)
 
     def state(self) -> dict[str, np.ndarray]:
+        """Every client's G_i, and the running sum as it stands: refreshed as sum + new - old
+        round after round, it differs in the last bits from the G_i added up again, and a
+        resumed run must move the adapter exactly as the run that never stopped."""
         out = {f"g/{client}/{k}": v for client, g in self.memory.updates.items() for k, v in g.items()}
+        out.update({f"sum/{k}": v for k, v in self.memory.sum.items()})
         out["num-clients"] = np.array([self.num_clients])
         return out
 
@@ -189,6 +193,9 @@ class Mifa(_KeepsGlobal):
                 updates.setdefault(int(client), {})[name] = value
         for client, g in sorted(updates.items()):
             self.memory.refresh(client, g)
+        kept = {key.removeprefix("sum/"): value for key, value in arrays.items() if key.startswith("sum/")}
+        if kept:  # a checkpoint written before the sum was kept has the G_i alone: their sum stands
+            self.memory.sum = kept
 
     def combine(self, server_round: int, valid: list[ValidReply]) -> ArrayRecord | None:
         lr_t = float(self.lr_for(server_round))
