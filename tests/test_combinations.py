@@ -3,7 +3,7 @@ both keys, or driven through a federation for two rounds with every guarantee ch
 
 The groups and their values are in tests/combinations.py; the rows that hold every pair
 the config accepts are in tests/combination_rows.json (`python tests/combinations.py`
-writes them; `test_the_rows_hold_every_pair_the_config_accepts` says when they must be
+writes them; `test_every_pair_is_refused_in_one_line_naming_both_keys_or_held_by_a_row` says when they must be
 written again). Each row runs on two in-process nodes (tests/federation.py) with the
 checks of tests/invariants.py after every round; a row with `resume=yes` also runs
 stopped after round 1 and resumed, and must end bit for bit where the whole run did.
@@ -39,18 +39,16 @@ MATRIX = ["num_rounds=2", "train.local_steps=1", "train.batch_size=2", "log.curv
           "eval.batch_size=4"]  # fmt: skip
 
 
-def test_every_pair_the_config_refuses_is_refused_in_one_line_naming_both_keys():
+def test_every_pair_is_refused_in_one_line_naming_both_keys_or_held_by_a_row():
     """A pair set on its own (every other group at its default) either builds or is
     refused by a rule: one line, `<key>=<value> cannot be combined with <key>=<value>:
     <reason>`. A pair refused for a third group's default is no conflict of its own
-    (another value of that group may serve it), and some row below must hold it."""
+    (another value of that group may serve it). Every pair some whole config can hold
+    is in a row of the matrix, and no row holds a pair the config refuses."""
     for pair, message in pair_refusals().items():
         groups = refused_groups(message)
         assert groups is not None, f"{sorted(pair)}: not a rule's one line: {message!r}"
         assert set(groups) & {g for g, _ in pair}, f"{sorted(pair)} refused for {groups}: {message}"
-
-
-def test_the_rows_hold_every_pair_the_config_accepts():
     held = set().union(*(pairs_of(row) for row in ROWS))
     missing = sorted(sorted(p) for p in compatible_pairs() - held)
     assert not missing, f"{len(missing)} pairs in no row, e.g. {missing[:3]}: run `python tests/combinations.py`"

@@ -3,6 +3,7 @@ finished runs. A real run with both switches on: tests/test_e2e.py."""
 
 import importlib.util
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -17,6 +18,28 @@ from fedllm_flwr.tracking import MlflowTracker, TensorBoardTracker, check_instal
 
 HAS_TB = importlib.util.find_spec("tensorboard") is not None
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
+
+
+@pytest.fixture(scope="module")
+def migrated_store(tmp_path_factory) -> Path | None:
+    """An empty MLflow SQLite store, migrated once for the module (creating one runs
+    MLflow's schema migrations, ~10 s of CPU): each test starts from a copy of it."""
+    if not HAS_MLFLOW:
+        return None
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_store(migrated_store, tmp_path) -> None:
+    """Where a run folder under `tmp_path / "outputs"` keeps its MLflow store (its default,
+    beside the run folders): a copy of the migrated empty store."""
+    if migrated_store is not None:
+        (tmp_path / "outputs").mkdir()
+        shutil.copyfile(migrated_store, tmp_path / "outputs" / "mlflow.db")
 
 
 def rows(scale: float = 1.0) -> list[dict]:
