@@ -336,6 +336,30 @@ def test_each_grid_job_that_runs_says_where_the_stage_stands_and_how_long_the_re
     assert "job" not in capsys.readouterr().out  # all finished: nothing announced
 
 
+def test_the_sweep_driver_resumes_and_summarizes_run_folders_without_the_ml_stack(tmp_path):
+    """A sweep's own process only starts jobs and reads their folders: importing torch,
+    transformers and peft there would cost every sweep (and each test that runs one) seconds
+    of CPU before its first job."""
+    code = f"""
+import sys
+import numpy as np
+from fedllm_flwr.config import load_cfg
+from fedllm_flwr.run_dir import RunDir
+from fedllm_flwr.sweep import JobRunner, _register_resolver
+from fedllm_flwr.sweep_summary import job_record
+_register_resolver()
+overrides = ["num_rounds=2", "run.output_dir={tmp_path}", "run.name=job_0"]
+run = RunDir.create(load_cfg(overrides))
+run.write_checkpoint(1, {{"a": np.zeros(2, np.float32)}}, {{}})
+assert JobRunner.resume_point(run.path, overrides) == (1, 0.0)
+job_record(run.path)
+heavy = {{"torch", "transformers", "peft", "datasets"}} & set(sys.modules)
+assert not heavy, sorted(heavy)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no sweep jobs"):
         summarize(tmp_path)
