@@ -378,11 +378,17 @@ def test_a_failed_jobs_reason_is_the_message_inside_flowers_error_panel():
     assert first_error("no clue here") == "no clue here"
 
 
+#: A sweep's processes (server, Ray's ClientApp worker) on the tiny model: one torch thread
+#: each, as the test workers beside them share the machine's cores.
+SWEEP_ENV = {"OMP_NUM_THREADS": "1"}
+
+
 def sweep(*args: str) -> subprocess.CompletedProcess:
     """`fedllm-flwr sweep ARGS` in its own process, as a user runs it (Hydra configures
     logging and global state for the whole process)."""
     cmd = [sys.executable, "-m", "fedllm_flwr.cli", "sweep", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    env = {**os.environ, **SWEEP_ENV}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, env=env)
 
 
 @pytest.mark.slow
@@ -474,7 +480,8 @@ def test_sigterm_mid_job_stops_the_sweeps_superlink_and_ray(tiny_model_dir, tmp_
            *TINY_OVERRIDES, "num_rounds=50", "sweep.client_cpus=2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     log_path = tmp_path / "sweep.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env={**os.environ, "FEDLLM_TEST_MARK": mark}, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **SWEEP_ENV, "FEDLLM_TEST_MARK": mark}
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     ray_prefix = f"{os.environ.get('FEDLLM_RAY_TMP', '/tmp')}/ray-{proc.pid}-"  # LocalSimulation's Ray temp dir
     try:
         deadline = time.monotonic() + 300
