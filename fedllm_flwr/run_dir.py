@@ -4,6 +4,10 @@
 its presence means the run completed. A relative `run.output_dir` is taken
 from `$FEDLLM_FLWR_HOME` (default `~/fedllm-flwr`): the SuperLink's working
 directory never decides where results land.
+
+Light at import (no torch, peft or transformers): a sweep's driver process and the
+CLI read and resume run folders without loading the ML stack; only `save_adapters`
+needs it, from the model it is given.
 """
 
 from __future__ import annotations
@@ -14,17 +18,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from peft import PeftModel
 
 from fedllm_flwr.config import Config, cfg_to_yaml, config_changes
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.files import publish, temp_folder, write_atomically, write_text_atomically
 from fedllm_flwr.metrics import MetricsLog
-from fedllm_flwr.model import set_adapter_state
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -94,6 +99,8 @@ class RunDir:
         into adapter/<folder>/ itself (one global adapter). Each state is loaded
         into `model` in turn. The folder appears complete or not at all.
         """
+        from fedllm_flwr.model import set_adapter_state
+
         target = self.path / "adapter" / folder
         with temp_folder(target.parent, folder) as tmp:
             for name, state in states.items():

@@ -19,11 +19,23 @@ pytestmark = [
 ]
 
 
-def test_one_short_round_with_smollm2(tmp_path):
+def test_one_short_round_with_smollm2(tmp_path, monkeypatch):
+    import gguf
+
+    parsed = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
     clear_model_cache()
     cfg = load_cfg(["train.local_steps=2", "train.batch_size=2", f"run.output_dir={tmp_path}", "run.name=smol"])
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     assert bundle.base_path.startswith(str(tmp_path / "cache"))  # converted once into the test cache
+    # Tokenizer, config and weights from one reading of the GGUF's metadata (its vocabulary).
+    assert len(parsed) == 1, parsed
     start = get_adapter_state(bundle.model)
     assert sum(v.numel() for v in start.values()) == 460_800  # LoRA r=8 on q_proj, v_proj
 

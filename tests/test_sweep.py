@@ -336,6 +336,30 @@ def test_each_grid_job_that_runs_says_where_the_stage_stands_and_how_long_the_re
     assert "job" not in capsys.readouterr().out  # all finished: nothing announced
 
 
+def test_the_sweep_driver_resumes_and_summarizes_run_folders_without_the_ml_stack(tmp_path):
+    """A sweep's own process only starts jobs and reads their folders: importing torch,
+    transformers and peft there would cost every sweep (and each test that runs one) seconds
+    of CPU before its first job."""
+    code = f"""
+import sys
+import numpy as np
+from fedllm_flwr.config import load_cfg
+from fedllm_flwr.run_dir import RunDir
+from fedllm_flwr.sweep import JobRunner, _register_resolver
+from fedllm_flwr.sweep_summary import job_record
+_register_resolver()
+overrides = ["num_rounds=2", "run.output_dir={tmp_path}", "run.name=job_0"]
+run = RunDir.create(load_cfg(overrides))
+run.write_checkpoint(1, {{"a": np.zeros(2, np.float32)}}, {{}})
+assert JobRunner.resume_point(run.path, overrides) == (1, 0.0)
+job_record(run.path)
+heavy = {{"torch", "transformers", "peft", "datasets"}} & set(sys.modules)
+assert not heavy, sorted(heavy)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no sweep jobs"):
         summarize(tmp_path)
@@ -354,11 +378,17 @@ def test_a_failed_jobs_reason_is_the_message_inside_flowers_error_panel():
     assert first_error("no clue here") == "no clue here"
 
 
+#: A sweep's processes (server, Ray's ClientApp worker) on the tiny model: one torch thread
+#: each, as the test workers beside them share the machine's cores.
+SWEEP_ENV = {"OMP_NUM_THREADS": "1"}
+
+
 def sweep(*args: str) -> subprocess.CompletedProcess:
     """`fedllm-flwr sweep ARGS` in its own process, as a user runs it (Hydra configures
     logging and global state for the whole process)."""
     cmd = [sys.executable, "-m", "fedllm_flwr.cli", "sweep", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    env = {**os.environ, **SWEEP_ENV}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, env=env)
 
 
 @pytest.mark.slow
@@ -450,7 +480,8 @@ def test_sigterm_mid_job_stops_the_sweeps_superlink_and_ray(tiny_model_dir, tmp_
            *TINY_OVERRIDES, "num_rounds=50", "sweep.client_cpus=2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     log_path = tmp_path / "sweep.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env={**os.environ, "FEDLLM_TEST_MARK": mark}, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **SWEEP_ENV, "FEDLLM_TEST_MARK": mark}
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     ray_prefix = f"{os.environ.get('FEDLLM_RAY_TMP', '/tmp')}/ray-{proc.pid}-"  # LocalSimulation's Ray temp dir
     try:
         deadline = time.monotonic() + 300

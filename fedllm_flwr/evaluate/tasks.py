@@ -8,13 +8,18 @@
 
 Every generation task returns (metrics, samples): a flat dict of floats and one
 row per example (prompt, completion, verdict) for inspection.
+
+Light at import: reports, plots and a sweep's driver read `PRIMARY` without torch.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from fedllm_flwr.config import EvalConfig
+
+if TYPE_CHECKING:
+    import torch
 
 #: The metric each generation task is judged by (the one logged per round).
 PRIMARY = {"exact_match": "accuracy", "gsm8k": "accuracy", "rouge": "rougeL", "humaneval": "pass@1"}
