@@ -404,7 +404,8 @@ def test_a_screened_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_p
     done = sweep(*args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["failed"] == ["job_2"]
+    errors = {name: json.loads((sweep_dir / name / "job.json").read_text())["error"] for name in summary["failed"]}
+    assert summary["failed"] == ["job_2"], errors
     job_2 = json.loads((sweep_dir / "job_2" / "job.json").read_text())
     assert "train.lr must be > 0" in job_2["error"]
     screened = [json.loads((sweep_dir / f"job_{n}" / "summary.json").read_text()) for n in range(2)]
