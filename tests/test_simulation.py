@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from fedllm_flwr.simulation import LocalRay, _pids_using, stage_app
+from fedllm_tools.simulation import LocalRay, _pids_using, stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
