@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 

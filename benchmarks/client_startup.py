@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedllm_flwr.deploy import LocalDeployment, make_credentials
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.simulation import stop_on_sigterm
+from fedllm_tools.deploy import LocalDeployment, make_credentials
+from fedllm_tools.simulation import stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 

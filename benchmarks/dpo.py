@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
-from fedllm_flwr.tables import cell, markdown_table
+from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_tools.tables import cell, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("sigmoid", "hinge", "ipo", "robust")

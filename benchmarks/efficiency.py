@@ -56,7 +56,7 @@ from efficiency_loops import DEFAULT_JOB, bare_loops, job_p, throughput  # noqa:
 from efficiency_report import check_targets, summary  # noqa: E402
 
 from fedllm_flwr.metrics import read_metrics  # noqa: E402
-from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm  # noqa: E402
+from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("throughput", "overhead", "compression", "memory", "quantization", "checkpointing", "sweep")

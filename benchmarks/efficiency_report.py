@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedllm_flwr.tables import cell, markdown_table
+from fedllm_tools.tables import cell, markdown_table
 
 TARGETS = {
     "overhead_ratio": 1.05,

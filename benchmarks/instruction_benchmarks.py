@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
-from fedllm_flwr.tables import cell
+from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_tools.tables import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ RUNS = {
 
 def evaluate(args: list[str], out: Path) -> dict:
     """One `fedllm-flwr evaluate` call in its own process; its JSON result."""
-    cmd = [sys.executable, "-m", "fedllm_flwr.cli", "evaluate", *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedllm_tools.cli", "evaluate", *args, "--out", str(out)]
     print("$ fedllm-flwr evaluate " + " ".join(args), file=sys.stderr, flush=True)
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:

@@ -28,8 +28,8 @@ import tempfile
 from pathlib import Path
 
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
-from fedllm_flwr.tables import cell, markdown_table, mean_std
+from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_tools.tables import cell, markdown_table, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = "peft.client_ranks=[2,4,8,16]"

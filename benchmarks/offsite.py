@@ -25,8 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
-from fedllm_flwr.tables import cell
+from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_tools.tables import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
-from fedllm_flwr.tables import cell
+from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_tools.tables import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import yaml
 
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.simulation import stop_on_sigterm
-from fedllm_flwr.tables import cell
+from fedllm_tools.simulation import stop_on_sigterm
+from fedllm_tools.tables import cell
 
 LOSSES = ("logsigmoid", "bce", "hinge", "mse", "smooth_l1", "focal")
 
@@ -73,7 +73,7 @@ def main() -> int:
     out = args.out.expanduser().resolve()
     sweep = out / "sweep"
     command = [
-        sys.executable, "-m", "fedllm_flwr.cli", "sweep", "-m", "task=reward", f"reward_loss={','.join(LOSSES)}",
+        sys.executable, "-m", "fedllm_tools.cli", "sweep", "-m", "task=reward", f"reward_loss={','.join(LOSSES)}",
         "scenario=fed,local", f"hydra.sweep.dir={sweep}", *args.extra,
     ]  # fmt: skip
     if not (sweep / "summary.json").is_file():

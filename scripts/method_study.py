@@ -47,10 +47,10 @@ import sys
 import time
 from pathlib import Path
 
-from fedllm_flwr.report import find_runs, write_report
-from fedllm_flwr.simulation import stop_on_sigterm
-from fedllm_flwr.sweep import Job, JobRunner, Progress
-from fedllm_flwr.sweep_summary import best_per_method, keep_best, read_sweep, summarize
+from fedllm_tools.report import find_runs, write_report
+from fedllm_tools.simulation import stop_on_sigterm
+from fedllm_tools.sweep import Job, JobRunner, Progress
+from fedllm_tools.sweep_summary import best_per_method, keep_best, read_sweep, summarize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from method_study_findings import plot_lr_curves, write_findings  # noqa: E402

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.report import effectiveness, efficiency, find_runs
-from fedllm_flwr.sweep_summary import JOB_FILE, JobRecord, read_sweep, spearman
-from fedllm_flwr.tables import cell, markdown_table
+from fedllm_tools.report import effectiveness, efficiency, find_runs
+from fedllm_tools.sweep_summary import JOB_FILE, JobRecord, read_sweep, spearman
+from fedllm_tools.tables import cell, markdown_table
 
 TASK_METRIC = "accuracy"  # the default task's exact match
 

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedllm_flwr.report import load_run, write_report
-from fedllm_flwr.simulation import LocalSimulation, stop_on_sigterm
+from fedllm_tools.report import load_run, write_report
+from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 

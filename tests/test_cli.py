@@ -1,6 +1,6 @@
 import yaml
 
-from fedllm_flwr.cli import main
+from fedllm_tools.cli import main
 
 
 def test_config_prints_resolved_yaml(capsys):

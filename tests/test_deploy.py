@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.data.synthetic import generate
-from fedllm_flwr.deploy import LocalDeployment, make_credentials
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.metrics import read_metrics
+from fedllm_tools.deploy import LocalDeployment, make_credentials
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from conftest import ROOT, TINY_OVERRIDES, finite
 from peft import AutoPeftModelForCausalLM
 
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.simulation import LocalRay, LocalSimulation
+from fedllm_tools.simulation import LocalRay, LocalSimulation
 
 pytestmark = pytest.mark.slow
 

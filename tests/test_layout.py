@@ -6,6 +6,9 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "fedllm_flwr"
+#: The tooling around runs (harnesses, sweeps, reports, the command): not shipped to sites.
+TOOLS = ROOT / "fedllm_tools"
+APPS = (ROOT / "server_app.py", ROOT / "client_app.py")
 
 
 def module_name(path: Path) -> str:
@@ -31,7 +34,7 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
 
 
 def test_no_import_cycle_among_our_modules():
-    files = {module_name(p): p for p in [*PACKAGE.rglob("*.py"), ROOT / "client_app.py", ROOT / "server_app.py"]}
+    files = {module_name(p): p for p in [*PACKAGE.rglob("*.py"), *TOOLS.rglob("*.py"), *APPS]}
     modules = set(files)
     graph = {}
     for name, path in files.items():
@@ -53,3 +56,29 @@ def test_no_import_cycle_among_our_modules():
         if name not in state:
             visit(name, [name])
     assert not cycles, "\n".join(cycles)
+
+
+def core_files() -> dict[str, Path]:
+    """What a FAB ships and a site runs: the two apps and the core package."""
+    return {module_name(p): p for p in [*PACKAGE.rglob("*.py"), *APPS]}
+
+
+def test_the_core_never_imports_the_tooling():
+    tools = {module_name(p) for p in TOOLS.rglob("*.py")}
+    assert "fedllm_tools.cli" in tools  # the check below looks at the package that holds the tooling
+    wrong = {name: sorted(used) for name, path in core_files().items() if (used := imports_of(path, tools))}
+    assert not wrong, f"core modules importing the tooling (which sites do not receive): {wrong}"
+
+
+def test_every_core_module_is_reached_from_the_apps():
+    """The core package is what the ServerApp and ClientApp import (at the top or
+    inside a function): a module they never reach is tooling, and belongs in
+    fedllm_tools rather than in every FAB."""
+    files = core_files()
+    reached, todo = set(), ["server_app", "client_app"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += imports_of(files[name], set(files))
+    assert sorted(set(files) - reached) == []

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from fedllm_flwr.cli import main
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.report import write_report
+from fedllm_tools.cli import main
+from fedllm_tools.report import write_report
 
 
 def fake_run(root, name, scenario, method, seed, accuracy, spread=None, eval_seconds=None):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from fedllm_flwr.simulation import LocalRay, _pids_using, stage_app
+from fedllm_tools.simulation import LocalRay, _pids_using, stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,8 @@ def test_the_staged_repository_packs_into_the_same_fab(tmp_path):
     assert {n.split("/")[0] for n in names} == {"server_app.py", "client_app.py", "pyproject.toml", "fedllm_flwr",
                                                 "conf", ".info"}  # fmt: skip
     assert "conf/config.yaml" in names and "fedllm_flwr/node.py" in names
+    # The tooling (this harness among it) stays here: sites receive the apps and the core only.
+    assert [n for n in names if n.startswith("fedllm_tools/") or n.endswith(("/simulation.py", "/cli.py"))] == []
     assert not (staged / ".venv").exists() and not (staged / ".git").exists()
     assert (staged / "fedllm_flwr" / "server" / "run.py").is_file() and (staged / "pyproject.toml").is_file()
 

@@ -18,8 +18,8 @@ from conftest import TINY_OVERRIDES
 
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.sweep import JobRunner, first_error
-from fedllm_flwr.sweep_summary import keep_best, ranks, read_sweep, screening_audit, spearman, summarize
+from fedllm_tools.sweep import JobRunner, first_error
+from fedllm_tools.sweep_summary import keep_best, ranks, read_sweep, screening_audit, spearman, summarize
 
 
 def fake_job(root, name, lr, scores, losses, method="lora", stage="full", status="completed", held_out=None):
@@ -345,8 +345,8 @@ import sys
 import numpy as np
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.run_dir import RunDir
-from fedllm_flwr.sweep import JobRunner, _register_resolver
-from fedllm_flwr.sweep_summary import job_record
+from fedllm_tools.sweep import JobRunner, _register_resolver
+from fedllm_tools.sweep_summary import job_record
 _register_resolver()
 overrides = ["num_rounds=2", "run.output_dir={tmp_path}", "run.name=job_0"]
 run = RunDir.create(load_cfg(overrides))
@@ -386,7 +386,7 @@ SWEEP_ENV = {"OMP_NUM_THREADS": "1"}
 def sweep(*args: str) -> subprocess.CompletedProcess:
     """`fedllm-flwr sweep ARGS` in its own process, as a user runs it (Hydra configures
     logging and global state for the whole process)."""
-    cmd = [sys.executable, "-m", "fedllm_flwr.cli", "sweep", *args]
+    cmd = [sys.executable, "-m", "fedllm_tools.cli", "sweep", *args]
     env = {**os.environ, **SWEEP_ENV}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, env=env)
 
@@ -477,8 +477,9 @@ def _sweep_processes(mark: str, ray_prefix: str) -> dict[int, str]:
 def test_sigterm_mid_job_stops_the_sweeps_superlink_and_ray(tiny_model_dir, tmp_path):
     mark = uuid.uuid4().hex
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fedllm_flwr.cli", "sweep", "-m", "train.lr=1e-4,1e-3", f"model.name={tiny_model_dir}",
-           *TINY_OVERRIDES, "num_rounds=50", "sweep.client_cpus=2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "fedllm_tools.cli", "sweep", "-m", "train.lr=1e-4,1e-3",
+           f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=50", "sweep.client_cpus=2",
+           f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     log_path = tmp_path / "sweep.log"
     with open(log_path, "w") as log:
         env = {**os.environ, **SWEEP_ENV, "FEDLLM_TEST_MARK": mark}

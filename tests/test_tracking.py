@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from fedllm_flwr import cli, tracking
+from fedllm_flwr import tracking
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.metrics import read_metrics
 from fedllm_flwr.plot import figure, plot_runs
 from fedllm_flwr.tracking import MlflowTracker, TensorBoardTracker, check_installed, scalars
+from fedllm_tools import cli
 
 HAS_TB = importlib.util.find_spec("tensorboard") is not None
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None

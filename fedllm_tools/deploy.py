@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedllm_flwr.simulation import (
+from fedllm_tools.simulation import (
     _bin,
     _free_port,
     _toml_string,

@@ -3,7 +3,7 @@ method, how well eval loss ranks the jobs, the screening audit, and the plot.
 
 `fedllm-flwr sweep` writes it at the end of a sweep; `fedllm-flwr sweep-summary DIR`
 rewrites it for any sweep folder. Tables are built as `report` builds its own
-(`fedllm_flwr.tables`).
+(`fedllm_tools.tables`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.tables import cell, markdown_table, write_csv
+from fedllm_tools.tables import cell, markdown_table, write_csv
 
 JOB_FILE = "job.json"
 """In each job folder: the job's name, overrides, stage, status and error."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.sweep_summary import JOB_FILE, job_record, keep_best, read_sweep, summarize
+from fedllm_tools.sweep_summary import JOB_FILE, job_record, keep_best, read_sweep, summarize
 
 
 @dataclass
@@ -94,7 +94,7 @@ class JobRunner:
 
     def _simulation(self):
         if self._sim is None:
-            from fedllm_flwr.simulation import LocalRay, LocalSimulation
+            from fedllm_tools.simulation import LocalRay, LocalSimulation
 
             # start() stops what it began if it fails or is interrupted; a later job retries.
             if self._ray is None:
@@ -109,7 +109,7 @@ class JobRunner:
         `go_on_from` (a screen of the same config), a job with no folder of its own
         starts from a copy of that run's checkpoint (`continue_screen`)."""
         from fedllm_flwr.config import load_cfg
-        from fedllm_flwr.report import load_run
+        from fedllm_tools.report import load_run
 
         folder = self.sweep_dir / name
         job = Job(name, list(overrides), stage=stage, path=str(folder))
@@ -182,7 +182,7 @@ class JobRunner:
     def finished(folder: Path, job: Job) -> Job | None:
         """The job as recorded in `folder` if it completed there with the same
         overrides and stage: a sweep run again into its folder resumes."""
-        from fedllm_flwr.report import load_run
+        from fedllm_tools.report import load_run
 
         try:
             recorded = json.loads((folder / JOB_FILE).read_text())
@@ -357,7 +357,7 @@ def sweep_main(argv: list[str]) -> int:
     import hydra
 
     from fedllm_flwr.config import conf_dir
-    from fedllm_flwr.simulation import stop_on_sigterm
+    from fedllm_tools.simulation import stop_on_sigterm
 
     _register_resolver()
     stop_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the running job's `flwr run`, then the SuperLink

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.metrics import read_metrics
-from fedllm_flwr.tables import cell, markdown_table, mean_std, write_csv
+from fedllm_tools.tables import cell, markdown_table, mean_std, write_csv
 
 SCENARIO_ORDER = {"global": 0, "fed": 1, "local": 2}
 #: metrics.jsonl key -> column label in the effectiveness table.

@@ -73,7 +73,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedllm_flwr.report import write_report
+    from fedllm_tools.report import write_report
 
     markdown, _ = write_report([Path(p) for p in args.runs], Path(args.out))
     print(markdown, end="")
@@ -95,7 +95,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from fedllm_flwr.evaluate.standalone import EvalRequest, evaluate_command
+    from fedllm_tools.evaluate import EvalRequest, evaluate_command
 
     try:
         ks = tuple(int(k) for k in args.k.split(","))
@@ -123,7 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _sweep_summary(args: argparse.Namespace) -> int:
-    from fedllm_flwr.sweep_summary import summarize
+    from fedllm_tools.sweep_summary import summarize
 
     summary = summarize(Path(args.sweep_dir), args.keep)
     print((Path(args.sweep_dir) / "summary.md").read_text(), end="")
@@ -131,7 +131,7 @@ def _sweep_summary(args: argparse.Namespace) -> int:
 
 
 def _credentials(args: argparse.Namespace) -> int:
-    from fedllm_flwr.deploy import make_credentials
+    from fedllm_tools.deploy import make_credentials
 
     hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
     if args.nodes < 1 or not hosts:
@@ -146,7 +146,7 @@ def _credentials(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sweep"]:  # Hydra parses the rest of the command line itself
-        from fedllm_flwr.sweep import sweep_main
+        from fedllm_tools.sweep import sweep_main
 
         try:
             return sweep_main(argv[1:])
