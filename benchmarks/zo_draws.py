@@ -8,7 +8,7 @@ catching up one a pair), on SmolLM2-135M's shapes built in memory (no model is l
 the default adapter (LoRA r=8 on q_proj and v_proj, 460,800 values) and every base
 weight (zo.params=full, 134.5M). Three ways:
 
-- `numpy-float64` (`fedllm_flwr.zo.perturb`): z from numpy's PCG64 in float64, the step
+- `numpy-float64` (`fedllm_flwr.algorithms.zo.mezo.perturb`): z from numpy's PCG64 in float64, the step
   s z rounded once to float32, then added; the same bits under every CPU kernel;
 - `torch-float64`: the same with torch's float64 normal kernel (also the same bits under
   every kernel seen here, slower);
@@ -16,7 +16,7 @@ weight (zo.params=full, 134.5M). Three ways:
   `add_(z, alpha=s)`, whose normal kernel and fused multiply-add differ between
   torch's default and AVX2 builds.
 
-Also times the weights' fingerprint (`fedllm_flwr.zo.weights_fingerprint`: what the
+Also times the weights' fingerprint (`fedllm_flwr.algorithms.zo.mezo.weights_fingerprint`: what the
 server computes once a round and a node once a message). Then applies the same three
 steps to a few tensors in a subprocess per CPU capability this machine offers
 (ATEN_CPU_CAPABILITY=default, avx2, avx512) and records the digest of the result, both
@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedllm_flwr.zo import perturb, weights_fingerprint  # noqa: E402
+from fedllm_flwr.algorithms.zo.mezo import perturb, weights_fingerprint  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 30 layers, 9 query and 3 key/value heads of 64, MLP 1536, vocabulary 49,152.
 HIDDEN, LAYERS, KV, MLP, VOCAB = 576, 30, 192, 1536, 49152

@@ -13,9 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from fedllm_flwr.config import Config
@@ -25,12 +23,8 @@ from fedllm_flwr.data.sites import partition_of
 from fedllm_flwr.evaluate.loss import evaluate_loss
 from fedllm_flwr.lm_loss import response_tokens
 from fedllm_flwr.lora_merge import Factors, set_merged
-from fedllm_flwr.metrics import peak_memory_mb
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
 from fedllm_flwr.train import lr_at, train_steps
-
-if TYPE_CHECKING:
-    from fedllm_flwr.full_weights import WeightStore
 
 _DATA: dict[tuple, ClientData] = {}
 
@@ -276,13 +270,14 @@ def save_personalized(
     return target
 
 
-def warm_up(cfg: Config, node_config: dict) -> dict[str, int | str]:
+def warm_up(cfg: Config, node_config: dict, with_model: bool = True) -> dict[str, int | str]:
     """Load what this process will need to train (the model, the client's data)
-    before the first round asks for it. Best effort: a problem is reported in the
-    reply, and the server's own checks name it to the user."""
+    before the first round asks for it; without the model when the first round brings
+    it (`with_model=False`, the algorithm's `model_before_first_round`). Best effort: a
+    problem is reported in the reply, and the server's own checks name it to the user."""
     try:
         partition_id, num_partitions = partition_of(node_config)
-        if cfg.algorithm.name == "fedot":  # the model is the emulator the first round brings: data only
+        if not with_model:
             from fedllm_flwr.data import train_set
 
             train_set(cfg)
@@ -291,134 +286,3 @@ def warm_up(cfg: Config, node_config: dict) -> dict[str, int | str]:
     except Exception as exc:  # noqa: BLE001 - nothing here may fail the run
         return {"warm": 0, "reason": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return {"warm": 1}
-
-
-def offsite_config(cfg: Config, emulator_id: str, files: dict[str, bytes] | None) -> Config:
-    """FedOT: the config that trains on the emulator `emulator_id`, installing it
-    from `files` (sent with the node's first message) or finding it installed."""
-    from fedllm_flwr import offsite
-    from fedllm_flwr.model_files import model_cache_dir
-
-    if not emulator_id:
-        raise ValueError("algorithm=fedot, but the server's message names no emulator")
-    cache = model_cache_dir(cfg.model)
-    folder = offsite.install(files, emulator_id, cache) if files else offsite.installed(emulator_id, cache)
-    if folder is None:
-        raise ValueError(f"emulator {emulator_id[:16]} is not installed on this node and the message does not carry it")
-    return offsite.client_config(cfg, folder)
-
-
-@dataclasses.dataclass
-class ZoMessage:
-    """What a zeroth-order message brings a node to catch up with."""
-
-    steps: dict[str, np.ndarray]
-    """The aggregated steps of the rounds the node may lack: int64 `rounds` and
-    `indices` (into the seed pool) and float64 `coefficients`, in order."""
-    pool: str
-    """The server's seed pool's fingerprint."""
-    weights: str
-    """The fingerprint of the global weights the server holds, those steps applied."""
-
-
-def _zo_new_steps(cfg: Config, kept_round: int, message: ZoMessage):
-    """(the run's seed pool, [(round, indices, coefficients)] past `kept_round` in order)."""
-    from fedllm_flwr.zo import pool_id, seed_pool
-
-    seeds = seed_pool(cfg.seed, cfg.zo.num_seeds)
-    if message.pool != pool_id(seeds):
-        raise ValueError(
-            f"the server's seed pool {message.pool!r} is not this node's {pool_id(seeds)!r} (seed, zo.num_seeds)"
-        )
-    steps = message.steps
-    tags = steps["rounds"]
-    if np.any(np.diff(tags) < 0):
-        raise ValueError("the message's steps are not in round order")
-    rounds = [(int(t), steps["indices"][tags == t], steps["coefficients"][tags == t]) for t in np.unique(tags)]
-    return seeds, [r for r in rounds if r[0] > kept_round]
-
-
-def zo_catch_up(
-    cfg: Config, partition_id: int, kept: dict[str, torch.Tensor] | None, kept_round: int, message: ZoMessage
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """algorithm=zo, zo.params=adapter: this node's adapter (`kept`, after round
-    `kept_round`; None: the seeded initial one) after the aggregated steps of the
-    rounds past `kept_round`, in order, and those rounds. ValueError if the adapter is
-    not then the server's."""
-    from fedllm_flwr.zo import apply_steps, check_weights, in_draw_order, tuned_tensors
-
-    seeds, rounds = _zo_new_steps(cfg, kept_round, message)
-    bundle = client_bundle(cfg, partition_id)
-    order = list(tuned_tensors(bundle.model, "adapter"))
-    state = {k: v.clone() for k, v in (bundle.initial if kept is None else kept).items()}
-    for _, indices, coefficients in rounds:
-        apply_steps(in_draw_order(state, order), seeds, zip(indices, coefficients, strict=True))
-    check_weights(in_draw_order(state, order), message.weights, "adapter")
-    return state, [t for t, _, _ in rounds]
-
-
-def zo_full_catch_up(
-    cfg: Config, partition_id: int, store: WeightStore, fingerprint: str, kept_round: int, message: ZoMessage
-) -> tuple[str, list[int]]:
-    """algorithm=zo, zo.params=full: put this node's global weights into the model it
-    trains and evaluates (`client_bundle`; from `store`, those of history `fingerprint`;
-    before any round, the base checkpoint's), apply the aggregated steps of the rounds
-    past `kept_round`, check them against the server's, and keep them in `store` beside
-    the weights of `fingerprint`, which a retry of this message starts from again.
-    (The new history fingerprint, the rounds applied.)"""
-    from fedllm_flwr.full_weights import chain, reset_to, reset_to_base
-    from fedllm_flwr.zo import apply_steps, check_weights, pool_id, tuned_tensors
-
-    seeds, rounds = _zo_new_steps(cfg, kept_round, message)
-    bundle = client_bundle(cfg, partition_id)
-    weights = tuned_tensors(bundle.model, "full")
-    kept = fingerprint if kept_round else ""
-    if kept:
-        reset_to(weights, store.load(kept))
-    else:
-        reset_to_base(weights, bundle.base_path)
-        fingerprint = pool_id(seeds)
-    for t, indices, coefficients in rounds:
-        apply_steps(list(weights.values()), seeds, zip(indices, coefficients, strict=True))
-        fingerprint = chain(fingerprint, t, indices, coefficients)
-    check_weights(weights.values(), message.weights, "base weights")  # before they are kept
-    if fingerprint != kept:
-        store.save(weights, fingerprint, keep=kept)
-    return fingerprint, [t for t, _, _ in rounds]
-
-
-def zo_local_round(
-    cfg: Config, state: dict[str, torch.Tensor] | None, server_round: int, partition_id: int, num_partitions: int
-) -> tuple[dict[int, float], dict[str, float]]:
-    """algorithm=zo: `train.local_steps` MeZO steps from the global adapter `state`
-    (zo.params=full: None, the global weights are in the model, `zo_full_catch_up`);
-    (pool index -> summed coefficient, the reply metrics)."""
-    from fedllm_flwr.lm_loss import lm_loss
-    from fedllm_flwr.zo import seed_pool, tuned_tensors, zo_train
-
-    bundle, data = _setup(cfg, partition_id, num_partitions)
-    if len(data.train) == 0:
-        raise ValueError(f"client {partition_id} has no training examples")
-    full = state is None  # the adapter keeps its initial, zero delta; the base weights move
-    set_adapter_state(bundle.model, bundle.initial if full else bundle.complete(state))
-    set_merged(bundle.model, None)
-    steps = cfg.train.local_steps
-    batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id,
-                           seed=cfg.seed * 1000 + partition_id, start=(server_round - 1) * steps)  # fmt: skip
-    params = list(tuned_tensors(bundle.model, cfg.zo.params).values())
-    draw = np.random.default_rng([cfg.seed, server_round, partition_id])
-    result = zo_train(
-        bundle.model, params, batches, seed_pool(cfg.seed, cfg.zo.num_seeds), draw, steps, lambda k: cfg.zo.lr,
-        cfg.zo.eps, lambda model, batch: lm_loss(model, batch, cfg.train.response_logits), exact=not full,
-    )  # fmt: skip
-    metrics = {
-        "train-loss": result.loss,
-        "num-examples": len(data.train),
-        "examples-seen": (steps - result.skipped) * cfg.train.batch_size,
-        "skipped-steps": result.skipped,
-        "seconds": result.seconds,
-        "peak-memory-mb": peak_memory_mb(bundle.device),
-        "partition-id": partition_id,
-        "lr": cfg.zo.lr,
-    }
-    return result.coefficients, metrics

@@ -14,18 +14,18 @@ data) never loads torch or the model.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedllm_flwr.algorithms import algorithm_for
+from fedllm_flwr.algorithms.zo.state import ZoState
 from fedllm_flwr.keys import (
     CLIPPING_NORM_KEY,
     DATA_KEY,
-    EMULATOR_ID_KEY,
     FEEDBACK_KEY,
     MERGED_KEY,
     PERSONALIZE_KEY,
@@ -35,12 +35,6 @@ from fedllm_flwr.keys import (
     SERVER_ROUND_KEY,
     STEPS_KEY,
     WARM_UP_KEY,
-    ZO_POOL_KEY,
-    ZO_REPLY_KEY,
-    ZO_ROUND_KEY,
-    ZO_STATE_KEY,
-    ZO_STEPS_KEY,
-    ZO_WEIGHTS_KEY,
 )
 
 Config = Mapping[str, Any]  # Flower's run and node configs: flat str -> scalar maps
@@ -57,16 +51,8 @@ class NodeState:
     merged: ArrayRecord | None = None
     """strategy=stacking: the parts of the merged delta this node holds, the server's bits
     ("<round>/<module>/<field>", `fedllm_flwr.lora_stacks`)."""
-    zo_adapter: ArrayRecord | None = None
-    """algorithm=zo: this node's copy of the global adapter, after round `zo_round`."""
-    zo_round: int = 0
-    zo_count: int = 0
-    """algorithm=zo: how many rounds' steps `zo_adapter` has applied."""
-    zo_seconds: float = 0.0
-    """algorithm=zo: how long this message's catch-up took (not kept)."""
-    zo_weights: str = ""
-    """zo.params=full: the fingerprint of the history of this node's global weights,
-    which names their file in its `full_weights.WeightStore` (on disk, not in the context)."""
+    zo: ZoState = field(default_factory=ZoState)
+    """algorithm=zo: this node's copy of the global model and how many rounds it has applied."""
     identity: str = ""
     """Which node of which run this is ("run<Flower run id>-node<Flower node id>"), given
     by the ClientApp with each message (not kept): names what the node keeps outside the
@@ -77,12 +63,8 @@ class NodeState:
         feedback = state.array_records.get(FEEDBACK_KEY)
         residual = feedback["residual"].numpy() if feedback is not None else None
         merged = state.array_records.get(MERGED_KEY)
-        zo = state.config_records.get(ZO_ROUND_KEY) or {}
-        return cls(
-            private=state.array_records.get(PRIVATE_KEY), residual=residual, merged=merged,
-            zo_adapter=state.array_records.get(ZO_STATE_KEY), zo_round=int(zo.get("round", 0)),
-            zo_count=int(zo.get("count", 0)), zo_weights=str(zo.get("weights", "")), identity=identity,
-        )  # fmt: skip
+        return cls(private=state.array_records.get(PRIVATE_KEY), residual=residual, merged=merged,
+                   zo=ZoState.load(state), identity=identity)  # fmt: skip
 
     def save(self, state: RecordDict) -> None:
         if self.private is not None:
@@ -91,48 +73,7 @@ class NodeState:
             state[FEEDBACK_KEY] = ArrayRecord({"residual": Array(self.residual)})
         if self.merged is not None:
             state[MERGED_KEY] = self.merged
-        if self.zo_adapter is not None:
-            state[ZO_STATE_KEY] = self.zo_adapter
-        if self.zo_adapter is not None or self.zo_weights:
-            state[ZO_ROUND_KEY] = ConfigRecord(
-                {"round": self.zo_round, "count": self.zo_count, "weights": self.zo_weights}
-            )
-
-    def zo_catch_up(self, cfg, content: RecordDict, partition_id: int):
-        """algorithm=zo: this node's adapter after the steps the message carries (kept);
-        zo.params=full: None, the weights are in the model client `partition_id` trains
-        and evaluates, and in the node's store. ValueError, nothing kept, when this node
-        would then hold another number of rounds or other weights than the server."""
-        from fedllm_flwr.client import ZoMessage, zo_catch_up, zo_full_catch_up
-        from fedllm_flwr.transport import arrays_to_state, state_to_arrays
-
-        started = time.perf_counter()
-        config = content["config"]
-        message = ZoMessage(
-            steps={k: v.numpy() for k, v in content[ZO_STEPS_KEY].items()},
-            pool=str(config[ZO_POOL_KEY]),
-            weights=str(config[ZO_WEIGHTS_KEY]),
-        )
-        tags = message.steps["rounds"]
-        count = self.zo_count + len(np.unique(tags[tags > self.zo_round]))
-        if count != int(config[ROUNDS_HELD_KEY]):  # checked before anything is applied or stored
-            raise ValueError(
-                f"this node has applied {count} rounds' steps and the global model {config[ROUNDS_HELD_KEY]}"
-            )
-        state = None
-        if cfg.zo.params == "full":
-            from fedllm_flwr.full_weights import WeightStore, store_folder
-
-            store = WeightStore(store_folder(cfg.zo.store_dir, cfg.model), self.identity)
-            self.zo_weights, applied = zo_full_catch_up(cfg, partition_id, store, self.zo_weights, self.zo_round,
-                                                        message)  # fmt: skip
-        else:
-            kept = arrays_to_state(self.zo_adapter) if self.zo_adapter is not None else None
-            state, applied = zo_catch_up(cfg, partition_id, kept, self.zo_round, message)
-            self.zo_adapter = state_to_arrays(state)
-        self.zo_count, self.zo_round = count, max(applied, default=self.zo_round)
-        self.zo_seconds = time.perf_counter() - started
-        return state
+        self.zo.save(state)
 
     def merge(self, content: RecordDict):
         """Take the parts of the merged delta a message carries (strategy=stacking) into
@@ -171,8 +112,9 @@ def train(content: RecordDict, run_config: Config, node_config: Config, node: No
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
     config = content["config"]
-    if cfg.algorithm.name == "zo":  # seed lists both ways, no adapter
-        return _zo_train(cfg, content, node, partition_id, num_partitions)
+    own = algorithm_for(cfg).train(cfg, content, node, partition_id, num_partitions)
+    if own is not None:  # the algorithm's own messages (algorithm=zo: seed lists both ways, no adapter)
+        return own
     down, up = codecs(cfg.compression)
     received = unpack_state(content, codec=down)
     if config.get(PERSONALIZE_KEY):  # after the last round: FedAvg + FT
@@ -220,9 +162,8 @@ def evaluate(content: RecordDict, run_config: Config, node_config: Config, node:
 
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
-    if cfg.algorithm.name == "zo":  # zo.params=full: the weights are in the model, the adapter is the initial one
-        received = node.zo_catch_up(cfg, content, partition_id) or {}
-    else:
+    received = algorithm_for(cfg).evaluated_adapter(cfg, content, node, partition_id)
+    if received is None:  # the message's adapter
         received = unpack_state(content, codec=codecs(cfg.compression)[0])
     merged = _merged(cfg, content, node)
     metrics = local_evaluate(cfg, received, partition_id, num_partitions, node.private_state(), merged)
@@ -241,7 +182,8 @@ def query(content: RecordDict, run_config: Config, node_config: Config) -> Recor
     if config is not None and config.get(WARM_UP_KEY):
         from fedllm_flwr.client import warm_up
 
-        info = warm_up(site_config(load_cfg(run_config), node_config), node_config)
+        cfg = site_config(load_cfg(run_config), node_config)
+        info = warm_up(cfg, node_config, with_model=algorithm_for(cfg).model_before_first_round)
     else:
         from fedllm_flwr.data import main_category
 
@@ -262,43 +204,20 @@ def query(content: RecordDict, run_config: Config, node_config: Config) -> Recor
 
 def node_cfg(content: RecordDict, run_config: Config, node_config: Config):
     """The run's config for this node: its own data file (dataset.source=sites)
-    and, under FedOT, its emulator (installed from the message when it carries one)."""
+    and what its algorithm makes of the message (FedOT: the emulator to train on,
+    installed from the message when it carries one)."""
     from fedllm_flwr.config import load_cfg
     from fedllm_flwr.data.sites import site_config
 
     _quiet()
     cfg = site_config(load_cfg(run_config), node_config)
-    if cfg.algorithm.name == "fedot":
-        from fedllm_flwr.client import offsite_config
-        from fedllm_flwr.offsite_files import emulator_files
-
-        emulator_id = str(content["config"].get(EMULATOR_ID_KEY, ""))
-        cfg = offsite_config(cfg, emulator_id, emulator_files(content))
-    return cfg
+    return algorithm_for(cfg).node_config(cfg, content)
 
 
 def _quiet() -> None:
     from fedllm_flwr import quiet_third_party_output
 
     quiet_third_party_output()
-
-
-def _zo_train(cfg, content: RecordDict, node: NodeState, partition_id: int, num_partitions: int) -> RecordDict:
-    from fedllm_flwr.client import zo_local_round
-
-    state = node.zo_catch_up(cfg, content, partition_id)
-    server_round = int(content["config"][SERVER_ROUND_KEY])
-    coefficients, metrics = zo_local_round(cfg, state, server_round, partition_id, num_partitions)
-    metrics["catch-up-seconds"] = node.zo_seconds  # applying the rounds the message carried (and, full: load, save)
-    indices = np.array(sorted(coefficients), dtype=np.int64)
-    values = np.array([coefficients[i] for i in indices], dtype=np.float64)
-    return RecordDict(
-        {
-            ZO_REPLY_KEY: ArrayRecord({"indices": Array(indices), "coefficients": Array(values)}),
-            "zo": ConfigRecord({ZO_POOL_KEY: str(content["config"][ZO_POOL_KEY])}),
-            "metrics": MetricRecord(metrics),
-        }
-    )
 
 
 def _merged(cfg, content: RecordDict, node: NodeState):

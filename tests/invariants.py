@@ -141,9 +141,9 @@ def nodes_hold_the_servers_model(run, new, server_round: int) -> None:  # noqa: 
     if run.cfg.algorithm.name == "zo" and run.cfg.zo.params == "adapter":
         for node, state in states.items():
             held = NodeState.load(state)
-            if held.zo_adapter is None or held.zo_round != server_round:
+            if held.zo.adapter is None or held.zo.round != server_round:
                 continue  # this node has not caught up to this round yet (it catches up when next asked)
-            theirs = {k: v.numpy() for k, v in held.zo_adapter.items()}
+            theirs = {k: v.numpy() for k, v in held.zo.adapter.items()}
             ours = run.arrays[server_round]
             assert set(theirs) == set(ours)
             differ = [k for k in ours if not np.array_equal(theirs[k], ours[k])]

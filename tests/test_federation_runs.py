@@ -319,9 +319,9 @@ def test_zeroth_order_on_every_base_weight_stops_resumes_and_saves_a_transformer
     from safetensors.numpy import load_file as load_numpy
     from transformers import AutoModelForCausalLM
 
-    from fedllm_flwr.full_weights import pristine
+    from fedllm_flwr.algorithms.zo.full_weights import pristine
+    from fedllm_flwr.algorithms.zo.mezo import apply_steps, seed_pool
     from fedllm_flwr.run_dir import RunDir
-    from fedllm_flwr.zo import apply_steps, seed_pool
 
     out, store = tmp_path / "runs", tmp_path / "store"
     common = ["num_rounds=2", "algorithm=zo", "zo.params=full", "zo.lr=1e-3", f"zo.store_dir={store}"]

@@ -47,6 +47,28 @@ def test_a_node_keeps_its_private_tensors_and_residual_between_messages(tiny_cfg
     assert scores["metrics"]["partition-id"] == 1 and scores["metrics"]["eval-loss"] > 0
 
 
+def test_a_node_keeps_its_zeroth_order_state_in_its_own_object_and_the_records_it_always_used():
+    """`NodeState.zo` is a `ZoState`; what it saves to and loads from Flower's context is
+    unchanged (a node's state from before the change still loads)."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedllm_flwr.algorithms.zo.state import ZoState
+    from fedllm_flwr.keys import ZO_ROUND_KEY, ZO_STATE_KEY
+
+    adapter = ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))})
+    record = RecordDict({ZO_STATE_KEY: adapter, ZO_ROUND_KEY: ConfigRecord({"round": 4, "count": 3, "weights": "f"})})
+    state = node.NodeState.load(record)
+    assert isinstance(state.zo, ZoState) and (state.zo.round, state.zo.count, state.zo.weights) == (4, 3, "f")
+    assert np.array_equal(state.zo.adapter["w"].numpy(), np.arange(3))
+    again = RecordDict()
+    state.save(again)
+    assert set(again) == {ZO_STATE_KEY, ZO_ROUND_KEY}
+    assert dict(again[ZO_ROUND_KEY]) == {"round": 4, "count": 3, "weights": "f"}
+    untouched = RecordDict()
+    node.NodeState.load(RecordDict()).save(untouched)  # a node that never ran zeroth-order keeps nothing of it
+    assert not set(untouched)
+
+
 def test_a_node_describes_its_data_without_loading_the_model_stack(tiny_model_dir, tmp_path):
     """A deployed SuperNode answers every message in a fresh process: describing its
     partition must not cost the import of transformers' models and peft, or the model."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedllm_flwr.zo import apply_steps, perturb, pool_id, seed_pool, two_point, zo_train
+from fedllm_flwr.algorithms.zo.mezo import apply_steps, perturb, pool_id, seed_pool, two_point, zo_train
 
 
 def _model_and_batch(tiny_model_dir):
@@ -83,7 +83,7 @@ def test_a_zeroth_order_round_lowers_the_loss_and_its_coefficients_replay_it(tin
 
 _APPLY_STEPS = """
 import hashlib, numpy as np, torch
-from fedllm_flwr.zo import apply_steps, seed_pool
+from fedllm_flwr.algorithms.zo.mezo import apply_steps, seed_pool
 params = [torch.zeros(64, 48), torch.full((1000,), 0.5), torch.zeros(7)]
 apply_steps(params, seed_pool(0, 16), [(3, 1e-3), (9, -2.5e-4), (3, 7e-5)])
 print(torch.backends.cpu.get_cpu_capability(), hashlib.sha1(b"".join(p.numpy().tobytes() for p in params)).hexdigest())
@@ -130,8 +130,8 @@ def _zo_reply(node, indices, coefficients, pool, n=10):
 def test_the_server_averages_seed_lists_refuses_bad_ones_and_sends_each_node_what_it_lacks(task_identity):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
+    from fedllm_flwr.algorithms.zo.strategy import SeedFederation
     from fedllm_flwr.keys import ARRAYS_KEY, ZO_POOL_KEY, ZO_STEPS_KEY
-    from fedllm_flwr.strategy.zo import SeedFederation
 
     pool = seed_pool(0, 8)
     start = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
@@ -212,7 +212,7 @@ def test_full_parameter_mode_computes_in_fp32_and_a_resume_is_allowed():
 
 
 def test_a_step_without_a_copy_matches_the_exact_step_to_rounding(tiny_model_dir):
-    from fedllm_flwr.zo import step_in_place
+    from fedllm_flwr.algorithms.zo.mezo import step_in_place
 
     model, batch = _model_and_batch(tiny_model_dir)
     exact, start = copy.deepcopy(model), copy.deepcopy(model)
@@ -232,8 +232,8 @@ def test_a_step_without_a_copy_matches_the_exact_step_to_rounding(tiny_model_dir
 def test_full_weights_are_saved_as_a_model_transformers_loads(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from fedllm_flwr.algorithms.zo.full_weights import base_weights, save_model
     from fedllm_flwr.config import load_cfg
-    from fedllm_flwr.full_weights import base_weights, save_model
     from fedllm_flwr.model import build_model, clear_model_cache
 
     clear_model_cache()
@@ -256,7 +256,7 @@ def test_full_weights_are_saved_as_a_model_transformers_loads(tiny_model_dir, tm
 def test_the_base_weights_are_the_bases_alone_under_ffa_lora(tiny_cfg):
     """zo.params=full tunes the base model's weights; FFA-LoRA's A is frozen too, but it is
     the adapter's: it is no base weight, and no base checkpoint holds it."""
-    from fedllm_flwr.full_weights import base_weights
+    from fedllm_flwr.algorithms.zo.full_weights import base_weights
     from fedllm_flwr.model import build_model, clear_model_cache
 
     clear_model_cache()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_zo import _zo_reply
 
-from fedllm_flwr.zo import pool_id, seed_pool
+from fedllm_flwr.algorithms.zo.mezo import pool_id, seed_pool
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +57,7 @@ def _server(overrides):
     ServerApp builds them."""
     from flwr.app import Array, ArrayRecord
 
+    from fedllm_flwr.algorithms import algorithm_for
     from fedllm_flwr.config import load_cfg
     from fedllm_flwr.model import build_model
     from fedllm_flwr.strategy import build_strategy
@@ -64,7 +65,7 @@ def _server(overrides):
     cfg = load_cfg(overrides)
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     initial = ArrayRecord({k: Array(v.numpy()) for k, v in bundle.initial.items()})
-    return cfg, build_strategy(cfg, model=bundle.model), initial
+    return cfg, build_strategy(cfg, **algorithm_for(cfg).strategy(bundle.model)), initial
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,21 @@ def test_a_resumed_run_holds_the_adapter_its_nodes_hold(deep_model_dir, task_ide
     # ... and the nodes hold it too (they apply round 2's steps with their next message).
     _federate(resumed, again, nodes, [3], run_config)
     for state in nodes.values():
-        assert all(np.array_equal(state.zo_adapter[k].numpy(), again[k].numpy()) for k in again)
+        assert all(np.array_equal(state.zo.adapter[k].numpy(), again[k].numpy()) for k in again)
+
+
+def test_a_node_builds_the_seed_pool_once_per_message(tiny_model_dir, task_identity, monkeypatch):
+    """The catch-up and the local round draw from one pool, which the zo plug-in builds
+    once and holds (`Zo.pool`), not once per function that needs it."""
+    from fedllm_flwr import node
+    from fedllm_flwr.algorithms.zo import mezo
+
+    overrides = _zo_overrides(tiny_model_dir)
+    _, strategy, initial = _server(overrides)
+    built, real = [], mezo.seed_pool
+    monkeypatch.setattr(mezo, "seed_pool", lambda *args: built.append(args) or real(*args))
+    _federate(strategy, initial, {1: node.NodeState()}, [1, 2], {"overrides": " ".join(overrides)})
+    assert len(built) == 2  # two train messages
 
 
 def test_a_round_that_carried_no_steps_is_not_held_and_nodes_go_on(tiny_model_dir, task_identity, caplog):
@@ -120,7 +135,7 @@ def test_a_round_that_carried_no_steps_is_not_held_and_nodes_go_on(tiny_model_di
     # A node, which counts the rounds whose steps it applied, takes the next message.
     nodes = {1: node.NodeState()}
     _federate(strategy, arrays, nodes, [2], {"overrides": " ".join(overrides)})
-    assert nodes[1].zo_count == 0 and strategy.ledger.pop(2)["clients-ok"] == 1
+    assert nodes[1].zo.count == 0 and strategy.ledger.pop(2)["clients-ok"] == 1
     # A checkpoint that holds such a round (written before they were dropped) resumes without it.
     strategy.load_state({"zo/1/indices": np.zeros(0, np.int64), "zo/1/coefficients": np.zeros(0)})
     assert strategy.rounds == {}
@@ -130,9 +145,9 @@ def _held_after(cfg, rounds):
     """The fingerprint of the global weights after `rounds` of HISTORY: its steps applied
     in the model's order to the seeded initial adapter or, zo.params=full, to the base
     checkpoint's weights."""
-    from fedllm_flwr.full_weights import pristine
+    from fedllm_flwr.algorithms.zo.full_weights import pristine
+    from fedllm_flwr.algorithms.zo.mezo import apply_steps, tuned_tensors, weights_fingerprint
     from fedllm_flwr.model import build_model
-    from fedllm_flwr.zo import apply_steps, tuned_tensors, weights_fingerprint
 
     if cfg.zo.params == "full":
         weights = {k: v.clone() for k, v in pristine(cfg.model.name).items()}
@@ -174,9 +189,9 @@ def test_a_node_that_missed_a_round_catches_up_to_the_same_bits(tiny_model_dir, 
     from flwr.app import RecordDict
 
     from fedllm_flwr import node
+    from fedllm_flwr.algorithms.zo.full_weights import WeightStore, pristine
+    from fedllm_flwr.algorithms.zo.mezo import apply_steps
     from fedllm_flwr.config import load_cfg
-    from fedllm_flwr.full_weights import WeightStore, pristine
-    from fedllm_flwr.zo import apply_steps
 
     overrides = _zo_overrides(tiny_model_dir, "train.local_steps=2", f"zo.params={params}", f"zo.store_dir={tmp_path}")
     cfg, run_config = load_cfg(overrides), {"overrides": " ".join(overrides)}
@@ -189,13 +204,13 @@ def test_a_node_that_missed_a_round_catches_up_to_the_same_bits(tiny_model_dir, 
     kept = RecordDict()  # what the node keeps between messages (Flower's context.state)
     steady.save(kept)
     steady = node.NodeState.load(kept, identity=steady.identity)
-    assert steady.zo_round == late.zo_round == 2 and steady.zo_count == late.zo_count == 2
+    assert steady.zo.round == late.zo.round == 2 and steady.zo.count == late.zo.count == 2
     if params == "adapter":
-        held = [{k: v.numpy() for k, v in n.zo_adapter.items()} for n in (steady, late)]
-        assert steady.zo_weights == ""
+        held = [{k: v.numpy() for k, v in n.zo.adapter.items()} for n in (steady, late)]
+        assert steady.zo.weights == ""
     else:  # each node's global weights are in its own file, tagged with the same history
-        assert steady.zo_weights == late.zo_weights
-        held = [{k: v.numpy() for k, v in WeightStore(tmp_path, n.identity).load(n.zo_weights).items()}
+        assert steady.zo.weights == late.zo.weights
+        held = [{k: v.numpy() for k, v in WeightStore(tmp_path, n.identity).load(n.zo.weights).items()}
                 for n in (steady, late)]  # fmt: skip
         # The steady node keeps the weights before round 2's too, for a retry of its last message.
         assert sorted(p.name.split("-")[1] for p in tmp_path.iterdir()) == ["node1", "node1", "node2"]
@@ -217,7 +232,7 @@ def test_a_node_that_missed_a_round_catches_up_to_the_same_bits(tiny_model_dir, 
     # An evaluation message brings the same catch-up; the node scores the global model on its held-out split.
     fresh = node.NodeState(identity="run1-node3")
     scored = node.evaluate(_steps_message(cfg, [1, 2], 3), run_config, node_config, fresh)["metrics"]
-    assert np.isfinite(scored["eval-loss"]) and scored["num-examples"] > 0 and fresh.zo_count == 2
+    assert np.isfinite(scored["eval-loss"]) and scored["num-examples"] > 0 and fresh.zo.count == 2
 
 
 def test_full_weights_train_and_evaluate_the_model_they_caught_up_with_a_base_of_their_own(
@@ -247,7 +262,8 @@ def test_a_failed_message_leaves_no_weight_file_behind_and_its_retry_finds_the_w
 ):
     from flwr.app import RecordDict
 
-    from fedllm_flwr import client, node
+    from fedllm_flwr import node
+    from fedllm_flwr.algorithms.zo import node as zo_node
     from fedllm_flwr.config import load_cfg
 
     store = tmp_path / "store"
@@ -265,7 +281,7 @@ def test_a_failed_message_leaves_no_weight_file_behind_and_its_retry_finds_the_w
         raise RuntimeError("the node stopped")
 
     with monkeypatch.context() as patch:  # the first message fails after the weights were stored, three times
-        patch.setattr(client, "zo_local_round", fail_after_catching_up)
+        patch.setattr(zo_node, "local_round", fail_after_catching_up)
         for _ in range(3):
             with pytest.raises(RuntimeError):
                 deliver([], 1)
@@ -273,7 +289,7 @@ def test_a_failed_message_leaves_no_weight_file_behind_and_its_retry_finds_the_w
     deliver([], 1)
     deliver([1], 2)
     with monkeypatch.context() as patch:  # round 3's fails the same way: the saved state names round 1's weights
-        patch.setattr(client, "zo_local_round", fail_after_catching_up)
+        patch.setattr(zo_node, "local_round", fail_after_catching_up)
         for _ in range(3):
             with pytest.raises(RuntimeError):
                 deliver([2], 3)
@@ -289,7 +305,7 @@ def test_a_node_whose_copy_differs_from_the_servers_refuses_the_message(tiny_mod
     from safetensors.torch import load_file, save_file
 
     from fedllm_flwr import node
-    from fedllm_flwr.full_weights import WeightStore
+    from fedllm_flwr.algorithms.zo.full_weights import WeightStore
 
     # The node's model is its own: in one process it would otherwise be the server's.
     overrides = _zo_overrides(tiny_model_dir, f"zo.params={params}", f"zo.store_dir={tmp_path}",
@@ -301,16 +317,16 @@ def test_a_node_whose_copy_differs_from_the_servers_refuses_the_message(tiny_mod
     arrays = _federate(strategy, initial, nodes, [1, 2], run_config)
     # One weight of the node's copy one unit in the last place off: what a z drawn otherwise would leave.
     if params == "adapter":
-        name = next(iter(nodes[1].zo_adapter))
-        held = nodes[1].zo_adapter[name].numpy().copy()
+        name = next(iter(nodes[1].zo.adapter))
+        held = nodes[1].zo.adapter[name].numpy().copy()
         held.flat[0] = np.nextafter(held.flat[0], np.float32(np.inf))
-        nodes[1].zo_adapter[name] = Array(held)
+        nodes[1].zo.adapter[name] = Array(held)
     else:
-        path = WeightStore(tmp_path, nodes[1].identity).path(nodes[1].zo_weights)
+        path = WeightStore(tmp_path, nodes[1].identity).path(nodes[1].zo.weights)
         weights = load_file(path)
         first = weights[next(iter(weights))].view(-1)
         first[0] = float(np.nextafter(np.float32(first[0]), np.float32(np.inf)))
-        save_file(weights, str(path), metadata={"fingerprint": nodes[1].zo_weights})
+        save_file(weights, str(path), metadata={"fingerprint": nodes[1].zo.weights})
     what = "adapter" if params == "adapter" else "base weights"
     with pytest.raises(ValueError, match=rf"this node's copy of the global {what} differs from the server's"):
         _federate(strategy, arrays, nodes, [3], run_config)

@@ -119,7 +119,7 @@ class AlgorithmConfig:
     name: str = "none"
     """`none`: clients tune the adapter on the full base model. `fedot`: offsite
     tuning; clients tune the adapter layers against a lossy emulator of the
-    base model and never receive its dropped layers (fedllm_flwr/offsite.py)."""
+    base model and never receive its dropped layers (fedllm_flwr/algorithms/fedot/)."""
     drop_rate: float = 0.2
     """fedot: share of the middle layers the emulator drops (uniform stride)."""
     adapter_layers: int = 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.common.logger import log
 
@@ -12,17 +12,14 @@ from fedllm_flwr.privacy.dp_server import AccountedClientSideDP
 from fedllm_flwr.privacy.secagg import secagg_strategy
 from fedllm_flwr.strategy import AdapterFedAvg, build_strategy
 
-if TYPE_CHECKING:
-    import torch
 
-
-def private_strategy(cfg: Config, model: torch.nn.Module | None = None, **arguments: Any) -> AdapterFedAvg:
+def private_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **arguments: Any) -> AdapterFedAvg:
     """The configured strategy; under privacy=secagg, with SecAgg+ training rounds.
-    `model`: the server's PEFT model (algorithm=zo tunes its tensors); `arguments` go to
-    `build_strategy` (the ranks of unequal-rank sites)."""
+    `override` and `arguments` go to `build_strategy` (an algorithm's own strategy, the
+    ranks of unequal-rank sites)."""
     if cfg.privacy.name == "secagg":
         return secagg_strategy(cfg)
-    return build_strategy(cfg, model=model, **arguments)
+    return build_strategy(cfg, override, **arguments)
 
 
 def private_runner(cfg: Config, strategy: AdapterFedAvg):

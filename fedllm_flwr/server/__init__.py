@@ -7,6 +7,8 @@
 - `nodes`: who is connected and what each node holds;
 - `personalize`: FedAvg + FT after the last round (the client's side is
   `fedllm_flwr.client.personalize`);
-- `fedot`: FedOT's emulator and full model on the server, and its summary;
 - `resume`: reopening an interrupted run at its last checkpoint.
+
+What an algorithm adds on the server (FedOT's emulator and full model, zeroth-order's
+seed lists) is its plug-in's (`fedllm_flwr.algorithms`).
 """

@@ -81,6 +81,7 @@ class ServerEvaluator:
         run_dir: RunDir,
         strategy: AdapterFedAvg,
         views: list[View] | None = None,
+        model_saver: Callable[[ModelBundle, Path], Path] | None = None,
     ) -> None:
         self.cfg, self.bundle, self.run_dir, self.strategy = cfg, bundle, run_dir, strategy
         self.views = views or [View("", bundle)]
@@ -89,9 +90,11 @@ class ServerEvaluator:
         self.metric = cfg.dataset.metric
         self.primary = "preference-accuracy" if self.pairs else PRIMARY.get(self.metric)
         self.gen_records = [] if self.pairs else generation_records(cfg, self.test_records)
-        self.full = cfg.algorithm.name == "zo" and cfg.zo.params == "full"
-        """zo.params=full: the tuned model is the base weights; saved as model/final only
-        (each round's would be the base's size; the checkpoint's seed lists rebuild any)."""
+        self.model_saver = model_saver
+        """The algorithm's, when the tuned model is the whole model (zo.params=full: the
+        base weights): saved with it as model/final only (each round's would be the base's
+        size; the checkpoint's seed lists rebuild any)."""
+        self.full = model_saver is not None
         self.last = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
         self.unanswered: list[int] = []
@@ -153,11 +156,8 @@ class ServerEvaluator:
 
     def save(self, folder: str, adapters: dict[str, ArrayRecord]) -> Path:
         main = self.views[0]
-        if self.full:
-            from fedllm_flwr.full_weights import base_weights, save_model
-
-            weights = base_weights(main.bundle.model)
-            return save_model(main.bundle.model, main.bundle.tokenizer, weights, self.run_dir.path / "model" / folder)
+        if self.model_saver is not None:
+            return self.model_saver(main.bundle, self.run_dir.path / "model" / folder)
         merged = self.merged()
         if merged is not None:  # stacking: the merged delta is the model (the fresh adapter adds B = 0)
             return save_merged(main.bundle.model, self.run_dir.path / "adapter" / folder, merged)

@@ -15,16 +15,15 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedllm_flwr.algorithms import algorithm_for
 from fedllm_flwr.config import RANKED_STRATEGIES, Config
 from fedllm_flwr.data import records, test_records
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.keys import EMULATOR_ID_KEY
-from fedllm_flwr.model import build_model, count_parameters
+from fedllm_flwr.model import count_parameters
 from fedllm_flwr.plot import write_curves
 from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator, generation_records
-from fedllm_flwr.server.fedot import offsite_summary, prepare_fedot
 from fedllm_flwr.server.nodes import discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
 from fedllm_flwr.server.ranks import RankQuery, node_ranks
@@ -45,24 +44,17 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     check_installed(cfg)  # a tracker switched on without its library: before any work
     records(cfg)  # read and check the whole data set before the (slower) model
     log(INFO, "[fedllm-flwr] loading base model %s (a GGUF is converted once, ~20 s)", cfg.model.name)
-    offsite, views, emulator_files = None, None, None
     nodes, ranks = {}, {}
     if cfg.strategy.name in RANKED_STRATEGIES:  # the global adapter takes the largest site's rank
         cfg, nodes, ranks = node_ranks(grid, cfg)
-    client_config = ConfigRecord()  # sent with every message
-    if cfg.algorithm.name == "fedot":
-        offsite, bundle, views, emulator_files = prepare_fedot(cfg)
-        client_config[EMULATOR_ID_KEY] = offsite.fingerprint
-    else:
-        bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task=cfg.task.name)
+    algorithm = algorithm_for(cfg)
+    served = algorithm.server_model()
+    bundle = served.bundle
+    client_config = ConfigRecord(served.client_config)  # sent with every message
     trainable, total = count_parameters(bundle.model)
     # The seeded initial adapter, not what the model holds now: a process that ran a job
     # before (a test, a sweep's warm server) left that job's last adapter in it.
     initial = dict(bundle.initial)
-    if cfg.algorithm.name == "zo" and cfg.zo.params == "full":  # the base weights are the global model
-        from fedllm_flwr.full_weights import base_weights, reset_to_base
-
-        reset_to_base(base_weights(bundle.model), bundle.base_path)
     if cfg.personalize.private:
         shared = {k: v for k, v in initial.items() if not cfg.personalize.is_private(k)}
         if len(shared) in (0, len(initial)):
@@ -78,10 +70,10 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     if cfg.task.name == "lm":
         generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
     if ranks:  # privacy=none: the config refuses privacy with these strategies
-        strategy = private_strategy(cfg, bundle.model, ranks=ranks, ask_ranks=RankQuery(grid, cfg))
+        strategy = private_strategy(cfg, ranks=ranks, ask_ranks=RankQuery(grid, cfg))
         strategy.nodes = nodes
-    else:
-        strategy = private_strategy(cfg, bundle.model)
+    else:  # an algorithm that aggregates something else than adapters brings its strategy (zo: seed lists)
+        strategy = private_strategy(cfg, **algorithm.strategy(bundle.model))
     done = 0  # rounds completed before this start (a resumed run)
     if cfg.resume:
         run_dir, done, initial_arrays = resume_run(cfg, strategy)
@@ -90,12 +82,12 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     run_dir.metrics.trackers = open_trackers(cfg, run_dir.path, run_dir.rows() if done else [])
     completed, final = False, None
     try:
-        evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy, views)
+        evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy, served.views, algorithm.model_saver)
         if done:
             evaluator.rows = run_dir.rows()
             strategy.round_offset = done
-        if emulator_files is not None:
-            strategy.set_broadcast(emulator_files)
+        if served.broadcast is not None:
+            strategy.set_broadcast(served.broadcast)
         log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
         if not strategy.nodes and (cfg.strategy.availability != "always" or (done and cfg.scenario.name == "local")):
             strategy.nodes = discover_nodes(grid, cfg)
@@ -168,7 +160,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
                 "adapter": str(final),
                 "base-model": bundle.base_path,
                 "personalization": personalization,
-                "fedot": offsite_summary(offsite, strategy, first, last, evaluator.primary) if offsite else None,
+                "fedot": algorithm.summary(strategy, first, last, evaluator.primary),
                 "privacy": privacy_summary(cfg, runner),
             }
         )

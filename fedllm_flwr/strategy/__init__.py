@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedllm_flwr.compression import codecs
 from fedllm_flwr.config import RANKED_STRATEGIES, Config
@@ -14,9 +14,6 @@ from fedllm_flwr.strategy.ranked import AskRanks, RankedLoRA, SvdRedistribution,
 from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics
 from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
 from fedllm_flwr.strategy.stacking import Stacking
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "AdapterFedAvg",
@@ -49,14 +46,13 @@ def build_strategy(
     cfg: Config,
     override: type[AdapterFedAvg] | None = None,
     *,
-    model: torch.nn.Module | None = None,
     ranks: dict[int, int] | None = None,
     ask_ranks: AskRanks | None = None,
     **arguments: Any,
 ) -> AdapterFedAvg:
     """The strategy the config asks for, or the class `override` with its own `arguments`
-    (`fedllm_flwr.privacy.secagg.secagg_strategy`), with the config's sampling and codecs.
-    `model`: the server's PEFT model, which algorithm=zo needs (the tensors its steps tune).
+    (`fedllm_flwr.privacy.secagg.secagg_strategy`, an algorithm's: `Algorithm.strategy`),
+    with the config's sampling and codecs.
     The strategies for unequal LoRA ranks take every node's rank learned before round 1
     and what asks a node that connects later (`fedllm_flwr.server.ranks`)."""
     s = cfg.strategy
@@ -74,15 +70,6 @@ def build_strategy(
         extra = {"ranks": ranks, "ask_ranks": ask_ranks}
     elif s.name == "mifa":
         kind, extra = Mifa, {"wait_for_all": s.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}
-    if cfg.algorithm.name == "zo":  # seed lists, not adapters (config/schema.py allows only fedavg)
-        from fedllm_flwr.strategy.zo import SeedFederation
-        from fedllm_flwr.zo import seed_pool, tuned_tensors
-
-        if model is None:
-            raise ValueError("algorithm=zo: the strategy needs the server's model (the tensors its steps tune)")
-        tuned = tuned_tensors(model, cfg.zo.params)
-        kind, extra = SeedFederation, {"pool": seed_pool(cfg.seed, cfg.zo.num_seeds), "order": list(tuned),
-                                       "weights": tuned if cfg.zo.params == "full" else None}  # fmt: skip
     if override is not None:
         kind, extra = override, arguments
     # fedavg and fedprox aggregate alike; fedprox's term is in the clients' loss.

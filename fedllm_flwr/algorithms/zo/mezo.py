@@ -45,12 +45,27 @@ def pool_id(pool: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(pool, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class SeedPool:
+    """The run's seed pool and its fingerprint, built once (`SeedPool.of`) and passed to
+    every step that draws from it: the zo plug-in holds one per run on the server and one
+    per message on a node (`fedllm_flwr.algorithms.zo.Zo.pool`)."""
+
+    seeds: np.ndarray
+    id: str
+
+    @classmethod
+    def of(cls, seed: int, size: int) -> SeedPool:
+        seeds = seed_pool(seed, size)
+        return cls(seeds, pool_id(seeds))
+
+
 def tuned_tensors(model: torch.nn.Module, params: str) -> dict[str, torch.Tensor]:
     """The tensors `zo.params` tunes (`adapter`: the trainable ones; `full`: the base
     weights, by their transformers names), in the model's own parameter order: the one
     order z is drawn over them in, on the server and on every node."""
     if params == "full":
-        from fedllm_flwr.full_weights import base_weights
+        from fedllm_flwr.algorithms.zo.full_weights import base_weights
 
         return base_weights(model)
     return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -29,12 +29,12 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from fedllm_flwr.algorithms.zo.mezo import apply_steps, in_draw_order, pool_id, weights_fingerprint
 from fedllm_flwr.keys import ARRAYS_KEY, ZO_POOL_KEY, ZO_REPLY_KEY, ZO_STEPS_KEY, ZO_WEIGHTS_KEY
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.catch_up import CatchUp, with_count
 from fedllm_flwr.strategy.replies import ValidReply
-from fedllm_flwr.zo import apply_steps, in_draw_order, pool_id, weights_fingerprint
 
 
 def steps_record(rounds: dict[int, tuple[np.ndarray, np.ndarray]], which: list[int]) -> ArrayRecord:
@@ -80,7 +80,7 @@ class SeedFederation(AdapterFedAvg):
         super().__init__(**kwargs)
         self.pool, self.pool_id = pool, pool_id(pool)
         self.order = list(order)
-        """The tuned tensors' names in the model's own order (`zo.tuned_tensors`): z is
+        """The tuned tensors' names in the model's own order (`mezo.tuned_tensors`): z is
         drawn over them in this order, whatever order the arrays or a checkpoint give."""
         self.weights = weights
         """zo.params=full: the server model's base weights, which the steps move in place

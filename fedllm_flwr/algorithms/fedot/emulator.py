@@ -1,4 +1,4 @@
-"""FedOT (offsite tuning): clients tune an adapter against a lossy emulator and
+"""FedOT (offsite tuning, `algorithm=fedot`): clients tune an adapter against a lossy emulator and
 never hold the full model.
 
 The model owner splits the base model's decoder layers into an *adapter* (the
@@ -43,7 +43,7 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class OffsitePlan:
+class EmulatorPlan:
     """Which of the full model's decoder layers the emulator keeps, in order."""
 
     num_layers: int
@@ -89,7 +89,7 @@ def _renumber(key: str, mapping: tuple[int, ...]) -> str:
     return f"{key[: match.start(1)]}{mapping[int(match.group(1))]}{key[match.end(1) :]}"
 
 
-def make_plan(num_layers: int, adapter_layers: int, drop_rate: float) -> OffsitePlan:
+def make_plan(num_layers: int, adapter_layers: int, drop_rate: float) -> EmulatorPlan:
     """Keep round(m * (1 - drop_rate)) of the m middle layers at a uniform stride
     (the first and last middle layers included when two or more are kept)."""
     if adapter_layers < 1 or 2 * adapter_layers >= num_layers:
@@ -105,7 +105,7 @@ def make_plan(num_layers: int, adapter_layers: int, drop_rate: float) -> Offsite
         kept = [middle[len(middle) // 2]]
     else:
         kept = sorted({middle[round(i * (len(middle) - 1) / (keep - 1))] for i in range(keep)})
-    return OffsitePlan(
+    return EmulatorPlan(
         num_layers,
         tuple(range(adapter_layers)),
         tuple(kept),
@@ -125,7 +125,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
-def build_emulator(model: torch.nn.Module, plan: OffsitePlan) -> torch.nn.Module:
+def build_emulator(model: torch.nn.Module, plan: EmulatorPlan) -> torch.nn.Module:
     """A copy of `model` holding only the plan's layers (the full model is untouched)."""
     layers = decoder_layers(model)
     if len(layers) != plan.num_layers:
@@ -153,7 +153,7 @@ def build_emulator(model: torch.nn.Module, plan: OffsitePlan) -> torch.nn.Module
 def distill_emulator(
     full: torch.nn.Module,
     emulator: torch.nn.Module,
-    plan: OffsitePlan,
+    plan: EmulatorPlan,
     batches: Iterator[dict[str, torch.Tensor]],
     steps: int,
     lr: float,
@@ -271,10 +271,10 @@ def install(files: dict[str, bytes], fingerprint: str, cache_dir: Path) -> Path:
 
 
 @dataclass
-class OffsiteSetup:
+class FedotSetup:
     """What the server holds for a FedOT run."""
 
-    plan: OffsitePlan
+    plan: EmulatorPlan
     full: ModelBundle
     """The full model with the adapter in its first and last layers (evaluation, saving)."""
     emulator: ModelBundle
@@ -298,7 +298,7 @@ def distill_records(cfg: Config) -> list[dict[str, str]]:
     return generate(families, 100, seed=cfg.seed + 1)
 
 
-def prepare(cfg: Config) -> OffsiteSetup:
+def prepare(cfg: Config) -> FedotSetup:
     """Split the base model, build (and optionally distill) the emulator, cache it
     as a model folder, and build the full and emulator PEFT models."""
     algo = cfg.algorithm
@@ -328,7 +328,7 @@ def prepare(cfg: Config) -> OffsiteSetup:
     mapped, expected = set(plan.to_full(emu.initial)), set(full.initial)
     if mapped != expected:
         raise RuntimeError(f"emulator and full adapters differ: {sorted(mapped ^ expected)[:3]}")
-    return OffsiteSetup(plan, full, emu, folder, fingerprint, losses)
+    return FedotSetup(plan, full, emu, folder, fingerprint, losses)
 
 
 def client_config(cfg: Config, folder: Path) -> Config:
