@@ -10,19 +10,23 @@ from flwr.common.logger import log
 from fedllm_flwr.config import Config
 from fedllm_flwr.privacy.dp_server import AccountedClientSideDP
 from fedllm_flwr.privacy.secagg import secagg_strategy
-from fedllm_flwr.strategy import AdapterFedAvg, build_strategy
+from fedllm_flwr.strategy import AdapterFedAvg, RoundSetup, build_strategy
 
 if TYPE_CHECKING:
     import torch
 
 
-def private_strategy(cfg: Config, model: torch.nn.Module | None = None, **arguments: Any) -> AdapterFedAvg:
-    """The configured strategy; under privacy=secagg, with SecAgg+ training rounds.
-    `model`: the server's PEFT model (algorithm=zo tunes its tensors); `arguments` go to
-    `build_strategy` (the ranks of unequal-rank sites)."""
+def private_strategy(
+    cfg: Config, model: torch.nn.Module | None = None, setup: RoundSetup | None = None
+) -> AdapterFedAvg:
+    """The configured strategy; under privacy=secagg, with SecAgg+ training rounds, and under
+    privacy=dp enforcing the clipping norm on every update it decodes.
+    `model`: the server's PEFT model (algorithm=zo tunes its tensors); `setup`: what the
+    server learned before round 1 (`build_strategy`)."""
     if cfg.privacy.name == "secagg":
-        return secagg_strategy(cfg)
-    return build_strategy(cfg, model=model, **arguments)
+        return secagg_strategy(cfg, setup)
+    clip_norm = cfg.privacy.clipping_norm if cfg.privacy.name == "dp" else None
+    return build_strategy(cfg, model=model, setup=setup, clip_norm=clip_norm)
 
 
 def private_runner(cfg: Config, strategy: AdapterFedAvg):
