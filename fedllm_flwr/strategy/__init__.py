@@ -12,8 +12,8 @@ from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFed
 from fedllm_flwr.strategy.availability import Availability
 from fedllm_flwr.strategy.ranked import RankedLoRA, SvdRedistribution, ZeroPadding
 from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics
+from fedllm_flwr.strategy.round_setup import RoundSetup
 from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
-from fedllm_flwr.strategy.setup import RoundSetup
 from fedllm_flwr.strategy.stacking import Stacking
 
 if TYPE_CHECKING:

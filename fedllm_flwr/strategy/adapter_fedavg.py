@@ -32,7 +32,7 @@ from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY
 from fedllm_flwr.strategy.availability import Availability
 from fedllm_flwr.strategy.lora_products import aggregation_error
 from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics, check_metrics, partition_of
-from fedllm_flwr.strategy.setup import Registered, RoundSetup
+from fedllm_flwr.strategy.round_setup import Registered, RoundSetup
 from fedllm_flwr.transport import is_relative, manifest_of, message_bytes, pack, unpack
 
 

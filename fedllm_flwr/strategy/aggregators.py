@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM, FedMedian, FedTrimmedAvg, 
 
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.replies import ValidReply
-from fedllm_flwr.strategy.setup import RoundSetup
+from fedllm_flwr.strategy.round_setup import RoundSetup
 
 if TYPE_CHECKING:
     from fedllm_flwr.config import Config

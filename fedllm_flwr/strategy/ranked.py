@@ -45,7 +45,7 @@ from fedllm_flwr.strategy.lora_products import (
     rank_of,
 )
 from fedllm_flwr.strategy.replies import ValidReply
-from fedllm_flwr.strategy.setup import RoundSetup
+from fedllm_flwr.strategy.round_setup import RoundSetup
 
 if TYPE_CHECKING:
     from fedllm_flwr.config import Config

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from fedllm_flwr.keys import DATA_KEY, STEPS_KEY
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.replies import ValidReply
-from fedllm_flwr.strategy.setup import RoundSetup
+from fedllm_flwr.strategy.round_setup import RoundSetup
 
 if TYPE_CHECKING:
     from fedllm_flwr.config import Config
