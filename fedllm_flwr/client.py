@@ -39,7 +39,7 @@ def training_threads(cfg: Config) -> Iterator[int]:
     OMP_NUM_THREADS: one per CPU the actor holds), except under scenario=global: one
     node trains while the others wait, so it takes every core this process may use."""
     before = torch.get_num_threads()
-    if cfg.scenario.name == "global" and not cfg.train.threads:
+    if cfg.scenario.one_holder and not cfg.train.threads:
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     try:
         yield torch.get_num_threads()
@@ -116,7 +116,7 @@ def local_train(
             cfg.train,
             start_step=start_step,
             total_steps=total_steps,
-            prox_mu=cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0,
+            prox_mu=cfg.strategy.client_proximal_mu,
             compute_dtype=bundle.dtype,
             loss_fn=loss_fn,
             items_fn=items_fn,

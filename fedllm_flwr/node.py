@@ -222,7 +222,7 @@ def _quiet() -> None:
 
 def _merged(cfg, content: RecordDict, node: NodeState):
     """strategy=stacking: the frozen delta under the adapter (`NodeState.merge`); else None."""
-    return node.merge(content) if cfg.strategy.name == "stacking" else None
+    return node.merge(content) if cfg.strategy.merges_stacks else None
 
 
 def _feedback(cfg, node: NodeState):

@@ -7,7 +7,7 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from fedllm_flwr.config import STRATEGIES, load_cfg
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.strategy import build_strategy
+from fedllm_flwr.strategy import RoundSetup, build_strategy
 from fedllm_flwr.strategy.aggregators import (
     Mifa,
     MifaMemory,
@@ -275,8 +275,8 @@ def test_availability_draws_are_seeded_and_follow_the_probabilities():
 
 def test_unavailable_clients_are_not_sampled_and_participants_are_logged(tiny_cfg):
     cfg = tiny_cfg("strategy=mifa", "strategy.availability=per_client", "strategy.available_per_client=[1.0,0.01]")
-    strategy = build_strategy(cfg)
-    strategy.nodes = {11: {"partition-id": 0, "category": "add"}, 12: {"partition-id": 1, "category": "reverse"}}
+    nodes = {11: {"partition-id": 0, "category": "add"}, 12: {"partition-id": 1, "category": "reverse"}}
+    strategy = build_strategy(cfg, setup=RoundSetup(nodes))
     sent = [Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in (11, 12)]
     chosen = strategy.select_train(1, sent)
     assert [m.metadata.dst_node_id for m in chosen] == [11]

@@ -19,16 +19,17 @@ def test_a_client_with_an_empty_held_out_split_says_so_instead_of_sending_nan(ti
 def test_the_server_knows_each_simulated_partitions_size_and_an_honest_claim_fits(tiny_cfg):
     from fedllm_flwr.data import train_set
     from fedllm_flwr.server.nodes import example_limits
+    from fedllm_flwr.strategy import strategy_class
 
     cfg = tiny_cfg()
     nodes = {11: {"partition-id": 0, "num-partitions": 2}, 12: {"partition-id": 1, "num-partitions": 2}}
-    limits = example_limits(cfg, nodes)
+    limits = example_limits(cfg, nodes, strategy_class(cfg).holds_all_data)
     for node, pid in ((11, 0), (12, 1)):
         _, metrics = local_train(cfg, {}, 1, pid, 2)
         assert metrics["num-examples"] == limits[node] > 0
     assert limits[11] + limits[12] < len(train_set(cfg))  # the held-out records are not claimable
     glob = tiny_cfg("scenario=global")
-    assert set(example_limits(glob, nodes).values()) == {len(train_set(glob))}
+    assert set(example_limits(glob, nodes, strategy_class(glob).holds_all_data).values()) == {len(train_set(glob))}
 
 
 def test_the_one_training_node_of_scenario_global_takes_every_core(tiny_cfg, monkeypatch):

@@ -87,7 +87,7 @@ class NodesGrid:
 
 def dp_strategy(noise=1.0, clip=0.1, clients=3):
     """The DP wrapper around AdapterFedAvg after configuring round 1 on `clients` nodes, all sampled."""
-    inner = AdapterFedAvg(min_available_nodes=1, min_train_nodes=1)
+    inner = AdapterFedAvg(min_available_nodes=1, min_train_nodes=1, clip_norm=clip)
     runner = AccountedClientSideDP(inner, noise, clip, 1e-5)
     runner.configure_train(1, global_arrays(), ConfigRecord(), NodesGrid(range(1, clients + 1)))
     return runner, inner
@@ -359,8 +359,10 @@ def test_secure_aggregation_refuses_max_weight_below_a_known_partition_before_ro
     from fedllm_flwr.privacy.runner import private_strategy
 
     cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=secagg", "privacy.max_weight=3"])
-    strategy = private_strategy(cfg)
-    strategy.max_examples = {1: 2, 2: 30}  # simulation: the server knows each partition's size
+    from fedllm_flwr.strategy import RoundSetup
+
+    # simulation: the server knows each partition's size
+    strategy = private_strategy(cfg, setup=RoundSetup(max_examples={1: 2, 2: 30}))
 
     class Grid:
         def get_node_ids(self):
@@ -370,3 +372,10 @@ def test_secure_aggregation_refuses_max_weight_below_a_known_partition_before_ro
 
     with pytest.raises(UserError, match="set privacy.max_weight=30 or more"):
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid())
+
+
+def test_the_dp_wrapper_refuses_a_strategy_that_does_not_enforce_its_clipping_norm():
+    """The strategy gets the clipping norm in its constructor (`private_strategy`); one built
+    without it would average unclipped updates under noise sized for clipped ones."""
+    with pytest.raises(ValueError, match="clip_norm=None, not the clipping norm 0.1"):
+        AccountedClientSideDP(AdapterFedAvg(), 1.0, 0.1, 1e-5)

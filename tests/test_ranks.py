@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.strategy import SvdRedistribution, ZeroPadding, build_strategy
+from fedllm_flwr.strategy import RoundSetup, SvdRedistribution, ZeroPadding, build_strategy
 from fedllm_flwr.strategy.lora_products import at_rank, padded, product_factors, rank_of
 from fedllm_flwr.transport import pack
 
@@ -290,7 +290,7 @@ def test_a_node_that_connects_after_discovery_is_asked_its_rank_first(tiny_model
     part = {i: {"partition-id": i - 1, "num-partitions": 4} for i in (1, 2, 3, 4)}
     grid = NodesGrid(run_config, {1: part[1], 4: part[4]}, unreachable={6})
     cfg, _, ranks = node_ranks(grid, load_cfg(run_config))
-    strategy = build_strategy(cfg, ranks=ranks, ask_ranks=RankQuery(grid, cfg))
+    strategy = build_strategy(cfg, setup=RoundSetup(ranks=ranks, ask_ranks=RankQuery(grid, cfg)))
     assert ranks == {1: 2, 4: 16}
     # Three nodes connect after discovery: one of rank 4, one whose rank the global
     # adapter (16) cannot serve, one that cannot be asked.

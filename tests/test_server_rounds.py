@@ -36,7 +36,7 @@ def test_a_round_every_client_failed_in_is_logged_but_a_resumed_run_trains_it_ag
     rows = run_dir.rows()
     assert [(r["round"], r["clients-ok"], r["clients-failed"]) for r in rows] == [(0, None, None), (1, 2, 0), (2, 0, 2)]
 
-    reopened, done, adapter = resume_run(tiny_cfg(*common, f"resume={run_dir.path}"), AdapterFedAvg())
+    reopened, done, adapter, _ = resume_run(tiny_cfg(*common, f"resume={run_dir.path}"))
     assert done == 1  # round 2 is trained again
     assert adapter["w"].numpy().tolist() == [1.0, 1.0]
     assert [r["round"] for r in reopened.rows()] == [0, 1]
@@ -115,7 +115,7 @@ def test_a_run_whose_clients_all_vanish_stops_and_says_how_to_go_on(
     # Once the clients are back, the run goes on after round 1.
     again = [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "num_rounds=5", "eval.every=0", "eval.initial=false",
              "strategy.fraction_evaluate=0", "log.curves=false", f"resume={run}"]  # fmt: skip
-    reopened, done, _ = resume_run(load_cfg(again), AdapterFedAvg())
+    reopened, done, _, _ = resume_run(load_cfg(again))
     assert done == 1 and [r["round"] for r in reopened.rows()] == [0, 1] and not (run / "summary.json").exists()
 
 

@@ -105,8 +105,7 @@ def test_stacking_is_exact_restarts_from_the_initial_adapter_and_catches_nodes_u
     rng = np.random.default_rng(0)
     start = {A: rng.normal(size=(2, 5)).astype(np.float32), B: np.zeros((4, 2), np.float32)}
     arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
-    strategy = Stacking()
-    strategy.ranks = {1: 1, 2: 2, 3: 2}
+    strategy = Stacking(ranks={1: 1, 2: 2, 3: 2})
     sent = _round(strategy, arrays, [1, 2])
     assert MERGED_KEY not in sent[1].content  # nothing merged yet
     one = {A: rng.normal(size=(1, 5)).astype(np.float32), B: rng.normal(size=(4, 1)).astype(np.float32)}
@@ -294,8 +293,7 @@ def test_past_min_in_out_a_modules_stack_is_compacted_exactly_and_every_node_hol
     from fedllm_flwr.run_dir import RunDir
 
     rng = np.random.default_rng(0)
-    strategy = Stacking(down=Codec(wire))
-    strategy.ranks = {1: 1, 2: 2, 3: 1}
+    strategy = Stacking(down=Codec(wire), ranks={1: 1, 2: 2, 3: 1})
     arrays = ArrayRecord({k: Array(v * (".lora_A." in k)) for k, v in _state(rng, 2, 1.0).items()})
     nodes = {n: NodeState() for n in (1, 2, 3)}
     truth = {module: np.zeros((fan_out, fan_in)) for module, (fan_in, fan_out) in SHAPES.items()}
@@ -343,9 +341,8 @@ def test_past_min_in_out_a_modules_stack_is_compacted_exactly_and_every_node_hol
     # A run resumed from the checkpoint sends a new node every part, the same bits.
     run_dir = RunDir(tmp_path)
     run_dir.write_checkpoint(6, {k: v.numpy() for k, v in arrays.items()}, strategy.state())
-    restored = Stacking(down=Codec(wire))
+    restored = Stacking(down=Codec(wire), ranks=strategy.ranks)
     restored.load_state(run_dir.read_checkpoint()[2])
-    restored.ranks = strategy.ranks
     late = NodeState()
     late.merge(_round(restored, arrays, [4])[4].content)
     _same_bits(late, strategy)

@@ -4,7 +4,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedllm_flwr.keys import MANIFEST_KEY
-from fedllm_flwr.strategy import AdapterFedAvg, aggregate_client_metrics, weighted_mean
+from fedllm_flwr.strategy import AdapterFedAvg, RoundSetup, aggregate_client_metrics, weighted_mean
 from fedllm_flwr.transport import pack, state_to_arrays
 
 
@@ -28,8 +28,8 @@ def train_reply(node: int, st: dict, n: int, loss: float) -> Message:
     return reply(node, content)
 
 
-def strategy_for(global_state: dict) -> AdapterFedAvg:
-    strat = AdapterFedAvg(train_metrics_aggr_fn=aggregate_client_metrics)
+def strategy_for(global_state: dict, setup: RoundSetup | None = None) -> AdapterFedAvg:
+    strat = AdapterFedAvg(train_metrics_aggr_fn=aggregate_client_metrics, setup=setup)
     strat._expected = [(k, tuple(v.shape)) for k, v in global_state.items()]
     return strat
 
@@ -122,10 +122,9 @@ def test_clients_evaluate_on_the_rounds_the_server_does(every, offset, asked):
     """eval.every schedules the clients' held-out scoring too: after every N rounds and
     the last (a resumed run counts from its first round), never with 0."""
     from fedllm_flwr.config import load_cfg
-    from fedllm_flwr.strategy import build_strategy
+    from fedllm_flwr.strategy import RoundSetup, build_strategy
 
-    strat = build_strategy(load_cfg(["num_rounds=5", f"eval.every={every}"]))
-    strat.round_offset = offset
+    strat = build_strategy(load_cfg(["num_rounds=5", f"eval.every={every}"]), setup=RoundSetup(round_offset=offset))
     glob = state_to_arrays(state(0.25))
     sent = {
         r + offset: len(list(strat.configure_evaluate(r, glob, ConfigRecord(), FakeGrid())))
@@ -160,8 +159,7 @@ def test_a_reply_with_a_non_finite_or_impossible_number_is_dropped(bad):
 
 
 def test_a_claim_beyond_the_nodes_partition_size_is_dropped():
-    strat = strategy_for(state(0.0))
-    strat.max_examples = {1: 10, 2: 30}
+    strat = strategy_for(state(0.0), RoundSetup(max_examples={1: 10, 2: 30}))
     replies = [train_reply(1, state(1.0), 10, 2.0), train_reply(2, state(3.0), 31, 1.0)]
     arrays, _ = strat.aggregate_train(1, replies)
     assert np.allclose(arrays["a.lora_A.weight"].numpy(), 1.0)

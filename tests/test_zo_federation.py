@@ -52,20 +52,21 @@ def _federate(strategy, arrays, nodes, rounds, run_config):
     return arrays
 
 
-def _server(overrides):
+def _server(overrides, done=0):
     """(config, a fresh strategy, the seeded initial adapter as its first arrays), as the
-    ServerApp builds them."""
+    ServerApp builds them; `done`: the rounds a resumed run did before this start."""
     from flwr.app import Array, ArrayRecord
 
     from fedllm_flwr.algorithms import algorithm_for
     from fedllm_flwr.config import load_cfg
     from fedllm_flwr.model import build_model
-    from fedllm_flwr.strategy import build_strategy
+    from fedllm_flwr.strategy import RoundSetup, build_strategy
 
     cfg = load_cfg(overrides)
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     initial = ArrayRecord({k: Array(v.numpy()) for k, v in bundle.initial.items()})
-    return cfg, build_strategy(cfg, **algorithm_for(cfg).strategy(bundle.model)), initial
+    strategy = build_strategy(cfg, setup=RoundSetup(round_offset=done), **algorithm_for(cfg).strategy(bundle.model))
+    return cfg, strategy, initial
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +94,9 @@ def test_a_resumed_run_holds_the_adapter_its_nodes_hold(deep_model_dir, task_ide
     after_one = _federate(first, initial, {1: node.NodeState(), 2: node.NodeState()}, [1], run_config)
     run_dir = RunDir.create(cfg)
     run_dir.write_checkpoint(1, {k: v.numpy() for k, v in after_one.items()}, first.state())
-    _, resumed, _ = _server(overrides)
-    _, done, arrays = resume_run(load_cfg([*overrides, f"resume={run_dir.path}"]), resumed)
-    resumed.round_offset = done  # as server/run.py does
+    _, done, arrays, state = resume_run(load_cfg([*overrides, f"resume={run_dir.path}"]))
+    _, resumed, _ = _server(overrides, done)  # as server/run.py does: built knowing the rounds done
+    resumed.load_state(state)
     nodes = {1: node.NodeState(), 2: node.NodeState()}
     again = _federate(resumed, arrays, nodes, [2], run_config)
     differing = [k for k in whole if not np.array_equal(whole[k].numpy(), again[k].numpy())]

@@ -51,6 +51,24 @@ class StrategyConfig:
     available_per_category: list[str] = field(default_factory=list)
     """e.g. [add:0.2,reverse:0.9]; categories not listed use `available_p`."""
 
+    # What the clients need to know of the strategy, read here rather than from the server's
+    # strategy classes (fedllm_flwr.strategy, whose class attributes of the same names agree:
+    # tests/test_strategy_registry.py).
+    @property
+    def ranked(self) -> bool:
+        """Whether the strategy combines LoRA adapters of unequal ranks."""
+        return self.name in RANKED_STRATEGIES
+
+    @property
+    def merges_stacks(self) -> bool:
+        """Whether nodes merge the stacked delta under a fresh adapter (stacking)."""
+        return self.name == "stacking"
+
+    @property
+    def client_proximal_mu(self) -> float:
+        """The proximal term's weight in the clients' loss: fedprox's `proximal_mu`, else 0."""
+        return self.proximal_mu if self.name == "fedprox" else 0.0
+
     def category_probabilities(self) -> dict[str, float]:
         out = {}
         for item in self.available_per_category:
@@ -154,6 +172,11 @@ class ScenarioConfig:
     """`fed`: federated averaging. `global`: one holder of all training data, the
     same total optimizer steps and evaluation (a simulation baseline). `local`:
     every client trains its own adapter, nothing is averaged."""
+
+    @property
+    def one_holder(self) -> bool:
+        """Whether one node trains on every partition's data (global)."""
+        return self.name == "global"
 
     def __post_init__(self) -> None:
         if self.name not in ("fed", "global", "local"):

@@ -70,7 +70,7 @@ def site_rank(cfg: Config, node_config: Mapping[str, Any]) -> int:
         rank = int(cfg.peft.client_ranks[partition_id])
     else:
         return cfg.peft.r
-    if rank != cfg.peft.r and cfg.strategy.name not in RANKED_STRATEGIES:
+    if rank != cfg.peft.r and not cfg.strategy.ranked:
         raise ValueError(
             f"this node's LoRA rank is {rank} and the run's peft.r={cfg.peft.r}; strategy={cfg.strategy.name} "
             f"averages tensors of one shape (use strategy={' or '.join(RANKED_STRATEGIES)})"

@@ -37,7 +37,8 @@ class AccountedClientSideDP(DifferentialPrivacyClientSideFixedClipping):
     """Client-side fixed clipping around an AdapterFedAvg, with an RDP budget.
 
     `available_p`: the chance a sampled client is available (strategy.availability=uniform;
-    1 otherwise), which scales each round's sampling rate."""
+    1 otherwise), which scales each round's sampling rate. `strategy` must enforce the same
+    `clipping_norm` on the updates it decodes (built with it: `private_strategy`)."""
 
     def __init__(
         self, strategy: AdapterFedAvg, noise_multiplier: float, clipping_norm: float, delta: float,
@@ -45,7 +46,11 @@ class AccountedClientSideDP(DifferentialPrivacyClientSideFixedClipping):
     ) -> None:  # fmt: skip
         # Flower's wrapper takes a fixed sample size; ours is each round's, set in configure_train.
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients=1)
-        strategy.clip_norm = clipping_norm
+        if strategy.clip_norm != clipping_norm:
+            raise ValueError(
+                f"privacy=dp: the strategy enforces clip_norm={strategy.clip_norm}, not the clipping norm "
+                f"{clipping_norm} the noise is sized for (build it with clip_norm={clipping_norm})"
+            )
         self.inner = strategy
         self.available_p = available_p
         self.budget = PrivacyBudget(noise_multiplier, delta)

@@ -10,16 +10,20 @@ from flwr.common.logger import log
 from fedllm_flwr.config import Config
 from fedllm_flwr.privacy.dp_server import AccountedClientSideDP
 from fedllm_flwr.privacy.secagg import secagg_strategy
-from fedllm_flwr.strategy import AdapterFedAvg, build_strategy
+from fedllm_flwr.strategy import AdapterFedAvg, RoundSetup, build_strategy
 
 
-def private_strategy(cfg: Config, override: type[AdapterFedAvg] | None = None, **arguments: Any) -> AdapterFedAvg:
-    """The configured strategy; under privacy=secagg, with SecAgg+ training rounds.
-    `override` and `arguments` go to `build_strategy` (an algorithm's own strategy, the
-    ranks of unequal-rank sites)."""
+def private_strategy(
+    cfg: Config, override: type[AdapterFedAvg] | None = None, setup: RoundSetup | None = None, **arguments: Any
+) -> AdapterFedAvg:
+    """The configured strategy; under privacy=secagg, with SecAgg+ training rounds, and under
+    privacy=dp enforcing the clipping norm on every update it decodes.
+    `override` and `arguments` go to `build_strategy` (an algorithm's own strategy);
+    `setup`: what the server learned before round 1 (`build_strategy`)."""
     if cfg.privacy.name == "secagg":
-        return secagg_strategy(cfg)
-    return build_strategy(cfg, override, **arguments)
+        return secagg_strategy(cfg, setup)
+    clip_norm = cfg.privacy.clipping_norm if cfg.privacy.name == "dp" else None
+    return build_strategy(cfg, override, setup=setup, clip_norm=clip_norm, **arguments)
 
 
 def private_runner(cfg: Config, strategy: AdapterFedAvg):

@@ -36,7 +36,7 @@ from fedllm_flwr.compression import Codec
 from fedllm_flwr.config import PrivacyConfig
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.keys import SERVER_ROUND_KEY, SUM_KEY
-from fedllm_flwr.strategy import build_strategy
+from fedllm_flwr.strategy import RoundSetup, build_strategy
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.replies import aggregate_client_metrics
 from fedllm_flwr.transport import message_bytes, pack
@@ -208,7 +208,7 @@ class _CountingGrid:
         return replies
 
 
-def secagg_strategy(cfg) -> SecAggFedAvg:  # noqa: ANN001 - a Config
+def secagg_strategy(cfg, setup: RoundSetup | None = None) -> SecAggFedAvg:  # noqa: ANN001 - a Config
     """The run's strategy with its training rounds under SecAgg+ (fedavg or fedprox in the
-    fed scenario: the config refuses the rest)."""
-    return build_strategy(cfg, SecAggFedAvg, secagg=cfg.privacy)
+    fed scenario: the config refuses the rest); `setup` as `build_strategy` takes it."""
+    return build_strategy(cfg, SecAggFedAvg, setup=setup, secagg=cfg.privacy)

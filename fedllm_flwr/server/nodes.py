@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import Message, MessageType, RecordDict
@@ -41,12 +42,12 @@ def discover_nodes(grid: Grid, cfg: Config) -> dict[int, dict[str, Any]]:
     return info
 
 
-def example_limits(cfg: Config, nodes: dict[int, dict[str, Any]]) -> dict[int, int]:
+def example_limits(cfg: Config, nodes: Mapping[int, Mapping[str, Any]], holds_all_data: bool) -> dict[int, int]:
     """Node id -> the most training examples it holds, from the server's own copy
     of the data (simulation; a deployed site's data is its own, see the README).
-    Under scenario=global the one training node holds every record."""
+    `holds_all_data` (scenario=global): the one training node holds every record."""
     from fedllm_flwr.data import train_set, train_size
 
-    if cfg.scenario.name == "global":
+    if holds_all_data:
         return {node: len(train_set(cfg)) for node in nodes}
     return {node: train_size(cfg, int(i["partition-id"]), int(i["num-partitions"])) for node, i in nodes.items()}

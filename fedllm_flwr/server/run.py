@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedllm_flwr.algorithms import algorithm_for
-from fedllm_flwr.config import RANKED_STRATEGIES, Config
+from fedllm_flwr.config import Config
 from fedllm_flwr.data import records, test_records
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.model import count_parameters
@@ -28,6 +28,7 @@ from fedllm_flwr.server.nodes import discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
 from fedllm_flwr.server.ranks import RankQuery, node_ranks
 from fedllm_flwr.server.resume import resume_run
+from fedllm_flwr.strategy import RoundSetup, strategy_class
 from fedllm_flwr.tracking import check_installed, open_trackers
 from fedllm_flwr.transport import state_to_arrays
 from fedllm_flwr.worker_start import await_warm_up, is_simulation
@@ -44,9 +45,11 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     check_installed(cfg)  # a tracker switched on without its library: before any work
     records(cfg)  # read and check the whole data set before the (slower) model
     log(INFO, "[fedllm-flwr] loading base model %s (a GGUF is converted once, ~20 s)", cfg.model.name)
-    nodes, ranks = {}, {}
-    if cfg.strategy.name in RANKED_STRATEGIES:  # the global adapter takes the largest site's rank
+    kind = strategy_class(cfg)
+    nodes, ranks, ask_ranks = {}, {}, None
+    if kind.learns_ranks:  # the global adapter takes the largest site's rank
         cfg, nodes, ranks = node_ranks(grid, cfg)
+        ask_ranks = RankQuery(grid, cfg)  # privacy=none: the config refuses privacy with these strategies
     algorithm = algorithm_for(cfg)
     served = algorithm.server_model()
     bundle = served.bundle
@@ -69,31 +72,31 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     test = test_records(cfg)
     if cfg.task.name == "lm":
         generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
-    if ranks:  # privacy=none: the config refuses privacy with these strategies
-        strategy = private_strategy(cfg, ranks=ranks, ask_ranks=RankQuery(grid, cfg))
-        strategy.nodes = nodes
-    else:  # an algorithm that aggregates something else than adapters brings its strategy (zo: seed lists)
-        strategy = private_strategy(cfg, **algorithm.strategy(bundle.model))
-    done = 0  # rounds completed before this start (a resumed run)
+    done, state = 0, None  # rounds completed before this start, the strategy's state then (a resumed run)
     if cfg.resume:
-        run_dir, done, initial_arrays = resume_run(cfg, strategy)
+        run_dir, done, initial_arrays, state = resume_run(cfg)
     else:
         run_dir, initial_arrays = RunDir.create(cfg), state_to_arrays(initial)
     run_dir.metrics.trackers = open_trackers(cfg, run_dir.path, run_dir.rows() if done else [])
     completed, final = False, None
     try:
+        log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
+        if not nodes and (cfg.strategy.availability != "always" or (done and kind.finds_nodes_by_partition)):
+            nodes = discover_nodes(grid, cfg)
+        max_examples = {}
+        if is_simulation(grid) and cfg.dataset.source != "sites":  # the server holds every partition's data
+            nodes = nodes or discover_nodes(grid, cfg)
+            max_examples = example_limits(cfg, nodes, kind.holds_all_data)
+        setup = RoundSetup(nodes, max_examples, round_offset=done, ranks=ranks, ask_ranks=ask_ranks)
+        # An algorithm that aggregates something else than adapters brings its strategy (zo: seed lists).
+        strategy = private_strategy(cfg, setup=setup, **algorithm.strategy(bundle.model))
+        if state is not None:
+            strategy.load_state(state)
         evaluator = ServerEvaluator(cfg, bundle, test, run_dir, strategy, served.views, algorithm.model_saver)
         if done:
             evaluator.rows = run_dir.rows()
-            strategy.round_offset = done
         if served.broadcast is not None:
             strategy.set_broadcast(served.broadcast)
-        log(INFO, "[fedllm-flwr] run folder: %s", run_dir.path)
-        if not strategy.nodes and (cfg.strategy.availability != "always" or (done and cfg.scenario.name == "local")):
-            strategy.nodes = discover_nodes(grid, cfg)
-        if is_simulation(grid) and cfg.dataset.source != "sites":  # the server holds every partition's data
-            strategy.nodes = strategy.nodes or discover_nodes(grid, cfg)
-            strategy.max_examples = example_limits(cfg, strategy.nodes)
         log(
             INFO,
             "[fedllm-flwr] scenario %s, base %s (%s), adapter %s: %s trainable of %s parameters",

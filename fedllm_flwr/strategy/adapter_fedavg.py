@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -32,6 +32,7 @@ from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY
 from fedllm_flwr.strategy.availability import Availability
 from fedllm_flwr.strategy.lora_products import aggregation_error
 from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics, check_metrics, partition_of
+from fedllm_flwr.strategy.round_setup import Registered, RoundSetup
 from fedllm_flwr.transport import is_relative, manifest_of, message_bytes, pack, unpack
 
 
@@ -78,10 +79,19 @@ class ListedNodes:
         return getattr(self._grid, name)
 
 
-class AdapterFedAvg(FedAvg):
-    """FedAvg that exchanges only adapter weights and never averages in a bad reply."""
+class AdapterFedAvg(Registered, FedAvg):
+    """FedAvg that exchanges only adapter weights and never averages in a bad reply.
+    What it learns about the run before round 1 comes in `setup`, the config's common
+    knobs as keywords (`build_strategy`)."""
 
-    def __init__(self, *, down: Codec | None = None, up: Codec | None = None, **kwargs: Any) -> None:
+    names = ("fedavg", "fedprox")  # fedprox's proximal term is in the clients' loss
+
+    def __init__(
+        self, *, down: Codec | None = None, up: Codec | None = None, setup: RoundSetup | None = None,
+        evaluate_due: Callable[[int], bool] | None = None, availability: Availability | None = None,
+        exact_products: bool = False, clip_norm: float | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        setup = setup or RoundSetup()
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_client_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_client_metrics)
         super().__init__(arrayrecord_key=ARRAYS_KEY, **kwargs)
@@ -95,10 +105,10 @@ class AdapterFedAvg(FedAvg):
         self.sees_clients = True
         """Whether each reply is one client's adapter (not SecAgg+'s one sum), so the
         round can report `lora-aggregation-error`."""
-        self.exact_products = False
+        self.exact_products = exact_products
         """Whether the mean of the clients' B A is exactly B_avg A_avg (FFA-LoRA's
         shared frozen A): `lora-aggregation-error` is then 0 by construction."""
-        self.clip_norm: float | None = None
+        self.clip_norm = clip_norm
         """privacy=dp: the L2 bound every client's update must keep; the server
         enforces it on the decoded update (codec rounding may add a hair) and
         refuses replies that are not updates."""
@@ -119,9 +129,9 @@ class AdapterFedAvg(FedAvg):
         self._expected_by_node: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
         """What each node's reply must match: the names and shapes it was sent
         (the global adapter's, unless `arrays_for` sends it another)."""
-        self.availability: Availability | None = None
+        self.availability = availability
         """Simulated availability; needs `nodes` (node id -> partition-id, category)."""
-        self.nodes: dict[int, dict[str, Any]] = {}
+        self.nodes: dict[int, Mapping[str, Any]] = dict(setup.nodes)
         self.broadcast: RecordDict | None = None
         """Records each node receives once, with its first message (FedOT's emulator)."""
         self.broadcast_bytes = 0
@@ -129,13 +139,11 @@ class AdapterFedAvg(FedAvg):
         """Nodes that answered a message carrying the broadcast."""
         self.sampled: dict[int, set[int]] = {}
         """Nodes sent a training message, by round (to tell who never answered)."""
-        self.max_examples: dict[int, int] = {}
-        """Node id -> the most `num-examples` it may claim (its partition's training
-        size, where the server knows it: simulation). A larger claim is dropped."""
-        self.round_offset = 0
-        """Rounds already done before this `start` (a resumed run): Flower counts
-        from 1, so every method adds this to the round it is given."""
-        self.evaluate_due: Callable[[int], bool] = lambda server_round: True
+        self.max_examples: dict[int, int] = dict(setup.max_examples)
+        """Node id -> the most `num-examples` it may claim (`RoundSetup.max_examples`)."""
+        self.round_offset = setup.round_offset
+        """Rounds done before this `start` (a resumed run), added to every round Flower gives."""
+        self.evaluate_due: Callable[[int], bool] = evaluate_due or (lambda server_round: True)
         """Whether clients evaluate after this round (`eval.every`'s rounds in a run)."""
 
     def state(self) -> dict[str, np.ndarray]:

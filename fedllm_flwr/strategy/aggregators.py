@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from logging import INFO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -37,6 +38,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM, FedMedian, FedTrimmedAvg, 
 
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.replies import ValidReply
+from fedllm_flwr.strategy.round_setup import RoundSetup
+
+if TYPE_CHECKING:
+    from fedllm_flwr.config import Config
 
 State = dict[str, np.ndarray]
 
@@ -95,6 +100,14 @@ class _KeepsGlobal(AdapterFedAvg):
 class ServerOptFedAvg(_KeepsGlobal):
     """FedAvgM, FedAdam or FedYogi: Flower's server step on the clients' mean update."""
 
+    names = ("fedavgm", "fedadam", "fedyogi")
+
+    @classmethod
+    def settings(cls, cfg: Config, setup: RoundSetup) -> dict[str, Any]:
+        s = cfg.strategy
+        return {"optimizer": server_optimizer(s.name.removeprefix("fed"), s.server_lr, s.server_momentum, s.beta2,
+                                              s.tau)}  # fmt: skip
+
     def __init__(self, *, optimizer: FedAvgM | FedAdam | FedYogi, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.optimizer = optimizer
@@ -129,6 +142,12 @@ class ServerOptFedAvg(_KeepsGlobal):
 class RobustAggregate(AdapterFedAvg):
     """Flower's FedMedian or FedTrimmedAvg over the decoded adapters (unweighted)."""
 
+    names = ("median", "trimmed_mean")
+
+    @classmethod
+    def settings(cls, cfg: Config, setup: RoundSetup) -> dict[str, Any]:
+        return {"kind": cfg.strategy.name, "trim": cfg.strategy.trim}
+
     def __init__(self, *, kind: str, trim: float = 0.2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if kind not in ("median", "trimmed_mean"):
@@ -161,7 +180,21 @@ class MifaMemory:
         return {k: v / max(num_clients, len(self.updates)) for k, v in self.sum.items()}
 
 
+def round_lr(cfg: Config, server_round: int) -> float:
+    """The learning rate every client starts round `server_round` with."""
+    from fedllm_flwr.train import lr_at
+
+    steps = cfg.train.local_steps
+    return lr_at((server_round - 1) * steps, cfg.num_rounds * steps, cfg.train)
+
+
 class Mifa(_KeepsGlobal):
+    names = ("mifa",)
+
+    @classmethod
+    def settings(cls, cfg: Config, setup: RoundSetup) -> dict[str, Any]:
+        return {"wait_for_all": cfg.strategy.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}
+
     def __init__(self, *, lr_for: Callable[[int], float], wait_for_all: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lr_for = lr_for

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -45,6 +45,10 @@ from fedllm_flwr.strategy.lora_products import (
     rank_of,
 )
 from fedllm_flwr.strategy.replies import ValidReply
+from fedllm_flwr.strategy.round_setup import RoundSetup
+
+if TYPE_CHECKING:
+    from fedllm_flwr.config import Config
 
 AskRanks = Callable[[list[int]], dict[int, int | str]]
 """Asks nodes for their LoRA rank: node id -> its rank, or why it cannot train here
@@ -53,6 +57,13 @@ AskRanks = Callable[[list[int]], dict[int, int | str]]
 
 class RankedLoRA(AdapterFedAvg):
     """Sends each node the global adapter at its own rank; `merge` makes the new one."""
+
+    names = ()  # the subclasses' own
+    learns_ranks = True
+
+    @classmethod
+    def settings(cls, cfg: Config, setup: RoundSetup) -> dict[str, Any]:
+        return {"ranks": setup.ranks, "ask_ranks": setup.ask_ranks}
 
     def __init__(self, *, ranks: Mapping[int, int] | None = None, ask_ranks: AskRanks | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -135,6 +146,8 @@ class ZeroPadding(RankedLoRA):
     with respect to either is then 0 for good. `lora-aggregation-error` compares
     the new B A with sum_k w_k B_k A_k under the same weights."""
 
+    names = ("zero_padding",)
+
     def merge(self, states, weights, rank):
         pairs = multiplying_pairs(states[0])
         factored = {key for pair in pairs for key in pair}
@@ -162,6 +175,8 @@ class ZeroPadding(RankedLoRA):
 
 class SvdRedistribution(RankedLoRA):
     """FlexLoRA's aggregation: the weighted sum of the clients' B A, truncated SVD to rank R."""
+
+    names = ("svd",)
 
     def merge(self, states, weights, rank):
         pairs = multiplying_pairs(states[0])

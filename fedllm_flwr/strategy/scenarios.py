@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
@@ -20,9 +20,21 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from fedllm_flwr.keys import DATA_KEY, STEPS_KEY
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.replies import ValidReply
+from fedllm_flwr.strategy.round_setup import RoundSetup
+
+if TYPE_CHECKING:
+    from fedllm_flwr.config import Config
 
 
 class GlobalFedAvg(AdapterFedAvg):
+    names = ()  # a scenario: it runs with strategy=fedavg only (config/rules.py)
+    scenario = "global"
+    holds_all_data = True
+
+    @classmethod
+    def settings(cls, cfg: Config, setup: RoundSetup) -> dict[str, Any]:
+        return {"local_steps": cfg.train.local_steps}
+
     def __init__(self, *, local_steps: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.local_steps = local_steps
@@ -37,6 +49,10 @@ class GlobalFedAvg(AdapterFedAvg):
 
 
 class LocalAdapters(AdapterFedAvg):
+    names = ()  # a scenario: it runs with strategy=fedavg only (config/rules.py)
+    scenario = "local"
+    finds_nodes_by_partition = True  # a resumed run's adapters are kept by partition (`arrays_for`)
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.adapters: dict[int, ArrayRecord] = {}

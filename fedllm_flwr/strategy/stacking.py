@@ -42,6 +42,9 @@ from fedllm_flwr.strategy.replies import ValidReply
 class Stacking(RankedLoRA):
     """FLoRA's aggregation: stack the clients' factors; nodes merge and start afresh."""
 
+    names = ("stacking",)
+    merges_stacks = True
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.held = HeldStacks()
