@@ -23,12 +23,13 @@ from fedllm_flwr.model import build_model, count_parameters
 from fedllm_flwr.plot import write_curves
 from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
 from fedllm_flwr.run_dir import RunDir
-from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator, generation_records
+from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator
 from fedllm_flwr.server.fedot import offsite_summary, prepare_fedot
 from fedllm_flwr.server.nodes import discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
 from fedllm_flwr.server.ranks import RankQuery, node_ranks
 from fedllm_flwr.server.resume import resume_run
+from fedllm_flwr.tasks import task_of
 from fedllm_flwr.tracking import check_installed, open_trackers
 from fedllm_flwr.transport import state_to_arrays
 from fedllm_flwr.worker_start import await_warm_up, is_simulation
@@ -54,7 +55,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
         offsite, bundle, views, emulator_files = prepare_fedot(cfg)
         client_config[EMULATOR_ID_KEY] = offsite.fingerprint
     else:
-        bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task=cfg.task.name)
+        bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task_type=task_of(cfg).peft_task_type)
     trainable, total = count_parameters(bundle.model)
     # The seeded initial adapter, not what the model holds now: a process that ran a job
     # before (a test, a sweep's warm server) left that job's last adapter in it.
@@ -75,8 +76,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
             len(initial) - len(shared), len(initial))  # fmt: skip
         initial = shared
     test = test_records(cfg)
-    if cfg.task.name == "lm":
-        generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
+    task_of(cfg).generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
     if ranks:  # privacy=none: the config refuses privacy with these strategies
         strategy = private_strategy(cfg, bundle.model, ranks=ranks, ask_ranks=RankQuery(grid, cfg))
         strategy.nodes = nodes
