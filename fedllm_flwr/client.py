@@ -164,8 +164,7 @@ def local_evaluate(
         return {"num-examples": 0, "partition-id": partition_id}
     set_adapter_state(bundle.model, bundle.complete(private or {}, state))
     set_merged(bundle.model, merged)
-    metrics = task_of(cfg).local_evaluate(cfg, bundle, data)
-    return {**metrics, "num-examples": len(data.holdout), "partition-id": partition_id}
+    return {**task_of(cfg).local_evaluate(cfg, bundle, data), "partition-id": partition_id}
 
 
 def split_private(cfg: Config, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

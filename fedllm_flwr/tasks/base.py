@@ -55,7 +55,8 @@ class Task:
         raise NotImplementedError
 
     def local_evaluate(self, cfg: Config, bundle: ModelBundle, data: ClientData) -> dict[str, float]:
-        """A client's `eval-*` metrics of the adapter in `bundle` on its non-empty held-out split."""
+        """A client's `eval-*` metrics of the adapter in `bundle` on its non-empty held-out split,
+        and their weight, `num-examples` (the split's size)."""
         raise NotImplementedError
 
     def generation_records(self, cfg: Config, test: list[dict[str, str]]) -> list[dict]:
@@ -96,6 +97,7 @@ class PairTask(Task):
             "eval-loss": scores["eval-loss"],
             "eval-preference-accuracy": scores["preference-accuracy"],
             "eval-margin": scores["margin"],
+            "num-examples": len(data.holdout),
         }
 
     def server_evaluate(

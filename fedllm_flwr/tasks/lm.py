@@ -51,7 +51,7 @@ class LmTask(Task):
     def local_evaluate(self, cfg: Config, bundle: ModelBundle, data: ClientData) -> dict[str, float]:
         """Loss and perplexity; with `eval.client_metric`, the dataset's generation metric too."""
         result = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
-        metrics = {"eval-loss": result["loss"], "eval-ppl": result["ppl"]}
+        metrics = {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": len(data.holdout)}
         if cfg.eval.client_metric:
             metrics.update({f"eval-{k}": v for k, v in holdout_scores(cfg, bundle, data).items() if k != "eval-loss"})
         return metrics
