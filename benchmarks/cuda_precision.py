@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedllm_flwr.client import local_train  # noqa: E402
 from fedllm_flwr.config.compose import load_cfg  # noqa: E402
 from fedllm_flwr.data import server_data  # noqa: E402
+from fedllm_flwr.evaluate.benchmarks import run_benchmark  # noqa: E402
 from fedllm_flwr.evaluate.loss import evaluate_loss  # noqa: E402
-from fedllm_flwr.evaluate.tasks import run_generation_task  # noqa: E402
 from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state, set_adapter_state  # noqa: E402
 
 VARIANTS = {  # name -> (train.precision, model.quantization)
@@ -64,7 +64,7 @@ def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[
 def score(cfg, bundle, test, test_set) -> dict[str, float]:
     t0 = time.perf_counter()
     loss = evaluate_loss(bundle.model, test_set, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
-    scores, _ = run_generation_task(cfg.dataset.metric, bundle.model, bundle.tokenizer, test, cfg.eval, seed=cfg.seed)
+    scores, _ = run_benchmark(cfg.dataset.metric, bundle.model, bundle.tokenizer, test, cfg.eval, seed=cfg.seed)
     return {"eval-loss": round(loss["loss"], 4), "accuracy": scores["accuracy"],
             "eval-seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
 

@@ -65,9 +65,9 @@ def measure_memory(reference: str) -> dict:
     from fedllm_flwr.client import _setup
     from fedllm_flwr.config import load_cfg
     from fedllm_flwr.data.pairs import collate_pairs
-    from fedllm_flwr.dpo import dpo_loss
     from fedllm_flwr.lm_loss import sequence_logps
     from fedllm_flwr.model import load_base_model
+    from fedllm_flwr.tasks.dpo import dpo_loss
 
     torch.set_num_threads(2)
     cfg = load_cfg(["task=dpo"])

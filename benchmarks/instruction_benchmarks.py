@@ -80,9 +80,9 @@ def main() -> int:
     def save() -> None:
         results_file.write_text(json.dumps(results, indent=2) + "\n")
 
-    gsm = ["--task", "gsm8k", "--data", str(data / "gsm8k/test.jsonl"), "--limit", str(args.gsm8k_limit)]
-    human = ["--task", "humaneval", "--limit", str(args.humaneval_limit)]
-    dolly = ["--task", "rouge", "--limit", str(args.dolly_limit)]
+    gsm = ["--benchmark", "gsm8k", "--data", str(data / "gsm8k/test.jsonl"), "--limit", str(args.gsm8k_limit)]
+    human = ["--benchmark", "humaneval", "--limit", str(args.humaneval_limit)]
+    dolly = ["--benchmark", "rouge", "--limit", str(args.dolly_limit)]
     if "base" not in skip:
         results["base"] = {
             "gsm8k": evaluate(gsm, out / "base" / "gsm8k.json"),

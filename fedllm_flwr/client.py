@@ -20,10 +20,10 @@ from fedllm_flwr.config import Config
 from fedllm_flwr.data import ClientData, client_data
 from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.data.sites import partition_of
-from fedllm_flwr.evaluate.loss import evaluate_loss
-from fedllm_flwr.lm_loss import response_tokens
 from fedllm_flwr.lora_merge import Factors, set_merged
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
+from fedllm_flwr.tasks import task_of
+from fedllm_flwr.tasks.lm import holdout_scores
 from fedllm_flwr.train import lr_at, train_steps
 
 _DATA: dict[tuple, ClientData] = {}
@@ -51,7 +51,7 @@ def client_bundle(cfg: Config, partition_id: int) -> ModelBundle:
     """The model this client trains and evaluates: the process's shared one, or under
     `model.share_base=false` one of its own."""
     owner = None if cfg.model.share_base else partition_id
-    return build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner, cfg.task.name)
+    return build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, owner, task_of(cfg).peft_task_type)
 
 
 def _setup(cfg: Config, partition_id: int, num_partitions: int) -> tuple[ModelBundle, ClientData]:
@@ -99,14 +99,14 @@ def local_train(
     # ran before: a resumed run repeats an uninterrupted one.
     torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1_009 + partition_id)
     per_round = cfg.train.local_steps * cfg.train.grad_accum
-    collate, loss_fn, items_fn = _task_fns(cfg)
+    task = task_of(cfg)
     batches = iter_batches(
         data.train,
         cfg.train.batch_size,
         bundle.tokenizer.pad_token_id,
         seed=cfg.seed * 1000 + partition_id,
         start=(server_round - 1) * per_round,
-        collate_fn=collate,
+        collate_fn=task.collate,
     )
     start_step, total_steps = (server_round - 1) * cfg.train.local_steps, cfg.num_rounds * cfg.train.local_steps
     with training_threads(cfg) as threads:
@@ -118,8 +118,8 @@ def local_train(
             total_steps=total_steps,
             prox_mu=cfg.strategy.client_proximal_mu,
             compute_dtype=bundle.dtype,
-            loss_fn=loss_fn,
-            items_fn=items_fn,
+            loss_fn=task.loss_fn(cfg),
+            items_fn=task.items,
         )
     metrics = {
         "train-loss": result.loss,
@@ -158,64 +158,13 @@ def local_evaluate(
         return {"num-examples": 0, "partition-id": partition_id}
     set_adapter_state(bundle.model, bundle.complete(private or {}, state))
     set_merged(bundle.model, merged)
-    if cfg.task.name in ("reward", "dpo"):
-        from fedllm_flwr.dpo import evaluate_dpo
-        from fedllm_flwr.reward import evaluate_preferences
-
-        pad = bundle.tokenizer.pad_token_id
-        scores = (
-            evaluate_dpo(bundle.model, data.holdout, pad, cfg.dpo_loss, cfg.eval.batch_size)
-            if cfg.task.name == "dpo"
-            else evaluate_preferences(bundle.model, data.holdout, pad, cfg.eval.batch_size)
-        )
-        return {
-            "eval-loss": scores["eval-loss"],
-            "eval-preference-accuracy": scores["preference-accuracy"],
-            "eval-margin": scores["margin"],
-            "num-examples": len(data.holdout),
-            "partition-id": partition_id,
-        }
-    result = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
-    metrics = {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": len(data.holdout)}
-    if cfg.eval.client_metric:
-        metrics.update({f"eval-{k}": v for k, v in holdout_scores(cfg, bundle, data).items() if k != "eval-loss"})
-    metrics["partition-id"] = partition_id
-    return metrics
-
-
-def _task_fns(cfg: Config):
-    """(collate_fn, loss_fn, items_fn) of the configured task (None, None,
-    response_tokens: prompt-masked LM examples)."""
-    if cfg.task.name == "lm":
-        return None, None, response_tokens
-    from fedllm_flwr.data.pairs import collate_pairs, pair_count
-
-    if cfg.task.name == "dpo":
-        from fedllm_flwr.dpo import dpo_loss_fn
-
-        return collate_pairs, dpo_loss_fn(cfg.dpo_loss, cfg.train.response_logits), pair_count
-    from fedllm_flwr.reward import reward_loss_fn
-
-    return collate_pairs, reward_loss_fn(cfg.reward_loss), pair_count
+    return {**task_of(cfg).local_evaluate(cfg, bundle, data), "partition-id": partition_id}
 
 
 def split_private(cfg: Config, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(shared, private) parts of an adapter state under `personalize.private`."""
     shared = {k: v for k, v in state.items() if not cfg.personalize.is_private(k)}
     return shared, {k: v for k, v in state.items() if cfg.personalize.is_private(k)}
-
-
-def holdout_scores(cfg: Config, bundle: ModelBundle, data: ClientData) -> dict[str, float]:
-    """Held-out loss and, when the dataset has one, its generation metric."""
-    from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
-
-    loss = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
-    scores = {"eval-loss": loss["loss"]}
-    metric = cfg.dataset.metric
-    if metric in PRIMARY and metric != "humaneval" and data.holdout_records:
-        values, _ = run_generation_task(metric, bundle.model, bundle.tokenizer, data.holdout_records, cfg.eval)
-        scores[PRIMARY[metric]] = values[PRIMARY[metric]]
-    return scores
 
 
 def personalize(

@@ -1,6 +1,6 @@
 """The language-model loss of a prompt-masked batch: what training minimizes and
 held-out evaluation reports (`train.py` and `evaluate/loss.py` both use it), and the
-log-probability of each row's response (task=dpo, `dpo.py`)."""
+log-probability of each row's response (task=dpo, `tasks/dpo.py`)."""
 
 from __future__ import annotations
 

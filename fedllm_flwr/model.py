@@ -102,20 +102,27 @@ def quantization_config(quantization: str, dtype: torch.dtype):
 
 
 def load_base_model(
-    path: str, dtype: torch.dtype, device: torch.device, quantization: str = "none", task: str = "lm"
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: str = "none",
+    task_type: str = "CAUSAL_LM",
+    pad_token_id: int | None = None,
 ) -> torch.nn.Module:
     """Load the frozen base model (callers cache the wrapped result).
 
     A quantized base is loaded straight onto `device` by bitsandbytes and made
-    ready for adapter training by peft's k-bit preparation. For task=reward the
-    causal LM's head is replaced by a one-output scoring head (new, so
-    initialised from the global seed).
+    ready for adapter training by peft's k-bit preparation. For peft's task type
+    SEQ_CLS (task=reward) the causal LM's head is replaced by a one-output scoring
+    head (new, so initialised from the global seed), which reads the last token
+    that is not `pad_token_id`.
     """
     quant = quantization_config(quantization, dtype)
     kwargs = {"quantization_config": quant, "device_map": {"": device}} if quant is not None else {}
-    if task == "reward":
+    scorer = task_type == "SEQ_CLS"
+    if scorer:
         kwargs["num_labels"] = 1
-    loader = AutoModelForSequenceClassification if task == "reward" else AutoModelForCausalLM
+    loader = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
     try:
         model = loader.from_pretrained(weights_in(path, dtype) if quant is None else path, dtype=dtype, **kwargs)
     except OSError as exc:
@@ -129,7 +136,9 @@ def load_base_model(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for param in model.parameters():
         param.requires_grad_(False)
-    head = model.get_output_embeddings() if task != "reward" else None
+    if scorer:
+        model.config.pad_token_id = pad_token_id
+    head = model.get_output_embeddings() if not scorer else None
     if head is not None:
         head.register_forward_pre_hook(_contiguous_input)
     return model
@@ -233,7 +242,7 @@ def build_model(
     precision: str = "auto",
     seed: int = 0,
     owner: int | None = None,
-    task: str = "lm",
+    task_type: str = "CAUSAL_LM",
 ) -> ModelBundle:
     """The PEFT model used everywhere, cached per process.
 
@@ -243,9 +252,9 @@ def build_model(
     their adapter (sites of unequal LoRA ranks served by one worker) share one
     frozen base: each is a `sharing_copy` of the loaded base, so a 7B base is held
     once however many ranks a worker serves. An `owner` (a client, under
-    `model.share_base=false`) gets a base and a model of its own. `task` is `lm` or
-    `dpo` (a causal LM) or `reward` (a sequence scorer whose head trains with the
-    adapter).
+    `model.share_base=false`) gets a base and a model of its own. `task_type` is peft's:
+    CAUSAL_LM (task=lm, task=dpo) or SEQ_CLS (task=reward: a sequence scorer whose head
+    trains with the adapter), the task's `peft_task_type`.
 
     The frozen weights are shared, so nothing may change them in place but
     zo.params=full, which runs one adapter configuration per process.
@@ -253,22 +262,22 @@ def build_model(
     device = default_device()
     dtype = resolve_dtype(precision, device)
     base_path = resolve_model(model_cfg)
-    base_key = (base_path, dtype, str(device), model_cfg.quantization, seed, owner, task)
+    base_key = (base_path, dtype, str(device), model_cfg.quantization, seed, owner, task_type)
     key = (*base_key, repr(adapter_cfg))
     if key not in _BUNDLES:
         tokenizer = load_tokenizer(base_path)
         if base_key not in _BASES:
             torch.manual_seed(seed)  # a reward model's new head is drawn here
-            _BASES[base_key] = load_base_model(base_path, dtype, device, model_cfg.quantization, task)
-            if task == "reward":  # the head reads the last token that is not padding
-                _BASES[base_key].config.pad_token_id = tokenizer.pad_token_id
+            _BASES[base_key] = load_base_model(
+                base_path, dtype, device, model_cfg.quantization, task_type, tokenizer.pad_token_id
+            )
         base = sharing_copy(_BASES[base_key])
         if adapter_cfg.method in TARGETED_METHODS:
             _check_targets(base, adapter_cfg)
         torch.manual_seed(seed)
         # Adapter weights are created fp32 (peft's autocast_adapter_dtype) even on
         # a bf16/fp16 base, so the optimizer updates full-precision weights.
-        model = get_peft_model(base, peft_config(adapter_cfg, base_path, task), autocast_adapter_dtype=True)
+        model = get_peft_model(base, peft_config(adapter_cfg, base_path, task_type), autocast_adapter_dtype=True)
         for name, param in model.named_parameters():
             # AdaLoRA's constant rank divisor (peft leaves it trainable); FFA-LoRA's A, kept as seeded.
             if ".ranknum." in name or (adapter_cfg.freeze_a and ".lora_A." in name):

@@ -94,13 +94,10 @@ BUILDERS: dict[str, Callable[[AdapterConfig, str], PeftConfig]] = {
 }
 
 
-#: peft's task type for each of our tasks. A SEQ_CLS adapter also trains and saves
-#: the classification head (`score` on Llama models) through peft's modules_to_save.
-TASK_TYPES = {"lm": "CAUSAL_LM", "reward": "SEQ_CLS", "dpo": "CAUSAL_LM"}
-
-
-def peft_config(cfg: AdapterConfig, base_path: str, task: str = "lm") -> PeftConfig:
-    """peft's config for `cfg.method` on `task`; `base_path` serves text initialisation."""
+def peft_config(cfg: AdapterConfig, base_path: str, task_type: str = "CAUSAL_LM") -> PeftConfig:
+    """peft's config for `cfg.method` and peft's `task_type` (a task's `peft_task_type`);
+    `base_path` serves text initialisation. A SEQ_CLS adapter also trains and saves the
+    classification head (`score` on Llama models) through peft's modules_to_save."""
     config = BUILDERS[cfg.method](cfg, base_path)
-    config.task_type = TASK_TYPES[task]
+    config.task_type = task_type
     return config

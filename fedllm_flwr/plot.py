@@ -41,7 +41,7 @@ def read_run(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, str]]:
 
 
 def _metric(path: Path, rows: list[dict[str, Any]], flat: dict[str, str]) -> str:
-    from fedllm_flwr.evaluate.tasks import PRIMARY
+    from fedllm_flwr.evaluate.benchmarks import PRIMARY
 
     summary = path / "summary.json"
     if summary.is_file():

@@ -19,7 +19,7 @@
     fedllm-flwr credentials DIR --nodes N [--hosts HOST,...]
                                         a local CA, the SuperLink's TLS certificate and
                                         one key pair per SuperNode (existing files kept)
-    fedllm-flwr evaluate --task {gsm8k,humaneval,rouge,exact_match,loss,preference}
+    fedllm-flwr evaluate --benchmark {gsm8k,humaneval,rouge,exact_match,loss,preference}
         [--adapter DIR] [--data FILE] [--limit N] [--out FILE.json] [OVERRIDE ...]
                                         score an adapter (or the base model without
                                         --adapter); the result is the last stdout line (JSON)
@@ -101,10 +101,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         ks = tuple(int(k) for k in args.k.split(","))
     except ValueError:
         raise UserError(f"--k {args.k!r}: give comma-separated integers, e.g. 1,10") from None
+    if not args.benchmark:
+        raise UserError("evaluate: --benchmark is required")
     if args.samples > 1 and args.temperature <= 0:
         raise UserError("--samples > 1 needs --temperature > 0 (greedy decoding gives one answer)")
     req = EvalRequest(
-        task=args.task,
+        benchmark=args.benchmark,
         adapter=Path(args.adapter).expanduser() if args.adapter else None,
         data=Path(args.data).expanduser() if args.data else None,
         limit=args.limit,
@@ -185,15 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         help="score an adapter or the base model on GSM8K, HumanEval, ROUGE-L, loss, or a "
         "reward model's preference accuracy",
     )
-    ev.add_argument(
-        "--task", required=True, choices=("gsm8k", "humaneval", "rouge", "exact_match", "loss", "preference")
-    )
+    benchmarks = ("gsm8k", "humaneval", "rouge", "exact_match", "loss", "preference")
+    ev.add_argument("--benchmark", choices=benchmarks, help="what to score (required)")
+    # --task: the flag's name before `task` came to mean only the config group (lm, reward, dpo).
+    ev.add_argument("--task", dest="benchmark", choices=benchmarks, help=argparse.SUPPRESS)
     ev.add_argument("--adapter", help="a saved adapter folder (adapter/final); omit for the base model")
     ev.add_argument("--data", help="evaluate every record of this file (default: the dataset's test split)")
     ev.add_argument("--limit", type=int, default=0, help="score the first N examples only (0 = all)")
-    ev.add_argument("--out", help="result JSON (default: eval_<task>.json next to the adapter)")
+    ev.add_argument("--out", help="result JSON (default: eval_<benchmark>.json next to the adapter)")
     ev.add_argument("--batch-size", type=int, default=0, help="generation batch (default: eval.batch_size)")
-    ev.add_argument("--max-new-tokens", type=int, default=0, help="default: the task's own length")
+    ev.add_argument("--max-new-tokens", type=int, default=0, help="default: the benchmark's own length")
     ev.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem (n)")
     ev.add_argument("--k", default="1", help="humaneval: comma-separated k for pass@k (each <= --samples)")
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (top-p 0.95)")

@@ -1,4 +1,4 @@
-"""`fedllm-flwr evaluate`: score a saved adapter, or the base model, on one task.
+"""`fedllm-flwr evaluate`: score a saved adapter, or the base model, on one benchmark.
 
 The config comes from the run that saved the adapter (its `config.yaml`), so the
 held-out split and the base model are those the adapter was trained with;
@@ -23,14 +23,16 @@ from fedllm_flwr.config import Config, load_cfg, to_config
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.files import write_text_atomically
 
-TASKS = ("gsm8k", "humaneval", "rouge", "exact_match", "loss", "preference")
-#: The dataset preset a task reads when neither a run config nor `dataset=` names one.
-TASK_DATASET = {"gsm8k": "gsm8k", "rouge": "dolly"}
+#: What `--benchmark` scores: a generation benchmark (`evaluate/benchmarks.py`), the held-out
+#: loss, or a reward model's preference accuracy (`preference`).
+BENCHMARKS = ("gsm8k", "humaneval", "rouge", "exact_match", "loss", "preference")
+#: The dataset preset a benchmark reads when neither a run config nor `dataset=` names one.
+BENCHMARK_DATASET = {"gsm8k": "gsm8k", "rouge": "dolly"}
 
 
 @dataclass
 class EvalRequest:
-    task: str
+    benchmark: str
     adapter: Path | None = None
     data: Path | None = None
     limit: int = 0
@@ -57,8 +59,8 @@ def resolve_config(req: EvalRequest) -> Config:
     saved = run_config_of(req.adapter) if req.adapter else None
     if saved is None:
         overrides = list(req.overrides)
-        if req.task in TASK_DATASET and not any(o.startswith("dataset=") for o in overrides):
-            overrides.insert(0, f"dataset={TASK_DATASET[req.task]}")
+        if req.benchmark in BENCHMARK_DATASET and not any(o.startswith("dataset=") for o in overrides):
+            overrides.insert(0, f"dataset={BENCHMARK_DATASET[req.benchmark]}")
         cfg = load_cfg(overrides)
     else:
         groups = [o for o in req.overrides if "=" in o and "." not in o.split("=", 1)[0]]
@@ -91,16 +93,18 @@ def evaluation_records(req: EvalRequest, cfg: Config) -> list[dict]:
     from fedllm_flwr.data import spread_subset
     from fedllm_flwr.data.sources import load_records, read_records
 
-    if req.task == "humaneval":
+    if req.benchmark == "humaneval":
         from fedllm_flwr.evaluate.humaneval import load_problems
 
         return load_problems(req.data, limit=req.limit)
-    pairs = req.task == "preference"
+    pairs = req.benchmark == "preference"
     if req.data is not None:
         records = read_records(cfg.dataset, str(req.data), cfg.dataset.split, 0, key="--data", pairs=pairs)
     else:
-        if cfg.dataset.source != "file" and req.task in ("gsm8k", "rouge"):
-            raise UserError(f"--task {req.task} needs data: give --data FILE or a dataset preset (e.g. dataset=dolly)")
+        if cfg.dataset.source != "file" and req.benchmark in ("gsm8k", "rouge"):
+            raise UserError(
+                f"--benchmark {req.benchmark} needs data: give --data FILE or a dataset preset (e.g. dataset=dolly)"
+            )
         _, records = load_records(cfg.dataset, cfg.seed, pairs)
     return spread_subset(records, req.limit) if req.limit else records
 
@@ -111,14 +115,14 @@ def load_for_eval(cfg: Config, adapter: Path | None):
 
     from fedllm_flwr.model import default_device, load_base_model, load_tokenizer, resolve_dtype
     from fedllm_flwr.model_files import resolve_model
+    from fedllm_flwr.tasks import task_of
 
     device = default_device()
     base_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base_path)
     dtype = resolve_dtype(cfg.train.precision, device)
-    model = load_base_model(base_path, dtype, device, cfg.model.quantization, cfg.task.name)
-    if cfg.task.name == "reward":
-        model.config.pad_token_id = tokenizer.pad_token_id
+    task_type = task_of(cfg).peft_task_type
+    model = load_base_model(base_path, dtype, device, cfg.model.quantization, task_type, tokenizer.pad_token_id)
     if adapter is not None:
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"--adapter {adapter}: no adapter_config.json there (point at adapter/final or a round)")
@@ -131,25 +135,26 @@ def default_out(req: EvalRequest) -> Path | None:
     if req.out is not None:
         return req.out
     if req.adapter is not None:
-        return req.adapter / f"eval_{req.task}.json"
+        return req.adapter / f"eval_{req.benchmark}.json"
     return None
 
 
 def evaluate_command(req: EvalRequest) -> dict[str, Any]:
     """Run one evaluation; returns the result written to JSON."""
     from fedllm_flwr import quiet_third_party_output
-    from fedllm_flwr.evaluate.tasks import run_generation_task
+    from fedllm_flwr.evaluate.benchmarks import run_benchmark
+    from fedllm_flwr.tasks import task_of
 
-    if req.task not in TASKS:
-        raise UserError(f"--task {req.task!r}: use one of {', '.join(TASKS)}")
+    if req.benchmark not in BENCHMARKS:
+        raise UserError(f"--benchmark {req.benchmark!r}: use one of {', '.join(BENCHMARKS)}")
     if req.adapter is not None and not req.adapter.is_dir():
         raise UserError(f"--adapter {req.adapter} is not a folder")
     quiet_third_party_output()
     cfg = resolve_config(req)
-    if (req.task == "preference") != (cfg.task.name == "reward"):
+    if (req.benchmark == "preference") != (task_of(cfg).peft_task_type == "SEQ_CLS"):
         raise UserError(
-            f"--task {req.task} does not fit task={cfg.task.name}: --task preference scores reward models "
-            "(task=reward), the other tasks score language models"
+            f"--benchmark {req.benchmark} does not fit task={cfg.task.name}: --benchmark preference scores reward "
+            "models (task=reward), the other benchmarks score language models"
         )
     records = evaluation_records(req, cfg)
     if not records:
@@ -157,18 +162,18 @@ def evaluate_command(req: EvalRequest) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tokenizer, base_path = load_for_eval(cfg, req.adapter)
     load_seconds = time.perf_counter() - t0
-    print(f"[fedllm-flwr] {req.task}: {len(records)} examples, base {base_path}, "
+    print(f"[fedllm-flwr] {req.benchmark}: {len(records)} examples, base {base_path}, "
           f"adapter {req.adapter or 'none'}", file=sys.stderr, flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    if req.task == "preference":
+    if req.benchmark == "preference":
         from fedllm_flwr.data.pairs import PairSet
-        from fedllm_flwr.reward import evaluate_preferences
+        from fedllm_flwr.tasks.reward import evaluate_preferences
 
         data = PairSet(records, tokenizer, cfg.dataset.max_seq_len)
         metrics = evaluate_preferences(model, data, tokenizer.pad_token_id, cfg.eval.batch_size)
         metrics["dropped"] = data.dropped
         samples: list[dict] = []
-    elif req.task == "loss":
+    elif req.benchmark == "loss":
         from fedllm_flwr.data.prompts import tokenize_records
         from fedllm_flwr.evaluate.loss import evaluate_loss
 
@@ -177,12 +182,12 @@ def evaluate_command(req: EvalRequest) -> dict[str, Any]:
         metrics.update({"num-examples": len(data), "dropped": data.dropped})
         samples = []
     else:
-        metrics, samples = run_generation_task(
-            req.task, model, tokenizer, records, cfg.eval, desc=req.task, num_samples=req.num_samples,
+        metrics, samples = run_benchmark(
+            req.benchmark, model, tokenizer, records, cfg.eval, desc=req.benchmark, num_samples=req.num_samples,
             temperature=req.temperature, ks=req.ks, timeout=req.timeout, seed=cfg.seed,
         )  # fmt: skip
     result = {
-        "task": req.task,
+        "benchmark": req.benchmark,
         "adapter": str(req.adapter) if req.adapter else None,
         "base-model": base_path,
         "data": str(req.data) if req.data else (cfg.dataset.path or cfg.dataset.name),
@@ -193,8 +198,8 @@ def evaluate_command(req: EvalRequest) -> dict[str, Any]:
         "settings": {
             "batch_size": cfg.eval.batch_size,
             "max_new_tokens": cfg.eval.max_new_tokens or None,
-            "shots": cfg.eval.shots if req.task == "gsm8k" else None,
-            "num_samples": req.num_samples if req.task == "humaneval" else None,
+            "shots": cfg.eval.shots if req.benchmark == "gsm8k" else None,
+            "num_samples": req.num_samples if req.benchmark == "humaneval" else None,
             "temperature": req.temperature,
         },
     }

@@ -53,7 +53,7 @@ class JobRecord:
 def job_record(folder: Path) -> JobRecord | None:
     import yaml
 
-    from fedllm_flwr.evaluate.tasks import PRIMARY
+    from fedllm_flwr.evaluate.benchmarks import PRIMARY
 
     job_file = folder / JOB_FILE
     if not job_file.is_file():

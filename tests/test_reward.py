@@ -16,7 +16,7 @@ from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.data.synthetic import TASKS, generate, wrong_answer
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
-from fedllm_flwr.reward import evaluate_preferences, margins, pairwise_loss, reward_loss_fn
+from fedllm_flwr.tasks.reward import evaluate_preferences, margins, pairwise_loss, reward_loss_fn
 from fedllm_flwr.transport import manifest_of, pack, unpack_state
 
 REWARD = ["task=reward", "train.precision=fp32"]
@@ -57,7 +57,7 @@ def test_reward_records_are_pairs_from_the_generator_or_a_mapped_file(reward_cfg
 
 def test_the_head_trains_with_the_adapter_and_travels_in_its_state(reward_cfg):
     cfg = reward_cfg()
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task="reward")
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task_type="SEQ_CLS")
     state = get_adapter_state(bundle.model)
     heads = [k for k in state if "score" in k]
     assert heads and state[heads[0]].shape == (1, 32)  # one output from the tiny model's 32 features
@@ -72,7 +72,7 @@ def test_the_head_trains_with_the_adapter_and_travels_in_its_state(reward_cfg):
 
 def test_on_a_bf16_base_the_head_stays_fp32_and_scores_in_fp32(reward_cfg):
     cfg = reward_cfg("train.precision=bf16")
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task="reward")
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task_type="SEQ_CLS")
     assert next(p for n, p in bundle.model.named_parameters() if "embed" in n).dtype == torch.bfloat16
     state = get_adapter_state(bundle.model)
     trained, metrics = local_train(cfg, state, 1, 0, 2)
@@ -86,7 +86,7 @@ def test_on_a_bf16_base_the_head_stays_fp32_and_scores_in_fp32(reward_cfg):
 @pytest.mark.parametrize("name", REWARD_LOSSES)
 def test_every_loss_pushes_chosen_above_rejected(reward_cfg, name):
     cfg = reward_cfg(f"reward_loss={name}")
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task="reward")
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task_type="SEQ_CLS")
     data = client_data(cfg, bundle.tokenizer, 0, 1)
     batch = next(iter_batches(data.train, 8, bundle.tokenizer.pad_token_id, seed=0, collate_fn=collate_pairs))
     loss_fn = reward_loss_fn(cfg.reward_loss)
@@ -159,7 +159,7 @@ def test_a_saved_reward_adapter_loads_with_peft_and_scores_the_same(reward_cfg, 
     from fedllm_flwr.run_dir import RunDir
 
     cfg = reward_cfg("run.name=r", f"run.output_dir={tmp_path}")
-    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task="reward")
+    bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task_type="SEQ_CLS")
     trained, _ = local_train(cfg, get_adapter_state(bundle.model), 1, 0, 2)
     folder = RunDir.create(cfg).save_adapters(bundle.model, "final", {"": trained})
     loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=1)

@@ -9,6 +9,7 @@ from fedllm_flwr.data import client_data
 from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.data.sites import partition_of
 from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
+from fedllm_flwr.tasks import TASKS
 from fedllm_flwr.train import lr_at, train_steps
 
 
@@ -156,7 +157,7 @@ def _lm_rows(cfg, bundle):
 def _reward_rows(cfg, bundle):
     """Micro-batches of 1 pair and 3 pairs."""
     from fedllm_flwr.data.pairs import collate_pairs, pair_count
-    from fedllm_flwr.reward import reward_loss_fn
+    from fedllm_flwr.tasks.reward import reward_loss_fn
 
     data = client_data(cfg, bundle.tokenizer, 0, 1)
     rows = [data.train.example(i) for i in range(4)]
@@ -167,7 +168,7 @@ def _reward_rows(cfg, bundle):
 
 def _dpo_rows(cfg, bundle):
     """Micro-batches of 1 pair and 3 pairs, under the DPO loss (policy against the adapter-off reference)."""
-    from fedllm_flwr.dpo import dpo_loss_fn
+    from fedllm_flwr.tasks.dpo import dpo_loss_fn
 
     micro, whole, kwargs = _reward_rows(cfg, bundle)
     return micro, whole, {**kwargs, "loss_fn": dpo_loss_fn(cfg.dpo_loss)}
@@ -178,7 +179,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(tiny_cfg
     """Each micro-batch counts by its items (response tokens; pairs), not as an equal share."""
     clear_model_cache()
     cfg = tiny_cfg("peft.dropout=0", "train.precision=fp32", *([f"task={task}"] if task != "lm" else []))
-    bundle = build_model(cfg.model, cfg.peft, "fp32", cfg.seed, task=task)
+    bundle = build_model(cfg.model, cfg.peft, "fp32", cfg.seed, task_type=TASKS[task].peft_task_type)
     torch.manual_seed(0)
     with torch.no_grad():  # LoRA's B starts at zero, which would leave A without a gradient
         for p in bundle.model.parameters():

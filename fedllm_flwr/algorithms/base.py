@@ -69,9 +69,11 @@ class Algorithm:
     def server_model(self) -> ServerModel:
         """The server's model, built once per run."""
         from fedllm_flwr.model import build_model
+        from fedllm_flwr.tasks import task_of
 
         cfg = self.cfg
-        return ServerModel(build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task=cfg.task.name))
+        task_type = task_of(cfg).peft_task_type
+        return ServerModel(build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed, task_type=task_type))
 
     def strategy(self, model: Any) -> dict[str, Any]:
         """`build_strategy`'s `override` and its arguments when the algorithm aggregates

@@ -43,6 +43,7 @@ from fedllm_flwr.config.schema import Config
 from fedllm_flwr.config.training import (
     DPO_LOSSES,
     REWARD_LOSSES,
+    TASK_RECORDS,
     DpoLossConfig,
     EvalConfig,
     RewardLossConfig,
@@ -58,6 +59,7 @@ __all__ = [
     "OVERRIDES_KEY",
     "PEFT_METHODS",
     "REWARD_LOSSES",
+    "TASK_RECORDS",
     "DPO_LOSSES",
     "DpoLossConfig",
     "RANKED_STRATEGIES",

@@ -52,7 +52,7 @@ class SyntheticConfig:
     test_per_task: int = 25
 
 
-#: Generation metrics the server can score on the test set (fedllm_flwr/evaluate/tasks.py).
+#: Generation metrics the server can score on the test set (fedllm_flwr/evaluate/benchmarks.py).
 METRICS = ("exact_match", "gsm8k", "rouge", "humaneval", "none")
 
 

@@ -103,6 +103,13 @@ class EvalConfig:
 #: Server strategies (conf/strategy/<name>.yaml; fedllm_flwr/strategy/).
 
 
+#: The tasks (conf/task/<name>.yaml; fedllm_flwr/tasks/<name>.py) and the records each
+#: reads: instruction records ("prompts") or (prompt, chosen, rejected) pairs ("pairs").
+#: Declared here rather than in the task's module: the data layer reads it, and the tasks
+#: are built on top of the data layer.
+TASK_RECORDS = {"lm": "prompts", "reward": "pairs", "dpo": "pairs"}
+
+
 @dataclass
 class TaskConfig:
     name: str = "lm"
@@ -118,11 +125,16 @@ class TaskConfig:
     greedy answers are closer to the chosen than to the rejected response."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("lm", "reward", "dpo"):
-            raise ValueError(f"task.name={self.name!r}: use lm, reward or dpo")
+        if self.name not in TASK_RECORDS:
+            raise ValueError(f"task.name={self.name!r}: use {', '.join(TASK_RECORDS)}")
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the task reads preference pairs rather than instruction records (`TASK_RECORDS`)."""
+        return TASK_RECORDS[self.name] == "pairs"
 
 
-#: Pairwise reward losses (conf/reward_loss/; fedllm_flwr/reward.py).
+#: Pairwise reward losses (conf/reward_loss/; fedllm_flwr/tasks/reward.py).
 REWARD_LOSSES = ("logsigmoid", "bce", "hinge", "mse", "smooth_l1", "focal")
 
 
@@ -153,7 +165,7 @@ class RewardLossConfig:
             raise ValueError("reward_loss: margin > 0, label_smoothing in [0, 0.5) and gamma >= 0 are required")
 
 
-#: Preference-optimisation losses (conf/dpo_loss/; fedllm_flwr/dpo.py).
+#: Preference-optimisation losses (conf/dpo_loss/; fedllm_flwr/tasks/dpo.py).
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")
 
 

@@ -19,7 +19,8 @@ _TRAIN_SETS: dict[str, Dataset] = {}
 
 
 def _pairs(cfg: Config) -> bool:
-    return cfg.task.name in ("reward", "dpo")
+    """Whether the task reads preference pairs (`config.training.TASK_RECORDS`)."""
+    return cfg.task.pairs
 
 
 def records(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, str]]]:

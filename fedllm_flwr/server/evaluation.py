@@ -18,12 +18,11 @@ from flwr.common.logger import log
 from fedllm_flwr.config import Config
 from fedllm_flwr.data import tokenize_set
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.evaluate.loss import evaluate_loss
-from fedllm_flwr.evaluate.tasks import PRIMARY, run_generation_task
 from fedllm_flwr.lora_merge import save_merged, set_merged, stacked
 from fedllm_flwr.model import ModelBundle, set_adapter_state
 from fedllm_flwr.run_dir import CHECKPOINT, RunDir
 from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters
+from fedllm_flwr.tasks import task_of
 from fedllm_flwr.transport import arrays_to_state
 
 INFO = logging.INFO
@@ -41,15 +40,6 @@ class RunStopped(UserError):
     """The run stops before its last round, for the reason in the message (its clients
     are gone). Not bad input, but it ends as bad input does: one line, a failed run;
     `run_server` records it in summary.json first."""
-
-
-def generation_records(cfg: Config, test: list[dict[str, str]]) -> list[dict]:
-    """What the server generates for: the test records, or HumanEval's problems."""
-    if cfg.dataset.metric == "humaneval":
-        from fedllm_flwr.evaluate.humaneval import load_problems
-
-        return load_problems(limit=cfg.eval.limit)
-    return test
 
 
 @dataclass
@@ -86,10 +76,9 @@ class ServerEvaluator:
         self.cfg, self.bundle, self.run_dir, self.strategy = cfg, bundle, run_dir, strategy
         self.views = views or [View("", bundle)]
         self.test_records = test
-        self.pairs = cfg.task.name in ("reward", "dpo")
-        self.metric = cfg.dataset.metric
-        self.primary = "preference-accuracy" if self.pairs else PRIMARY.get(self.metric)
-        self.gen_records = [] if self.pairs else generation_records(cfg, self.test_records)
+        self.task = task_of(cfg)
+        self.primary = self.task.primary(cfg)
+        self.gen_records = self.task.generation_records(cfg, self.test_records)
         self.model_saver = model_saver
         """The algorithm's, when the tuned model is the whole model (zo.params=full: the
         base weights): saved with it as model/final only (each round's would be the base's
@@ -113,41 +102,8 @@ class ServerEvaluator:
         return {"": arrays}
 
     def evaluate(self, bundle: ModelBundle, generate_answers: bool = False) -> dict[str, float]:
-        model, tok = bundle.model, bundle.tokenizer
-        if self.cfg.task.name == "dpo":  # implicit-reward accuracy, margin and the loss on the test pairs
-            from fedllm_flwr.dpo import evaluate_dpo
-
-            scores = evaluate_dpo(model, self.test_set, tok.pad_token_id, self.cfg.dpo_loss, self.cfg.eval.batch_size)
-            if generate_answers:  # before training and after the last round
-                scores.update(self.closeness(bundle))
-            return {k: v for k, v in scores.items() if k != "pairs"}
-        if self.pairs:  # preference accuracy, mean margin, Bradley-Terry loss on the test pairs
-            from fedllm_flwr.reward import evaluate_preferences
-
-            scores = evaluate_preferences(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
-            return {k: v for k, v in scores.items() if k != "pairs"}
-        loss = evaluate_loss(model, self.test_set, tok.pad_token_id, self.cfg.eval.batch_size)
-        results = {"eval-loss": loss["loss"], "eval-ppl": loss["ppl"]}
-        if self.primary:
-            scores, _ = run_generation_task(
-                self.metric, model, tok, self.gen_records, self.cfg.eval, seed=self.cfg.seed
-            )
-            results.update({k: v for k, v in scores.items() if k not in ("num-examples", "samples-per-problem")})
-        return results
-
-    def closeness(self, bundle: ModelBundle) -> dict[str, float]:
-        """task=dpo: greedy answers to the test pairs' prompts, scored by `closer_to_chosen`."""
-        from fedllm_flwr.data.prompts import format_prompt
-        from fedllm_flwr.dpo import closer_to_chosen
-        from fedllm_flwr.evaluate.generation import generate
-        from fedllm_flwr.evaluate.tasks import DEFAULT_MAX_NEW_TOKENS
-
-        records = self.test_records
-        prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in records]
-        length = self.cfg.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(self.metric, 64)
-        answers = generate(bundle.model, bundle.tokenizer, prompts, batch_size=self.cfg.eval.batch_size,
-                           max_new_tokens=length)  # fmt: skip
-        return closer_to_chosen([a[0].strip() for a in answers], records)
+        """The task's metrics of the adapter in `bundle` on the test set (`Task.server_evaluate`)."""
+        return self.task.server_evaluate(self.cfg, bundle, self.test_set, self.gen_records, generate_answers)
 
     def merged(self):
         """strategy=stacking: the delta merged under the global adapter, per LoRA module (else None)."""

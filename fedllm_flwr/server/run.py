@@ -23,12 +23,13 @@ from fedllm_flwr.model import count_parameters
 from fedllm_flwr.plot import write_curves
 from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
 from fedllm_flwr.run_dir import RunDir
-from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator, generation_records
+from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator
 from fedllm_flwr.server.nodes import discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
 from fedllm_flwr.server.ranks import RankQuery, node_ranks
 from fedllm_flwr.server.resume import resume_run
 from fedllm_flwr.strategy import RoundSetup, strategy_class
+from fedllm_flwr.tasks import task_of
 from fedllm_flwr.tracking import check_installed, open_trackers
 from fedllm_flwr.transport import state_to_arrays
 from fedllm_flwr.worker_start import await_warm_up, is_simulation
@@ -70,8 +71,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
             len(initial) - len(shared), len(initial))  # fmt: skip
         initial = shared
     test = test_records(cfg)
-    if cfg.task.name == "lm":
-        generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
+    task_of(cfg).generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
     done, state = 0, None  # rounds completed before this start, the strategy's state then (a resumed run)
     if cfg.resume:
         run_dir, done, initial_arrays, state = resume_run(cfg)

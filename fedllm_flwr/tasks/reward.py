@@ -1,5 +1,5 @@
-"""Reward models (task=reward): pairwise losses and preference accuracy
-(the pairs themselves are data: `fedllm_flwr.data.pairs`).
+"""Reward models (task=reward): pairwise losses, preference accuracy and the task itself
+(`RewardTask`; the pairs themselves are data: `fedllm_flwr.data.pairs`).
 
 No Flower here. A pair is (prompt, chosen, rejected); both responses are scored
 as prompt + response by a sequence-classification head with one output (the
@@ -23,12 +23,17 @@ target is `bce` with `label_smoothing`, up to a constant).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from fedllm_flwr.config import RewardLossConfig
 from fedllm_flwr.data.pairs import PairSet, collate_pairs
+from fedllm_flwr.tasks.base import LossFn, PairTask
+
+if TYPE_CHECKING:
+    from fedllm_flwr.config import Config
 
 
 def margins(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -84,3 +89,17 @@ def evaluate_preferences(model: torch.nn.Module, data: PairSet, pad_id: int, bat
         "eval-loss": float(-F.logsigmoid(d).mean()),
         "pairs": len(d),
     }
+
+
+class RewardTask(PairTask):
+    """A scalar head on the base model (peft's SEQ_CLS: the head trains and travels with
+    the adapter), trained with `reward_loss` and scored by `evaluate_preferences`."""
+
+    name = "reward"
+    peft_task_type = "SEQ_CLS"
+
+    def loss_fn(self, cfg: Config) -> LossFn:
+        return reward_loss_fn(cfg.reward_loss)
+
+    def score(self, cfg: Config, model: torch.nn.Module, data: PairSet, pad_id: int) -> dict[str, float]:
+        return evaluate_preferences(model, data, pad_id, cfg.eval.batch_size)

@@ -1,4 +1,4 @@
-"""Direct preference optimisation (task=dpo): the policy is the base model with the
+"""Direct preference optimisation (task=dpo, `DpoTask`): the policy is the base model with the
 adapter, the reference the same model with the adapter switched off (peft's
 `disable_adapter`), so no second model is held. No Flower here.
 
@@ -23,6 +23,7 @@ runs without dropout (`disable_dropout`). Definitions follow TRL's DPOTrainer
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,11 @@ from fedllm_flwr.config import DpoLossConfig
 from fedllm_flwr.data.pairs import PairSet, collate_pairs
 from fedllm_flwr.lm_loss import sequence_logps
 from fedllm_flwr.model import adapter_off
+from fedllm_flwr.tasks.base import LossFn, PairTask
+
+if TYPE_CHECKING:
+    from fedllm_flwr.config import Config
+    from fedllm_flwr.model import ModelBundle
 
 
 def dpo_loss(
@@ -132,3 +138,44 @@ def closer_to_chosen(predictions: list[str], records: list[dict[str, str]]) -> d
         closer += chosen > rejected
         ties += chosen == rejected
     return {"closer-to-chosen": closer / len(records), "closer-ties": ties / len(records)}
+
+
+class DpoTask(PairTask):
+    """The language model itself, trained with `dpo_loss` against itself with the adapter
+    off; scored by implicit-reward accuracy and margin (`evaluate_dpo`), and before
+    training and after the last round by how often greedy answers to the test prompts
+    are closer to the chosen response (`closer_to_chosen`)."""
+
+    name = "dpo"
+    peft_task_type = "CAUSAL_LM"
+
+    def loss_fn(self, cfg: Config) -> LossFn:
+        return dpo_loss_fn(cfg.dpo_loss, cfg.train.response_logits)
+
+    def score(self, cfg: Config, model: torch.nn.Module, data: PairSet, pad_id: int) -> dict[str, float]:
+        return evaluate_dpo(model, data, pad_id, cfg.dpo_loss, cfg.eval.batch_size)
+
+    def generation_records(self, cfg: Config, test: list[dict[str, str]]) -> list[dict]:
+        """The test pairs: their prompts are answered, their responses compared with the answers."""
+        return test
+
+    def server_evaluate(
+        self, cfg: Config, bundle: ModelBundle, test_set: PairSet, records: list[dict], generate_answers: bool
+    ) -> dict[str, float]:  # fmt: skip
+        scores = self.score(cfg, bundle.model, test_set, bundle.tokenizer.pad_token_id)
+        if generate_answers:
+            scores.update(closeness(cfg, bundle, records))
+        return {k: v for k, v in scores.items() if k != "pairs"}
+
+
+def closeness(cfg: Config, bundle: ModelBundle, records: list[dict[str, str]]) -> dict[str, float]:
+    """Greedy answers to the pairs' prompts, scored by `closer_to_chosen`."""
+    from fedllm_flwr.data.prompts import format_prompt
+    from fedllm_flwr.evaluate.benchmarks import DEFAULT_MAX_NEW_TOKENS
+    from fedllm_flwr.evaluate.generation import generate
+
+    prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in records]
+    length = cfg.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(cfg.dataset.metric, 64)
+    answers = generate(bundle.model, bundle.tokenizer, prompts, batch_size=cfg.eval.batch_size,
+                       max_new_tokens=length)  # fmt: skip
+    return closer_to_chosen([a[0].strip() for a in answers], records)

@@ -1,12 +1,12 @@
-"""One entry point per evaluation task, shared by the server and `fedllm-flwr evaluate`.
+"""One entry point per benchmark, shared by the server and `fedllm-flwr evaluate`.
 
-    exact_match  first answer line equals the reference (the built-in task)
+    exact_match  first answer line equals the reference (the built-in data)
     gsm8k        chain-of-thought accuracy on GSM8K questions
     rouge        ROUGE-L F1 of responses (Dolly, Alpaca, any instruction data)
     humaneval    pass@k of code completions on HumanEval, run in a sandbox
     loss         held-out loss and perplexity on response tokens
 
-Every generation task returns (metrics, samples): a flat dict of floats and one
+Every generation benchmark returns (metrics, samples): a flat dict of floats and one
 row per example (prompt, completion, verdict) for inspection.
 
 Light at import: reports, plots and a sweep's driver read `PRIMARY` without torch.
@@ -21,18 +21,18 @@ from fedllm_flwr.config import EvalConfig
 if TYPE_CHECKING:
     import torch
 
-#: The metric each generation task is judged by (the one logged per round).
+#: The metric each generation benchmark is judged by (the one logged per round).
 PRIMARY = {"exact_match": "accuracy", "gsm8k": "accuracy", "rouge": "rougeL", "humaneval": "pass@1"}
 #: Generation length when `eval.max_new_tokens` is 0.
 DEFAULT_MAX_NEW_TOKENS = {"exact_match": 16, "rouge": 128, "gsm8k": 256, "humaneval": 384}
 
 
-def max_new_tokens(task: str, eval_cfg: EvalConfig) -> int:
-    return eval_cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+def max_new_tokens(benchmark: str, eval_cfg: EvalConfig) -> int:
+    return eval_cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[benchmark]
 
 
-def run_generation_task(
-    task: str,
+def run_benchmark(
+    benchmark: str,
     model: torch.nn.Module,
     tokenizer,
     records: list[dict],
@@ -46,23 +46,23 @@ def run_generation_task(
     seed: int = 0,
 ) -> tuple[dict[str, float], list[dict]]:
     """Score `model` on `records` (test records, or HumanEval problems for `humaneval`)."""
-    length = max_new_tokens(task, eval_cfg)
-    if task == "exact_match":
+    length = max_new_tokens(benchmark, eval_cfg)
+    if benchmark == "exact_match":
         from fedllm_flwr.evaluate.exact_match import exact_match
 
         return exact_match(model, tokenizer, records, eval_cfg.batch_size, length, desc=desc)
-    if task == "gsm8k":
+    if benchmark == "gsm8k":
         from fedllm_flwr.evaluate.gsm8k import gsm8k_accuracy
 
         return gsm8k_accuracy(
             model, tokenizer, records, shots=eval_cfg.shots, batch_size=eval_cfg.batch_size,
             max_new_tokens=length, desc=desc,
         )  # fmt: skip
-    if task == "rouge":
+    if benchmark == "rouge":
         from fedllm_flwr.evaluate.rouge import rouge_eval
 
         return rouge_eval(model, tokenizer, records, batch_size=eval_cfg.batch_size, max_new_tokens=length, desc=desc)
-    if task == "humaneval":
+    if benchmark == "humaneval":
         from fedllm_flwr.evaluate.generation import generate
         from fedllm_flwr.evaluate.humaneval import STOP_SEQUENCES, code_prompt, extract_code, score
 
@@ -83,4 +83,4 @@ def run_generation_task(
         metrics["num-examples"] = len(records)
         metrics["samples-per-problem"] = num_samples
         return metrics, result["results"]
-    raise ValueError(f"unknown evaluation task {task!r}; use one of {', '.join(PRIMARY)}")
+    raise ValueError(f"unknown benchmark {benchmark!r}; use one of {', '.join(PRIMARY)}")
