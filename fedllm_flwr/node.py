@@ -136,10 +136,11 @@ def train(content: RecordDict, run_config: Config, node_config: Config, node: No
     if private:
         node.private = state_to_arrays(private)
     update = update_between(state, received)
-    if cfg.privacy.name == "secagg":  # the update, flat, for Flower's secaggplus_mod to mask
-        from fedllm_flwr.privacy.secagg_client import secagg_reply
+    from fedllm_flwr.privacy.secagg_client import private_reply
 
-        return secagg_reply(update, metrics)
+    masked = private_reply(cfg, update, metrics)  # privacy=secagg: flat, for Flower's secaggplus_mod to mask
+    if masked is not None:
+        return masked
     clip = config.get(CLIPPING_NORM_KEY)  # privacy=dp: Flower's DP wrapper sends the norm
     if clip is not None:
         from fedllm_flwr.privacy.dp import clip_update

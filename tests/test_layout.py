@@ -82,3 +82,48 @@ def test_every_core_module_is_reached_from_the_apps():
             reached.add(name)
             todo += imports_of(files[name], set(files))
     assert sorted(set(files) - reached) == []
+
+
+#: A config group whose value picks behaviour -> the one place that may branch on it (besides
+#: fedllm_flwr/config/, which checks the values): its plug-in package or module.
+GROUP_HOMES = {
+    "task": "tasks", "reward_loss": "tasks", "dpo_loss": "tasks", "algorithm": "algorithms",
+    "strategy": "strategy", "scenario": "strategy", "privacy": "privacy", "compression": "compression",
+    "peft": "peft_methods", "dataset": "data",
+}  # fmt: skip
+
+
+def group_name_branches(root: Path) -> list[str]:
+    """Every comparison of `<...>.<group>.name` (or `.method`) outside the group's home."""
+    found = []
+    for path in sorted([*(root / "fedllm_flwr").rglob("*.py"), root / "client_app.py", root / "server_app.py"]):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(root)
+        home = rel.parts[1].removesuffix(".py") if rel.parts[0] == "fedllm_flwr" and len(rel.parts) > 1 else ""
+        if home == "config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in [node.left, *node.comparators]:
+                if not (isinstance(side, ast.Attribute) and side.attr in ("name", "method")):
+                    continue
+                group = side.value.attr if isinstance(side.value, ast.Attribute) else None
+                if group in GROUP_HOMES and home != GROUP_HOMES[group]:
+                    found.append(f"{rel}:{node.lineno} {group}.{side.attr}")
+    return found
+
+
+def test_no_code_branches_on_a_groups_name_outside_its_own_home():
+    """A feature's behaviour is asked of its plug-in (`task_of`, `algorithm_for`, the strategy
+    registry, the privacy package), never picked by testing its name elsewhere."""
+    assert group_name_branches(ROOT) == []
+
+
+def test_the_branch_finder_sees_a_branch_on_a_name(tmp_path):
+    (tmp_path / "fedllm_flwr" / "server").mkdir(parents=True)
+    (tmp_path / "fedllm_flwr" / "server" / "x.py").write_text("if cfg.algorithm.name == 'zo':\n    pass\n")
+    (tmp_path / "fedllm_flwr" / "tasks").mkdir()
+    (tmp_path / "fedllm_flwr" / "tasks" / "y.py").write_text("ok = cfg.task.name in ('lm',)\n")
+    assert group_name_branches(tmp_path) == ["fedllm_flwr/server/x.py:1 algorithm.name"]

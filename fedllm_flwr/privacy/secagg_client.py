@@ -18,6 +18,13 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
     return secaggplus_mod(msg, context, call_next)
 
 
+def private_reply(cfg, update: dict[str, np.ndarray], metrics: dict) -> RecordDict | None:  # noqa: ANN001 - a Config
+    """The reply `privacy=` has a node send in place of the plain one: under secagg, the
+    update flat for `secure_aggregation_mod` to mask; None: the plain reply (under dp,
+    clipped to the norm Flower's wrapper sends, `fedllm_flwr.node.train`)."""
+    return secagg_reply(update, metrics) if cfg.privacy.name == "secagg" else None
+
+
 def secagg_reply(update: dict[str, np.ndarray], metrics: dict) -> RecordDict:
     """A client's update as one flat fp32 vector in Flower's legacy FitRes layout,
     which `secure_aggregation_mod` quantizes and masks before it leaves."""
