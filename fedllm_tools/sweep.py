@@ -104,6 +104,19 @@ class JobRunner:
             self._sim = LocalSimulation(Path(self._tmp.name), env=env, client_cpus=self.client_cpus).start()
         return self._sim
 
+    def _superlink_log_size(self) -> int:
+        path = self._sim.log_path if self._sim is not None else None
+        return path.stat().st_size if path is not None and path.is_file() else 0
+
+    def _superlink_log(self, start: int) -> str:
+        """The SuperLink's log from byte `start` on: what it wrote during one job."""
+        path = self._sim.log_path if self._sim is not None else None
+        if path is None or not path.is_file():
+            return ""
+        with open(path, "rb") as log:
+            log.seek(start)
+            return log.read().decode(errors="replace")
+
     def run(self, name: str, overrides: list[str], stage: str = "full", go_on_from: Path | None = None) -> Job:
         """Run one job into `<sweep dir>/<name>/`; never raises for a failed job. With
         `go_on_from` (a screen of the same config), a job with no folder of its own
@@ -140,8 +153,11 @@ class JobRunner:
         elif folder.exists():  # an attempt without a checkpoint, or of other overrides: start again
             shutil.rmtree(folder)
         t0 = time.perf_counter() - carried
+        superlink_log = 0  # where this job's part of the SuperLink's log begins
         try:
-            result = self._simulation().run(
+            sim = self._simulation()
+            superlink_log = self._superlink_log_size()
+            result = sim.run(
                 self.app_dir, overrides=shlex.join(full), num_supernodes=self.supernodes, timeout=self.timeout
             )
             log = result.stdout
@@ -152,6 +168,9 @@ class JobRunner:
             job.status = "completed"
         else:
             job.status = "failed"
+            # The ServerApp's own failure may reach only the SuperLink's log, not `flwr run`'s stream.
+            if superlink := self._superlink_log(superlink_log):
+                log += f"\n--- the SuperLink's log during this job ---\n{superlink}"
             job.error = first_error(log)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "flwr-run.log").write_text(log)

@@ -521,3 +521,22 @@ def test_the_study_counts_its_hours_and_names_every_round_in_which_a_client_fail
         "hours": round(20 / 3600, 2),
         "rounds with a failed client": ["fed-lora-s1 round 1"],
     }
+
+
+def test_a_failed_jobs_log_carries_what_the_superlink_wrote_during_that_job(tmp_path):
+    """A ServerApp that dies before it streams a line leaves its trace only in the
+    SuperLink's log: the job's own log gets that job's part of it."""
+    from types import SimpleNamespace
+
+    from fedllm_tools.sweep import JobRunner
+
+    superlink = tmp_path / "superlink.log"
+    superlink.write_text("an earlier job's lines\n")
+    start = superlink.stat().st_size
+    superlink.write_text("an earlier job's lines\nError: the simulation process could not reach Ray\n")
+    runner = JobRunner(tmp_path, supernodes=2, timeout=10)
+    runner._sim = SimpleNamespace(log_path=superlink)
+    part = runner._superlink_log(start)
+    assert "could not reach Ray" in part and "earlier job" not in part
+    runner._sim = None
+    assert runner._superlink_log(0) == ""
