@@ -46,9 +46,9 @@ run: install
 test: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk=1
 
-# The unit tier alone: no `flwr run`, no deployment, no 135M model (under a minute).
+# The in-process tier alone: no `flwr run`, no deployment, no 135M model (about 5 min).
 test-fast: install-test
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk=1 -m "not slow"
 
 # The efficiency suite (~1 h on 2 CPU cores): JSON and summary.md in BENCH_OUT.
 # Job P reads Stanford Alpaca from DATA/alpaca/.
