@@ -160,8 +160,8 @@ class LocalSimulation:
         # SuperExec and Ray's daemons start their own sessions: when a run was still
         # going, find them by what ties them to this SuperLink and stop them too.
         # A run whose server was interrupted leaves its flwr-simulation behind too.
-        for pattern in (f"--parent-pid {pgid}", f"--runtime-api-address 127.0.0.1:{self.port}"):
-            _kill_matching(pattern)
+        for words in (("--parent-pid", str(pgid)), ("--runtime-api-address", f"127.0.0.1:{self.port}")):
+            _kill_with_arguments(*words)
         stop_ray(self.ray_tmp)
 
     def __enter__(self) -> LocalSimulation:
@@ -235,11 +235,35 @@ class LocalRay:
 
 
 def _kill_matching(pattern: str) -> None:
-    """SIGTERM, then SIGKILL, every process whose command line contains `pattern`."""
+    """SIGTERM, then SIGKILL, every process whose command line contains `pattern` (a path
+    unique to one run: Ray's processes carry it inside longer arguments)."""
 
     def find() -> list[int]:
         found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True, check=False)
         return [int(p) for p in found.stdout.split()]
+
+    _kill_found(find)
+
+
+def _kill_with_arguments(*words: str) -> None:
+    """SIGTERM, then SIGKILL, every process whose arguments hold `words` in a row, each
+    whole: `--parent-pid 123` never matches `--parent-pid 1234`, another run's process
+    (pids wrap around at pid_max, so short ones are common)."""
+
+    def holds(argv: list[str]) -> bool:
+        return any(argv[i : i + len(words)] == list(words) for i in range(len(argv) - len(words) + 1))
+
+    def find() -> list[int]:
+        if not Path("/proc").is_dir():  # not Linux: pgrep on the joined line, bounded by spaces
+            pattern = f"(^| ){' '.join(words)}( |$)"
+            found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True, check=False)
+            return [int(p) for p in found.stdout.split()]
+        pids = []
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+                if proc.name.isdigit() and holds((proc / "cmdline").read_bytes().decode(errors="replace").split("\0")):
+                    pids.append(int(proc.name))
+        return pids
 
     _kill_found(find)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -66,3 +68,20 @@ def test_a_ray_head_on_loopback_stops_every_process_by_its_files_and_leaves_no_f
         head = ray.temp_dir
         assert ray.address.startswith("127.0.0.1:") and _pids_using(head)  # raylet, GCS, agents
     assert not head.exists() and not _pids_using(head)
+
+
+def test_stopping_a_superlink_never_kills_a_process_whose_pid_argument_only_begins_like_its_own():
+    """Pids wrap around at pid_max: a SuperLink with pid 123 stopping must leave another
+    run's `flwr-simulation --parent-pid 1234` alone, and still stop its own."""
+    from fedllm_tools.simulation import _kill_with_arguments
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "--parent-pid"]
+    other, own = (subprocess.Popen([*sleeper, pid]) for pid in ("999123", "99912"))
+    try:
+        _kill_with_arguments("--parent-pid", "99912")
+        assert own.wait(timeout=10) is not None
+        assert other.poll() is None, "a process of another run was stopped"
+    finally:
+        for proc in (other, own):
+            proc.kill()
+            proc.wait()
