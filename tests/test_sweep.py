@@ -391,7 +391,23 @@ def sweep(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, env=env)
 
 
+@pytest.fixture
+def one_sweep_at_a_time(tmp_path_factory):
+    """The real sweeps of this session (on every test worker) run one after another.
+
+    Known problem, not yet explained: when two sweeps start on one machine at the same
+    moment, the first job of one of them may end without a line from its ServerApp (the
+    SuperLink, whose log the failed job keeps, says only that the run's logs ended);
+    later jobs run. Until it is found, the suite does not start two at once."""
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "real-sweeps.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_sweep_at_a_time")
 def test_a_screened_learning_rate_sweep_with_a_failing_job(tiny_model_dir, tmp_path):
     """Three rates, one of them invalid: the two valid jobs run 1 of 2 rounds, the better
     half goes on from its screen's checkpoint to the full budget, and the failed job is
@@ -474,6 +490,7 @@ def _sweep_processes(mark: str, ray_prefix: str) -> dict[int, str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the sweep's processes through /proc")
+@pytest.mark.usefixtures("one_sweep_at_a_time")
 def test_sigterm_mid_job_stops_the_sweeps_superlink_and_ray(tiny_model_dir, tmp_path):
     mark = uuid.uuid4().hex
     sweep_dir = tmp_path / "sweep"
