@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -70,6 +71,18 @@ def test_a_ray_head_on_loopback_stops_every_process_by_its_files_and_leaves_no_f
     assert not head.exists() and not _pids_using(head)
 
 
+def _wait_until_its_arguments_show(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """/proc/PID/cmdline reads empty until the kernel has laid out the new program's
+    arguments, which can come after Popen has returned on a loaded machine."""
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    if not cmdline.parent.is_dir():
+        return
+    deadline = time.monotonic() + timeout
+    while cmdline.read_bytes().split(b"\0")[-2:-1] != [proc.args[-1].encode()]:
+        assert time.monotonic() < deadline, f"{proc.args} never showed its arguments"
+        time.sleep(0.01)
+
+
 def test_stopping_a_superlink_never_kills_a_process_whose_pid_argument_only_begins_like_its_own():
     """Pids wrap around at pid_max: a SuperLink with pid 123 stopping must leave another
     run's `flwr-simulation --parent-pid 1234` alone, and still stop its own."""
@@ -78,6 +91,8 @@ def test_stopping_a_superlink_never_kills_a_process_whose_pid_argument_only_begi
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "--parent-pid"]
     other, own = (subprocess.Popen([*sleeper, pid]) for pid in ("999123", "99912"))
     try:
+        for proc in (other, own):  # Popen returns before exec has set a process's arguments
+            _wait_until_its_arguments_show(proc)
         _kill_with_arguments("--parent-pid", "99912")
         assert own.wait(timeout=10) is not None
         assert other.poll() is None, "a process of another run was stopped"
