@@ -22,8 +22,8 @@ from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.data.sites import partition_of
 from fedllm_flwr.lora_merge import Factors, set_merged
 from fedllm_flwr.model import ModelBundle, build_model, get_adapter_state, set_adapter_state
-from fedllm_flwr.tasks import task_of
 from fedllm_flwr.tasks.lm import holdout_scores
+from fedllm_flwr.tasks.registry import task_of
 from fedllm_flwr.train import lr_at, train_steps
 
 _DATA: dict[tuple, ClientData] = {}

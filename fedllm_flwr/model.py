@@ -24,10 +24,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedllm_flwr.config import LORA_METHODS, TARGETED_METHODS, AdapterConfig, ModelConfig
+from fedllm_flwr.config import AdapterConfig, ModelConfig
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.model_files import resolve_model, weights_in
-from fedllm_flwr.peft_methods import peft_config
+from fedllm_flwr.peft_methods.builders import peft_config
+from fedllm_flwr.peft_methods.compat import LORA_METHODS, TARGETED_METHODS
 
 log = logging.getLogger(__name__)
 

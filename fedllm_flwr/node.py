@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedllm_flwr.algorithms import algorithm_for
+from fedllm_flwr.algorithms.registry import algorithm_for
 from fedllm_flwr.algorithms.zo.state import ZoState
 from fedllm_flwr.keys import (
     CLIPPING_NORM_KEY,

@@ -115,7 +115,7 @@ def load_for_eval(cfg: Config, adapter: Path | None):
 
     from fedllm_flwr.model import default_device, load_base_model, load_tokenizer, resolve_dtype
     from fedllm_flwr.model_files import resolve_model
-    from fedllm_flwr.tasks import task_of
+    from fedllm_flwr.tasks.registry import task_of
 
     device = default_device()
     base_path = resolve_model(cfg.model)
@@ -143,7 +143,7 @@ def evaluate_command(req: EvalRequest) -> dict[str, Any]:
     """Run one evaluation; returns the result written to JSON."""
     from fedllm_flwr import quiet_third_party_output
     from fedllm_flwr.evaluate.benchmarks import run_benchmark
-    from fedllm_flwr.tasks import task_of
+    from fedllm_flwr.tasks.registry import task_of
 
     if req.benchmark not in BENCHMARKS:
         raise UserError(f"--benchmark {req.benchmark!r}: use one of {', '.join(BENCHMARKS)}")

@@ -5,9 +5,8 @@ import pytest
 import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
-from fedllm_flwr.config import STRATEGIES, load_cfg
+from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.strategy import RoundSetup, build_strategy
 from fedllm_flwr.strategy.aggregators import (
     Mifa,
     MifaMemory,
@@ -17,6 +16,9 @@ from fedllm_flwr.strategy.aggregators import (
     to_arrays,
     to_state,
 )
+from fedllm_flwr.strategy.compat import STRATEGIES
+from fedllm_flwr.strategy.registry import build_strategy
+from fedllm_flwr.strategy.round_setup import RoundSetup
 from fedllm_flwr.transport import pack
 
 
@@ -126,7 +128,7 @@ def test_mifa_takes_the_rate_from_the_schedule_not_the_replies():
 
 
 def test_mifa_rate_follows_the_runs_schedule(tiny_cfg):
-    from fedllm_flwr.strategy import round_lr
+    from fedllm_flwr.strategy.aggregators import round_lr
     from fedllm_flwr.train import lr_at
 
     cfg = tiny_cfg("strategy=mifa", "num_rounds=3", "train.lr=0.05")

@@ -11,9 +11,10 @@ from combinations import GROUPS, ROWS_FILE
 from conftest import ROOT
 from omegaconf import OmegaConf
 
-from fedllm_flwr.algorithms import ALGORITHMS, Algorithm, algorithm_for
+from fedllm_flwr.algorithms.base import Algorithm
+from fedllm_flwr.algorithms.compat import ALGORITHMS as CONFIG_ALGORITHMS
+from fedllm_flwr.algorithms.registry import ALGORITHMS, algorithm_for
 from fedllm_flwr.config import load_cfg
-from fedllm_flwr.config.federation import ALGORITHMS as CONFIG_ALGORITHMS
 
 #: Where the name may be read: the plug-ins themselves and the config's checks.
 OWNERS = (ROOT / "fedllm_flwr" / "algorithms", ROOT / "fedllm_flwr" / "config")
@@ -37,7 +38,7 @@ def test_no_core_module_branches_on_the_algorithm_name():
         if not any(path.is_relative_to(owner) for owner in OWNERS)
         for line in _reads_of_algorithm_name(path)
     ]
-    assert not found, "ask the plug-in (fedllm_flwr.algorithms.algorithm_for) instead: " + ", ".join(found)
+    assert not found, "ask the plug-in (fedllm_flwr.algorithms.registry.algorithm_for) instead: " + ", ".join(found)
 
 
 def _algorithm_of(selecting: list[str]) -> str:

@@ -19,7 +19,7 @@ def test_a_client_with_an_empty_held_out_split_says_so_instead_of_sending_nan(ti
 def test_the_server_knows_each_simulated_partitions_size_and_an_honest_claim_fits(tiny_cfg):
     from fedllm_flwr.data import train_set
     from fedllm_flwr.server.nodes import example_limits
-    from fedllm_flwr.strategy import strategy_class
+    from fedllm_flwr.strategy.registry import strategy_class
 
     cfg = tiny_cfg()
     nodes = {11: {"partition-id": 0, "num-partitions": 2}, 12: {"partition-id": 1, "num-partitions": 2}}

@@ -6,7 +6,7 @@ import torch
 from flwr.app import Array, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedllm_flwr.compression import Codec, ErrorFeedback, sizes_of
-from fedllm_flwr.strategy import AdapterFedAvg
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.transport import (
     ARRAYS_KEY,
     PACKED_KEY,

@@ -127,3 +127,35 @@ def test_the_branch_finder_sees_a_branch_on_a_name(tmp_path):
     (tmp_path / "fedllm_flwr" / "tasks").mkdir()
     (tmp_path / "fedllm_flwr" / "tasks" / "y.py").write_text("ok = cfg.task.name in ('lm',)\n")
     assert group_name_branches(tmp_path) == ["fedllm_flwr/server/x.py:1 algorithm.name"]
+
+
+def test_each_plug_in_declaration_imports_only_other_declarations():
+    """A family's `compat` module (its names, kinds and conflicts) is read by the config,
+    which every plug-in's code imports: a declaration may import only other declarations,
+    and every package above one must import nothing of ours, or the config would load
+    plug-in code (and the import graph would cycle)."""
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    declarations = {module_name(p): p for p in PACKAGE.rglob("compat.py")}
+    assert {"fedllm_flwr.compat", "fedllm_flwr.strategy.compat", "fedllm_flwr.algorithms.zo.compat"} <= set(
+        declarations
+    )
+
+    def packages_above(name: str) -> set[str]:
+        parts = name.split(".")
+        return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+    packages = {name for name in modules if (ROOT / name.replace(".", "/") / "__init__.py").is_file()}
+    wrong, heavy_packages = {}, set()
+    for name, path in declarations.items():
+        used = imports_of(path, modules)
+        if bad := sorted(m for m in used if m not in declarations and m not in packages):
+            wrong[name] = bad
+        heavy_packages |= {p for p in (used & packages) | packages_above(name)}
+    assert not wrong, f"declarations importing plug-in code: {wrong}"
+    loaded = {
+        p: sorted(used)
+        for p in heavy_packages
+        if (used := imports_of(ROOT / p.replace(".", "/") / "__init__.py", modules))
+    }
+    assert not loaded, f"packages above a declaration that import our modules: {loaded}"
+

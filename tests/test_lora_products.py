@@ -40,7 +40,7 @@ def test_a_shared_a_makes_the_average_exact_and_no_lora_means_no_figure():
 def test_fedavg_logs_the_error_each_round_and_secagg_does_not(task_identity):
     from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
-    from fedllm_flwr.strategy import AdapterFedAvg
+    from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
     from fedllm_flwr.transport import pack
 
     def reply(node, state):

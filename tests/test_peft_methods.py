@@ -9,12 +9,12 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from peft import AutoPeftModelForCausalLM
 
 from fedllm_flwr.client import local_train
-from fedllm_flwr.config import PEFT_METHODS
 from fedllm_flwr.evaluate.generation import generate
 from fedllm_flwr.model import build_model, clear_model_cache, count_parameters, get_adapter_state, set_adapter_state
-from fedllm_flwr.peft_methods import BUILDERS
+from fedllm_flwr.peft_methods.builders import BUILDERS
+from fedllm_flwr.peft_methods.compat import PEFT_METHODS
 from fedllm_flwr.run_dir import RunDir
-from fedllm_flwr.strategy import AdapterFedAvg
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.transport import manifest_of, pack, unpack_state
 
 # (conf/peft preset, trainable parameter names must contain one of these)

@@ -14,7 +14,7 @@ from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.privacy.dp import PrivacyBudget, clip_update, update_norm
 from fedllm_flwr.privacy.dp_server import AccountedClientSideDP
-from fedllm_flwr.strategy import AdapterFedAvg
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.transport import pack, state_to_arrays, update_between
 
 FP16 = Codec("fp16")
@@ -359,7 +359,7 @@ def test_secure_aggregation_refuses_max_weight_below_a_known_partition_before_ro
     from fedllm_flwr.privacy.runner import private_strategy
 
     cfg = load_cfg([f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "privacy=secagg", "privacy.max_weight=3"])
-    from fedllm_flwr.strategy import RoundSetup
+    from fedllm_flwr.strategy.round_setup import RoundSetup
 
     # simulation: the server knows each partition's size
     strategy = private_strategy(cfg, setup=RoundSetup(max_examples={1: 2, 2: 30}))

@@ -8,8 +8,10 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
-from fedllm_flwr.strategy import RoundSetup, SvdRedistribution, ZeroPadding, build_strategy
 from fedllm_flwr.strategy.lora_products import at_rank, padded, product_factors, rank_of
+from fedllm_flwr.strategy.ranked import SvdRedistribution, ZeroPadding
+from fedllm_flwr.strategy.registry import build_strategy
+from fedllm_flwr.strategy.round_setup import RoundSetup
 from fedllm_flwr.transport import pack
 
 A, B = "layers.0.q_proj.lora_A.weight", "layers.0.q_proj.lora_B.weight"

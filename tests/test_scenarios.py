@@ -5,7 +5,9 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.keys import DATA_KEY, MANIFEST_KEY, STEPS_KEY
-from fedllm_flwr.strategy import AdapterFedAvg, GlobalFedAvg, LocalAdapters, build_strategy
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
+from fedllm_flwr.strategy.registry import build_strategy
+from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
 from fedllm_flwr.transport import pack, state_to_arrays, unpack_state
 
 

@@ -13,7 +13,7 @@ from fedllm_flwr.model import build_model
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.server.evaluation import ServerEvaluator
 from fedllm_flwr.server.resume import resume_run
-from fedllm_flwr.strategy import AdapterFedAvg
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 
 
 def test_a_round_every_client_failed_in_is_logged_but_a_resumed_run_trains_it_again(tiny_cfg, tmp_path):

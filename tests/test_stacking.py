@@ -11,7 +11,7 @@ from fedllm_flwr.errors import UserError
 from fedllm_flwr.keys import MERGED_KEY
 from fedllm_flwr.lora_merge import save_merged, set_merged, stacked
 from fedllm_flwr.lora_stacks import module_of, stack_part
-from fedllm_flwr.strategy import Stacking
+from fedllm_flwr.strategy.stacking import Stacking
 from fedllm_flwr.transport import pack
 
 A, B = "m.layers.0.q_proj.lora_A.default.weight", "m.layers.0.q_proj.lora_B.default.weight"

@@ -4,7 +4,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedllm_flwr.keys import MANIFEST_KEY
-from fedllm_flwr.strategy import AdapterFedAvg, RoundSetup, aggregate_client_metrics, weighted_mean
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
+from fedllm_flwr.strategy.replies import aggregate_client_metrics, weighted_mean
+from fedllm_flwr.strategy.round_setup import RoundSetup
 from fedllm_flwr.transport import pack, state_to_arrays
 
 
@@ -122,7 +124,8 @@ def test_clients_evaluate_on_the_rounds_the_server_does(every, offset, asked):
     """eval.every schedules the clients' held-out scoring too: after every N rounds and
     the last (a resumed run counts from its first round), never with 0."""
     from fedllm_flwr.config import load_cfg
-    from fedllm_flwr.strategy import RoundSetup, build_strategy
+    from fedllm_flwr.strategy.registry import build_strategy
+    from fedllm_flwr.strategy.round_setup import RoundSetup
 
     strat = build_strategy(load_cfg(["num_rounds=5", f"eval.every={every}"]), setup=RoundSetup(round_offset=offset))
     glob = state_to_arrays(state(0.25))

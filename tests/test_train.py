@@ -9,7 +9,7 @@ from fedllm_flwr.data import client_data
 from fedllm_flwr.data.prompts import iter_batches
 from fedllm_flwr.data.sites import partition_of
 from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state
-from fedllm_flwr.tasks import TASKS
+from fedllm_flwr.tasks.registry import TASKS
 from fedllm_flwr.train import lr_at, train_steps
 
 

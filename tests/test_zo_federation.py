@@ -57,10 +57,11 @@ def _server(overrides, done=0):
     ServerApp builds them; `done`: the rounds a resumed run did before this start."""
     from flwr.app import Array, ArrayRecord
 
-    from fedllm_flwr.algorithms import algorithm_for
+    from fedllm_flwr.algorithms.registry import algorithm_for
     from fedllm_flwr.config import load_cfg
     from fedllm_flwr.model import build_model
-    from fedllm_flwr.strategy import RoundSetup, build_strategy
+    from fedllm_flwr.strategy.registry import build_strategy
+    from fedllm_flwr.strategy.round_setup import RoundSetup
 
     cfg = load_cfg(overrides)
     bundle = build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed)

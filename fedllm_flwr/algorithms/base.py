@@ -69,7 +69,7 @@ class Algorithm:
     def server_model(self) -> ServerModel:
         """The server's model, built once per run."""
         from fedllm_flwr.model import build_model
-        from fedllm_flwr.tasks import task_of
+        from fedllm_flwr.tasks.registry import task_of
 
         cfg = self.cfg
         task_type = task_of(cfg).peft_task_type

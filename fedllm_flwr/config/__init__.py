@@ -4,7 +4,8 @@
   `training`: `train.*`, `eval.*`, `task.*`, `reward_loss.*`, `dpo_loss.*`;
   `federation`: `strategy.*`, `personalize.*`, `algorithm.*`, `scenario.*`;
   `messages`: `compression.*`, `privacy.*`;  `run`: `run.*`, `sweep.*`;
-- `schema`: `Config`, every group together and the rules that span groups;
+- `schema`: `Config`, every group together; `rules`: what each plug-in declares it cannot
+  serve, gathered (the plug-ins' names and kinds are theirs: `fedllm_flwr.<family>.compat`);
 - `compose`: `load_cfg`, the only way the apps and the CLI obtain a config.
 """
 
@@ -21,9 +22,6 @@ from fedllm_flwr.config.compose import (
 )
 from fedllm_flwr.config.data import METRICS, DatasetConfig, FieldsConfig, PartitionConfig, SyntheticConfig
 from fedllm_flwr.config.federation import (
-    ALGORITHMS,
-    RANKED_STRATEGIES,
-    STRATEGIES,
     AlgorithmConfig,
     PersonalizeConfig,
     ScenarioConfig,
@@ -31,10 +29,6 @@ from fedllm_flwr.config.federation import (
 )
 from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
 from fedllm_flwr.config.model import (
-    LAYERED_METHODS,
-    LORA_METHODS,
-    PEFT_METHODS,
-    TARGETED_METHODS,
     AdapterConfig,
     ModelConfig,
 )
@@ -43,7 +37,6 @@ from fedllm_flwr.config.schema import Config
 from fedllm_flwr.config.training import (
     DPO_LOSSES,
     REWARD_LOSSES,
-    TASK_RECORDS,
     DpoLossConfig,
     EvalConfig,
     RewardLossConfig,
@@ -52,19 +45,11 @@ from fedllm_flwr.config.training import (
 )
 
 __all__ = [
-    "ALGORITHMS",
-    "LAYERED_METHODS",
-    "LORA_METHODS",
     "METRICS",
     "OVERRIDES_KEY",
-    "PEFT_METHODS",
     "REWARD_LOSSES",
-    "TASK_RECORDS",
     "DPO_LOSSES",
     "DpoLossConfig",
-    "RANKED_STRATEGIES",
-    "STRATEGIES",
-    "TARGETED_METHODS",
     "AdapterConfig",
     "AlgorithmConfig",
     "CompressionConfig",

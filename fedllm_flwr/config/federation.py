@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STRATEGIES = (
-    "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "mifa", "median", "trimmed_mean", "zero_padding", "svd",
-    "stacking",
-)  # fmt: skip
-#: The strategies that combine LoRA adapters of unequal ranks (`peft.client_ranks`).
-RANKED_STRATEGIES = ("zero_padding", "svd", "stacking")
+from fedllm_flwr.algorithms.compat import ALGORITHMS
+from fedllm_flwr.strategy.compat import RANKED_STRATEGIES, SCENARIOS, STRATEGIES
 
 
 @dataclass
@@ -52,8 +48,8 @@ class StrategyConfig:
     """e.g. [add:0.2,reverse:0.9]; categories not listed use `available_p`."""
 
     # What the clients need to know of the strategy, read here rather than from the server's
-    # strategy classes (fedllm_flwr.strategy, whose class attributes of the same names agree:
-    # tests/test_strategy_registry.py).
+    # strategy classes (fedllm_flwr.strategy.registry, whose class attributes of the same names
+    # agree: tests/test_strategy_registry.py).
     @property
     def ranked(self) -> bool:
         """Whether the strategy combines LoRA adapters of unequal ranks."""
@@ -129,9 +125,6 @@ class PersonalizeConfig:
         return any(pattern in name for pattern in self.private)
 
 
-ALGORITHMS = ("none", "fedot", "zo")
-
-
 @dataclass
 class AlgorithmConfig:
     name: str = "none"
@@ -179,8 +172,8 @@ class ScenarioConfig:
         return self.name == "global"
 
     def __post_init__(self) -> None:
-        if self.name not in ("fed", "global", "local"):
-            raise ValueError(f"scenario.name={self.name!r}: use fed, global or local")
+        if self.name not in SCENARIOS:
+            raise ValueError(f"scenario.name={self.name!r}: use {', '.join(SCENARIOS)}")
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from fedllm_flwr.peft_methods.compat import LAYERED_METHODS, PEFT_METHODS, TARGETED_METHODS
+
 
 @dataclass
 class ModelConfig:
@@ -32,19 +34,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.quantization not in ("none", "4bit", "8bit"):
             raise ValueError(f"model.quantization={self.quantization!r}: use none, 4bit or 8bit")
-
-
-#: The PEFT methods with a builder in fedllm_flwr/peft_methods.py (listed here, not taken
-#: from its BUILDERS: that module imports peft, and a config must load without the ML stack;
-#: tests/test_peft_methods.py checks the two agree).
-PEFT_METHODS = ("lora", "dora", "adalora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
-#: The methods that insert modules into named linear layers (`target_modules`).
-TARGETED_METHODS = ("lora", "dora", "adalora", "loha", "ia3")
-#: The methods whose modules are LoRA's factors B A (ranks per site, FFA-LoRA).
-LORA_METHODS = ("lora", "dora")
-#: The targeted methods that can be limited to some decoder layers (`layers`; peft's
-#: IA3Config has no `layers_to_transform`).
-LAYERED_METHODS = ("lora", "dora", "adalora", "loha")
 
 
 @dataclass

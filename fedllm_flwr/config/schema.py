@@ -59,7 +59,7 @@ class Config:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if not 0 <= self.run.stop_after <= self.num_rounds:
             raise ValueError(f"run.stop_after must be in 0..num_rounds ({self.num_rounds}), got {self.run.stop_after}")
-        rules.check(self)  # every pair of settings that cannot run together (fedllm_flwr/config/rules.py)
+        rules.check(self)  # every pair of settings a plug-in declares it cannot serve (config/rules.py)
         if self.algorithm.name == "zo":
             self.zo.resolve()
             if self.zo.params == "full":

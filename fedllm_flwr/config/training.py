@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedllm_flwr.tasks.compat import TASK_RECORDS
+
 
 @dataclass
 class TrainConfig:
@@ -98,16 +100,6 @@ class EvalConfig:
             raise ValueError(f"eval.code_prompt={self.code_prompt!r}: use raw, instruct or chat")
         if not 0 <= self.shots <= 8:
             raise ValueError(f"eval.shots must be in 0..8, got {self.shots}")
-
-
-#: Server strategies (conf/strategy/<name>.yaml; fedllm_flwr/strategy/).
-
-
-#: The tasks (conf/task/<name>.yaml; fedllm_flwr/tasks/<name>.py) and the records each
-#: reads: instruction records ("prompts") or (prompt, chosen, rejected) pairs ("pairs").
-#: Declared here rather than in the task's module: the data layer reads it, and the tasks
-#: are built on top of the data layer.
-TASK_RECORDS = {"lm": "prompts", "reward": "pairs", "dpo": "pairs"}
 
 
 @dataclass

@@ -19,7 +19,7 @@ _TRAIN_SETS: dict[str, Dataset] = {}
 
 
 def _pairs(cfg: Config) -> bool:
-    """Whether the task reads preference pairs (`config.training.TASK_RECORDS`)."""
+    """Whether the task reads preference pairs (`fedllm_flwr.tasks.compat.TASK_RECORDS`)."""
     return cfg.task.pairs
 
 

@@ -10,7 +10,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from fedllm_flwr.config import RANKED_STRATEGIES, Config
+from fedllm_flwr.config import Config
+from fedllm_flwr.strategy.compat import RANKED_STRATEGIES
 
 #: A SuperNode's `--node-config` key for its own LoRA rank.
 RANK_KEY = "lora-rank"

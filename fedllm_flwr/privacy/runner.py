@@ -10,7 +10,9 @@ from flwr.common.logger import log
 from fedllm_flwr.config import Config
 from fedllm_flwr.privacy.dp_server import AccountedClientSideDP
 from fedllm_flwr.privacy.secagg import secagg_strategy
-from fedllm_flwr.strategy import AdapterFedAvg, RoundSetup, build_strategy
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
+from fedllm_flwr.strategy.registry import build_strategy
+from fedllm_flwr.strategy.round_setup import RoundSetup
 
 
 def private_strategy(

@@ -36,9 +36,10 @@ from fedllm_flwr.compression import Codec
 from fedllm_flwr.config import PrivacyConfig
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.keys import SERVER_ROUND_KEY, SUM_KEY
-from fedllm_flwr.strategy import RoundSetup, build_strategy
 from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
+from fedllm_flwr.strategy.registry import build_strategy
 from fedllm_flwr.strategy.replies import aggregate_client_metrics
+from fedllm_flwr.strategy.round_setup import RoundSetup
 from fedllm_flwr.transport import message_bytes, pack
 
 

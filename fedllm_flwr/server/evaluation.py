@@ -21,8 +21,9 @@ from fedllm_flwr.errors import UserError
 from fedllm_flwr.lora_merge import save_merged, set_merged, stacked
 from fedllm_flwr.model import ModelBundle, set_adapter_state
 from fedllm_flwr.run_dir import CHECKPOINT, RunDir
-from fedllm_flwr.strategy import AdapterFedAvg, LocalAdapters
-from fedllm_flwr.tasks import task_of
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
+from fedllm_flwr.strategy.scenarios import LocalAdapters
+from fedllm_flwr.tasks.registry import task_of
 from fedllm_flwr.transport import arrays_to_state
 
 INFO = logging.INFO

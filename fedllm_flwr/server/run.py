@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedllm_flwr.algorithms import algorithm_for
+from fedllm_flwr.algorithms.registry import algorithm_for
 from fedllm_flwr.config import Config
 from fedllm_flwr.data import records, test_records
 from fedllm_flwr.errors import UserError
@@ -28,8 +28,9 @@ from fedllm_flwr.server.nodes import discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
 from fedllm_flwr.server.ranks import RankQuery, node_ranks
 from fedllm_flwr.server.resume import resume_run
-from fedllm_flwr.strategy import RoundSetup, strategy_class
-from fedllm_flwr.tasks import task_of
+from fedllm_flwr.strategy.registry import strategy_class
+from fedllm_flwr.strategy.round_setup import RoundSetup
+from fedllm_flwr.tasks.registry import task_of
 from fedllm_flwr.tracking import check_installed, open_trackers
 from fedllm_flwr.transport import state_to_arrays
 from fedllm_flwr.worker_start import await_warm_up, is_simulation

@@ -1,104 +1,14 @@
-"""Server-side aggregation: the only place where client replies are combined."""
+"""Server-side aggregation: the only place where client replies are combined.
 
-from __future__ import annotations
+- `compat`: the strategies' and scenarios' names and what each cannot serve (read by
+  the config without loading any of the code below);
+- `registry`: each name to its class, and `build_strategy`;
+- `adapter_fedavg`: `AdapterFedAvg`, the base of every strategy (validated replies,
+  codecs, availability, the round's ledger); `replies`: what a valid reply is;
+- `aggregators`: Flower's server optimizers and robust rules, and MIFA;
+- `ranked`, `lora_products`, `stacking`: LoRA of unequal ranks per site;
+- `scenarios`: the global and local scenarios; `availability`, `catch_up`, `round_setup`:
+  who answers a round, a returning node's catch-up, what the server knows before round 1.
 
-from functools import partial
-from typing import Any
-
-from fedllm_flwr.compression import codecs
-from fedllm_flwr.config import Config
-from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, RoundLedger, weighted_mean
-from fedllm_flwr.strategy.aggregators import Mifa, RobustAggregate, ServerOptFedAvg, round_lr
-from fedllm_flwr.strategy.availability import Availability
-from fedllm_flwr.strategy.ranked import RankedLoRA, SvdRedistribution, ZeroPadding
-from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics
-from fedllm_flwr.strategy.round_setup import RoundSetup
-from fedllm_flwr.strategy.scenarios import GlobalFedAvg, LocalAdapters
-from fedllm_flwr.strategy.stacking import Stacking
-
-__all__ = [
-    "AdapterFedAvg",
-    "GlobalFedAvg",
-    "LocalAdapters",
-    "Mifa",
-    "RankedLoRA",
-    "RobustAggregate",
-    "RoundSetup",
-    "SCENARIOS",
-    "STRATEGY_CLASSES",
-    "ServerOptFedAvg",
-    "Stacking",
-    "SvdRedistribution",
-    "ZeroPadding",
-    "RoundLedger",
-    "ValidReply",
-    "aggregate_client_metrics",
-    "build_strategy",
-    "round_lr",
-    "strategy_class",
-    "weighted_mean",
-]
-
-
-#: strategy.name -> the class that aggregates it. Adding a strategy: its class (with its
-#: `names` and `settings`), a YAML in conf/strategy/ and a row in tests/combinations.py.
-STRATEGY_CLASSES: dict[str, type[AdapterFedAvg]] = {
-    name: kind
-    for kind in (AdapterFedAvg, ServerOptFedAvg, RobustAggregate, Mifa, ZeroPadding, SvdRedistribution, Stacking)
-    for name in kind.names
-}
-#: scenario.name -> its class; `fed` runs the strategy's own class.
-SCENARIOS: dict[str, type[AdapterFedAvg]] = {
-    kind.scenario: kind for kind in (AdapterFedAvg, GlobalFedAvg, LocalAdapters)
-}
-
-
-def strategy_class(cfg: Config) -> type[AdapterFedAvg]:
-    """The class that runs `cfg`'s rounds: in the fed scenario the strategy's, else the
-    scenario's (global and local run with strategy=fedavg only: config/rules.py)."""
-    scenario = SCENARIOS[cfg.scenario.name]
-    return STRATEGY_CLASSES[cfg.strategy.name] if scenario is AdapterFedAvg else scenario
-
-
-def build_strategy(
-    cfg: Config,
-    override: type[AdapterFedAvg] | None = None,
-    *,
-    setup: RoundSetup | None = None,
-    clip_norm: float | None = None,
-    **arguments: Any,
-) -> AdapterFedAvg:
-    """The strategy the config asks for (`strategy_class`, with its own `settings`), or the
-    class `override` with its own `arguments` (`fedllm_flwr.privacy.secagg.secagg_strategy`,
-    an algorithm's: `Algorithm.strategy`), with the config's sampling, codecs, evaluation
-    rounds and availability.
-    `setup`: what the server learned before round 1 (nodes, partition sizes, a resumed
-    run's rounds, unequal LoRA ranks). `clip_norm`: privacy=dp's bound on every update."""
-    if arguments and override is None:
-        raise TypeError(f"build_strategy: {', '.join(arguments)} go to an `override` class only")
-    s = cfg.strategy
-    setup = setup or RoundSetup()
-    kind = strategy_class(cfg)
-    extra = kind.settings(cfg, setup)
-    if override is not None:
-        kind, extra = override, arguments
-    # fedavg and fedprox aggregate alike; fedprox's term is in the clients' loss.
-    down, up = codecs(cfg.compression)
-    return kind(
-        **extra,
-        down=down,
-        up=up,
-        setup=setup,
-        evaluate_due=partial(cfg.eval.due, last_round=cfg.rounds_to_run),
-        # FFA-LoRA: A is the same frozen matrix everywhere, so the mean of B A is B_avg A.
-        exact_products=cfg.peft.freeze_a,
-        availability=Availability(
-            s.availability, s.available_p, list(s.available_per_client), s.category_probabilities(), cfg.seed
-        ),
-        clip_norm=clip_norm,
-        fraction_train=s.fraction_train,
-        fraction_evaluate=s.fraction_evaluate,
-        min_train_nodes=s.min_train_nodes,
-        min_evaluate_nodes=s.min_evaluate_nodes,
-        min_available_nodes=s.min_available_nodes,
-    )
+Nothing is imported here.
+"""

@@ -9,14 +9,13 @@ values, every reply number finite and the weight a positive count no larger
 than the node's partition where the server knows it) and dropped with a logged
 reason if it fails (the metric checks and the reply type live in
 `fedllm_flwr.strategy.replies`); the rest are averaged in fp32, weighted by
-`num-examples`. `RoundLedger` keeps the per-round accounting (bytes both ways,
-clients ok/failed/dropped).
+`num-examples` (`replies.weighted_mean`). `replies.RoundLedger` keeps the per-round
+accounting (bytes both ways, clients ok/failed/dropped).
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
@@ -31,35 +30,16 @@ from fedllm_flwr.compression import Codec
 from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY
 from fedllm_flwr.strategy.availability import Availability
 from fedllm_flwr.strategy.lora_products import aggregation_error
-from fedllm_flwr.strategy.replies import ValidReply, aggregate_client_metrics, check_metrics, partition_of
+from fedllm_flwr.strategy.replies import (
+    RoundLedger,
+    ValidReply,
+    aggregate_client_metrics,
+    check_metrics,
+    partition_of,
+    weighted_mean,
+)
 from fedllm_flwr.strategy.round_setup import Registered, RoundSetup
 from fedllm_flwr.transport import is_relative, manifest_of, message_bytes, pack, unpack
-
-
-class RoundLedger:
-    """Per-round counters and values, merged into the round's metrics row."""
-
-    def __init__(self) -> None:
-        self.rounds: dict[int, dict[str, Any]] = defaultdict(dict)
-
-    def add(self, server_round: int, key: str, value: float) -> None:
-        self.rounds[server_round][key] = self.rounds[server_round].get(key, 0) + value
-
-    def set(self, server_round: int, key: str, value: Any) -> None:
-        self.rounds[server_round][key] = value
-
-    def pop(self, server_round: int) -> dict[str, Any]:
-        return self.rounds.pop(server_round, {})
-
-
-def weighted_mean(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
-    """Sum of w_i / sum(w) * state_i, key by key, in fp32."""
-    total = float(sum(weights))
-    out = {k: np.zeros_like(v, dtype=np.float32) for k, v in states[0].items()}
-    for state, weight in zip(states, weights, strict=True):
-        for key, value in state.items():
-            out[key] += value.astype(np.float32) * np.float32(weight / total)
-    return out
 
 
 class ListedNodes:
@@ -83,8 +63,6 @@ class AdapterFedAvg(Registered, FedAvg):
     """FedAvg that exchanges only adapter weights and never averages in a bad reply.
     What it learns about the run before round 1 comes in `setup`, the config's common
     knobs as keywords (`build_strategy`)."""
-
-    names = ("fedavg", "fedprox")  # fedprox's proximal term is in the clients' loss
 
     def __init__(
         self, *, down: Codec | None = None, up: Codec | None = None, setup: RoundSetup | None = None,

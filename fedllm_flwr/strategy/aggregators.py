@@ -100,8 +100,6 @@ class _KeepsGlobal(AdapterFedAvg):
 class ServerOptFedAvg(_KeepsGlobal):
     """FedAvgM, FedAdam or FedYogi: Flower's server step on the clients' mean update."""
 
-    names = ("fedavgm", "fedadam", "fedyogi")
-
     @classmethod
     def settings(cls, cfg: Config, setup: RoundSetup) -> dict[str, Any]:
         s = cfg.strategy
@@ -141,8 +139,6 @@ class ServerOptFedAvg(_KeepsGlobal):
 
 class RobustAggregate(AdapterFedAvg):
     """Flower's FedMedian or FedTrimmedAvg over the decoded adapters (unweighted)."""
-
-    names = ("median", "trimmed_mean")
 
     @classmethod
     def settings(cls, cfg: Config, setup: RoundSetup) -> dict[str, Any]:
@@ -189,8 +185,6 @@ def round_lr(cfg: Config, server_round: int) -> float:
 
 
 class Mifa(_KeepsGlobal):
-    names = ("mifa",)
-
     @classmethod
     def settings(cls, cfg: Config, setup: RoundSetup) -> dict[str, Any]:
         return {"wait_for_all": cfg.strategy.mifa_wait_for_all, "lr_for": partial(round_lr, cfg)}

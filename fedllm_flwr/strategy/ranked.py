@@ -34,7 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg, weighted_mean
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.lora_products import (
     at_rank,
@@ -44,7 +44,7 @@ from fedllm_flwr.strategy.lora_products import (
     product_norms,
     rank_of,
 )
-from fedllm_flwr.strategy.replies import ValidReply
+from fedllm_flwr.strategy.replies import ValidReply, weighted_mean
 from fedllm_flwr.strategy.round_setup import RoundSetup
 
 if TYPE_CHECKING:
@@ -58,7 +58,6 @@ AskRanks = Callable[[list[int]], dict[int, int | str]]
 class RankedLoRA(AdapterFedAvg):
     """Sends each node the global adapter at its own rank; `merge` makes the new one."""
 
-    names = ()  # the subclasses' own
     learns_ranks = True
 
     @classmethod
@@ -146,8 +145,6 @@ class ZeroPadding(RankedLoRA):
     with respect to either is then 0 for good. `lora-aggregation-error` compares
     the new B A with sum_k w_k B_k A_k under the same weights."""
 
-    names = ("zero_padding",)
-
     def merge(self, states, weights, rank):
         pairs = multiplying_pairs(states[0])
         factored = {key for pair in pairs for key in pair}
@@ -175,8 +172,6 @@ class ZeroPadding(RankedLoRA):
 
 class SvdRedistribution(RankedLoRA):
     """FlexLoRA's aggregation: the weighted sum of the clients' B A, truncated SVD to rank R."""
-
-    names = ("svd",)
 
     def merge(self, states, weights, rank):
         pairs = multiplying_pairs(states[0])

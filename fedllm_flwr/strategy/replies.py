@@ -4,13 +4,16 @@
 numbers count: finite values and a whole, positive weight. A training reply that
 passes becomes a `ValidReply`; `aggregate_client_metrics` merges the metrics of
 the replies kept (weighted means of losses, sums of counts, maxima of time and
-memory).
+memory); `weighted_mean` averages their adapters and `RoundLedger` keeps each round's
+accounting.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
@@ -84,4 +87,30 @@ def aggregate_client_metrics(records: list, weighted_by_key: str) -> MetricRecor
             weights = [float(row[weighted_by_key]) for row in having]
             if sum(weights) > 0:
                 out[key] = sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
+    return out
+
+
+class RoundLedger:
+    """Per-round counters and values, merged into the round's metrics row."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, dict[str, Any]] = defaultdict(dict)
+
+    def add(self, server_round: int, key: str, value: float) -> None:
+        self.rounds[server_round][key] = self.rounds[server_round].get(key, 0) + value
+
+    def set(self, server_round: int, key: str, value: Any) -> None:
+        self.rounds[server_round][key] = value
+
+    def pop(self, server_round: int) -> dict[str, Any]:
+        return self.rounds.pop(server_round, {})
+
+
+def weighted_mean(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """Sum of w_i / sum(w) * state_i, key by key, in fp32."""
+    total = float(sum(weights))
+    out = {k: np.zeros_like(v, dtype=np.float32) for k, v in states[0].items()}
+    for state, weight in zip(states, weights, strict=True):
+        for key, value in state.items():
+            out[key] += value.astype(np.float32) * np.float32(weight / total)
     return out

@@ -1,7 +1,7 @@
 """What a strategy class tells the registry, and what it learns about a run before round 1.
 
 `Registered`: the names a class serves, how it reads its own config keys, and what the
-server must know about it before building it (`fedllm_flwr.strategy.STRATEGY_CLASSES`).
+server must know about it before building it (`fedllm_flwr.strategy.registry.STRATEGY_CLASSES`).
 `RoundSetup`: `server.run` builds one once the nodes are known (a ranked strategy's
 ranks, the descriptions availability and a resumed local run need, the partition
 sizes a simulation's server knows, a resumed run's rounds) and passes it to

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 
 class GlobalFedAvg(AdapterFedAvg):
-    names = ()  # a scenario: it runs with strategy=fedavg only (config/rules.py)
-    scenario = "global"
     holds_all_data = True
 
     @classmethod
@@ -49,8 +47,6 @@ class GlobalFedAvg(AdapterFedAvg):
 
 
 class LocalAdapters(AdapterFedAvg):
-    names = ()  # a scenario: it runs with strategy=fedavg only (config/rules.py)
-    scenario = "local"
     finds_nodes_by_partition = True  # a resumed run's adapters are kept by partition (`arrays_for`)
 
     def __init__(self, **kwargs: Any) -> None:

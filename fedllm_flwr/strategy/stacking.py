@@ -31,18 +31,16 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedllm_flwr.keys import MERGED_KEY
 from fedllm_flwr.lora_stacks import HeldStacks, Parts, flat_of, module_of, parts_of, stack_part
-from fedllm_flwr.strategy.adapter_fedavg import weighted_mean
 from fedllm_flwr.strategy.aggregators import to_arrays
 from fedllm_flwr.strategy.catch_up import CatchUp, with_count
 from fedllm_flwr.strategy.lora_products import multiplying_pairs
 from fedllm_flwr.strategy.ranked import RankedLoRA
-from fedllm_flwr.strategy.replies import ValidReply
+from fedllm_flwr.strategy.replies import ValidReply, weighted_mean
 
 
 class Stacking(RankedLoRA):
     """FLoRA's aggregation: stack the clients' factors; nodes merge and start afresh."""
 
-    names = ("stacking",)
     merges_stacks = True
 
     def __init__(self, **kwargs) -> None:

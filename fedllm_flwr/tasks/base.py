@@ -1,11 +1,11 @@
 """What a task (`cfg.task`) is to the rest of the code: the `Task` interface, and
 `PairTask`, what the two preference tasks share. No Flower here.
 
-The client loop, the node and the server ask the configured task (`fedllm_flwr.tasks.task_of`)
-for its collate, loss, micro-batch weight, evaluations and primary metric, and never test
-its name. Which records a task reads (instruction records or preference pairs) is declared
-beside the task names in the config (`config.training.TASK_RECORDS`): the data layer, which
-sits below this package, reads it there.
+The client loop, the node and the server ask the configured task
+(`fedllm_flwr.tasks.registry.task_of`) for its collate, loss, micro-batch weight,
+evaluations and primary metric, and never test its name. Which records a task reads
+(instruction records or preference pairs) is declared with its name in `compat`
+(`TASK_RECORDS`), which the config and the data layer read without loading this code.
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 class Task:
     """One task: how a batch is made and scored, and how the adapter is evaluated.
 
-    Subclasses set `name` (the conf/task/<name>.yaml preset) and `peft_task_type`
-    (peft's task type, which `build_model` builds: a causal LM or a sequence scorer),
-    and implement the methods below.
+    Subclasses set `peft_task_type` (peft's task type, which `build_model` builds: a
+    causal LM or a sequence scorer) and implement the methods below; their name is the
+    one `compat.TASKS` gives them.
     """
 
-    name: str = ""
     peft_task_type: str = "CAUSAL_LM"
 
     def collate(self, rows: list, pad_id: int) -> Batch:

@@ -146,7 +146,6 @@ class DpoTask(PairTask):
     training and after the last round by how often greedy answers to the test prompts
     are closer to the chosen response (`closer_to_chosen`)."""
 
-    name = "dpo"
     peft_task_type = "CAUSAL_LM"
 
     def loss_fn(self, cfg: Config) -> LossFn:

@@ -33,7 +33,6 @@ def holdout_scores(cfg: Config, bundle: ModelBundle, data: ClientData) -> dict[s
 
 
 class LmTask(Task):
-    name = "lm"
     peft_task_type = "CAUSAL_LM"
 
     def collate(self, rows: list, pad_id: int) -> Batch:

@@ -95,7 +95,6 @@ class RewardTask(PairTask):
     """A scalar head on the base model (peft's SEQ_CLS: the head trains and travels with
     the adapter), trained with `reward_loss` and scored by `evaluate_preferences`."""
 
-    name = "reward"
     peft_task_type = "SEQ_CLS"
 
     def loss_fn(self, cfg: Config) -> LossFn:

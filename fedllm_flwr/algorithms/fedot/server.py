@@ -12,7 +12,7 @@ from fedllm_flwr.algorithms.fedot.emulator_files import emulator_record
 from fedllm_flwr.config import Config
 from fedllm_flwr.model import count_parameters
 from fedllm_flwr.server.evaluation import View
-from fedllm_flwr.strategy import AdapterFedAvg
+from fedllm_flwr.strategy.adapter_fedavg import AdapterFedAvg
 
 INFO = logging.INFO
 

@@ -49,7 +49,7 @@ def pool_id(pool: np.ndarray) -> str:
 class SeedPool:
     """The run's seed pool and its fingerprint, built once (`SeedPool.of`) and passed to
     every step that draws from it: the zo plug-in holds one per run on the server and one
-    per message on a node (`fedllm_flwr.algorithms.zo.Zo.pool`)."""
+    per message on a node (`fedllm_flwr.algorithms.zo.algorithm.Zo.pool`)."""
 
     seeds: np.ndarray
     id: str

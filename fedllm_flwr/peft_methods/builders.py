@@ -1,7 +1,5 @@
-"""The PEFT methods: one builder per method, from our `AdapterConfig` to peft's config.
-
-Adding a method costs a builder here, a YAML in conf/peft/ and a row in
-tests/test_peft_methods.py. Whatever the method, the federated state is the set
+"""One builder per PEFT method, from our `AdapterConfig` to peft's config (the names and
+kinds are declared in `compat`). Whatever the method, the federated state is the set
 of trainable parameters (see `model.get_adapter_state`).
 """
 

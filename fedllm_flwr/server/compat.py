@@ -1,0 +1,25 @@
+"""What personalization (`personalize.*`) and resuming (`resume`) cannot serve, read by
+the config: both live on the server's side of a run (`personalize`, `resume`)."""
+
+from __future__ import annotations
+
+from fedllm_flwr.compat import FED_ONLY, FT_STEPS, PRIVATE, PRIVATE_TENSORS, Conflict, is_set, one_of
+from fedllm_flwr.peft_methods.compat import SINGLE_TENSOR_METHODS
+
+RESUME = is_set("resume")
+
+CONFLICTS = (
+    # --- personalization: it tunes or keeps part of the federated adapter ---------------
+    Conflict(PRIVATE_TENSORS, FED_ONLY,
+             "partial sharing keeps part of a federated adapter local; there is no federated adapter"),
+    Conflict(FT_STEPS, FED_ONLY, "FedAvg + FT tunes the federated adapter per client; there is no federated adapter"),
+    Conflict(PRIVATE_TENSORS, one_of("peft", *SINGLE_TENSOR_METHODS),
+             "the adapter is a single tensor: nothing would be shared"),
+    # --- resuming: what lives only on the clients cannot be restored ---------------------
+    Conflict(RESUME, PRIVATE, "the protocol's state lives on the clients; restart the run instead"),
+    Conflict(RESUME, PRIVATE_TENSORS,
+             "the private tensors live on the clients only, and a restarted run cannot reach them"),
+    Conflict(RESUME, is_set("compression.error_feedback"),
+             "the clients' error-feedback residuals live on the clients only (resume with "
+             "compression.error_feedback=false, or restart the run)", only_if=one_of("compression.up", "int8", "topk")),
+)  # fmt: skip
