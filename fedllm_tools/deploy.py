@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedllm_tools.processes import stop_group, wait_for_port
 from fedllm_tools.simulation import (
     _bin,
     _free_port,
@@ -29,8 +30,6 @@ from fedllm_tools.simulation import (
     flower_env,
     run_flwr,
     staged_copy,
-    stop_group,
-    wait_for_port,
 )
 
 CONNECTION = "fedllm-deploy"

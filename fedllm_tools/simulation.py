@@ -9,7 +9,6 @@ when they end. `LocalSimulation` provides that.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fedllm_tools.processes import kill_with_arguments, stop_group, stop_ray, wait_for_port
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -161,7 +162,7 @@ class LocalSimulation:
         # going, find them by what ties them to this SuperLink and stop them too.
         # A run whose server was interrupted leaves its flwr-simulation behind too.
         for words in (("--parent-pid", str(pgid)), ("--runtime-api-address", f"127.0.0.1:{self.port}")):
-            _kill_with_arguments(*words)
+            kill_with_arguments(*words)
         stop_ray(self.ray_tmp)
 
     def __enter__(self) -> LocalSimulation:
@@ -232,112 +233,6 @@ class LocalRay:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _kill_matching(pattern: str) -> None:
-    """SIGTERM, then SIGKILL, every process whose command line contains `pattern` (a path
-    unique to one run: Ray's processes carry it inside longer arguments)."""
-
-    def find() -> list[int]:
-        found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True, check=False)
-        return [int(p) for p in found.stdout.split()]
-
-    _kill_found(find)
-
-
-def _kill_with_arguments(*words: str) -> None:
-    """SIGTERM, then SIGKILL, every process whose arguments hold `words` in a row, each
-    whole: `--parent-pid 123` never matches `--parent-pid 1234`, another run's process
-    (pids wrap around at pid_max, so short ones are common)."""
-
-    def holds(argv: list[str]) -> bool:
-        return any(argv[i : i + len(words)] == list(words) for i in range(len(argv) - len(words) + 1))
-
-    def find() -> list[int]:
-        if not Path("/proc").is_dir():  # not Linux: pgrep on the joined line, bounded by spaces
-            pattern = f"(^| ){' '.join(words)}( |$)"
-            found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True, check=False)
-            return [int(p) for p in found.stdout.split()]
-        pids = []
-        for proc in Path("/proc").iterdir():
-            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
-                if proc.name.isdigit() and holds((proc / "cmdline").read_bytes().decode(errors="replace").split("\0")):
-                    pids.append(int(proc.name))
-        return pids
-
-    _kill_found(find)
-
-
-def stop_ray(temp_dir: Path) -> None:
-    """Stop every process of the Ray instance whose temp dir is `temp_dir`, then remove it.
-
-    By command line (raylet, GCS) and by the files they hold open there: Ray's agents
-    rename themselves `ray::DashboardAgent` and outlive a killed raylet for minutes."""
-    _kill_matching(str(temp_dir))
-    _kill_found(lambda: _pids_using(temp_dir))
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _pids_using(folder: Path) -> list[int]:
-    """Processes with a file open under `folder`. Ray's processes keep their logs in
-    its temp dir, also those whose command line reads only `ray::DashboardAgent`."""
-    prefix = str(folder) + os.sep
-    pids = []
-    if not Path("/proc").is_dir():  # not Linux: the command-line patterns have to do
-        return pids
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
-            if any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
-                pids.append(int(proc.name))
-    return pids
-
-
-def _kill_found(find, grace: float = 2.0) -> None:
-    """SIGTERM, then SIGKILL, every process `find()` lists (never this one), giving
-    each signal up to `grace` seconds; returns as soon as none is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = [pid for pid in find() if pid != os.getpid()]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.1)
-            pids = [pid for pid in find() if pid != os.getpid()]
-        if not pids:
-            return
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60) -> None:
-    """Return once 127.0.0.1:`port` accepts connections; RuntimeError if `process`
-    exits first or nothing listens within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{Path(process.args[0]).name} exited with {process.returncode}; see {log_path}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s; see {log_path}")
-
-
-def stop_group(process: subprocess.Popen, sig: int) -> None:
-    """Signal the group a process leads (its own session), wait, then SIGKILL what is left."""
-    for signal_, wait in ((sig, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, signal_)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        break
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # children may outlive the leader briefly
 
 
 def run_flwr(args, env: dict[str, str], log_path: Path, timeout: float) -> subprocess.CompletedProcess:

@@ -159,3 +159,9 @@ def test_each_plug_in_declaration_imports_only_other_declarations():
     }
     assert not loaded, f"packages above a declaration that import our modules: {loaded}"
 
+
+def test_every_module_reads_in_one_sitting():
+    """~400 lines at most (the style guide's measure): a longer module holds two things."""
+    long = {str(p.relative_to(ROOT)): n for p in [*PACKAGE.rglob("*.py"), *TOOLS.rglob("*.py"), *APPS]
+            if (n := len(p.read_text().splitlines())) > 400}  # fmt: skip
+    assert not long, long

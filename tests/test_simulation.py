@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from fedllm_tools.simulation import LocalRay, _pids_using, stage_app
+from fedllm_tools.processes import pids_using
+from fedllm_tools.simulation import LocalRay, stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,8 +68,8 @@ def test_staging_skips_what_flower_leaves_out_and_nothing_it_packs(tmp_path):
 def test_a_ray_head_on_loopback_stops_every_process_by_its_files_and_leaves_no_folder():
     with LocalRay(num_cpus=1) as ray:
         head = ray.temp_dir
-        assert ray.address.startswith("127.0.0.1:") and _pids_using(head)  # raylet, GCS, agents
-    assert not head.exists() and not _pids_using(head)
+        assert ray.address.startswith("127.0.0.1:") and pids_using(head)  # raylet, GCS, agents
+    assert not head.exists() and not pids_using(head)
 
 
 def _wait_until_its_arguments_show(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -86,14 +87,14 @@ def _wait_until_its_arguments_show(proc: subprocess.Popen, timeout: float = 30) 
 def test_stopping_a_superlink_never_kills_a_process_whose_pid_argument_only_begins_like_its_own():
     """Pids wrap around at pid_max: a SuperLink with pid 123 stopping must leave another
     run's `flwr-simulation --parent-pid 1234` alone, and still stop its own."""
-    from fedllm_tools.simulation import _kill_with_arguments
+    from fedllm_tools.processes import kill_with_arguments
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "--parent-pid"]
     other, own = (subprocess.Popen([*sleeper, pid]) for pid in ("999123", "99912"))
     try:
         for proc in (other, own):  # Popen returns before exec has set a process's arguments
             _wait_until_its_arguments_show(proc)
-        _kill_with_arguments("--parent-pid", "99912")
+        kill_with_arguments("--parent-pid", "99912")
         assert own.wait(timeout=10) is not None
         assert other.poll() is None, "a process of another run was stopped"
     finally:

@@ -1,6 +1,6 @@
 """FedOT (offsite tuning) against federated LoRA on the default task.
 
-    python benchmarks/offsite.py --out ~/fedllm-flwr/fedot [--supernodes 2] [-- OVERRIDES]
+    python benchmarks/fedot.py --out ~/fedllm-flwr/fedot [--supernodes 2] [-- OVERRIDES]
 
 Runs, each `flwr run` of this app on a private SuperLink stopped by PID:
 - fedot-drop0.2, fedot-drop0.5: FedOT, LoRA on the first and last 2 layers, the
