@@ -1,9 +1,10 @@
-"""Flower ClientApp: hands each message to the node's function for its type
-(`fedllm_flwr.node`) with the node's state, and replies.
+"""Flower ClientApp: hands each message to the node (`fedllm_flwr.node.handle`)
+and replies. Flower's mods (SecAgg+) run here.
 
-Light at import, as is `fedllm_flwr.node`: Flower's simulation imports this
-module in its own process before it starts any worker, and the ML stack
-(~10 s on 2 CPU cores) would hold back every worker's start by as much.
+Light at import, as is `fedllm_flwr.node`: Flower's
+simulation imports this module in its own process before it starts any worker,
+and a deployed SuperNode starts a fresh process for every message; the ML stack
+(~10 s on 2 CPU cores) would hold back each of them by as much.
 """
 
 from flwr.app import Context, Message
@@ -15,27 +16,20 @@ from fedllm_flwr.privacy.secagg_client import secure_aggregation_mod
 app = ClientApp(mods=[secure_aggregation_mod])
 
 
-def _node_state(context: Context) -> node.NodeState:
-    """What this node kept from its earlier messages, and which node of which run it is."""
-    return node.NodeState.load(context.state, identity=f"run{context.run_id}-node{context.node_id}")
+def _handle(kind: str, msg: Message, context: Context) -> Message:
+    return Message(content=node.handle(kind, msg, context), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    state = _node_state(context)
-    reply = node.train(msg.content, context.run_config, context.node_config, state)
-    state.save(context.state)
-    return Message(content=reply, reply_to=msg)
+    return _handle("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    state = _node_state(context)
-    reply = node.evaluate(msg.content, context.run_config, context.node_config, state)
-    state.save(context.state)  # what the message brought to keep (stacking's stacks, zeroth-order steps)
-    return Message(content=reply, reply_to=msg)
+    return _handle("evaluate", msg, context)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    return Message(content=node.query(msg.content, context.run_config, context.node_config), reply_to=msg)
+    return _handle("query", msg, context)

@@ -2,9 +2,10 @@
 
 One function per message type (`train`, `evaluate`, `query`) takes the message's
 content, the run's and the node's config and the node's `NodeState`, and returns
-the reply's content. The ClientApp (`client_app.py`) only wires Flower's
-messages and `context.state` to these, so a test drives a node with records and
-dicts, no Flower app or simulation.
+the reply's content, so a test drives a node with records and dicts, no Flower app
+or simulation. `handle` wires a Flower message and its context to them: it is what
+the ClientApp runs, in its own process or in a warm site worker
+(`fedllm_flwr.site_worker`), which receives the message and context as protobufs.
 
 Light at import: Flower imports the ClientApp before it starts any worker, and a
 deployed SuperNode starts a fresh process for every message. The ML stack is
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -36,6 +37,9 @@ from fedllm_flwr.keys import (
     STEPS_KEY,
     WARM_UP_KEY,
 )
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
 
 Config = Mapping[str, Any]  # Flower's run and node configs: flat str -> scalar maps
 
@@ -99,16 +103,39 @@ class NodeState:
         return arrays_to_state(self.private) if self.private is not None else None
 
 
-def train(content: RecordDict, run_config: Config, node_config: Config, node: NodeState) -> RecordDict:
+def handle(kind: str, msg: Message, context: Context, started: float | None = None) -> RecordDict:
+    """The reply's content for a message of `kind` ("train", "evaluate" or "query"),
+    with this node's `NodeState` loaded from and saved back into `context.state`
+    (only once the message succeeded). `started`: seconds this message's process took
+    to start up before the handler (`process-start-seconds`); by default this
+    process's age, which a warm site worker replaces with its proxy's."""
+    if kind == "query":
+        return query(msg.content, context.run_config, context.node_config)
+    state = NodeState.load(context.state, identity=f"run{context.run_id}-node{context.node_id}")
+    if kind == "train":
+        reply = train(msg.content, context.run_config, context.node_config, state, started)
+    elif kind == "evaluate":
+        reply = evaluate(msg.content, context.run_config, context.node_config, state)
+    else:
+        raise ValueError(f"no node function for message kind {kind!r}")
+    state.save(context.state)  # what the message brought to keep (stacking's stacks, zeroth-order steps)
+    return reply
+
+
+def train(
+    content: RecordDict, run_config: Config, node_config: Config, node: NodeState, started: float | None = None
+) -> RecordDict:
     """Train the adapter the message carries on this node's data; reply with the
-    update (or, after the last round, FedAvg + FT's personalized adapter)."""
+    update (or, after the last round, FedAvg + FT's personalized adapter).
+    `started`: this message's process start-up in seconds (default: this process's age)."""
     from fedllm_flwr.client import local_train, personalize, save_personalized, split_private
     from fedllm_flwr.compression import codecs
     from fedllm_flwr.data.sites import partition_of
     from fedllm_flwr.metrics import process_age_seconds
     from fedllm_flwr.transport import pack, state_to_arrays, unpack_state, update_between
 
-    started = process_age_seconds()
+    if started is None:
+        started = process_age_seconds()
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
     config = content["config"]
