@@ -1,7 +1,9 @@
 """Flower ClientApp: hands each message to the node (`fedllm_flwr.node.handle`)
-and replies. Flower's mods (SecAgg+) run here.
+and replies. Flower's mods (SecAgg+) run here; the node's work runs in a warm
+site worker when one serves this SuperNode (`fedllm_flwr.site_worker`), else in
+this process.
 
-Light at import, as is `fedllm_flwr.node`: Flower's
+Light at import, as are `fedllm_flwr.node` and the site worker's proxy: Flower's
 simulation imports this module in its own process before it starts any worker,
 and a deployed SuperNode starts a fresh process for every message; the ML stack
 (~10 s on 2 CPU cores) would hold back each of them by as much.
@@ -12,12 +14,16 @@ from flwr.clientapp import ClientApp
 
 from fedllm_flwr import node
 from fedllm_flwr.privacy.secagg_client import secure_aggregation_mod
+from fedllm_flwr.site_worker import proxy
 
 app = ClientApp(mods=[secure_aggregation_mod])
 
 
 def _handle(kind: str, msg: Message, context: Context) -> Message:
-    return Message(content=node.handle(kind, msg, context), reply_to=msg)
+    reply = proxy.forward(kind, msg, context)  # None: no site worker (off, or it gave up)
+    if reply is None:
+        reply = node.handle(kind, msg, context)
+    return Message(content=reply, reply_to=msg)
 
 
 @app.train()

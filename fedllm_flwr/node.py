@@ -260,3 +260,63 @@ def _feedback(cfg, node: NodeState):
     if not cfg.compression.lossy_feedback:
         return None
     return ErrorFeedback(codecs(cfg.compression)[1], node.residual)
+
+
+# What a warm site worker (`fedllm_flwr.site_worker.server`) asks of the node's module
+# around `handle`: a worker keeps this process's caches from one message to the next.
+
+
+def fingerprint(msg: Message, context: Context) -> dict:
+    """What this node's caches hold for a message, that can change on disk or between
+    runs under the same code and environment: "model" (the base model's folder, the
+    stat of its files, and what else keys the loaded base; zo.params=full changes the
+    base in place, so there it is the run's own) and "data" (the stat of the site's
+    data file)."""
+    import os
+    from pathlib import Path
+
+    from fedllm_flwr.config import load_cfg
+    from fedllm_flwr.data.sites import site_config
+    from fedllm_flwr.model_files import resolve_model
+
+    cfg = site_config(load_cfg(context.run_config), context.node_config)
+    path = resolve_model(cfg.model)
+    folder = Path(path)
+    files = sorted([folder / "config.json", *folder.glob("*.safetensors")]) if folder.is_dir() else []
+    model = [path, [[f.name, f.stat().st_mtime_ns, f.stat().st_size] for f in files if f.is_file()],
+             cfg.model.quantization, cfg.train.precision, cfg.seed, cfg.task.name,
+             context.run_id if cfg.zo.params == "full" else None]  # fmt: skip
+    data_path = str(context.node_config.get("data-path", ""))
+    data = None
+    if data_path and os.path.exists(data_path):
+        info = os.stat(data_path)
+        data = [os.path.realpath(data_path), info.st_mtime_ns, info.st_size]
+    return {"model": model, "data": data}
+
+
+def forget_data() -> None:
+    """Drop every cache of what was read from the site's data (its file changed)."""
+    from fedllm_flwr import client, data
+
+    client._DATA.clear()
+    data._RECORDS.clear()
+    data._TRAIN_SETS.clear()
+
+
+_THREADS: list[int] = []
+
+
+def reset_process() -> None:
+    """Undo what an earlier message changed in this process: torch's thread count
+    (`train.threads` is set, never restored) and the peak memory the kernel reports
+    (`peak-memory-mb` is then this message's, on Linux)."""
+    import torch
+
+    if not _THREADS:
+        _THREADS.append(torch.get_num_threads())  # before any message set it
+    torch.set_num_threads(_THREADS[0])
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak resident set size (Linux >= 4.0)
+    except OSError:
+        pass
