@@ -61,6 +61,10 @@ class AuthError(Exception):
     """The other side did not prove it holds the worker's secret (or said nothing in time)."""
 
 
+class HandshakeClosed(AuthError):
+    """The other side closed the connection during the handshake (refused it, or died)."""
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix socket, from the kernel."""
     size = struct.calcsize("3i")
@@ -71,6 +75,13 @@ def _mac(secret: bytes, role: bytes, first: bytes, second: bytes, name: str) -> 
     return hmac.new(secret, role + first + second + name.encode(), hashlib.sha256).digest()
 
 
+def _send_small(conn: Connection, frame: bytes) -> None:
+    try:
+        conn.send_bytes(frame)
+    except OSError as exc:  # the other side closed first (a refused peer)
+        raise HandshakeClosed(f"closed during the handshake ({type(exc).__name__})") from None
+
+
 def _recv_small(conn: Connection, timeout: float) -> bytes:
     """One handshake frame (at most 256 bytes), or AuthError after `timeout` seconds."""
     if not conn.poll(timeout):
@@ -78,17 +89,17 @@ def _recv_small(conn: Connection, timeout: float) -> bytes:
     try:
         return conn.recv_bytes(256)
     except (EOFError, OSError) as exc:
-        raise AuthError(f"closed during the handshake ({type(exc).__name__})") from None
+        raise HandshakeClosed(f"closed during the handshake ({type(exc).__name__})") from None
 
 
 def handshake_client(conn: Connection, secret: bytes, name: str, timeout: float = HANDSHAKE_SECONDS) -> None:
     mine = secrets.token_bytes(NONCE_BYTES)
-    conn.send_bytes(MAGIC + mine)
+    _send_small(conn, MAGIC + mine)
     answer = _recv_small(conn, timeout)
     theirs, proof = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
     if len(theirs) != NONCE_BYTES or not hmac.compare_digest(proof, _mac(secret, b"w", mine, theirs, name)):
         raise AuthError("the worker did not prove it holds the secret")
-    conn.send_bytes(_mac(secret, b"p", theirs, mine, name))
+    _send_small(conn, _mac(secret, b"p", theirs, mine, name))
     if _recv_small(conn, timeout) != OK:
         raise AuthError("the worker refused the proof")
 
@@ -98,10 +109,10 @@ def handshake_server(conn: Connection, secret: bytes, name: str, timeout: float 
     if len(hello) != len(MAGIC) + NONCE_BYTES or not hello.startswith(MAGIC):
         raise AuthError("not a site-worker hello")
     theirs, mine = hello[len(MAGIC) :], secrets.token_bytes(NONCE_BYTES)
-    conn.send_bytes(mine + _mac(secret, b"w", theirs, mine, name))
+    _send_small(conn, mine + _mac(secret, b"w", theirs, mine, name))
     if not hmac.compare_digest(_recv_small(conn, timeout), _mac(secret, b"p", mine, theirs, name)):
         raise AuthError("wrong proof of the secret")
-    conn.send_bytes(OK)
+    _send_small(conn, OK)
 
 
 def connect(files: WorkerFiles, timeout: float = HANDSHAKE_SECONDS) -> Connection:

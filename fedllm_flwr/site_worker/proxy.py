@@ -48,6 +48,7 @@ from fedllm_flwr.site_worker.paths import (
 )
 from fedllm_flwr.site_worker.protocol import (
     AuthError,
+    HandshakeClosed,
     connect,
     decode_records,
     encode_context,
@@ -168,6 +169,8 @@ def _connect_or_spawn(files: WorkerFiles, key: WorkerKey, owner: tuple[int, floa
     while True:
         try:
             return connect(files)
+        except HandshakeClosed:
+            pass  # a worker still exiting (killed, stale) closes what its socket accepted
         except AuthError as exc:
             raise WorkerGone(f"handshake failed: {exc}") from None
         except OSError:

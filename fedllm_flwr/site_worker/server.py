@@ -215,12 +215,12 @@ class Worker:
             return
         seconds = time.perf_counter() - t0
         reply_bytes, state_bytes = encode_records(reply), encode_records(context.state)
-        send_json(conn, {"status": "ok", "handler_seconds": seconds, "cold": self.served == 0,
+        self.served += 1  # counted before the reply leaves: whoever reads the status after it sees it
+        self.write_status()
+        send_json(conn, {"status": "ok", "handler_seconds": seconds, "cold": self.served == 1,
                          "worker_pid": os.getpid()})  # fmt: skip
         conn.send_bytes(reply_bytes)
         conn.send_bytes(state_bytes)
-        self.served += 1
-        self.write_status()
         log.info("site worker %s: served %s for pid %d in %.2f s", self.files.name, header["kind"], pid, seconds)
 
     def check_fresh(self, conn: Connection, msg, context) -> None:  # noqa: ANN001 - Flower's Message, Context
