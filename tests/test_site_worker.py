@@ -179,8 +179,15 @@ def test_connections_without_the_secret_or_from_another_user_are_refused(workers
         with raw() as conn, pytest.raises(protocol.AuthError, match="did not prove"):
             protocol.handshake_client(conn, b"w" * 32, files.name)  # a client with the wrong secret
         wait_for(lambda: "refused unauthenticated" in caplog.text, 10, "the worker to refuse the wrong secret")
+        with raw() as conn:  # a client that answers the worker's proof with a made-up one
+            conn.send_bytes(protocol.MAGIC + b"n" * protocol.NONCE_BYTES)
+            conn.recv_bytes(256)
+            conn.send_bytes(b"p" * 32)
+            with pytest.raises(EOFError):
+                conn.recv_bytes(256)  # no OK: the worker closed the connection
+        assert "wrong proof of the secret" in caplog.text
         with raw():  # says nothing: refused after the handshake timeout, the worker goes on
-            wait_for(lambda: files.status()["refused"] == 2, 10, "the worker to refuse the silent client")
+            wait_for(lambda: files.status()["refused"] == 3, 10, "the worker to refuse the silent client")
             assert "no answer within 0.3 s" in caplog.text
         real = protocol.peer_credentials
         monkeypatch.setattr(server, "peer_credentials", lambda s: (real(s)[0], os.getuid() + 1, 0))
@@ -190,7 +197,7 @@ def test_connections_without_the_secret_or_from_another_user_are_refused(workers
         monkeypatch.setattr(server, "peer_credentials", real)
         ctx = context()
         assert proxy.forward("train", message(), ctx, handler=STUB) is not None  # its own user is served
-        assert ctx.state["stub"]["n"] == 1 and files.status()["refused"] == 3 and files.status()["served"] == 1
+        assert ctx.state["stub"]["n"] == 1 and files.status()["refused"] == 4 and files.status()["served"] == 1
 
 
 def test_only_this_user_may_enter_the_directory_or_use_its_files(workers, task_identity, caplog, monkeypatch):
@@ -229,7 +236,7 @@ print(proxy.forward("train", msg, ctx, handler={STUB!r})["info"]["pid"])
     extra.extend(pids)
     assert pids[0] == pids[1]
     (log,) = directory.glob("*.log")
-    assert log.read_text().count("listening on") == 1
+    assert log.read_text().count("listening on") == 1 and "another worker holds the key" not in log.read_text()
     assert WorkerFiles(directory, log.stem).status()["served"] == 2
 
 
@@ -368,3 +375,36 @@ def test_the_node_fingerprint_sees_a_changed_model_file_or_data_file(tiny_model_
     assert touched["model"] != before["model"] and touched["data"] == before["data"]
     data.write_text(data.read_text() * 2)
     assert node.fingerprint(message(), ctx)["data"] != before["data"]
+
+
+def test_auto_is_on_only_in_a_deployed_client_app(monkeypatch, caplog):
+    deployed = ["/venv/bin/flwr-clientapp", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "1"]
+    assert proxy.in_deployed_clientapp(deployed) and not proxy.in_deployed_clientapp(deployed[:1])
+    assert not proxy.in_deployed_clientapp(["/venv/bin/flwr-simulation", *deployed[1:]])
+    assert paths.site_address(deployed) == "127.0.0.1:9094" and paths.site_address(["pytest"]) == "local"
+    monkeypatch.delenv("FEDLLM_SITE_WORKER", raising=False)
+    assert proxy.mode() == "off"  # tests and simulation keep their processes: nothing to gain
+    monkeypatch.setattr(sys, "argv", deployed)
+    assert proxy.mode() == "on"
+    monkeypatch.setenv("FEDLLM_SITE_WORKER", "off")
+    assert proxy.mode() == "off"
+    monkeypatch.setenv("FEDLLM_SITE_WORKER", "sometimes")
+    assert proxy.mode() == "off" and "FEDLLM_SITE_WORKER=sometimes: use one of auto, on, off" in caplog.text
+
+
+def test_the_owner_is_the_supernode_behind_the_superexec():
+    """flwr-clientapp's --parent-pid is its SuperExec, whose own --parent-pid is the SuperNode
+    (here: this test process); without one (process isolation), the SuperExec itself."""
+    sleep = [sys.executable, "-c", "import time; time.sleep(30)"]
+    superexec = subprocess.Popen([*sleep, "--parent-pid", str(os.getpid())])
+    alone = subprocess.Popen(sleep)
+    try:
+        wait_for(lambda: "--parent-pid" in psutil.Process(superexec.pid).cmdline(), 10, "the argv to show")
+        clientapp = ["flwr-clientapp", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid"]
+        assert paths.site_owner([*clientapp, str(superexec.pid)]) == paths.process_identity(os.getpid())
+        assert paths.site_owner([*clientapp, str(alone.pid)]) == paths.process_identity(alone.pid)
+        assert paths.site_owner(["pytest"]) is None
+    finally:
+        for proc in (superexec, alone):
+            proc.kill()
+            proc.wait()
