@@ -5,8 +5,11 @@ A simulation worker imports the ClientApp (torch, transformers, peft: ~10 s on
 first message leaves only once the server has imported the same stack, loaded
 its own model and checked the data. Sent first, a warm-up QUERY lets the
 workers do their start-up at the same time as the server's. Only in
-simulation: a deployed SuperNode starts a fresh ClientApp process for every
-message, so warming one up would only cost the site its start-up twice.
+simulation. A deployed SuperNode starts a fresh ClientApp process for every
+message, but the node's work runs in its site worker (`fedllm_flwr.site_worker`),
+which the first message starts (or finds from an earlier run) and later ones
+reuse; a warm-up could now overlap that start-up with the server's there too,
+but that is not measured yet, so none is sent to deployed nodes.
 
 The server waits for the warm-ups' replies before its first round: Flower's
 simulation may run two messages for the same node at once, each on its own
