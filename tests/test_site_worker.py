@@ -198,6 +198,12 @@ def test_connections_without_the_secret_or_from_another_user_are_refused(workers
         ctx = context()
         assert proxy.forward("train", message(), ctx, handler=STUB) is not None  # its own user is served
         assert ctx.state["stub"]["n"] == 1 and files.status()["refused"] == 4 and files.status()["served"] == 1
+        with protocol.connect(files) as conn:  # authenticated, but not a request: the worker goes on
+            conn.send_bytes(b"not json")
+            with pytest.raises(EOFError):
+                conn.recv_bytes()
+        assert "bad request from pid" in caplog.text
+        assert proxy.forward("train", message(), ctx, handler=STUB) is not None and ctx.state["stub"]["n"] == 2
 
 
 def test_only_this_user_may_enter_the_directory_or_use_its_files(workers, task_identity, caplog, monkeypatch):
@@ -335,7 +341,7 @@ def test_the_key_covers_the_code_a_fab_ships_and_a_worker_refuses_another_key(wo
     assert "this worker's key is" in next(workers[0].glob("*.log")).read_text()
 
 
-def test_another_model_makes_the_worker_stale_and_changed_data_is_forgotten(workers, task_identity):
+def test_another_model_makes_the_worker_stale_and_changed_data_is_forgotten(workers, task_identity, capsys):
     directory, _ = workers
     first = proxy.forward("train", message(), context(model="a", data="1"), handler=STUB)["info"]["pid"]
     again = proxy.forward("train", message(), context(model="a", data="2"), handler=STUB)["info"]["pid"]
@@ -345,6 +351,9 @@ def test_another_model_makes_the_worker_stale_and_changed_data_is_forgotten(work
     assert "forgetting what was read" in log and "stale: another model" in log
     from fedllm_flwr.site_worker.__main__ import main
 
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 1 and listed[0].startswith(f"{next(directory.glob('*.json')).stem} pid={fresh} alive=1")
     assert main(["stop"]) == 0  # the command stops the directory's workers (SIGTERM)
     wait_for(lambda: gone(fresh), 10, "the stopped worker to exit")
     assert "exiting (signal SIGTERM" in next(directory.glob("*.log")).read_text()

@@ -17,9 +17,8 @@ for each step, so a silent peer cannot hold the single-threaded worker. The secr
 lives in a 0600 file in the 0700 worker directory: a process that may read it runs
 as the SuperNode's user, and could run the node's code itself anyway.
 
-After the handshake, one request per connection: a JSON header, then the frames
-its `op` needs (`handle`: the Message and Context protos; `ping`, `stop`: none); the
-reply: a JSON header, then (status "ok" of `handle`) the reply's and the new node
+After the handshake, one request per connection: a JSON header (`op` "handle"), then
+the Message and Context protos; the reply: a JSON header, then (status "ok" of `handle`) the reply's and the new node
 state's RecordDict protos. Messages travel as Flower's own protobufs
 (`flwr.common.serde`), exactly as Flower moves them between its processes.
 """

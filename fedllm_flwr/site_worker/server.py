@@ -173,6 +173,9 @@ class Worker:
                 self.serve_one(conn, pid)
             except (EOFError, OSError) as exc:  # the proxy went away: nothing was committed on its side
                 log.warning("site worker %s: connection from pid %d lost (%s)", self.files.name, pid, exc)
+            except Exception as exc:  # noqa: BLE001 - a malformed request ends its connection, not the worker
+                log.warning("site worker %s: bad request from pid %d (%s: %s)", self.files.name, pid,
+                            type(exc).__name__, exc)  # fmt: skip
 
     def refuse(self, line: str) -> None:
         self.refused += 1
@@ -183,17 +186,8 @@ class Worker:
         if not conn.poll(self.handshake_timeout):
             raise EOFError("no request after the handshake")
         header = recv_json(conn)
-        op = header.get("op")
-        if op == "ping":
-            send_json(conn, {"status": "ok", **(self.files.status() or {})})
-            return
-        if op == "stop":
-            self.close()
-            send_json(conn, {"status": "ok", "worker_pid": os.getpid()})
-            raise _Stop(f"stopped by pid {pid}")
-        if op != "handle":
-            send_json(conn, {"status": "error", "error_type": "ValueError", "error": f"unknown op {op!r}"})
-            return
+        if header.get("op") != "handle":
+            raise ValueError(f"unknown op {header.get('op')!r}")
         msg, context = decode_message(conn.recv_bytes()), decode_context(conn.recv_bytes())
         owner = header.get("owner")
         if owner is not None and self.owner is not None and tuple(owner) != tuple(self.owner):
