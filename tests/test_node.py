@@ -90,3 +90,29 @@ print(json.dumps({{"info": dict(reply["info"].items()), "loaded": loaded}}))
     from fedllm_flwr.data.synthetic import TASKS
 
     assert result["info"]["category"] in TASKS
+
+
+def test_handle_runs_a_message_with_the_state_in_its_context(tiny_cfg, tiny_model_dir, task_identity):
+    """`node.handle` is what the ClientApp runs (in its process or a site worker): it loads and
+    saves the node's state in `context.state`, and `started` is the reply's process-start-seconds."""
+    import pytest
+    from flwr.app import Context, Message, MessageType
+
+    clear_model_cache()
+    cfg = tiny_cfg("compression=topk")
+    adapter = get_adapter_state(build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).model)
+    overrides = f"model.name={tiny_model_dir} dataset.synthetic.train_per_task=20 train.local_steps=1 compression=topk"
+    context = Context(run_id=1, node_id=2, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                      run_config={"overrides": overrides})  # fmt: skip
+    content = pack(adapter)
+    content["config"] = ConfigRecord({"server-round": 1})
+    reply = node.handle("train", Message(content, dst_node_id=2, message_type=MessageType.TRAIN), context, started=12.5)
+    assert reply["metrics"]["process-start-seconds"] == 12.5 and FEEDBACK_KEY in context.state
+    default = node.handle("train", Message(content, dst_node_id=2, message_type=MessageType.TRAIN), context)
+    assert default["metrics"]["process-start-seconds"] > 0  # this process's age
+    described = node.handle("query", Message(RecordDict(), dst_node_id=2, message_type=MessageType.QUERY), context)
+    assert described["info"]["partition-id"] == 0
+    kept = set(context.state)
+    with pytest.raises(ValueError, match="no node function for message kind 'other'"):
+        node.handle("other", Message(RecordDict(), dst_node_id=2, message_type=MessageType.QUERY), context)
+    assert set(context.state) == kept

@@ -417,3 +417,24 @@ def test_the_owner_is_the_supernode_behind_the_superexec():
         for proc in (superexec, alone):
             proc.kill()
             proc.wait()
+
+
+def test_the_node_resets_what_a_message_changed_in_a_warm_process():
+    import resource
+
+    import torch
+
+    from fedllm_flwr import client, data, node
+
+    node.reset_process()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # what train.threads leaves behind
+    grown = np.ones(40_000_000)  # 320 MB: the peak an earlier message left
+    del grown
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    node.reset_process()
+    assert torch.get_num_threads() == threads
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < peak - 200_000  # KiB: this message's peak from now
+    client._DATA[("k",)], data._RECORDS["k"], data._TRAIN_SETS["k"] = None, None, None
+    node.forget_data()
+    assert not client._DATA and not data._RECORDS and not data._TRAIN_SETS
