@@ -269,8 +269,9 @@ def _feedback(cfg, node: NodeState):
 def fingerprint(msg: Message, context: Context) -> dict:
     """What this node's caches hold for a message, that can change on disk or between
     runs under the same code and environment: "model" (the base model's folder, the
-    stat of its files, and what else keys the loaded base; zo.params=full changes the
-    base in place, so there it is the run's own) and "data" (the stat of the site's
+    stat of its files, and what else keys the loaded base; an algorithm whose model is
+    the whole model, zo.params=full, changes the base in place, so there it is the
+    run's own) and "data" (the stat of the site's
     data file)."""
     import os
     from pathlib import Path
@@ -285,7 +286,7 @@ def fingerprint(msg: Message, context: Context) -> dict:
     files = sorted([folder / "config.json", *folder.glob("*.safetensors")]) if folder.is_dir() else []
     model = [path, [[f.name, f.stat().st_mtime_ns, f.stat().st_size] for f in files if f.is_file()],
              cfg.model.quantization, cfg.train.precision, cfg.seed, cfg.task.name,
-             context.run_id if cfg.zo.params == "full" else None]  # fmt: skip
+             context.run_id if algorithm_for(cfg).model_saver is not None else None]  # fmt: skip
     data_path = str(context.node_config.get("data-path", ""))
     data = None
     if data_path and os.path.exists(data_path):
