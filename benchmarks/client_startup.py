@@ -1,10 +1,12 @@
 """What a round costs a deployed SuperNode before any training: ClientApp start-up.
 
-    python benchmarks/client_startup.py [--nodes 2] [--rounds 2] [-- OVERRIDES]
+    python benchmarks/client_startup.py [--nodes 2] [--rounds 2] [--site-worker auto|off] [-- OVERRIDES]
 
-On the deployment runtime every message starts a fresh ClientApp process, which
-imports the stack and loads the base model (from the converted cache; a GGUF is
-converted once per machine, not per process). This runs the default job on a
+On the deployment runtime every message starts a fresh ClientApp process. Without a
+site worker (`--site-worker off`) that process imports the stack and loads the base
+model (from the converted cache; a GGUF is converted once per machine, not per
+process); with one (the default), it forwards the message to the SuperNode's warm
+worker, which did so once. This runs the default job on a
 SuperLink and N SuperNodes on 127.0.0.1 (TLS and SuperNode authentication on,
 threads split between the co-located nodes), stops them by PID, and prints JSON:
 per round, the largest process start-up time (process creation to the train
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from fedllm_flwr.metrics import read_metrics
 from fedllm_tools.deploy import LocalDeployment, make_credentials
-from fedllm_tools.simulation import stop_on_sigterm
+from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,28 +35,39 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--site-worker", choices=("auto", "off"), default="auto", help="FEDLLM_SITE_WORKER")
+    parser.add_argument("--simulation", action="store_true", help="the same job in simulation, for comparison")
     parser.add_argument("extra", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
     threads = max(1, (os.cpu_count() or 1) // args.nodes)
     with tempfile.TemporaryDirectory(prefix="fedllm-startup-") as tmp:
         work = Path(tmp)
         out = work / "runs"
-        env = {"OMP_NUM_THREADS": str(threads)}
+        env = {"OMP_NUM_THREADS": str(threads), "FEDLLM_SITE_WORKER": args.site_worker,
+               "FEDLLM_SITE_WORKER_DIR": str(work / "workers")}  # fmt: skip
         overrides = [f"num_rounds={args.rounds}", f"strategy.min_available_nodes={args.nodes}",
                      f"train.threads={threads}", f"run.output_dir={out}", "run.name=s", *args.extra]  # fmt: skip
         t0 = time.perf_counter()
-        with LocalDeployment(work / "fed", make_credentials(work / "creds", args.nodes), env=env) as dep:
-            for i in range(args.nodes):
-                dep.register(i)
-                dep.start_node(i, {"partition-id": i, "num-partitions": args.nodes})
-            t_run = time.perf_counter()
-            result = dep.run(ROOT, " ".join(overrides), timeout=3600)
-            run_seconds = time.perf_counter() - t_run
+        if args.simulation:
+            with LocalSimulation(work / "sim", env=env, client_cpus=threads) as sim:
+                t_run = time.perf_counter()
+                result = sim.run(ROOT, " ".join(overrides), num_supernodes=args.nodes, timeout=3600)
+                run_seconds = time.perf_counter() - t_run
+        else:
+            with LocalDeployment(work / "fed", make_credentials(work / "creds", args.nodes), env=env) as dep:
+                for i in range(args.nodes):
+                    dep.register(i)
+                    dep.start_node(i, {"partition-id": i, "num-partitions": args.nodes})
+                t_run = time.perf_counter()
+                result = dep.run(ROOT, " ".join(overrides), timeout=3600)
+                run_seconds = time.perf_counter() - t_run
         if "[fedllm-flwr] done in" not in result.stdout:
             print(result.stdout[-3000:], file=sys.stderr)
             return 1
         rows = read_metrics(out / "s")
     report = {
+        "runtime": "simulation" if args.simulation else "deployment",
+        "site-worker": "n/a" if args.simulation else args.site_worker,
         "nodes": args.nodes,
         "rounds": args.rounds,
         "threads-per-node": threads,

@@ -29,6 +29,7 @@ import psutil
 import pytest
 import site_worker_stub
 from conftest import ROOT
+from conftest import TINY_OVERRIDES as TINY
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.serde import context_to_proto, message_to_proto
 
@@ -438,3 +439,50 @@ def test_the_node_resets_what_a_message_changed_in_a_warm_process():
     client._DATA[("k",)], data._RECORDS["k"], data._TRAIN_SETS["k"] = None, None, None
     node.forget_data()
     assert not client._DATA and not data._RECORDS and not data._TRAIN_SETS
+
+
+def _live_workers(directory: Path) -> list[dict]:
+    """The status of every worker in `directory` whose process still runs."""
+    found = [WorkerFiles(directory, f.stem).status() for f in directory.glob("*.json")]
+    return [s for s in found if s and paths.process_identity(s["pid"]) is not None]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("task_identity")
+def test_a_federation_through_a_site_worker_matches_one_in_process_even_when_the_worker_is_killed(
+    workers, monkeypatch, tiny_model_dir, tmp_path
+):
+    """The real node code in a worker: the same metrics and final adapter as in the
+    ClientApp's own process, also when the worker is SIGKILLed between rounds (the next
+    message starts a fresh one: the worker is a cache, `context.state` the truth)."""
+    from federation import run_federation
+    from safetensors.numpy import load_file
+
+    directory, _ = workers
+    job = [f"model.name={tiny_model_dir}", *TINY, "train.threads=1", "log.curves=false", "num_rounds=3",
+           f"run.output_dir={tmp_path}"]  # fmt: skip
+    monkeypatch.setenv("FEDLLM_SITE_WORKER", "off")
+    plain = run_federation(monkeypatch, [*job, "run.name=plain"], nodes=2)
+    assert not _live_workers(directory)
+
+    killed = []
+
+    def kill_the_worker(run, server_round):  # noqa: ANN001
+        if server_round == 1:
+            (status,) = _live_workers(directory)  # both nodes of this process share one
+            os.kill(status["pid"], signal.SIGKILL)
+            wait_for(lambda: gone(status["pid"]), 10, "the killed worker to exit")
+            killed.append(status["pid"])
+
+    monkeypatch.setenv("FEDLLM_SITE_WORKER", "on")
+    warm = run_federation(monkeypatch, [*job, "run.name=warm"], nodes=2, after_round=kill_the_worker)
+    (after,) = _live_workers(directory)
+    assert killed and after["pid"] != killed[0]
+    assert after["served"] >= 8  # rounds 2 and 3: a train and an evaluate message for each node
+
+    figures = ("train-loss", "eval-loss", "accuracy", "examples-seen", "clients-ok", "clients-failed")
+    rows = [[{k: r.get(k) for k in figures} for r in run.rows()] for run in (plain, warm)]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+    adapters = [load_file(run.path / "adapter" / "final" / "adapter_model.safetensors") for run in (plain, warm)]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(np.array_equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
