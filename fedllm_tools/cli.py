@@ -19,6 +19,9 @@
     fedllm-flwr credentials DIR --nodes N [--hosts HOST,...]
                                         a local CA, the SuperLink's TLS certificate and
                                         one key pair per SuperNode (existing files kept)
+    fedllm-flwr site-worker serve|list|stop [--dir DIR] ...
+                                        a deployed SuperNode's warm workers: started by
+                                        its first message, or by the site (serve)
     fedllm-flwr evaluate --benchmark {gsm8k,humaneval,rouge,exact_match,loss,preference}
         [--adapter DIR] [--data FILE] [--limit N] [--out FILE.json] [OVERRIDE ...]
                                         score an adapter (or the base model without
@@ -147,6 +150,10 @@ def _credentials(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["site-worker"]:  # the site's own command, shipped with the core
+        from fedllm_flwr.site_worker.__main__ import main as site_worker_main
+
+        return site_worker_main(argv[1:], prog="fedllm-flwr site-worker")
     if argv[:1] == ["sweep"]:  # Hydra parses the rest of the command line itself
         from fedllm_tools.sweep import sweep_main
 
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("runs", nargs="+", help="run folders")
     plot.add_argument("--out", default="", help="the PNG (default: RUN_DIR/curves.png, or ./curves.png for several)")
     plot.set_defaults(func=_plot)
+    sub.add_parser("site-worker", help="start, list or stop a SuperNode's warm site workers (serve|list|stop)")
     sub.add_parser("sweep", help="Hydra multirun of federated jobs (fedllm-flwr sweep --help for Hydra's options)")
     summ = sub.add_parser("sweep-summary", help="write summary.md/.csv and lr.png for a sweep folder")
     summ.add_argument("sweep_dir")

@@ -350,12 +350,12 @@ def test_another_model_makes_the_worker_stale_and_changed_data_is_forgotten(work
     assert first == again != fresh
     log = next(directory.glob("*.log")).read_text()
     assert "forgetting what was read" in log and "stale: another model" in log
-    from fedllm_flwr.site_worker.__main__ import main
+    from fedllm_tools.cli import main
 
-    assert main(["list"]) == 0
+    assert main(["site-worker", "list"]) == 0  # fedllm-flwr site-worker, as a site runs it
     listed = capsys.readouterr().out.splitlines()
     assert len(listed) == 1 and listed[0].startswith(f"{next(directory.glob('*.json')).stem} pid={fresh} alive=1")
-    assert main(["stop"]) == 0  # the command stops the directory's workers (SIGTERM)
+    assert main(["site-worker", "stop"]) == 0  # the command stops the directory's workers (SIGTERM)
     wait_for(lambda: gone(fresh), 10, "the stopped worker to exit")
     assert "exiting (signal SIGTERM" in next(directory.glob("*.log")).read_text()
     with served_in_thread(directory):  # in this process, where the stub records forget_data's calls

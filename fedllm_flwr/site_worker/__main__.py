@@ -1,4 +1,5 @@
-"""`python -m fedllm_flwr.site_worker serve|list|stop`: run, list and stop site workers.
+"""`fedllm-flwr site-worker serve|list|stop` (or `python -m fedllm_flwr.site_worker`, which
+a proxy uses: the tooling is not shipped to sites): run, list and stop site workers.
 
 A proxy starts its worker with `serve` (`command` builds that command line, so its
 arguments are defined once, here). A site that manages its own services may start one
@@ -45,8 +46,8 @@ def workers(directory: Path) -> list[WorkerFiles]:
     return [WorkerFiles(directory, p.stem) for p in sorted(directory.glob("*.json")) if not p.name.startswith(".")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", help="the worker directory (default: $FEDLLM_SITE_WORKER_DIR, ...)")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_args = sub.add_parser("serve", help="run a worker until idle, its owner gone, or stopped")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         directory = worker_dir()
     except UnsafeDir as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
         return _serve(args, directory)
