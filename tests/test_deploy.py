@@ -1,6 +1,9 @@
 """Deployment runtime on loopback: TLS, SuperNode authentication, per-site data."""
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY_OVERRIDES
@@ -35,18 +38,39 @@ def test_sites_need_a_server_test_file():
         load_cfg(["dataset.source=sites"])
 
 
-def node_env(tmp_path):
-    """The deployment's environment: its own model cache, and one torch thread per process.
-    Every message starts a ClientApp process, and the nodes' processes share the machine's
-    cores: with a thread per core each, they would spin-wait for one another."""
-    return {"FEDLLM_FLWR_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+def node_env(tmp_path, site_workers: Path, mode: str = "auto"):
+    """The deployment's environment: its own model cache, one torch thread per process (the
+    nodes share the machine's cores: with a thread per core each, they would spin-wait for
+    one another), and its own site-worker folder; `mode` is FEDLLM_SITE_WORKER (auto: each
+    SuperNode's messages run in its warm worker; off: in the ClientApp's fresh process)."""
+    return {"FEDLLM_FLWR_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+            "FEDLLM_SITE_WORKER": mode, "FEDLLM_SITE_WORKER_DIR": str(site_workers)}  # fmt: skip
 
 
-def test_authenticated_sites_federate_adapters_and_seed_lists_an_unknown_node_is_refused(tiny_model_dir, tmp_path):
+@pytest.fixture
+def site_workers():
+    """A short private folder for site workers (a socket's path is at most 107 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="sw"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def live_workers(folder: Path) -> list[dict]:
+    """The status of each site worker in `folder` whose process runs."""
+    from fedllm_flwr.site_worker.paths import WorkerFiles, process_identity
+
+    found = [WorkerFiles(folder, f.stem).status() for f in folder.glob("*.json")]
+    return [s for s in found if s and process_identity(s["pid"]) == (s["pid"], s["create_time"])]
+
+
+def test_authenticated_sites_federate_adapters_and_seed_lists_an_unknown_node_is_refused(
+    tiny_model_dir, tmp_path, site_workers
+):
     """Two registered sites, each training on its own file, federate an adapter under SecAgg+
     and then seed lists (zeroth-order); a third node whose key was never registered is
-    refused meanwhile. Plain FedAvg over TLS and node authentication is the killed-node
-    test's run."""
+    refused meanwhile. Each site's messages run in its warm site worker, which ends with
+    its SuperNode. Plain FedAvg over TLS and node authentication, with a fresh ClientApp
+    process doing each message's work, is the killed-node test's run."""
     sites = [
         write_site(tmp_path / "site_a.jsonl", "add", 30, 1),
         write_site(tmp_path / "site_b.jsonl", "reverse", 50, 2),
@@ -54,7 +78,7 @@ def test_authenticated_sites_federate_adapters_and_seed_lists_an_unknown_node_is
     server_test = write_site(tmp_path / "server_test.jsonl", "add", 8, 3)
     creds = make_credentials(tmp_path / "creds", 3)
     out = tmp_path / "runs"
-    with LocalDeployment(tmp_path / "fed", creds, env=node_env(tmp_path)) as dep:
+    with LocalDeployment(tmp_path / "fed", creds, env=node_env(tmp_path, site_workers)) as dep:
         dep.register(0)
         dep.register(1)
         for i, site in enumerate(sites):
@@ -80,6 +104,12 @@ def test_authenticated_sites_federate_adapters_and_seed_lists_an_unknown_node_is
         listing = dep.flwr("ls", "--format", "json", log_name="ls.log").stdout
         runs = json.loads(listing[listing.index("{") :])["runs"]
         assert [r["status"] for r in runs] == ["finished:completed"] * 2
+        # One warm worker per site served both runs (every message of the same code and model).
+        warm = live_workers(site_workers)
+        assert len(warm) == 2 and all(w["served"] >= 4 for w in warm), warm
+    from fedllm_flwr.site_worker.paths import process_identity
+
+    assert all(process_identity(w["pid"]) != (w["pid"], w["create_time"]) for w in warm)  # ended with their nodes
     secure = read_metrics(out / "s")
     assert [r["round"] for r in secure] == [0, 1]
     assert secure[1]["clients-ok"] == 2 and secure[1]["clients-failed"] == 0 and secure[1]["secagg-clients"] == 2
@@ -97,7 +127,9 @@ def test_authenticated_sites_federate_adapters_and_seed_lists_an_unknown_node_is
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
 
 
-def test_a_killed_supernode_fails_its_round_and_a_rejoining_one_takes_part_again(tiny_model_dir, tmp_path):
+def test_a_killed_supernode_fails_its_round_and_a_rejoining_one_takes_part_again(
+    tiny_model_dir, tmp_path, site_workers
+):
     import signal
     import threading
     import time
@@ -112,7 +144,7 @@ def test_a_killed_supernode_fails_its_round_and_a_rejoining_one_takes_part_again
          "strategy.min_train_nodes=2", "strategy.round_timeout=120", "strategy.fraction_evaluate=0",
          f"run.output_dir={out}", "run.name=f"]
     )  # fmt: skip
-    with LocalDeployment(tmp_path / "fed", creds, env=node_env(tmp_path)) as dep:
+    with LocalDeployment(tmp_path / "fed", creds, env=node_env(tmp_path, site_workers, "off")) as dep:
         for i in range(2):
             dep.register(i)
             dep.start_node(i, {"partition-id": i, "num-partitions": 2})
@@ -146,3 +178,4 @@ def test_a_killed_supernode_fails_its_round_and_a_rejoining_one_takes_part_again
     assert rows[2]["clients-ok"] == 1 and rows[2]["clients-failed"] == 1  # the killed node's failure is recorded
     assert rows[2]["failed-nodes"]
     assert rows[3]["clients-ok"] == 2  # it took part again after rejoining
+    assert not list(site_workers.iterdir())  # FEDLLM_SITE_WORKER=off: every message ran in its own process
