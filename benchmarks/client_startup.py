@@ -6,7 +6,9 @@ On the deployment runtime every message starts a fresh ClientApp process. Withou
 site worker (`--site-worker off`) that process imports the stack and loads the base
 model (from the converted cache; a GGUF is converted once per machine, not per
 process); with one (the default), it forwards the message to the SuperNode's warm
-worker, which did so once. This runs the default job on a
+worker, which did so once. Results: benchmarks/results/site_worker/ (one JSON per
+runtime and mode, written from this script's output); `--readme` writes the README's
+table from them. This runs the default job on a
 SuperLink and N SuperNodes on 127.0.0.1 (TLS and SuperNode authentication on,
 threads split between the co-located nodes), stops them by PID, and prints JSON:
 per round, the largest process start-up time (process creation to the train
@@ -29,6 +31,31 @@ from fedllm_tools.deploy import LocalDeployment, make_credentials
 from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "site_worker"
+MARKERS = ("<!-- site_worker:start -->\n", "<!-- site_worker:end -->")
+
+
+def table(results: Path = RESULTS) -> str:
+    """The README's table, from the JSON files this benchmark wrote into `results`: per
+    run, each round's wall time, the slowest client's process start-up and model load."""
+    lines = ["| runtime | site worker | round | round seconds | process start-up s | model load s | train s |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for path in sorted(results.glob("*.json")):
+        run = json.loads(path.read_text())
+        for r in run["per-round"]:
+            figures = [r[k] for k in ("round-seconds", "process-start-seconds", "model-load-seconds", "train-seconds")]
+            cells = ["" if v is None else f"{v:.1f}" for v in figures]
+            if run["runtime"] == "simulation":
+                cells[1] = "-"  # a Ray actor lives for the run: its age is no per-message start-up
+            lines.append(f"| {run['runtime']} | {run['site-worker']} | {r['round']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(readme: Path = ROOT / "README.md") -> None:
+    """Put `table()` between the README's site_worker markers."""
+    text = readme.read_text()
+    head, rest = text.split(MARKERS[0], 1)
+    readme.write_text(head + MARKERS[0] + table() + MARKERS[1] + rest.split(MARKERS[1], 1)[1])
 
 
 def main() -> int:
@@ -37,8 +64,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--site-worker", choices=("auto", "off"), default="auto", help="FEDLLM_SITE_WORKER")
     parser.add_argument("--simulation", action="store_true", help="the same job in simulation, for comparison")
+    parser.add_argument("--readme", action="store_true", help="only write the README's table from the results")
     parser.add_argument("extra", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
+    if args.readme:
+        write_readme()
+        return 0
     threads = max(1, (os.cpu_count() or 1) // args.nodes)
     with tempfile.TemporaryDirectory(prefix="fedllm-startup-") as tmp:
         work = Path(tmp)

@@ -486,3 +486,17 @@ def test_a_federation_through_a_site_worker_matches_one_in_process_even_when_the
     adapters = [load_file(run.path / "adapter" / "final" / "adapter_model.safetensors") for run in (plain, warm)]
     assert adapters[0].keys() == adapters[1].keys()
     assert all(np.array_equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_the_readmes_table_of_deployed_rounds_is_the_benchmarks_results():
+    """The figures live in the benchmark's results files; the README's table is written from them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import client_startup
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    results = sorted(client_startup.RESULTS.glob("*.json"))
+    assert {p.stem for p in results} >= {"deployment-off", "deployment-auto", "simulation"}
+    start, end = client_startup.MARKERS
+    block = (ROOT / "README.md").read_text().split(start, 1)[1].split(end, 1)[0]
+    assert block == client_startup.table(), "stale: run `python benchmarks/client_startup.py --readme`"
