@@ -4,6 +4,7 @@ read run folders without the ML stack."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,11 +22,18 @@ log = logging.getLogger(__name__)
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPU, else peak RSS."""
+    """Peak memory of this process: CUDA allocator peak on GPU, else peak RSS. On Linux
+    the kernel's VmHWM, which a warm site worker resets before each message
+    (`node.reset_process`); getrusage's ru_maxrss keeps the peak of the process's whole
+    life once any of its threads has exited, so it serves only where /proc has no VmHWM."""
     if device is not None and device.type == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
