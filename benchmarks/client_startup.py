@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +51,25 @@ def table(results: Path = RESULTS) -> str:
                 cells[1] = "-"  # a Ray actor lives for the run: its age is no per-message start-up
             lines.append(f"| {run['runtime']} | {run['site-worker']} | {r['round']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
+
+
+LINE = re.compile(
+    r"served (\w+) for pid \d+ in [\d.]+ s \(start-up: app ([\d.]+) s, sent ([\d.]+) s, handler ([\d.]+) s\)"
+)
+PARTS = ("app", "sent", "handler")
+
+
+def worker_timelines(directory: Path) -> list[dict]:
+    """Each message a site worker served, from its log: the proxy process's age (s)
+    when Flower had loaded the app, when the proxy sent the message, when the handler
+    started; `first`: the worker's first message (it waited for the worker's start)."""
+    messages = []
+    for log_file in sorted(directory.glob("*.log")) if directory.is_dir() else []:
+        found = [LINE.search(line) for line in log_file.read_text().splitlines()]
+        for i, m in enumerate(f for f in found if f):
+            ages = dict(zip(PARTS, map(float, m.groups()[1:]), strict=True))
+            messages.append({"worker": log_file.stem, "kind": m[1], "first": i == 0, **ages})
+    return messages
 
 
 def write_readme(readme: Path = ROOT / "README.md") -> None:
@@ -96,6 +117,7 @@ def main() -> int:
             print(result.stdout[-3000:], file=sys.stderr)
             return 1
         rows = read_metrics(out / "s")
+        messages = worker_timelines(work / "workers")
     report = {
         "runtime": "simulation" if args.simulation else "deployment",
         "site-worker": "n/a" if args.simulation else args.site_worker,
@@ -115,6 +137,12 @@ def main() -> int:
             for r in rows[1:]
         ],
     }
+    if messages:
+        report["site-worker-messages"] = messages
+        warm = [m for m in messages if not m["first"]]
+        report["warm-start-up-median-seconds"] = (
+            {part: round(statistics.median(m[part] for m in warm), 2) for part in PARTS} if warm else None
+        )
     print(json.dumps(report, indent=2))
     return 0
 

@@ -33,6 +33,7 @@ from conftest import TINY_OVERRIDES as TINY
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.serde import context_to_proto, message_to_proto
 
+from fedllm_flwr.keys import WARM_UP_KEY
 from fedllm_flwr.site_worker import paths, protocol, proxy, server
 from fedllm_flwr.site_worker.paths import WorkerFiles, WorkerKey
 
@@ -141,6 +142,19 @@ def test_a_forwarded_message_gets_what_a_direct_call_gets(workers, task_identity
     assert reply["info"]["pid"] == os.getpid()  # served by the thread's worker, not a spawned one
     # `started` (process-start-seconds) is the proxy's start-up up to the handler, not the worker's
     assert direct["info"]["started"] == -1.0 and reply["info"]["started"] >= age
+
+
+def test_the_worker_logs_each_messages_start_up_and_the_benchmark_reads_it(workers, task_identity, caplog, tmp_path):
+    directory, _ = workers
+    caplog.set_level(logging.INFO, logger="fedllm_flwr.site_worker")
+    with served_in_thread(directory):
+        proxy.forward("train", message(), context(), handler=STUB)
+        proxy.forward("evaluate", message(MessageType.EVALUATE), context(), handler=STUB)
+    (tmp_path / "k.log").write_text(caplog.text)
+    first, second = client_startup().worker_timelines(tmp_path)
+    assert (first["kind"], first["first"], second["kind"], second["first"]) == ("train", True, "evaluate", False)
+    for m in (first, second):  # process ages: Flower loaded the app, then the proxy sent, then the handler began
+        assert 0 < m["app"] <= m["sent"] <= m["handler"]
 
 
 def test_the_proxy_and_the_client_app_never_import_torch(workers, tmp_path):
@@ -402,6 +416,17 @@ def test_auto_is_on_only_in_a_deployed_client_app(monkeypatch, caplog):
     assert proxy.mode() == "off" and "FEDLLM_SITE_WORKER=sometimes: use one of auto, on, off" in caplog.text
 
 
+def test_a_deployed_client_app_without_a_worker_answers_a_warm_up_at_once(monkeypatch, task_identity):
+    deployed = ["/venv/bin/flwr-clientapp", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "1"]
+    warm_up = message(MessageType.QUERY, **{WARM_UP_KEY: 1})
+    monkeypatch.setenv("FEDLLM_SITE_WORKER", "off")
+    assert proxy.forward("query", warm_up, context()) is None  # simulation: this process lives on, warm it
+    monkeypatch.setattr(sys, "argv", deployed)
+    reply = proxy.forward("query", warm_up, context())  # this process ends with the message: nothing to warm
+    assert reply is not None and reply["info"]["warmed"] == 0
+    assert proxy.forward("query", message(MessageType.QUERY), context()) is None  # other queries run here
+
+
 def test_the_owner_is_the_supernode_behind_the_superexec():
     """flwr-clientapp's --parent-pid is its SuperExec, whose own --parent-pid is the SuperNode
     (here: this test process); without one (process isolation), the SuperExec itself."""
@@ -493,13 +518,19 @@ def test_a_federation_through_a_site_worker_matches_one_in_process_even_when_the
     assert all(np.array_equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
 
-def test_the_readmes_table_of_deployed_rounds_is_the_benchmarks_results():
-    """The figures live in the benchmark's results files; the README's table is written from them."""
+def client_startup():
+    """benchmarks/client_startup.py as a module."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import client_startup
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return client_startup
+
+
+def test_the_readmes_table_of_deployed_rounds_is_the_benchmarks_results():
+    """The figures live in the benchmark's results files; the README's table is written from them."""
+    client_startup = globals()["client_startup"]()
     results = sorted(client_startup.RESULTS.glob("*.json"))
     assert {p.stem for p in results} >= {"deployment-off", "deployment-auto", "simulation"}
     start, end = client_startup.MARKERS

@@ -1,4 +1,4 @@
-"""Warming simulation workers up while the server starts."""
+"""Warming the nodes up while the server starts."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedllm_flwr.keys import WARM_UP_KEY
 from fedllm_flwr.model import _BUNDLES, clear_model_cache
-from fedllm_flwr.worker_start import MAX_NODES, await_warm_up, send_warm_up
+from fedllm_flwr.worker_start import MAX_NODES, await_warm_up, is_warm_up, send_warm_up
 
 
 class Recorder:
@@ -27,14 +27,17 @@ class InMemoryGrid(Recorder):  # the name Flower's simulation grid has
     pass
 
 
-def test_warm_up_goes_to_simulated_nodes_only_and_to_a_few_of_them(task_identity):
-    deployed = Recorder([1, 2])
-    assert send_warm_up(deployed) == [] and deployed.pushed == []  # a SuperNode would start a process for nothing
+def test_warm_up_goes_to_every_deployed_node_and_to_a_few_simulated_ones(task_identity):
+    deployed = Recorder(list(range(1, 2 + MAX_NODES)))
+    assert len(send_warm_up(deployed)) == 1 + MAX_NODES  # each SuperNode has its own site worker to start
+    assert all(is_warm_up(m) for m in deployed.pushed)
     simulated = InMemoryGrid(list(range(100, 100 + 3 * MAX_NODES)))
     assert len(send_warm_up(simulated)) == MAX_NODES
     assert all(m.metadata.message_type == MessageType.QUERY for m in simulated.pushed)
-    assert all(m.content["config"][WARM_UP_KEY] == 1 for m in simulated.pushed)
+    assert all(m.content["config"][WARM_UP_KEY] == 1 and is_warm_up(m) for m in simulated.pushed)
     assert send_warm_up(InMemoryGrid([]), wait=0.1) == []
+    query = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type=MessageType.QUERY)
+    assert not is_warm_up(query)
 
 
 class SlowReplies(Recorder):
@@ -57,6 +60,10 @@ def test_the_first_round_waits_until_every_warm_up_was_answered(task_identity):
     unanswered = InMemoryGrid([1])
     unanswered.pull_messages = lambda ids: []
     assert await_warm_up(unanswered, ["a", "b"], timeout=0.2, poll=0.05) == 0  # a lost warm-up does not hang the run
+    deployed = SlowReplies([1, 2])
+    ids = send_warm_up(deployed)
+    # a SuperNode runs its messages one at a time, in order: nothing to wait for, nothing pulled
+    assert await_warm_up(deployed, ids, timeout=5, poll=0) == 0 and not hasattr(deployed, "pulls")
 
 
 def query(overrides: str, node_config=None):

@@ -16,10 +16,14 @@ class RunConfig:
     save_every_round: bool = True
     """Keep `adapter/round_<n>/` for every round (each is one adapter, ~1 MB)."""
     warm_up: bool = True
-    """Simulation: before loading anything itself, the server sends a warm-up
-    message so the workers import the stack, load the base model and read their
-    data while it starts (the first round no longer waits for both in turn).
-    Deployed SuperNodes start a process per message and are never warmed up."""
+    """Before loading anything itself, the server sends a warm-up message so the
+    nodes import the stack, load the base model and read their data while it starts
+    (the first round no longer waits for both in turn): simulation's workers, and a
+    deployed SuperNode's site worker (a SuperNode without one answers at once)."""
+    poll_seconds: float = 0.2
+    """Deployment: how often the server asks the SuperLink for replies while it waits
+    for a round's (Flower's deployed grid asks every 3 s, simulation's every 0.1 s;
+    0 keeps Flower's)."""
     stop_after: int = 0
     """Stop after this many rounds (0 = `num_rounds`). The learning-rate schedule
     still spans `num_rounds`, so the run is an exact prefix of the full one: a
@@ -33,6 +37,8 @@ class RunConfig:
     the run of rounds. 0: never stop, run every round."""
 
     def __post_init__(self) -> None:
+        if self.poll_seconds < 0:
+            raise ValueError(f"run.poll_seconds must be >= 0 (0: Flower's own wait), got {self.poll_seconds}")
         if self.max_rounds_without_reply < 0:
             raise ValueError(
                 f"run.max_rounds_without_reply must be >= 0 (0: never stop), got {self.max_rounds_without_reply}"

@@ -24,6 +24,7 @@ from fedllm_flwr.plot import write_curves
 from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator
+from fedllm_flwr.server.grid import polled
 from fedllm_flwr.server.nodes import discover_nodes, example_limits
 from fedllm_flwr.server.personalize import personalize_clients
 from fedllm_flwr.server.ranks import RankQuery, node_ranks
@@ -44,6 +45,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     A run whose clients are gone (`run.max_rounds_without_reply`) stops with RunStopped,
     its summary.json saying `stopped` and why."""
     t_start = time.perf_counter()
+    grid = polled(grid, cfg.run.poll_seconds)
     check_installed(cfg)  # a tracker switched on without its library: before any work
     records(cfg)  # read and check the whole data set before the (slower) model
     log(INFO, "[fedllm-flwr] loading base model %s (a GGUF is converted once, ~20 s)", cfg.model.name)

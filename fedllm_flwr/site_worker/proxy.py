@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedllm_flwr.site_worker.__main__ import command
 from fedllm_flwr.site_worker.paths import (
@@ -56,12 +56,15 @@ from fedllm_flwr.site_worker.protocol import (
     recv_json,
     send_json,
 )
+from fedllm_flwr.worker_start import is_warm_up
 
 log = logging.getLogger("fedllm_flwr.site_worker")
 
 MODES = ("auto", "on", "off")
 #: Polling interval while a new worker starts (it listens within a second or two).
 WAIT_SECONDS = 0.05
+#: When this module was imported: in a deployed ClientApp, right after Flower loaded the app.
+_IMPORTED = time.time()
 #: Workers this process started: kept, so that Python does not warn that they still run.
 _SPAWNED: list[subprocess.Popen] = []
 
@@ -102,8 +105,12 @@ def mode() -> str:
 
 def forward(kind: str, msg: Message, context: Context, handler: str = DEFAULT_HANDLER) -> RecordDict | None:
     """The reply's content for `msg` from the site worker, with `context.state` updated;
-    None to run it in this process. SiteWorkerError when the message itself failed."""
+    None to run it in this process. SiteWorkerError when the message itself failed.
+    A warm-up with no worker, in a process that ends with the message, has nothing to
+    warm: answered at once."""
     if mode() == "off":
+        if is_warm_up(msg) and in_deployed_clientapp():
+            return RecordDict({"info": ConfigRecord({"warmed": 0})})
         return None
     try:
         directory = worker_dir()
@@ -113,7 +120,9 @@ def forward(kind: str, msg: Message, context: Context, handler: str = DEFAULT_HA
     key = WorkerKey.current(handler)
     files = WorkerFiles(directory, key.name)
     owner = site_owner()
-    header = {"op": "handle", "v": PROTOCOL, "kind": kind, "task_id": _task_id(), "proxy_age": _age(), "owner": owner}
+    age = _age()
+    header = {"op": "handle", "v": PROTOCOL, "kind": kind, "task_id": _task_id(), "proxy_age": age,
+              "app_age": age - (time.time() - _IMPORTED), "owner": owner}  # fmt: skip
     frames = (encode_message(msg), encode_context(context))
     with _locked(files.use):  # one message at a time per worker; two proxies never both spawn one
         for attempt in (1, 2):

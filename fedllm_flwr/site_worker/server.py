@@ -183,6 +183,11 @@ class Worker:
         self.write_status()
 
     def serve_one(self, conn: Connection, pid: int) -> None:
+        """One request: the handler's reply and new state, or why not. The log line of
+        a served message splits its start-up (seconds of the proxy's process age): when
+        the proxy's module was imported (Flower's part: interpreter, Flower, the run's
+        records and app), when it sent the message (our app and the proxy), when the
+        handler started (the transfer and the freshness checks)."""
         if not conn.poll(self.handshake_timeout):
             raise EOFError("no request after the handshake")
         header = recv_json(conn)
@@ -215,7 +220,11 @@ class Worker:
                          "worker_pid": os.getpid()})  # fmt: skip
         conn.send_bytes(reply_bytes)
         conn.send_bytes(state_bytes)
-        log.info("site worker %s: served %s for pid %d in %.2f s", self.files.name, header["kind"], pid, seconds)
+        timeline = ""
+        if started is not None and header.get("app_age") is not None:
+            timeline = f" (start-up: app {header['app_age']:.2f} s, sent {proxy_age:.2f} s, handler {started:.2f} s)"
+        log.info("site worker %s: served %s for pid %d in %.2f s%s", self.files.name, header["kind"], pid, seconds,
+                 timeline)  # fmt: skip
 
     def check_fresh(self, conn: Connection, msg, context) -> None:  # noqa: ANN001 - Flower's Message, Context
         """Stale on another model than the first one served; forget the data when its file changed."""
