@@ -19,10 +19,13 @@ training time, and the round's wall time. Not a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,23 +37,69 @@ from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "site_worker"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 MARKERS = ("<!-- site_worker:start -->\n", "<!-- site_worker:end -->")
 
 
 def table(results: Path = RESULTS) -> str:
-    """The README's table, from the JSON files this benchmark wrote into `results`: per
-    run, each round's wall time, the slowest client's process start-up and model load."""
-    lines = ["| runtime | site worker | round | round seconds | process start-up s | model load s | train s |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for path in sorted(results.glob("*.json")):
-        run = json.loads(path.read_text())
+    """The README's tables, from the JSON files this benchmark wrote into `results`: per
+    run, each round's wall time, the slowest client's process start-up and model load;
+    then, per run through site workers, a warm message's start-up and a worker's memory."""
+    lines = ["| model | runtime | site worker | round | round seconds | process start-up s | model load s | train s |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    runs = [json.loads(path.read_text()) for path in results.glob("*.json")]
+    runs.sort(key=lambda run: (run["model"] != DEFAULT_MODEL, run["model"], run["runtime"], run["site-worker"]))
+    for run in runs:
         for r in run["per-round"]:
             figures = [r[k] for k in ("round-seconds", "process-start-seconds", "model-load-seconds", "train-seconds")]
             cells = ["" if v is None else f"{v:.1f}" for v in figures]
             if run["runtime"] == "simulation":
                 cells[1] = "-"  # a Ray actor lives for the run: its age is no per-message start-up
-            lines.append(f"| {run['runtime']} | {run['site-worker']} | {r['round']} | {' | '.join(cells)} |")
+            lines.append(f"| {run['model']} | {run['runtime']} | {run['site-worker']} | {r['round']} | "
+                         f"{' | '.join(cells)} |")  # fmt: skip
+    lines += ["", "| model | warm message start-up s | before our app loaded s | Flower's ClientApp import s | "
+              "FAB install s | worker RSS MB | worker PSS MB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in runs:
+        ages, memory = run.get("warm-start-up-median-seconds"), run.get("site-worker-memory-mb") or [{}]
+        if ages:
+            flower = run.get("flower-parts") or {}
+            parts = [flower.get("flower-clientapp-import-seconds"), flower.get("fab-install-seconds")]
+            cells = [f"{ages['handler']:.2f}", f"{ages['app']:.2f}", *("" if v is None else f"{v:.2f}" for v in parts)]
+            cells += [str(max((m.get(k, 0) for m in memory), default=0)) for k in ("rss", "pss")]
+            lines.append(f"| {run['model']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
+
+
+def flower_parts(work: Path, repeat: int = 3) -> dict:
+    """Two parts of a deployed ClientApp process's start-up that are Flower's, each
+    measured alone (median of `repeat`): a fresh interpreter importing Flower's
+    ClientApp runtime (`flwr-clientapp`), and installing this app's FAB, which
+    `flwr-clientapp` does for every message. The rest of the time before the app is
+    loaded goes to the Runtime API's exchanges with the SuperNode."""
+    code = "import time; t = time.perf_counter(); import flwr.supernode.runtime.run_clientapp as m; "
+    code += "print(time.perf_counter() - t)"
+    imports = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+               for _ in range(repeat)]  # fmt: skip
+    flwr = Path(sys.executable).parent / "flwr"
+    subprocess.run([str(flwr), "build", "--app", str(ROOT)], cwd=work, capture_output=True, check=True)
+    fab = next(work.glob("*.fab")).read_bytes()
+    from flwr.cli.install import install_from_fab
+
+    installs = []
+    for i in range(repeat):
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # its "Successfully installed" line
+            install_from_fab(fab, work / f"flwr-home-{i}", skip_prompt=True)
+        installs.append(time.perf_counter() - t)
+    return {"flower-clientapp-import-seconds": round(statistics.median(imports), 2),
+            "fab-install-seconds": round(statistics.median(installs), 2), "fab-bytes": len(fab)}  # fmt: skip
+
+
+def write_readme(readme: Path = ROOT / "README.md") -> None:
+    """Put `table()` between the README's site_worker markers."""
+    text = readme.read_text()
+    head, rest = text.split(MARKERS[0], 1)
+    readme.write_text(head + MARKERS[0] + table() + MARKERS[1] + rest.split(MARKERS[1], 1)[1])
 
 
 LINE = re.compile(
@@ -72,11 +121,30 @@ def worker_timelines(directory: Path) -> list[dict]:
     return messages
 
 
-def write_readme(readme: Path = ROOT / "README.md") -> None:
-    """Put `table()` between the README's site_worker markers."""
-    text = readme.read_text()
-    head, rest = text.split(MARKERS[0], 1)
-    readme.write_text(head + MARKERS[0] + table() + MARKERS[1] + rest.split(MARKERS[1], 1)[1])
+def worker_memory(directory: Path) -> list[dict]:
+    """Each live site worker's memory in MB once the run is over (it still holds the
+    stack, the base model and the site's data): resident, proportional (PSS: shared
+    pages split between the processes that map them) and its peak resident size."""
+    import psutil
+
+    sizes = []
+    for status in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        pid = json.loads(status.read_text()).get("pid")
+        try:
+            info = psutil.Process(pid).memory_full_info()
+            peak = peak_resident_mb(pid)
+        except (psutil.Error, OSError, TypeError, ValueError):
+            continue
+        sizes.append({"rss": round(info.rss / 2**20), "pss": round(info.pss / 2**20), "last-message-peak-rss": peak})
+    return sizes
+
+
+def peak_resident_mb(pid: int) -> int | None:
+    """VmHWM of `pid` (Linux), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    return None
 
 
 def main() -> int:
@@ -100,6 +168,7 @@ def main() -> int:
         overrides = [f"num_rounds={args.rounds}", f"strategy.min_available_nodes={args.nodes}",
                      f"train.threads={threads}", f"run.output_dir={out}", "run.name=s", *args.extra]  # fmt: skip
         t0 = time.perf_counter()
+        memory = []
         if args.simulation:
             with LocalSimulation(work / "sim", env=env, client_cpus=threads) as sim:
                 t_run = time.perf_counter()
@@ -113,12 +182,15 @@ def main() -> int:
                 t_run = time.perf_counter()
                 result = dep.run(ROOT, " ".join(overrides), timeout=3600)
                 run_seconds = time.perf_counter() - t_run
+                memory = worker_memory(work / "workers")  # before the nodes, and their workers, stop
         if "[fedllm-flwr] done in" not in result.stdout:
             print(result.stdout[-3000:], file=sys.stderr)
             return 1
         rows = read_metrics(out / "s")
         messages = worker_timelines(work / "workers")
+        parts = flower_parts(work) if messages else None
     report = {
+        "model": next((o.split("=", 1)[1] for o in args.extra if o.startswith("model.name=")), DEFAULT_MODEL),
         "runtime": "simulation" if args.simulation else "deployment",
         "site-worker": "n/a" if args.simulation else args.site_worker,
         "nodes": args.nodes,
@@ -137,12 +209,15 @@ def main() -> int:
             for r in rows[1:]
         ],
     }
+    if memory:
+        report["site-worker-memory-mb"] = memory
     if messages:
         report["site-worker-messages"] = messages
         warm = [m for m in messages if not m["first"]]
         report["warm-start-up-median-seconds"] = (
             {part: round(statistics.median(m[part] for m in warm), 2) for part in PARTS} if warm else None
         )
+        report["flower-parts"] = parts
     print(json.dumps(report, indent=2))
     return 0
 
