@@ -106,9 +106,10 @@ def test_authenticated_sites_federate_adapters_and_seed_lists_an_unknown_node_is
         assert [r["status"] for r in runs] == ["finished:completed"] * 2
         # One warm worker per site served both runs (the same code, environment and model).
         warm = live_workers(site_workers)
-        # Each served SecAgg+'s training message (its other stages are the ClientApp's mod)
-        # and zeroth-order's two.
-        assert len(warm) == 2 and all(w["served"] == 3 for w in warm), [(w["pid"], w["served"]) for w in warm]
+        # Each served both runs' warm-ups (which started it, while the server started),
+        # SecAgg+'s training message (its other stages are the ClientApp's mod) and
+        # zeroth-order's two.
+        assert len(warm) == 2 and all(w["served"] == 5 for w in warm), [(w["pid"], w["served"]) for w in warm]
     from fedllm_flwr.site_worker.paths import process_identity
 
     assert all(process_identity(w["pid"]) != (w["pid"], w["create_time"]) for w in warm)  # ended with their nodes
