@@ -21,7 +21,8 @@ import dataclasses
 import importlib
 import inspect
 import re
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def code(value: Any) -> str:
 
 def attribute_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (PEP 257's attribute docstrings)."""
-    tree = ast.parse(inspect.getsource(cls))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, after in zip(body, body[1:], strict=False):
@@ -80,7 +81,7 @@ def checks(cls: type) -> tuple[dict[str, list[Any]], dict[str, list[str]]]:
     namespace = vars(importlib.import_module(cls.__module__))
     members: dict[str, list[Any]] = {}
     messages: dict[str, list[str]] = {}
-    for node in ast.walk(ast.parse(inspect.cleandoc("\n" + inspect.getsource(method)))):
+    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(method)))):
         if not isinstance(node, ast.If):
             continue
         test = node.test
@@ -231,17 +232,22 @@ def _parsers_caught() -> Iterator[None]:
         argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
 
 
-def site_worker_parser() -> argparse.ArgumentParser:
-    """The site worker's parser (`fedllm-flwr site-worker`), which its module builds
-    inside `main`: caught as `main` hands it the command line."""
-    from fedllm_flwr.site_worker.__main__ import main
-
+def parser_of(main: Callable[..., Any], *args: Any, **kwargs: Any) -> argparse.ArgumentParser:
+    """The parser a command's `main` builds inside itself (the site worker's, the scripts'):
+    caught as `main` hands it the command line, before anything runs."""
     with _parsers_caught():
         try:
-            main([], prog="fedllm-flwr site-worker")
+            main(*args, **kwargs)
         except _Parsed as parsed:
             return parsed.parser
-    raise RuntimeError("fedllm_flwr.site_worker's main parsed no arguments")
+    raise RuntimeError(f"{main.__module__}.{main.__name__} parsed no arguments")
+
+
+def site_worker_parser() -> argparse.ArgumentParser:
+    """The site worker's parser (`fedllm-flwr site-worker`), which its module builds inside `main`."""
+    from fedllm_flwr.site_worker.__main__ import main
+
+    return parser_of(main, [], prog="fedllm-flwr site-worker")
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:
@@ -284,7 +290,8 @@ def cli_reference() -> str:
 
     parser = build_parser()
     lines = ["Written from the argparse definitions in `fedllm_tools/cli.py` and "
-             "`fedllm_flwr/site_worker/__main__.py` when the site is built. Every subcommand that "
+             "`fedllm_flwr/site_worker/__main__.py` when the site is built (`python -m fedllm_tools.cli` runs "
+             "the same command). Every subcommand that "
              "takes `OVERRIDE`s takes the Hydra overrides `flwr run` takes in its `overrides` "
              "run-config key ([configuration reference](configuration.md)). Bad input prints one "
              "line on stderr and exits with status 2."]  # fmt: skip
