@@ -7,8 +7,8 @@ site worker (`--site-worker off`) that process imports the stack and loads the b
 model (from the converted cache; a GGUF is converted once per machine, not per
 process); with one (the default), it forwards the message to the SuperNode's warm
 worker, which did so once. Results: benchmarks/results/site_worker/ (one JSON per
-runtime and mode, written from this script's output); `--readme` writes the README's
-table from them. This runs the default job on a
+runtime and mode, written from this script's output); the docs' tables are written from
+them by `table()` each time the site is built (docs/results/deployment.md). This runs the default job on a
 SuperLink and N SuperNodes on 127.0.0.1 (TLS and SuperNode authentication on,
 threads split between the co-located nodes), stops them by PID, and prints JSON:
 per round, the largest process start-up time (process creation to the train
@@ -34,11 +34,10 @@ from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "site_worker"
-MARKERS = ("<!-- site_worker:start -->\n", "<!-- site_worker:end -->")
 
 
 def table(results: Path = RESULTS) -> str:
-    """The README's table, from the JSON files this benchmark wrote into `results`: per
+    """The docs' table, from the JSON files this benchmark wrote into `results`: per
     run, each round's wall time, the slowest client's process start-up and model load."""
     lines = ["| runtime | site worker | round | round seconds | process start-up s | model load s | train s |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -72,25 +71,14 @@ def worker_timelines(directory: Path) -> list[dict]:
     return messages
 
 
-def write_readme(readme: Path = ROOT / "README.md") -> None:
-    """Put `table()` between the README's site_worker markers."""
-    text = readme.read_text()
-    head, rest = text.split(MARKERS[0], 1)
-    readme.write_text(head + MARKERS[0] + table() + MARKERS[1] + rest.split(MARKERS[1], 1)[1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--site-worker", choices=("auto", "off"), default="auto", help="FEDLLM_SITE_WORKER")
     parser.add_argument("--simulation", action="store_true", help="the same job in simulation, for comparison")
-    parser.add_argument("--readme", action="store_true", help="only write the README's table from the results")
     parser.add_argument("extra", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
-    if args.readme:
-        write_readme()
-        return 0
     threads = max(1, (os.cpu_count() or 1) // args.nodes)
     with tempfile.TemporaryDirectory(prefix="fedllm-startup-") as tmp:
         work = Path(tmp)
