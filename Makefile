@@ -48,7 +48,7 @@ run: install
 test: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk=1
 
-# The in-process tier alone: no `flwr run`, no deployment, no 135M model (about 5 min).
+# The in-process tier alone: no `flwr run`, no deployment, no 135M model.
 test-fast: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk=1 -m "not slow"
 
