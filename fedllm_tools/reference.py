@@ -153,7 +153,7 @@ def _group_table(cls: type, prefix: str, composed: Any, lines: list[str], nested
             continue
         text = docs.get(f.name, "")
         if f.name in members:
-            text += " **Valid:** " + ", ".join(f"`{v}`" for v in members[f.name]) + "."
+            text += " **Valid:** " + ", ".join(code(v) for v in members[f.name]) + "."
         for message in messages.get(f.name, []):
             text += f" **Checked:** {message.rstrip('.')}."
         default = _lookup(composed, key) if composed is not None else f.default
