@@ -209,6 +209,29 @@ def test_every_command_on_the_getting_started_page_parses():
             raise AssertionError(f"{shlex.join(words)}: {exc}") from exc
 
 
+def test_every_fedllm_flwr_command_anywhere_in_the_docs_is_one_the_cli_has():
+    """Beyond the getting-started page: each page's `fedllm-flwr` commands name a real
+    subcommand and flags it takes (usage brackets and `...` read as optional parts)."""
+    from fedllm_tools.cli import build_parser
+
+    subcommands = reference.subcommands(build_parser())
+    pages = [*(ROOT / "docs").rglob("*.md"), ROOT / "README.md"]
+    seen = 0
+    for page in pages:
+        for words in shell_commands(page.read_text()):
+            if words[0] != "fedllm-flwr":
+                continue
+            args = [w.strip("[]") for w in words[1:] if w.strip("[]") not in ("", "...")]
+            assert args[0] in subcommands, f"{page.name}: {shlex.join(words)}: no such subcommand"
+            if args[0] not in ("sweep", "site-worker"):  # Hydra and the site worker parse these
+                try:
+                    build_parser().parse_args(args)
+                except SystemExit as exc:
+                    raise AssertionError(f"{page.name}: {shlex.join(words)}: refused by its parser") from exc
+            seen += 1
+    assert seen >= 10
+
+
 @pytest.mark.parametrize(
     "command",
     [
