@@ -209,9 +209,11 @@ def test_every_command_on_the_getting_started_page_parses():
             raise AssertionError(f"{shlex.join(words)}: {exc}") from exc
 
 
-def test_every_fedllm_flwr_command_anywhere_in_the_docs_is_one_the_cli_has():
+def test_every_fedllm_flwr_and_flwr_run_command_anywhere_in_the_docs_parses():
     """Beyond the getting-started page: each page's `fedllm-flwr` commands name a real
-    subcommand and flags it takes (usage brackets and `...` read as optional parts)."""
+    subcommand and flags it takes (usage brackets and `...` read as optional parts), and
+    each `flwr run` takes its flags and composes its overrides (but for those that hold
+    a shell variable)."""
     from fedllm_tools.cli import build_parser
 
     subcommands = reference.subcommands(build_parser())
@@ -219,6 +221,8 @@ def test_every_fedllm_flwr_command_anywhere_in_the_docs_is_one_the_cli_has():
     seen = 0
     for page in pages:
         for words in shell_commands(page.read_text()):
+            if words[:2] == ["flwr", "run"] and "$" not in " ".join(words):
+                check_flwr_run(words[2:])
             if words[0] != "fedllm-flwr":
                 continue
             args = [w.strip("[]") for w in words[1:] if w.strip("[]") not in ("", "...")]
