@@ -168,9 +168,10 @@ GENERATED: dict[str, Callable[[], str]] = {
 }
 
 
-def include(path: str) -> str:
+def include(path: str, page_uri: str = "") -> str:
     """A Markdown results file, or with `#NAME` its `## NAME...` section, its headings moved
-    below the page's (## becomes ####)."""
+    below the page's (## becomes ####) and its relative links pointed at where the site
+    serves that folder (`results-files/...`) from the page at `page_uri`."""
     path, _, section = path.partition("#")
     file = (ROOT / path).resolve()
     if RESULTS not in file.parents or file.suffix != ".md":
@@ -181,16 +182,20 @@ def include(path: str) -> str:
         if found is None:
             raise ValueError(f"include: {path} has no section '## {section}'")
         text = found[0]
+    up = "../" * page_uri.count("/")
+    folder = file.parent.relative_to(RESULTS).as_posix()
+    text = re.sub(r"\]\((?!https?:|#|/)([^)]+)\)", lambda m: f"]({up}{RESULTS_URI}/{folder}/{m[1]})", text)
     return re.sub(r"^(#+) ", lambda m: "#" * min(len(m[1]) + 2, 6) + " ", text, flags=re.M)
 
 
-def render(markdown: str) -> str:
-    """`markdown` with every marker replaced by what it names."""
+def render(markdown: str, page_uri: str = "") -> str:
+    """`markdown`, of the page at `page_uri` (docs/-relative), with every marker replaced by
+    what it names."""
 
     def fill(match: re.Match) -> str:
         kind, name = match[1], match[2]
         if kind == "include":
-            return include(name)
+            return include(name, page_uri)
         if name not in GENERATED:
             raise KeyError(f"<!-- generated: {name} -->: no such generated part (docs/hooks.py GENERATED)")
         return GENERATED[name]()
@@ -199,14 +204,15 @@ def render(markdown: str) -> str:
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001
-    return render(markdown)
+    return render(markdown, page.file.src_uri)
 
 
 def on_files(files, config):  # noqa: ANN001, ANN201 (MkDocs' hook signature)
     """Serve the images the benchmarks drew, from benchmarks/results/, as `results-files/...`."""
     from mkdocs.structure.files import File  # here, so the tests can render pages without MkDocs
 
-    for image in sorted(RESULTS.glob("*.png")) + sorted(RESULTS.glob("*/*.png")) + sorted(RESULTS.glob("*/*/*.png")):
+    # the plots the studies drew (a run folder's own curves.png, deeper down, is not kept in git)
+    for image in sorted(p for depth in ("", "*/", "*/*/", "*/*/*/") for p in RESULTS.glob(f"{depth}*.png")):
         uri = f"{RESULTS_URI}/{image.relative_to(RESULTS).as_posix()}"
         files.append(File.generated(config, uri, abs_src_path=str(image)))
     return files
