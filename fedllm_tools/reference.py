@@ -67,7 +67,8 @@ def _message(node: ast.expr) -> str:
     if isinstance(node, ast.Constant):
         return str(node.value)
     if isinstance(node, ast.JoinedStr):
-        return "".join(_message(v) if isinstance(v, ast.Constant) else "…" for v in node.values)
+        text = "".join(_message(v) if isinstance(v, ast.Constant) else "…" for v in node.values)
+        return re.sub(r", got …$", "", text)  # the value the user gave: nothing to say in a reference
     return ""
 
 
