@@ -1,4 +1,5 @@
-# fedllm-flwr: `make run` trains the default federated job, `make test` runs the tests.
+# fedllm-flwr: `make run` trains the default federated job, `make test` runs the tests,
+# `make docs` builds the documentation site into site/.
 # Both create .venv on first use. On a GPU machine, pass your torch build:
 #   make run TORCH_SPEC='torch'   (or install torch into .venv yourself first)
 
@@ -13,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 # come first (tests/conftest.py) and each worker takes its share of them.
 TEST_WORKERS ?= 3
 
-.PHONY: install install-test run test test-fast bench lint clean
+.PHONY: install install-test run test test-fast bench docs lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +34,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 # The test tools, and the optional extras whose tests would otherwise skip: tracking
-# (TensorBoard, MLflow) and gemma3 (the second offline model, about 240 MB).
+# (TensorBoard, MLflow), gemma3 (the second offline model, about 240 MB) and docs (the
+# suite builds the site with `mkdocs build --strict`).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -e '.[test,tracking,gemma3]'
+	$(BIN)/pip install -e '.[test,tracking,gemma3,docs]'
 	touch $@
 
 install-test: $(VENV)/.installed-test
@@ -46,7 +48,7 @@ run: install
 test: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk=1
 
-# The in-process tier alone: no `flwr run`, no deployment, no 135M model (about 5 min).
+# The in-process tier alone: no `flwr run`, no deployment, no 135M model.
 test-fast: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk=1 -m "not slow"
 
@@ -57,9 +59,18 @@ DATA ?= ../shared/data
 bench: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/efficiency.py --out "$(BENCH_OUT)" --data "$(DATA)"
 
+# The documentation site: docs/ and mkdocs.yml into site/. Its generated pages read the
+# code and the results files, so it needs the project installed.
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/pip install -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: install
 	$(BIN)/pip install -q 'ruff>=0.6'
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

@@ -5,8 +5,8 @@ this process.
 
 Light at import, as are `fedllm_flwr.node` and the site worker's proxy: Flower's
 simulation imports this module in its own process before it starts any worker,
-and a deployed SuperNode starts a fresh process for every message; the ML stack
-(~10 s on 2 CPU cores) would hold back each of them by as much.
+and a deployed SuperNode starts a fresh process for every message; importing the
+ML stack (seconds of CPU) would hold back each of them by as much.
 """
 
 from flwr.app import Context, Message

@@ -7,13 +7,15 @@ site worker (`--site-worker off`) that process imports the stack and loads the b
 model (from the converted cache; a GGUF is converted once per machine, not per
 process); with one (the default), it forwards the message to the SuperNode's warm
 worker, which did so once. Results: benchmarks/results/site_worker/ (one JSON per
-runtime and mode, written from this script's output); `--readme` writes the README's
-table from them. This runs the default job on a
-SuperLink and N SuperNodes on 127.0.0.1 (TLS and SuperNode authentication on,
-threads split between the co-located nodes), stops them by PID, and prints JSON:
-per round, the largest process start-up time (process creation to the train
-handler: interpreter and imports), the largest model-load time, the clients'
-training time, and the round's wall time. Not a test.
+model, runtime and mode, written from this script's output); the docs' tables are
+written from them by `table()` each time the site is built (docs/results/deployment.md).
+This runs the default job on a SuperLink and N SuperNodes on 127.0.0.1 (TLS and
+SuperNode authentication on, threads split between the co-located nodes), stops them by
+PID, and prints JSON: per round, the largest process start-up time (process creation to
+the train handler: interpreter and imports), the largest model-load time, the clients'
+training time, and the round's wall time; with site workers, each message's start-up
+from the workers' logs, Flower's own parts of it measured alone, and the workers'
+memory. Not a test.
 """
 
 from __future__ import annotations
@@ -38,11 +40,10 @@ from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "site_worker"
 DEFAULT_MODEL = "smollm2-135m-instruct"
-MARKERS = ("<!-- site_worker:start -->\n", "<!-- site_worker:end -->")
 
 
 def table(results: Path = RESULTS) -> str:
-    """The README's tables, from the JSON files this benchmark wrote into `results`: per
+    """The docs' tables, from the JSON files this benchmark wrote into `results`: per
     run, each round's wall time, the slowest client's process start-up and model load;
     then, per run through site workers, a warm message's start-up and a worker's memory."""
     lines = ["| model | runtime | site worker | round | round seconds | process start-up s | model load s | train s |",
@@ -93,13 +94,6 @@ def flower_parts(work: Path, repeat: int = 3) -> dict:
         installs.append(time.perf_counter() - t)
     return {"flower-clientapp-import-seconds": round(statistics.median(imports), 2),
             "fab-install-seconds": round(statistics.median(installs), 2), "fab-bytes": len(fab)}  # fmt: skip
-
-
-def write_readme(readme: Path = ROOT / "README.md") -> None:
-    """Put `table()` between the README's site_worker markers."""
-    text = readme.read_text()
-    head, rest = text.split(MARKERS[0], 1)
-    readme.write_text(head + MARKERS[0] + table() + MARKERS[1] + rest.split(MARKERS[1], 1)[1])
 
 
 LINE = re.compile(
@@ -153,12 +147,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--site-worker", choices=("auto", "off"), default="auto", help="FEDLLM_SITE_WORKER")
     parser.add_argument("--simulation", action="store_true", help="the same job in simulation, for comparison")
-    parser.add_argument("--readme", action="store_true", help="only write the README's table from the results")
     parser.add_argument("extra", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
-    if args.readme:
-        write_readme()
-        return 0
     threads = max(1, (os.cpu_count() or 1) // args.nodes)
     with tempfile.TemporaryDirectory(prefix="fedllm-startup-") as tmp:
         work = Path(tmp)

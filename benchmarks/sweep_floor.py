@@ -19,8 +19,9 @@ This measures, each in a fresh process on an otherwise idle machine (median of
 - `actor-with-pool`: what an actor would still pay if its node's work ran in a
   warm worker kept across jobs: Ray, Flower's actor and our light ClientApp.
 
-It prints JSON (kept in benchmarks/results/sweep_floor.json; `--readme` writes the
-README's table from that file). Not a test.
+It prints JSON (kept in benchmarks/results/sweep_floor.json; the docs' table is written
+from that file by `table()` each time the site is built: docs/results/efficiency.md).
+Not a test.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "sweep_floor.json"
-MARKERS = ("<!-- sweep_floor:start -->\n", "<!-- sweep_floor:end -->")
 
 PRELUDE = """
 import json, os, sys, time
@@ -89,7 +89,7 @@ def measure(part: str, overrides: list[str]) -> dict:
 
 
 def table(results: Path = RESULTS) -> str:
-    """The README's table: each process's steps, as process age and CPU seconds."""
+    """The docs' table: each process's steps, as process age and CPU seconds."""
     report = json.loads(results.read_text())
     lines = ["| fresh process | up to | wall s | CPU s |", "|---|---|---|---|"]
     for part in PARTS:
@@ -98,22 +98,11 @@ def table(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(readme: Path = ROOT / "README.md") -> None:
-    """Put `table()` between the README's sweep_floor markers."""
-    text = readme.read_text()
-    head, rest = text.split(MARKERS[0], 1)
-    readme.write_text(head + MARKERS[0] + table() + MARKERS[1] + rest.split(MARKERS[1], 1)[1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--readme", action="store_true", help="only write the README's table from the results")
     parser.add_argument("extra", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
-    if args.readme:
-        write_readme()
-        return 0
     report: dict = {"repeat": args.repeat, "overrides": args.extra}
     for part in PARTS:
         runs = [measure(part, args.extra) for _ in range(args.repeat)]

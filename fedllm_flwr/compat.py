@@ -6,7 +6,7 @@ vocabulary the config needs (its names, which of them share a property) and
 `CONFLICTS`: every pair of settings it cannot serve, and why. Those modules import
 nothing but this one (and each other), so the config reads them without loading any
 plug-in's code; `fedllm_flwr.config.rules` gathers them for the config check, the
-combination tests and the README's table.
+combination tests and the docs' table (docs/concepts.md).
 
 A rule is two `Setting`s (a condition on one config key each) and a reason; `only_if`
 narrows a rule to configs where a third setting holds (`zo.params` only matters under
@@ -31,7 +31,7 @@ GROUP_FIELDS = {
 @dataclass(frozen=True)
 class Setting:
     """A condition on one config key: `key` (a group name or a dotted key), true for the
-    values `test` accepts; `label` says which, for the README's table."""
+    values `test` accepts; `label` says which, for the docs' table."""
 
     key: str
     test: Callable[[Any], bool]

@@ -1,7 +1,7 @@
 """Warm the nodes up while the server starts.
 
-A simulation worker imports the ClientApp (torch, transformers, peft: ~10 s on
-2 CPU cores) and loads the base model when its first message arrives, and the
+A simulation worker imports the ClientApp (torch, transformers, peft: seconds of CPU,
+recorded in the docs' efficiency results) and loads the base model when its first message arrives, and the
 first message leaves only once the server has imported the same stack, loaded
 its own model and checked the data. Sent first, a warm-up QUERY lets the
 nodes do their start-up at the same time as the server's.

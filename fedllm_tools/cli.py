@@ -162,6 +162,19 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as exc:
             print(f"fedllm-flwr: error: {exc}", file=sys.stderr)
             return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"fedllm-flwr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand's arguments, defined once: `main` parses with it, and the docs'
+    CLI reference and the check of the getting-started commands read it
+    (fedllm_tools/reference.py). `site-worker` and `sweep` are parsed by their own
+    code (the site worker's module, Hydra); here they only have their help line."""
     parser = argparse.ArgumentParser(prog="fedllm-flwr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
@@ -211,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--timeout", type=float, default=5.0, help="humaneval: seconds per program")
     ev.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=dolly dataset.path=FILE")
     ev.set_defaults(func=_evaluate)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"fedllm-flwr: error: {exc}", file=sys.stderr)
-        return 2
+    return parser
 
 
 if __name__ == "__main__":

@@ -243,17 +243,9 @@ ROWS_FILE = Path(__file__).with_name("combination_rows.json")
 
 
 def write() -> None:
-    """Write the rows file and the README's table of what does not combine."""
-    from fedllm_flwr.config import rules
-
+    """Write the rows file. (The table of what does not combine is written from the rules
+    each time the docs are built: docs/concepts.md asks docs/hooks.py for it.)"""
     ROWS_FILE.write_text(json.dumps(cover(), indent=1) + "\n")
-    readme = Path(__file__).parents[1] / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- combinations:start -->\n", "<!-- combinations:end -->"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + start + rules.markdown_table() + end + rest.split(end, 1)[1]
-        readme.write_text(text)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,17 @@ def finite(value, low: float = -math.inf, high: float = math.inf) -> bool:
 SLOW_FIRST = ("test_sweep.py", "test_deploy.py", "test_e2e.py", "test_smollm2.py")
 
 
+def docs_hooks():
+    """docs/hooks.py, which writes the docs' generated parts, as a module (MkDocs loads it
+    by path; it needs MkDocs only to serve files, not to render a page)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_configure(config):
     import torch
 

@@ -1,6 +1,6 @@
-"""The README's guarantees as checks on a federation run in this process
+"""The docs' guarantees (docs/concepts.md) as checks on a federation run in this process
 (tests/federation.py), made after every round (`check_round`) and on a resumed run
-(`check_resume`). Each check names the promise it keeps; the README's guarantees
+(`check_resume`). Each check names the promise it keeps; the docs' guarantees
 section names the check.
 
 A check reads only what a run leaves where anyone could see it: the messages and
@@ -86,7 +86,7 @@ def private_tensors_stay_home(run, new) -> None:  # noqa: ANN001
 def nothing_unmasked_leaves_a_node_under_secagg(run, new) -> None:  # noqa: ANN001
     """privacy=secagg: no reply carries an adapter, an update or seed list in the clear:
     what a node trained leaves it only as SecAgg+'s masked vector (its metrics travel
-    in the clear, as the README says)."""
+    in the clear, as the docs say)."""
     if run.cfg.privacy.name != "secagg":
         return
     for exchange in _answered(new):

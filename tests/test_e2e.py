@@ -32,7 +32,7 @@ def sim(tmp_path_factory, ray_head):
     # SuperLink (and the apps it starts) a model cache of its own, never $HOME's.
     # Each client claims every CPU of the module's Ray head, so a run starts one ClientApp
     # worker that serves its clients in turn: the start-up of a worker (importing the ML
-    # stack, ~9 s of CPU) is paid once per run, not once per client. Runs that need
+    # stack) is paid once per run, not once per client. Runs that need
     # clients side by side pass `cpus=1`.
     work = tmp_path_factory.mktemp("sim")
     env = {"FEDLLM_FLWR_CACHE": str(work / "cache"), "RAY_ADDRESS": ray_head.address}

@@ -10,9 +10,11 @@ class FieldsConfig:
     """Which record fields hold each part of an instruction example."""
 
     instruction: str = "instruction"
+    """The task a record asks for: the start of the prompt."""
     input: str = "input"
     """Optional context field; records without it get an empty input."""
     output: str = "output"
+    """The reference response: what the loss covers and what the metric compares with."""
     category: str = "category"
     """Optional; used by the `natural` partition and per-category accuracy."""
     chosen: str = "chosen"
@@ -30,6 +32,7 @@ class PartitionConfig:
     (one client per value of `by`; with fewer clients than values, values are
     dealt round-robin; with more, each value is shared by several clients)."""
     by: str = "category"
+    """The record field (after the `fields` mapping) the `natural` and `dirichlet` splits go by."""
     alpha: float = 0.5
     """Dirichlet concentration: smaller means more skew."""
     holdout_fraction: float = 0.1
@@ -49,7 +52,9 @@ class SyntheticConfig:
     tasks: list[str] = field(default_factory=lambda: ["add", "reverse", "uppercase", "km_to_m"])
     """Task families of the built-in generator (see fedllm_flwr/data/synthetic.py)."""
     train_per_task: int = 200
+    """Generated training records per task family, shared by the clients that hold it."""
     test_per_task: int = 25
+    """Generated records per task family in the server's test set."""
 
 
 #: Generation metrics the server can score on the test set (fedllm_flwr/evaluate/benchmarks.py).
@@ -66,6 +71,7 @@ class DatasetConfig:
     `sites` (deployment: each SuperNode reads its own file, named by its
     `--node-config data-path=...`; the server reads only `test_path`)."""
     path: str = ""
+    """`source=file`: a local JSON, JSONL or JSONL.gz file, or a Hugging Face hub dataset id."""
     subset: str = ""
     """Hub configuration name (`main` for openai/gsm8k); empty for none."""
     split: str = "train"

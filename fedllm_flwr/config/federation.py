@@ -43,7 +43,10 @@ class StrategyConfig:
     for a client by its main data category).
     Unavailable clients are not sampled; metrics.jsonl logs `participants`."""
     available_p: float = 1.0
+    """uniform: the chance each client answers a round; category: the chance for categories
+    `available_per_category` does not list."""
     available_per_client: list[float] = field(default_factory=list)
+    """per_client: the chance partition i answers a round, e.g. [1.0,0.2]."""
     available_per_category: list[str] = field(default_factory=list)
     """e.g. [add:0.2,reverse:0.9]; categories not listed use `available_p`."""
 
@@ -78,10 +81,14 @@ class StrategyConfig:
         return out
 
     fraction_train: float = 1.0
+    """Share of the connected nodes sampled to train each round (Flower's FedAvg samples
+    max(int(N fraction_train), min_train_nodes) of N)."""
     fraction_evaluate: float = 1.0
     """Share of nodes asked to evaluate on their held-out split (0 = none)."""
     min_train_nodes: int = 2
+    """The fewest nodes sampled to train in a round."""
     min_evaluate_nodes: int = 2
+    """The fewest nodes sampled to evaluate in a round."""
     min_available_nodes: int = 2
     """The server waits until this many nodes are connected."""
     round_timeout: float = 3600.0
@@ -140,11 +147,13 @@ class AlgorithmConfig:
     """fedot: server-side distillation steps aligning the emulator's middle to the
     full model's hidden states before the first round (0: layer dropping only)."""
     distill_lr: float = 1e-4
+    """fedot: AdamW learning rate of the emulator's distillation."""
     distill_path: str = ""
     """fedot: public records for distillation (a local JSON/JSONL file read with
     `dataset.fields`). Empty: the built-in generator's task families that the
     clients' data does not use, so no client data reaches the server."""
     distill_batch_size: int = 4
+    """fedot: records per distillation step."""
     eval_emulator: bool = True
     """fedot: also evaluate the adapter on the emulator each round (`emu-` keys),
     besides plugged into the full model."""

@@ -4,8 +4,8 @@ Each family declares the settings it cannot serve, and why, in its own `compat` 
 (the mechanism: `fedllm_flwr.compat`). One list serves three readers:
 `Config.__post_init__` refuses the first conflict a config holds (one line naming both
 keys, their values and the reason), the combination tests (tests/test_combinations.py)
-check every pair of the matrix's values against it, and the README's table of what
-does not combine is generated from it (`markdown_table`), so the three cannot disagree.
+check every pair of the matrix's values against it, and the docs' table of what
+does not combine is generated from it (`markdown_table`, docs/concepts.md), so the three cannot disagree.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def check(cfg: Any) -> None:
 
 
 def markdown_table() -> str:
-    """The README's table: one row per rule, with the module that declares it."""
+    """The docs' table: one row per rule, with the module that declares it."""
     lines = ["| setting | does not combine with | why | declared in |", "|---|---|---|---|"]
     for module, rules in DECLARED.items():
         home = module.removeprefix("fedllm_flwr.")

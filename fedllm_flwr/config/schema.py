@@ -31,6 +31,7 @@ class Config:
     seed: int = 0
     """Seeds data generation, partitioning, data order and adapter init."""
     num_rounds: int = 3
+    """Federated rounds: each samples clients, trains, aggregates and (per `eval.every`) evaluates."""
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: AdapterConfig = field(default_factory=AdapterConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

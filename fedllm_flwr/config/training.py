@@ -14,15 +14,18 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     """`constant` or `cosine` decay to 10% over all rounds' local steps."""
     warmup_steps: int = 0
+    """Steps of linear warm-up to `lr` at the start of the run's schedule (0: none)."""
     local_steps: int = 10
     """Optimizer steps per client per round."""
     batch_size: int = 8
+    """Examples per micro-batch (per optimizer step with `grad_accum` = 1)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step: 8 x 1 x ~70 tokens = ~560 tokens a step
     on the default task. Each micro-batch's loss is weighted by its share of the
     step's response tokens, so the step's gradient is that of one batch of
     batch_size x grad_accum examples."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the adapter."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""
     precision: str = "auto"
@@ -67,6 +70,7 @@ class EvalConfig:
     """Also evaluate at round 0, before any training (false: the first row holds no
     scores; worth it where runs share a starting point already scored elsewhere)."""
     batch_size: int = 16
+    """Examples per batch when scoring (loss) and generating (the metric)."""
     max_new_tokens: int = 0
     """Generation length; 0 means the metric's own default (exact_match 16,
     rouge 128, gsm8k 256, humaneval 384)."""

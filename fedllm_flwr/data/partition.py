@@ -40,7 +40,7 @@ def _defer_flwr_datasets_plots() -> None:
     """Load `flwr_datasets.visualization` on first use rather than with the package.
 
     flwr_datasets' `__init__` imports its plotting helpers (seaborn, scipy,
-    matplotlib): over 1 s of the ~9 s it takes a simulation worker, and the
+    matplotlib): over 1 s of what it takes a simulation worker, and the
     ServerApp, to import our stack at every run's start. We only partition; the
     subpackage still loads in full when anything in it is used.
     """

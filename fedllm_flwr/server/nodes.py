@@ -44,7 +44,7 @@ def discover_nodes(grid: Grid, cfg: Config) -> dict[int, dict[str, Any]]:
 
 def example_limits(cfg: Config, nodes: Mapping[int, Mapping[str, Any]], holds_all_data: bool) -> dict[int, int]:
     """Node id -> the most training examples it holds, from the server's own copy
-    of the data (simulation; a deployed site's data is its own, see the README).
+    of the data (simulation; a deployed site's data is its own, see the docs' deployment page).
     `holds_all_data` (scenario=global): the one training node holds every record."""
     from fedllm_flwr.data import train_set, train_size
 

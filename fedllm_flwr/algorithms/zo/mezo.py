@@ -95,7 +95,8 @@ def perturb(params: list[torch.Tensor], seed: int, scale: float) -> None:
     then added: the multiply, the rounding and the addition each one correctly rounded
     operation, whatever the vector width. A GPU node
     draws on the CPU too (a CUDA generator would give another z) and moves each step to
-    the device. The README says what this costs and which platforms were seen to agree."""
+    the device. The docs (features/zeroth-order.md, and the results of
+    benchmarks/zo_draws.py) say what this costs and which platforms were seen to agree."""
     draws = np.random.Generator(np.random.PCG64(int(seed)))
     for param in params:
         z = torch.from_numpy(draws.standard_normal(param.numel())).view(param.shape)
@@ -164,7 +165,7 @@ def check_weights(tensors: Iterable[torch.Tensor], expected: str, what: str) -> 
         raise ValueError(
             f"this node's copy of the global {what} differs from the server's after the same steps (fingerprint "
             f"{held}, the server's {expected}): z was drawn differently here (another torch version or a platform "
-            "the README does not list as agreeing) or the copy was changed on this node; the message is refused "
+            "the docs do not list as agreeing) or the copy was changed on this node; the message is refused "
             "rather than trained on another model"
         )
 
