@@ -1,6 +1,7 @@
 """The server's wait for replies on a deployed grid (`fedllm_flwr.server.grid`)."""
 
 from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
 from fedllm_flwr.server.grid import PolledGrid, polled
 
@@ -26,6 +27,9 @@ class SlowGrid:
         return [1, 2, 3]
 
 
+Grid.register(SlowGrid)  # it keeps Flower's Grid contract for what the server uses
+
+
 def messages(n: int) -> list[Message]:
     return [Message(RecordDict(), dst_node_id=i + 1, message_type=MessageType.QUERY) for i in range(n)]
 
@@ -47,3 +51,5 @@ def test_only_a_deployed_grid_is_wrapped(task_identity):
     assert polled(deployed, 0) is deployed  # 0: Flower's own wait
     wrapped = polled(deployed, 0.2)
     assert isinstance(wrapped, PolledGrid) and polled(wrapped, 0.2) is wrapped
+    in_process = object()  # no Flower Grid (no push and pull): as it is
+    assert polled(in_process, 0.2) is in_process

@@ -46,8 +46,10 @@ class PolledGrid:
 
 
 def polled(grid: Grid, seconds: float) -> Grid:
-    """The grid the server runs on: simulation's own (it already asks every 0.1 s), or
-    a deployed grid that asks every `seconds` (0: Flower's own wait)."""
-    if seconds <= 0 or is_simulation(grid) or isinstance(grid, PolledGrid):
+    """The grid the server runs on: a deployed Flower grid that asks every `seconds`
+    (0: Flower's own wait); any other as it is: simulation's (it already asks every
+    0.1 s) and one that is no Flower `Grid`, with no push and pull to poll with (the
+    tests' in-process nodes)."""
+    if seconds <= 0 or not isinstance(grid, Grid) or is_simulation(grid):
         return grid
     return PolledGrid(grid, seconds)  # type: ignore[return-value]
