@@ -68,8 +68,9 @@ class PrivacyConfig:
     N(0, (z C / n)^2) to the mean of n clipped updates."""
     clipping_norm: float = 1.0
     """dp: C, the L2 norm each client's update (all shared adapter tensors as one
-    vector) is scaled down to. On the default task SmolLM2's LoRA updates after a
-    round (10 steps at lr 1e-3) measure ~3.6-4.0, so 1.0 clips every one of them."""
+    vector) is scaled down to. On the default task a round's LoRA update (10 steps
+    at lr 1e-3) is several times larger, so 1.0 clips every one of them (the
+    Privacy study on the Feature studies page)."""
     delta: float = 1e-5
     """dp: the delta at which epsilon is reported (well below 1 / number of clients)."""
     num_shares: float = 1.0

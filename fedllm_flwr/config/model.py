@@ -21,9 +21,9 @@ class ModelConfig:
     """Load the frozen base quantized with bitsandbytes: `4bit` (NF4 with double
     quantization, computing in the `train.precision` dtype), `8bit` (LLM.int8()),
     or `none`. The decoder's linear layers are quantized; peft's k-bit
-    preparation keeps embeddings and norms in fp32. On SmolLM2-135M the weights
-    take 159 MB in 4-bit against 270 MB in bf16 (the 28M-parameter embedding is
-    fp32). Runs on CPU and CUDA (bitsandbytes >= 0.46)."""
+    preparation keeps embeddings and norms in fp32, so on a model as small as
+    SmolLM2-135M (a 28M-parameter embedding) 4-bit saves little (measured: the
+    Efficiency results page). Runs on CPU and CUDA (bitsandbytes >= 0.46)."""
     share_base: bool = True
     """A process serving several clients (a simulation worker) keeps one frozen
     base model and swaps only the clients' adapters into it (sites of unequal

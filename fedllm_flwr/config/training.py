@@ -30,23 +30,24 @@ class TrainConfig:
     """Gradient clipping (0 disables)."""
     precision: str = "auto"
     """`auto` (bf16 on GPUs that support it, else fp16; on CPU bf16 where it has AVX-512 or
-    Arm BF16, else fp32, as emulated bf16 is ~50x slower), `bf16`, `fp16` (CUDA only, with a
+    Arm BF16, else fp32, as emulated bf16 is many times slower), `bf16`, `fp16` (CUDA only, with a
     GradScaler) or `fp32`. Adapter weights always stay fp32."""
     threads: int = 0
     """torch threads per client process (0 = torch's default; while training under
     scenario=global, where one node trains alone, every core)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead
-    of keeping them: on SmolLM2-135M at batch 4 x ~180 tokens, a step's peak
-    memory drops by ~0.5 GB for about a third more compute."""
+    of keeping them: a step's peak memory drops for more compute (measured on
+    SmolLM2-135M: the Efficiency results page)."""
     checkpoint_every: int = 1
     """With gradient_checkpointing: recompute one decoder layer in N (1: every
     layer). N = 2 keeps half the layers' activations for half the recompute
     (transformers' `every_n_layers`)."""
     response_logits: bool = True
     """Apply the LM head only where a response token is predicted (the loss is
-    the same): ~12% faster steps on Alpaca and no full-vocabulary logits in
-    memory. false computes every position's logits, as transformers does."""
+    the same): faster steps and no full-vocabulary logits in memory (measured:
+    the Efficiency results page, from benchmarks/results/response_logits.json).
+    false computes every position's logits, as transformers does."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
