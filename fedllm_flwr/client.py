@@ -109,6 +109,7 @@ def local_train(
         collate_fn=task.collate,
     )
     start_step, total_steps = (server_round - 1) * cfg.train.local_steps, cfg.num_rounds * cfg.train.local_steps
+    loss_fn = task.loss_fn(cfg, bundle)
     with training_threads(cfg) as threads:
         result = train_steps(
             bundle.model,
@@ -118,7 +119,7 @@ def local_train(
             total_steps=total_steps,
             prox_mu=cfg.strategy.client_proximal_mu,
             compute_dtype=bundle.dtype,
-            loss_fn=task.loss_fn(cfg),
+            loss_fn=loss_fn,
             items_fn=task.items,
         )
     metrics = {
@@ -137,6 +138,7 @@ def local_train(
         "process-start-seconds": started if started is not None else -1.0,
         "model-layers": bundle.model.get_base_model().config.num_hidden_layers,
         "model-parameters": sum(p.numel() for p in bundle.model.parameters()),
+        **task.train_metrics(cfg, loss_fn),
     }
     return get_adapter_state(bundle.model), metrics
 

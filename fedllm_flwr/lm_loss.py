@@ -1,6 +1,7 @@
 """The language-model loss of a prompt-masked batch: what training minimizes and
 held-out evaluation reports (`train.py` and `evaluate/loss.py` both use it), and the
-log-probability of each row's response (task=dpo, `tasks/dpo.py`)."""
+log-probability of each row's response (task=dpo, `tasks/dpo.py`) and of each of its
+tokens (task=grpo, `tasks/grpo/`)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,22 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], response_log
     return F.cross_entropy(response_logits_of(model, batch, keep).float(), targets[keep])
 
 
+def _labelled_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], response_logits: bool, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(log p of every labelled token, flattened row by row, fp32; the mask of labelled
+    positions, rows x (length - 1)); logits divided by `temperature` first."""
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    if response_logits:
+        logits = response_logits_of(model, batch, keep)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1][keep]
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    return -F.cross_entropy(logits, targets[keep], reduction="none"), keep
+
+
 def sequence_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], response_logits: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,17 +102,25 @@ def sequence_logps(
     With `response_logits` the head runs at the labelled positions alone, as for
     `lm_loss`; otherwise the model's logits at every position are computed, their
     last `input_ids` positions taken (prompt learning puts its virtual tokens first)."""
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    if response_logits:
-        logits = response_logits_of(model, batch, keep)
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1][keep]
-    per_token = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    per_token, keep = _labelled_logps(model, batch, response_logits)
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=per_token.device).index_add(0, rows, per_token)
     return sums, keep.sum(dim=1)
+
+
+def token_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], response_logits: bool = True, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(log p of each labelled token, rows x the most labelled tokens of a row, fp32, packed
+    to the left; the mask of which are tokens): per-token log-probabilities of each row's
+    response (task=grpo), its labelled tokens being contiguous."""
+    per_token, keep = _labelled_logps(model, batch, response_logits, temperature)
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if counts.numel() else 0
+    mask = torch.arange(width, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+    out = per_token.new_zeros(mask.shape)
+    out[mask] = per_token  # row-major order on both sides
+    return out, mask
 
 
 def response_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -74,6 +74,12 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
     return torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
 
 
+def _to(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on `device`; anything else a task's collate adds (task=grpo's
+    prompts and records) as it is."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @dataclass
 class TrainResult:
     loss: float
@@ -150,7 +156,7 @@ def train_steps(
                 group["lr"] = lr_at(start_step + step, total, cfg)
             optimizer.zero_grad(set_to_none=True)
             # The step's micro-batches are drawn first: each one's weight needs the step's item count.
-            micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
+            micro = [_to(next(batches), device) for _ in range(cfg.grad_accum)]
             counts = [items_fn(batch) for batch in micro]
             n_items = sum(counts)
             if n_items == 0:  # nothing to predict in any micro-batch: no gradient, no step

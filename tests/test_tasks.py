@@ -16,11 +16,13 @@ from fedllm_flwr.model import clear_model_cache, get_adapter_state
 from fedllm_flwr.tasks.compat import TASK_RECORDS
 from fedllm_flwr.tasks.registry import TASKS, task_of
 
-# (conf/task preset, peft's task type, the client's held-out metric, the server's primary metric)
+# (conf/task preset, peft's task type, the client's held-out metric, the server's primary metric,
+# overrides: answers an untrained tiny model samples never match, so GRPO's row rewards a token's parity)
 ROWS = [
-    ("lm", "CAUSAL_LM", "eval-ppl", "accuracy"),
-    ("reward", "SEQ_CLS", "eval-preference-accuracy", "preference-accuracy"),
-    ("dpo", "CAUSAL_LM", "eval-preference-accuracy", "preference-accuracy"),
+    ("lm", "CAUSAL_LM", "eval-ppl", "accuracy", ()),
+    ("reward", "SEQ_CLS", "eval-preference-accuracy", "preference-accuracy", ()),
+    ("dpo", "CAUSAL_LM", "eval-preference-accuracy", "preference-accuracy", ()),
+    ("grpo", "CAUSAL_LM", "eval-ppl", "accuracy", ("grpo.rewards=[grpo_rewards:parity]",)),
 ]
 
 
@@ -28,13 +30,15 @@ def test_every_task_has_a_module_a_preset_a_record_kind_and_a_row():
     assert set(TASKS) == set(TASK_RECORDS) == {name for name, *_ in ROWS}
     assert {p.stem for p in (conf_dir() / "task").glob("*.yaml")} == set(TASKS)
     assert len({type(task) for task in TASKS.values()}) == len(TASKS), "two names share one task class"
-    assert set(TASK_RECORDS.values()) <= {"prompts", "pairs"}
+    assert set(TASK_RECORDS.values()) <= {"prompts", "pairs", "questions"}
 
 
-@pytest.mark.parametrize("name, task_type, client_metric, primary", ROWS, ids=[r[0] for r in ROWS])
-def test_task_trains_a_batch_and_evaluates_on_client_and_server(name, task_type, client_metric, primary, tiny_cfg):
+@pytest.mark.parametrize("name, task_type, client_metric, primary, overrides", ROWS, ids=[r[0] for r in ROWS])
+def test_task_trains_a_batch_and_evaluates_on_client_and_server(
+    name, task_type, client_metric, primary, overrides, tiny_cfg
+):  # fmt: skip
     clear_model_cache()
-    cfg = tiny_cfg(f"task={name}", "train.precision=fp32")
+    cfg = tiny_cfg(f"task={name}", "train.precision=fp32", *overrides)
     task = task_of(cfg)
     assert task is TASKS[name] and task.peft_task_type == task_type
     bundle, data = _setup(cfg, 0, 1)
@@ -42,7 +46,7 @@ def test_task_trains_a_batch_and_evaluates_on_client_and_server(name, task_type,
 
     # One batch of the task's own collate: a finite loss with a gradient, counted in items.
     batch = next(iter_batches(data.train, 4, bundle.tokenizer.pad_token_id, seed=0, collate_fn=task.collate))
-    loss = task.loss_fn(cfg)(bundle.model, batch)
+    loss = task.loss_fn(cfg, bundle)(bundle.model, batch)
     loss.backward()
     assert torch.isfinite(loss) and 0 < task.items(batch) <= batch["input_ids"].numel()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bundle.model.parameters() if p.requires_grad)

@@ -1,7 +1,7 @@
 """Typed config: one module per family of groups, the whole schema, and the Hydra bridge.
 
-- `model`: `model.*`, `peft.*`;  `data`: `dataset.*`;
-  `training`: `train.*`, `eval.*`, `task.*`, `reward_loss.*`, `dpo_loss.*`;
+- `model`: `model.*`, `peft.*`, `init.*`;  `data`: `dataset.*`;
+  `training`: `train.*`, `eval.*`, `task.*`, `reward_loss.*`, `dpo_loss.*`, `grpo.*`;
   `federation`: `strategy.*`, `personalize.*`, `algorithm.*`, `scenario.*`;
   `messages`: `compression.*`, `privacy.*`;  `run`: `run.*`, `sweep.*`;
 - `schema`: `Config`, every group together; `rules`: what each plug-in declares it cannot
@@ -30,6 +30,7 @@ from fedllm_flwr.config.federation import (
 from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
 from fedllm_flwr.config.model import (
     AdapterConfig,
+    InitConfig,
     ModelConfig,
 )
 from fedllm_flwr.config.run import LogConfig, RunConfig, SweepConfig
@@ -39,6 +40,7 @@ from fedllm_flwr.config.training import (
     REWARD_LOSSES,
     DpoLossConfig,
     EvalConfig,
+    GrpoConfig,
     RewardLossConfig,
     TaskConfig,
     TrainConfig,
@@ -57,6 +59,8 @@ __all__ = [
     "DatasetConfig",
     "EvalConfig",
     "FieldsConfig",
+    "GrpoConfig",
+    "InitConfig",
     "ModelConfig",
     "PartitionConfig",
     "PersonalizeConfig",

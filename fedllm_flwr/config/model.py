@@ -104,3 +104,14 @@ class AdapterConfig:
         if r == self.r:
             return self
         return dataclasses.replace(self, r=r, alpha=self.alpha * r / self.r)
+
+
+@dataclass
+class InitConfig:
+    """Where the global adapter starts."""
+
+    adapter: str = ""
+    """A saved adapter folder (peft's `adapter_config.json` and
+    `adapter_model.safetensors`, e.g. another run's `adapter/final`) to start from
+    instead of the seeded initial adapter; its method, rank and target modules must
+    match `peft.*`. Read by the server only. Empty: the seeded adapter."""

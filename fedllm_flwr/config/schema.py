@@ -21,9 +21,16 @@ from fedllm_flwr.config.federation import (
     ZoConfig,
 )
 from fedllm_flwr.config.messages import CompressionConfig, PrivacyConfig
-from fedllm_flwr.config.model import AdapterConfig, ModelConfig
+from fedllm_flwr.config.model import AdapterConfig, InitConfig, ModelConfig
 from fedllm_flwr.config.run import LogConfig, RunConfig, SweepConfig
-from fedllm_flwr.config.training import DpoLossConfig, EvalConfig, RewardLossConfig, TaskConfig, TrainConfig
+from fedllm_flwr.config.training import (
+    DpoLossConfig,
+    EvalConfig,
+    GrpoConfig,
+    RewardLossConfig,
+    TaskConfig,
+    TrainConfig,
+)
 
 
 @dataclass
@@ -46,6 +53,8 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     reward_loss: RewardLossConfig = field(default_factory=RewardLossConfig)
     dpo_loss: DpoLossConfig = field(default_factory=DpoLossConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)

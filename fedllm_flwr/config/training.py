@@ -1,8 +1,9 @@
-"""How a client trains and how results are scored: `train.*`, `eval.*`, `task.*`, `reward_loss.*`, `dpo_loss.*`."""
+"""How a client trains and how results are scored: `train.*`, `eval.*`, `task.*`, `reward_loss.*`,
+`dpo_loss.*`, `grpo.*`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedllm_flwr.tasks.compat import TASK_RECORDS
 
@@ -119,7 +120,10 @@ class TaskConfig:
     optimisation of the language model itself on the same pairs, with `dpo_loss`;
     the reference policy is the base with the adapter switched off (no second model
     held). Scored by implicit-reward accuracy and margin, and at the end by how often
-    greedy answers are closer to the chosen than to the rejected response."""
+    greedy answers are closer to the chosen than to the rejected response. `grpo`:
+    reinforcement learning from rewards each site computes on its own (`grpo.*`):
+    per prompt a group of sampled answers, each rewarded by the site's reward
+    functions, pushed toward those above their group's mean; scored as `lm` is."""
 
     def __post_init__(self) -> None:
         if self.name not in TASK_RECORDS:
@@ -128,7 +132,12 @@ class TaskConfig:
     @property
     def pairs(self) -> bool:
         """Whether the task reads preference pairs rather than instruction records (`TASK_RECORDS`)."""
-        return TASK_RECORDS[self.name] == "pairs"
+        return self.records == "pairs"
+
+    @property
+    def records(self) -> str:
+        """The records the task reads (`TASK_RECORDS`): prompts, pairs or questions."""
+        return TASK_RECORDS[self.name]
 
 
 #: Pairwise reward losses (conf/reward_loss/; fedllm_flwr/tasks/reward.py).
@@ -191,3 +200,71 @@ class DpoLossConfig:
             raise ValueError("dpo_loss: beta > 0 and label_smoothing in [0, 0.5) are required")
         if self.label_smoothing and self.name not in ("sigmoid", "robust"):
             raise ValueError(f"dpo_loss.label_smoothing applies to sigmoid and robust, not {self.name}")
+
+
+#: GRPO's loss normalisations and reward scalings (fedllm_flwr/tasks/grpo/losses.py).
+GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
+GRPO_SCALES = ("group", "batch", "none")
+
+
+@dataclass
+class GrpoConfig:
+    """task=grpo: group-relative policy optimisation with rewards computed at each site
+    (TRL 1.16's `GRPOConfig` names and defaults where one exists)."""
+
+    group_size: int = 4
+    """Answers sampled per prompt, G (TRL's `num_generations`). A step trains on
+    `train.batch_size` prompts x G answers."""
+    temperature: float = 1.0
+    """Sampling temperature of the answers."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (1: all)."""
+    max_new_tokens: int = 16
+    """Longest answer sampled, in tokens (TRL's `max_completion_length`); `dr_grpo`
+    divides by it."""
+    beta: float = 0.04
+    """Weight of the KL term to the reference (the base with the adapter off); 0 drops
+    the term and the reference's forward pass (TRL's default is 0)."""
+    epsilon: float = 0.2
+    """The policy ratio is clipped to [1 - epsilon, 1 + epsilon_high]."""
+    epsilon_high: float = 0.0
+    """The clip's upper side (DAPO's clip-higher); 0 means `epsilon`."""
+    loss_type: str = "dapo"
+    """How token losses are averaged: `grpo` (per answer, then over answers),
+    `bnpo` (over the batch's tokens), `dr_grpo` (over answers x max_new_tokens),
+    `dapo` (over the step's tokens; TRL's default)."""
+    scale_rewards: str = "group"
+    """Advantages are rewards minus their group's mean, divided by the group's std
+    (`group`), by the batch's (`batch`), or not divided (`none`, Dr. GRPO)."""
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Reward functions, summed: built-in names (`exact_match`, `gsm8k`, `humaneval`,
+    `format`, `brevity`) or a callable by dotted path, `package.module:function`
+    (fedllm_flwr/tasks/grpo/rewards.py says what it receives)."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward function (empty: all 1)."""
+    client_rewards: list[str] = field(default_factory=list)
+    """Per site, by partition id: its own reward functions, comma-separated
+    (`["exact_match", "exact_match,brevity"]`); a SuperNode's `--node-config
+    grpo-rewards=...` takes precedence. Empty: every site uses `rewards`."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"grpo.group_size must be >= 2 (a group needs answers to compare), got {self.group_size}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ValueError("grpo: temperature > 0, top_p in (0, 1] and max_new_tokens >= 1 are required")
+        if self.beta < 0 or not 0 <= self.epsilon < 1 or self.epsilon_high < 0:
+            raise ValueError("grpo: beta >= 0, epsilon in [0, 1) and epsilon_high >= 0 are required")
+        if self.loss_type not in GRPO_LOSSES:
+            raise ValueError(f"grpo.loss_type={self.loss_type!r}: use one of {', '.join(GRPO_LOSSES)}")
+        if self.scale_rewards not in GRPO_SCALES:
+            raise ValueError(f"grpo.scale_rewards={self.scale_rewards!r}: use one of {', '.join(GRPO_SCALES)}")
+        if not self.rewards:
+            raise ValueError("grpo.rewards must name at least one reward function")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"grpo.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} reward functions"
+            )
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon_high or self.epsilon

@@ -11,8 +11,12 @@ from datasets import Dataset
 from fedllm_flwr.config import Config
 from fedllm_flwr.data.pairs import PairSet, tokenize_pair
 from fedllm_flwr.data.partition import partition_dataset, split_holdout
-from fedllm_flwr.data.prompts import LazyExamples, tokenize_records
+from fedllm_flwr.data.prompts import LazyExamples, tokenize_question, tokenize_records
 from fedllm_flwr.data.sources import load_records, to_dataset
+
+#: How a client's training records are tokenized, by the records its task reads
+#: (`fedllm_flwr.tasks.compat.TASK_RECORDS`); None: prompt-masked LM examples.
+TOKENIZE = {"prompts": None, "pairs": tokenize_pair, "questions": tokenize_question}
 
 _RECORDS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]] = {}
 _TRAIN_SETS: dict[str, Dataset] = {}
@@ -58,10 +62,7 @@ class ClientData:
     (tokenized when first evaluated)."""
 
     def __init__(self, cfg: Config, fit: Dataset, hold: Dataset, tokenizer) -> None:
-        tokenize = None
-        if _pairs(cfg):
-            tokenize = tokenize_pair
-        self.train = LazyExamples(fit, tokenizer, cfg.dataset.max_seq_len, tokenize)
+        self.train = LazyExamples(fit, tokenizer, cfg.dataset.max_seq_len, TOKENIZE[cfg.task.records])
         self._cfg, self._hold, self._tokenizer = cfg, hold, tokenizer
 
     @functools.cached_property

@@ -71,6 +71,16 @@ def tokenize_example(record: dict[str, str], tokenizer, max_seq_len: int, bos: l
     return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
 
 
+def tokenize_question(record: dict[str, str], tokenizer, max_seq_len: int, bos: list[int]):
+    """(prompt ids, the record) for a task that samples its own answers (task=grpo): the
+    prompt up to the response header, and the record its reward functions read; None
+    when the prompt leaves no room for an answer within `max_seq_len`."""
+    prompt = bos + tokenizer.encode(
+        format_prompt(record["instruction"], record.get("input", "")), add_special_tokens=False
+    )
+    return (prompt, record) if len(prompt) < max_seq_len else None
+
+
 def tokenize_records(records: Iterable[dict[str, str]], tokenizer, max_seq_len: int) -> TokenizedSet:
     """Tokenize every record (see `tokenize_example`).
 

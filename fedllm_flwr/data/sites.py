@@ -1,5 +1,5 @@
 """What a SuperNode holds and uses: a partition of the run's dataset or its own
-file, and its LoRA rank.
+file, its LoRA rank, and its reward functions (task=grpo).
 
 Read from the node's config (`--node-config`, or the simulation's partition ids).
 """
@@ -12,6 +12,7 @@ from typing import Any
 
 from fedllm_flwr.config import Config
 from fedllm_flwr.strategy.compat import RANKED_STRATEGIES
+from fedllm_flwr.tasks.grpo.rewards import site_reward_specs
 
 #: A SuperNode's `--node-config` key for its own LoRA rank.
 RANK_KEY = "lora-rank"
@@ -19,11 +20,24 @@ RANK_KEY = "lora-rank"
 
 def site_config(cfg: Config, node_config: Mapping[str, Any]) -> Config:
     """The run's config as this SuperNode uses it: its own LoRA rank
-    (`site_rank`) and its own data (`site_data_config`)."""
+    (`site_rank`), its own data (`site_data_config`) and its own reward functions."""
     rank = site_rank(cfg, node_config)
     if rank != cfg.peft.r:
         cfg = dataclasses.replace(cfg, peft=cfg.peft.at_rank(rank))
-    return site_data_config(cfg, node_config)
+    return site_rewards(site_data_config(cfg, node_config), node_config)
+
+
+def site_rewards(cfg: Config, node_config: Mapping[str, Any]) -> Config:
+    """The config with this SuperNode's reward functions as `grpo.rewards`: its
+    `--node-config grpo-rewards` (comma-separated), else its entry of
+    `grpo.client_rewards`; a site's own list is unweighted (every weight 1)."""
+    if "grpo-rewards" not in node_config and not cfg.grpo.client_rewards:
+        return cfg
+    partition_id = partition_of(node_config)[0] if "grpo-rewards" not in node_config else 0
+    specs, _ = site_reward_specs(cfg.grpo.rewards, cfg.grpo.client_rewards, dict(node_config), partition_id)
+    if specs == list(cfg.grpo.rewards):
+        return cfg
+    return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, rewards=specs, reward_weights=[]))
 
 
 def site_data_config(cfg: Config, node_config: Mapping[str, Any]) -> Config:

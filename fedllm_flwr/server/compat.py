@@ -1,12 +1,14 @@
-"""What personalization (`personalize.*`) and resuming (`resume`) cannot serve, read by
-the config: both live on the server's side of a run (`personalize`, `resume`)."""
+"""What personalization (`personalize.*`), resuming (`resume`) and a saved starting adapter
+(`init.adapter`) cannot serve, read by the config: all live on the server's side of a run
+(`personalize`, `resume`, `init_adapter`)."""
 
 from __future__ import annotations
 
-from fedllm_flwr.compat import FED_ONLY, FT_STEPS, PRIVATE, PRIVATE_TENSORS, Conflict, is_set, one_of
+from fedllm_flwr.compat import FED_ONLY, FT_STEPS, PRIVATE, PRIVATE_TENSORS, Conflict, is_set, not_in, one_of
 from fedllm_flwr.peft_methods.compat import SINGLE_TENSOR_METHODS
 
 RESUME = is_set("resume")
+INIT_ADAPTER = is_set("init.adapter")
 
 CONFLICTS = (
     # --- personalization: it tunes or keeps part of the federated adapter ---------------
@@ -22,4 +24,9 @@ CONFLICTS = (
     Conflict(RESUME, is_set("compression.error_feedback"),
              "the clients' error-feedback residuals live on the clients only (resume with "
              "compression.error_feedback=false, or restart the run)", only_if=one_of("compression.up", "int8", "topk")),
+    # --- a saved starting adapter: the server reads it into the global adapter ------------
+    Conflict(INIT_ADAPTER, not_in("algorithm", "none"),
+             "this algorithm builds every node's starting model from the seed, not from the global adapter"),
+    Conflict(INIT_ADAPTER, PRIVATE_TENSORS,
+             "private tensors start on each node from the seeded adapter, and only the server reads the file"),
 )  # fmt: skip

@@ -19,6 +19,7 @@ from fedllm_flwr.algorithms.registry import algorithm_for
 from fedllm_flwr.config import Config
 from fedllm_flwr.data import records, test_records
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.init_adapter import read_adapter
 from fedllm_flwr.model import count_parameters
 from fedllm_flwr.plot import write_curves
 from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
@@ -62,6 +63,9 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     # The seeded initial adapter, not what the model holds now: a process that ran a job
     # before (a test, a sweep's warm server) left that job's last adapter in it.
     initial = dict(bundle.initial)
+    if cfg.init.adapter:  # a saved adapter instead (checked against the configured one)
+        initial = read_adapter(bundle.model, cfg.init.adapter)
+        log(INFO, "[fedllm-flwr] the global adapter starts from %s", cfg.init.adapter)
     if cfg.personalize.private:
         shared = {k: v for k, v in initial.items() if not cfg.personalize.is_private(k)}
         if len(shared) in (0, len(initial)):
@@ -74,6 +78,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
             len(initial) - len(shared), len(initial))  # fmt: skip
         initial = shared
     test = test_records(cfg)
+    task_of(cfg).check(cfg)  # the task's own settings (GRPO's reward functions import)
     task_of(cfg).generation_records(cfg, test)  # HumanEval's problems load (or fail) before the run folder exists
     done, state = 0, None  # rounds completed before this start, the strategy's state then (a resumed run)
     if cfg.resume:

@@ -57,7 +57,7 @@ def partition_of(content: RecordDict) -> int:
     return int(value) if isinstance(value, (int, float)) else -1
 
 
-SUMMED = ("num-examples", "tokens", "examples-seen", "skipped-steps")
+SUMMED = ("num-examples", "tokens", "examples-seen", "skipped-steps", "grpo-answers", "grpo-dropped-answers")
 MAXED = ("seconds", "peak-memory-mb", "model-layers", "model-parameters", "model-load-seconds",
          "process-start-seconds", "catch-up-seconds")  # fmt: skip
 IDENTIFIERS = ("partition-id",)

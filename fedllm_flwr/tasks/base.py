@@ -40,9 +40,13 @@ class Task:
         """A training batch from the rows `LazyExamples` yields (`iter_batches`' collate_fn)."""
         raise NotImplementedError
 
-    def loss_fn(self, cfg: Config) -> LossFn:
-        """The training loss of a batch (`train_steps`' loss_fn)."""
+    def loss_fn(self, cfg: Config, bundle: ModelBundle) -> LossFn:
+        """The training loss of a batch (`train_steps`' loss_fn) of the model in `bundle`."""
         raise NotImplementedError
+
+    def train_metrics(self, cfg: Config, loss_fn: LossFn) -> dict[str, float]:
+        """Figures of a round's training that only the task knows, for the reply (none by default)."""
+        return {}
 
     def items(self, batch: Batch) -> int:
         """How many items the loss of `batch` averages over: a micro-batch's weight in an
@@ -57,6 +61,10 @@ class Task:
         """A client's `eval-*` metrics of the adapter in `bundle` on its non-empty held-out split,
         and their weight, `num-examples` (the split's size)."""
         raise NotImplementedError
+
+    def check(self, cfg: Config) -> None:
+        """What the server checks of the task's own settings before the run folder exists
+        or a message is sent (UserError in one line); nothing by default."""
 
     def generation_records(self, cfg: Config, test: list[dict[str, str]]) -> list[dict]:
         """What the server generates answers for (from the test records); loaded before

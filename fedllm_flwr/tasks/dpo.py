@@ -148,7 +148,7 @@ class DpoTask(PairTask):
 
     peft_task_type = "CAUSAL_LM"
 
-    def loss_fn(self, cfg: Config) -> LossFn:
+    def loss_fn(self, cfg: Config, bundle: ModelBundle) -> LossFn:
         return dpo_loss_fn(cfg.dpo_loss, cfg.train.response_logits)
 
     def score(self, cfg: Config, model: torch.nn.Module, data: PairSet, pad_id: int) -> dict[str, float]:

@@ -38,7 +38,7 @@ class LmTask(Task):
     def collate(self, rows: list, pad_id: int) -> Batch:
         return collate_examples(rows, pad_id)
 
-    def loss_fn(self, cfg: Config) -> LossFn:
+    def loss_fn(self, cfg: Config, bundle: ModelBundle) -> LossFn:
         return lambda model, batch: lm_loss(model, batch, cfg.train.response_logits)
 
     def items(self, batch: Batch) -> int:

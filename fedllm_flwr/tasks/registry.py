@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING
 from fedllm_flwr.tasks.base import Task
 from fedllm_flwr.tasks.compat import TASKS as NAMES
 from fedllm_flwr.tasks.dpo import DpoTask
+from fedllm_flwr.tasks.grpo.task import GrpoTask
 from fedllm_flwr.tasks.lm import LmTask
 from fedllm_flwr.tasks.reward import RewardTask
 
 if TYPE_CHECKING:
     from fedllm_flwr.config import Config
 
-_CLASSES = {kind.__name__: kind for kind in (LmTask, RewardTask, DpoTask)}
+_CLASSES = {kind.__name__: kind for kind in (LmTask, RewardTask, DpoTask, GrpoTask)}
 #: Every task by its `task.name`.
 TASKS: dict[str, Task] = {name: _CLASSES[kind]() for name, kind in NAMES.items()}
 

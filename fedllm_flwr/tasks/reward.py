@@ -34,6 +34,7 @@ from fedllm_flwr.tasks.base import LossFn, PairTask
 
 if TYPE_CHECKING:
     from fedllm_flwr.config import Config
+    from fedllm_flwr.model import ModelBundle
 
 
 def margins(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -97,7 +98,7 @@ class RewardTask(PairTask):
 
     peft_task_type = "SEQ_CLS"
 
-    def loss_fn(self, cfg: Config) -> LossFn:
+    def loss_fn(self, cfg: Config, bundle: ModelBundle) -> LossFn:
         return reward_loss_fn(cfg.reward_loss)
 
     def score(self, cfg: Config, model: torch.nn.Module, data: PairSet, pad_id: int) -> dict[str, float]:
