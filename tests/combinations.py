@@ -44,12 +44,14 @@ GROUPS: dict[str, dict[str, list[str]]] = {
                      "per_client": ["strategy.availability=per_client", "strategy.available_per_client=[1.0,0.6]"],
                      "category": ["strategy.availability=category", "strategy.available_per_category=[add:0.5]"]},
     "resume": {"no": [], "yes": ["resume=RESUME"]},
+    "init": {"seeded": [], "adapter": ["init.adapter=INIT_ADAPTER"]},
     "share_base": {"true": [], "false": ["model.share_base=false"]},
 }  # fmt: skip
 
 #: The key each group's values are told apart by in a refusal (the message must name it).
 KEYS = {"ranks": "peft.client_ranks", "personalize": "personalize.", "availability": "strategy.availability",
-        "share_base": "model.share_base", "algorithm": "algorithm", "compression": "compression"}  # fmt: skip
+        "share_base": "model.share_base", "algorithm": "algorithm", "compression": "compression",
+        "init": "init.adapter"}  # fmt: skip
 
 #: personalize.private's pattern per method: some but not all of its adapter tensors.
 PRIVATE_PATTERN = {"lora": "lora_B", "dora": "lora_B", "ffa_lora": "q_proj", "adalora": "lora_B",
@@ -68,7 +70,7 @@ def overrides(row: Row) -> list[str]:
     for group, value in row.items():
         for item in GROUPS[group][value]:
             item = item.replace("PRIVATE", PRIVATE_PATTERN.get(row.get("peft", "lora"), "lora_B"))
-            out.append(item.replace("RESUME", "/nonexistent/run"))
+            out.append(item.replace("RESUME", "/nonexistent/run").replace("INIT_ADAPTER", "/nonexistent/adapter"))
     return out
 
 
@@ -85,7 +87,8 @@ def _changes(group: str, value: str) -> tuple[tuple[str, Any], ...]:
     (personalize.private's pattern left as the placeholder PRIVATE)."""
     from fedllm_flwr.config import compose_cfg
 
-    items = [i.replace("RESUME", "/nonexistent/run") for i in GROUPS[group][value]]
+    items = [i.replace("RESUME", "/nonexistent/run").replace("INIT_ADAPTER", "/nonexistent/adapter")
+             for i in GROUPS[group][value]]  # fmt: skip
     composed = OmegaConf.to_container(compose_cfg(items))
     return tuple(_diff(OmegaConf.to_container(_default()), composed))
 
@@ -150,7 +153,7 @@ KEY_GROUPS = {
     "peft.client_ranks": "ranks", "peft.freeze_a": "peft", "zo.params": "algorithm", "compression.up": "compression",
     "compression.down": "compression", "compression.error_feedback": "compression", "personalize.ft_steps":
     "personalize", "personalize.private": "personalize", "strategy.availability": "availability",
-    "model.share_base": "share_base",
+    "model.share_base": "share_base", "init.adapter": "init",
 }  # fmt: skip
 REFUSAL = re.compile(r"^invalid config: ([\w.]+)=.* cannot be combined with ([\w.]+)=.*?: \S")
 
@@ -194,8 +197,8 @@ def complete(row: Row, prefer: Callable[[str, str], int] = lambda group, value: 
         return not any(frozenset([(group, value), item]) in clash for item in chosen.items())
 
     def search(chosen: Row, todo: list[str]) -> Row | None:
-        if not todo:
-            return chosen
+        if not todo:  # the config reports one conflict at a time: a whole row is built to be sure
+            return chosen if refusal(chosen) is None else None
         group, *others = todo
         for value in sorted(GROUPS[group], key=lambda v: -prefer(group, v)):
             if fits(group, value, chosen):

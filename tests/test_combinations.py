@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from combinations import (
     GROUPS,
@@ -29,6 +30,7 @@ from conftest import ROOT, TINY_OVERRIDES, docs_hooks
 from federation import run_federation
 from invariants import check_end, check_resume, check_round
 
+from fedllm_flwr.client import client_bundle
 from fedllm_flwr.config import cfg_to_yaml, load_cfg, rules
 
 ROWS = json.loads(ROWS_FILE.read_text())
@@ -76,12 +78,36 @@ def matrix_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("matrix") / "model", layers=3)
 
 
+def saved_adapter(cfg, folder: Path) -> Path:
+    """The adapter `cfg` trains, every tensor moved by a seeded 0.01 x N(0, 1), saved in
+    peft's format (the model's own adapter put back)."""
+    import torch
+
+    from fedllm_flwr.model import get_adapter_state, set_adapter_state
+
+    bundle = client_bundle(cfg, 0)
+    before = get_adapter_state(bundle.model)
+    g = torch.Generator().manual_seed(1)
+    set_adapter_state(bundle.model, {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in before.items()})
+    bundle.model.save_pretrained(folder)
+    set_adapter_state(bundle.model, before)
+    return folder
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[_name(r) or "defaults" for r in ROWS])
-def test_a_row_of_the_matrix_keeps_every_guarantee(row, monkeypatch, matrix_model_dir, task_identity):
+def test_a_row_of_the_matrix_keeps_every_guarantee(row, monkeypatch, matrix_model_dir, task_identity, tmp_path):
     base = [f"model.name={matrix_model_dir}", *TINY_OVERRIDES, *MATRIX]
-    items = [o for o in overrides(row) if not o.startswith("resume=")]
+    items = [o for o in overrides(row) if not o.startswith(("resume=", "init.adapter="))]
+    if row["init"] == "adapter":  # a saved adapter of this row's kind, moved off the seeded one
+        items.append(f"init.adapter={saved_adapter(load_cfg([*base, *items]), tmp_path / 'start')}")
     whole = run_federation(monkeypatch, [*base, *items], nodes=2, after_round=check_round)
     check_end(whole)
+    if row["init"] == "adapter":  # round 0 is the saved adapter, not the seeded one
+        from fedllm_flwr.init_adapter import read_adapter
+
+        start = read_adapter(client_bundle(whole.cfg, 0).model, whole.cfg.init.adapter)
+        held = whole.arrays[0]
+        assert all(np.array_equal(np.asarray(held[k]), start[k].numpy()) for k in held), "round 0 is not the file"
     assert cfg_to_yaml(whole.cfg) == cfg_to_yaml(load_cfg([*base, *items, "run.warm_up=false"]))
     rows = whole.rows()
     assert [r["round"] for r in rows] == [0, 1, 2]

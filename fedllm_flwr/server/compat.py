@@ -29,4 +29,8 @@ CONFLICTS = (
              "this algorithm builds every node's starting model from the seed, not from the global adapter"),
     Conflict(INIT_ADAPTER, PRIVATE_TENSORS,
              "private tensors start on each node from the seeded adapter, and only the server reads the file"),
+    Conflict(INIT_ADAPTER, is_set("peft.client_ranks"),
+             "the global adapter's rank is the largest site's, learned when the run starts"),
+    Conflict(INIT_ADAPTER, one_of("peft", "p_tuning"),
+             "peft saves P-tuning's prompt embeddings, not the encoder that trains them"),
 )  # fmt: skip

@@ -21,19 +21,26 @@ if TYPE_CHECKING:
     from fedllm_flwr.model import ModelBundle
 
 
-def holdout_scores(cfg: Config, bundle: ModelBundle, data: ClientData) -> dict[str, float]:
-    """Held-out loss and, when the dataset has one, its generation metric."""
+def holdout_scores(cfg: Config, bundle: ModelBundle, data: ClientData, lengths: bool = False) -> dict[str, float]:
+    """Held-out loss and, when the dataset has one, its generation metric; with `lengths`,
+    also the mean length in tokens of the answers it scored (`answer-tokens`)."""
     loss = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
     scores = {"eval-loss": loss["loss"]}
     metric = cfg.dataset.metric
     if metric in PRIMARY and metric != "humaneval" and data.holdout_records:
-        values, _ = run_benchmark(metric, bundle.model, bundle.tokenizer, data.holdout_records, cfg.eval)
+        values, samples = run_benchmark(metric, bundle.model, bundle.tokenizer, data.holdout_records, cfg.eval)
         scores[PRIMARY[metric]] = values[PRIMARY[metric]]
+        if lengths:
+            answers = [s.get("prediction", s.get("completion", "")) for s in samples]
+            tokens = [len(bundle.tokenizer.encode(a, add_special_tokens=False)) for a in answers]
+            scores["answer-tokens"] = sum(tokens) / max(len(tokens), 1)
     return scores
 
 
 class LmTask(Task):
     peft_task_type = "CAUSAL_LM"
+    answer_lengths = False
+    """Whether clients asked for the generation metric also report their answers' mean length."""
 
     def collate(self, rows: list, pad_id: int) -> Batch:
         return collate_examples(rows, pad_id)
@@ -52,7 +59,8 @@ class LmTask(Task):
         result = evaluate_loss(bundle.model, data.holdout, bundle.tokenizer.pad_token_id, cfg.eval.batch_size)
         metrics = {"eval-loss": result["loss"], "eval-ppl": result["ppl"], "num-examples": len(data.holdout)}
         if cfg.eval.client_metric:
-            metrics.update({f"eval-{k}": v for k, v in holdout_scores(cfg, bundle, data).items() if k != "eval-loss"})
+            scores = holdout_scores(cfg, bundle, data, self.answer_lengths)
+            metrics.update({f"eval-{k}": v for k, v in scores.items() if k != "eval-loss"})
         return metrics
 
     def generation_records(self, cfg: Config, test: list[dict[str, str]]) -> list[dict]:

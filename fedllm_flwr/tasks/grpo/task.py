@@ -129,6 +129,7 @@ class GrpoTask(LmTask):
     """Trained by `GrpoLoss` on prompts alone (`data.prompts.tokenize_question`), scored as task=lm."""
 
     peft_task_type = "CAUSAL_LM"
+    answer_lengths = True  # what a site's reward for brevity changes
 
     def collate(self, rows: list, pad_id: int) -> dict:
         """Left-padded prompts (for the step's counts), the prompts themselves and their records."""
