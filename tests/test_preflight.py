@@ -21,6 +21,7 @@ from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.preflight import check_external, run_checks
 from fedllm_flwr.run_dir import CHECKPOINT
+from fedllm_tools.cli import main
 
 AS_ROOT = os.geteuid() == 0
 
@@ -283,3 +284,22 @@ def test_the_server_stops_at_the_line_before_it_uses_the_grid(monkeypatch, tiny_
     with pytest.raises(UserError, match="^MLFLOW_TRACKING_URI: .*: connection refused"):
         run_server(object(), tiny_cfg("log.mlflow=true"))
     assert not home.exists()
+
+
+def test_check_command_prints_an_ok_line_per_check_and_exits_0(tiny_model_dir, capsys, home):
+    assert main(["check", f"model.name={tiny_model_dir}", "dataset.synthetic.train_per_task=10"]) == 0
+    out = capsys.readouterr().out
+    assert f"ok      run.output_dir (in $FEDLLM_FLWR_HOME): {home}/outputs (can be created, " in out
+    assert "adapter: lora" in out
+    assert not home.exists()
+
+
+def test_check_command_exits_2_with_the_line_on_a_bad_value(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "notes.jsonl"
+    args = ["check", f"model.name={tiny_model_dir}", "dataset=file", f"dataset.path={data}"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    line = f"dataset.path: {data}: does not exist"
+    assert f"problem {line}" in captured.out.splitlines()
+    assert captured.err == f"fedllm-flwr: error: {line}\n"
+    assert "adapter:" not in captured.out  # the model is not loaded
