@@ -20,6 +20,7 @@ the ML stack.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
 import os
@@ -143,21 +144,24 @@ def _folder(key: str, folder: Path, shown: Path | None = None) -> Check:
 
 
 def _output_dir(cfg: Config, run_path: Path) -> Check:
-    if cfg.run.name and run_path.is_dir() and any(run_path.iterdir()):
-        return Check("run.name", str(run_path), "already exists and is not empty; choose another run.name")
+    with contextlib.suppress(OSError):  # a parent that may not be searched: _writable says so
+        if cfg.run.name and run_path.is_dir() and any(run_path.iterdir()):
+            return Check("run.name", str(run_path), "already exists and is not empty; choose another run.name")
     relative = not Path(cfg.run.output_dir).expanduser().is_absolute()
     return _folder("run.output_dir (in $FEDLLM_FLWR_HOME)" if relative else "run.output_dir", run_path.parent)
 
 
 def _resume_folder(path: Path) -> Check:
-    if not path.is_dir():
-        return Check("resume", str(path), "is a file, not a run folder" if path.exists() else "does not exist")
-    if not (path / "config.yaml").is_file():
-        return Check("resume", str(path), "not a run folder (no config.yaml)")
-    if not (path / CHECKPOINT).is_file():
-        return Check(
-            "resume", str(path), f"holds no checkpoint ({CHECKPOINT}): it stopped before its first round ended"
-        )
+    try:
+        if not path.is_dir():
+            return Check("resume", str(path), "is a file, not a run folder" if path.exists() else "does not exist")
+        if not (path / "config.yaml").is_file():
+            return Check("resume", str(path), "not a run folder (no config.yaml)")
+        if not (path / CHECKPOINT).is_file():
+            why = "it stopped before its first round ended"
+            return Check("resume", str(path), f"holds no checkpoint ({CHECKPOINT}): {why}")
+    except OSError as exc:
+        return Check("resume", str(path), f"cannot be reached ({exc.strerror})")
     return _folder("resume", path)
 
 
@@ -175,14 +179,18 @@ def _model_cache(cfg: Config) -> Check:
 
 
 def _data_file(key: str, path: Path) -> Check:
-    if not path.exists():
-        hint = "" if path.is_absolute() else f" (relative to {Path.cwd()}: give an absolute path)"
-        return Check(key, str(path), f"does not exist{hint}")
-    if not path.is_file():
-        return Check(key, str(path), "is a folder, not a data file" if path.is_dir() else "not a regular file")
+    try:
+        if not path.exists():
+            hint = "" if path.is_absolute() else f" (relative to {Path.cwd()}: give an absolute path)"
+            return Check(key, str(path), f"does not exist{hint}")
+        if not path.is_file():
+            return Check(key, str(path), "is a folder, not a data file" if path.is_dir() else "not a regular file")
+        size = path.stat().st_size
+    except OSError as exc:
+        return Check(key, str(path), f"cannot be reached ({exc.strerror})")
     if not os.access(path, os.R_OK):
         return Check(key, str(path), "not readable (permission denied)")
-    return Check(key, str(path), detail=f"readable, {_size(path.stat().st_size)}")
+    return Check(key, str(path), detail=f"readable, {_size(size)}")
 
 
 def _shown_uri(uri: str) -> str:
