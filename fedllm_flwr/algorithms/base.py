@@ -41,6 +41,10 @@ class Algorithm:
     model_before_first_round: bool = True
     """Whether a node knows the model it trains before its first message (a warm-up
     loads it then); FedOT's emulator comes with that message."""
+    server_writes_model_cache: bool = False
+    """Whether the server writes into the model cache (`model.cache_dir`) whatever the
+    model: checked writable before a run starts (fedllm_flwr/preflight.py), as it is for
+    a GGUF converted there."""
     model_saver: Callable[[Any, Path], Path] | None = None
     """When set, the global model is the whole model, not an adapter: the server saves
     it with this (`bundle`, target folder) as `model/final` only."""

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Where a site's data file is named (deployment with dataset.source=sites).
+SITE_KEY = "the SuperNode's --node-config data-path"
+
+
+def is_local_path(path: str) -> bool:
+    """Whether a `dataset.path` / `test_path` names a local file rather than a hub id."""
+    candidate = Path(path).expanduser()
+    return candidate.exists() or candidate.suffix in (".json", ".jsonl", ".gz") or path.startswith((".", "/", "~"))
 
 
 @dataclass
@@ -100,6 +110,17 @@ class DatasetConfig:
     """Use only the first N records of a file (0 = all)."""
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def local_files(self) -> list[tuple[str, Path]]:
+        """(key, path) of each local file this config reads where the data is loaded
+        (hub ids left out): a site's own file, or the server's test file, for `sites`."""
+        if self.source == "synthetic":
+            return []
+        if self.source == "sites":
+            named = [(SITE_KEY, self.path)] if self.path else [("dataset.test_path", self.test_path)]
+        else:
+            named = [("dataset.path", self.path)] + ([("dataset.test_path", self.test_path)] if self.test_path else [])
+        return [(key, Path(path).expanduser()) for key, path in named if is_local_path(path)]
 
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "file", "sites"):

@@ -18,6 +18,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from fedllm_flwr.config import DatasetConfig, FieldsConfig
+from fedllm_flwr.config.data import SITE_KEY, is_local_path
 from fedllm_flwr.data import synthetic
 from fedllm_flwr.errors import UserError
 
@@ -156,16 +157,11 @@ def gsm8k_rewrite(answer: str) -> str:
     return f"{text[: match.start()].rstrip()}\nThe answer is {match.group(1).rstrip('.')}."
 
 
-def _is_local(path: str) -> bool:
-    candidate = Path(path).expanduser()
-    return candidate.exists() or candidate.suffix in (".json", ".jsonl", ".gz") or path.startswith((".", "/", "~"))
-
-
 def read_records(
     cfg: DatasetConfig, path: str, split: str, limit: int, key: str = "dataset.path", pairs: bool = False
 ) -> list[dict[str, str]]:
     """Records of one local file or hub split, mapped to the standard fields and transformed."""
-    if _is_local(path):
+    if is_local_path(path):
         file = Path(path).expanduser()
         raw, origin = read_json_records(file, limit, key), str(file)
     else:
@@ -175,10 +171,6 @@ def read_records(
         for rec in records:
             rec["output"] = gsm8k_rewrite(rec["output"])
     return records
-
-
-#: Where a site's data file is named (deployment with dataset.source=sites).
-SITE_KEY = "the SuperNode's --node-config data-path"
 
 
 def load_records(
@@ -205,7 +197,7 @@ def load_records(
         return train, test
     records = read_records(cfg, cfg.path, cfg.split, cfg.limit, pairs=pairs)
     if cfg.test_path or cfg.test_split:
-        if not cfg.test_path and _is_local(cfg.path):
+        if not cfg.test_path and is_local_path(cfg.path):
             raise UserError(
                 f"dataset.test_split={cfg.test_split!r} names a hub split, but dataset.path={cfg.path!r} is a "
                 "local file: give the test file with dataset.test_path=<file>, or dataset.test_split='' to hold "

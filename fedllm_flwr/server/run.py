@@ -1,7 +1,8 @@
 """The story of a run on the server: validate everything, then federate, evaluate, save.
 
-`run_server` does all checks that can fail on user input (model, data, adapter
-targets) before the run folder exists or any message is sent, so a bad run
+`run_server` does all checks that can fail on user input (what the run uses outside
+its process: folders, the tracking server, data files; then the model, data and
+adapter targets) before the run folder exists or any message is sent, so a bad run
 stops early and leaves nothing that looks complete.
 """
 
@@ -22,6 +23,7 @@ from fedllm_flwr.errors import UserError
 from fedllm_flwr.init_adapter import read_adapter
 from fedllm_flwr.model import count_parameters
 from fedllm_flwr.plot import write_curves
+from fedllm_flwr.preflight import check_external
 from fedllm_flwr.privacy.runner import privacy_summary, private_runner, private_strategy
 from fedllm_flwr.run_dir import RunDir
 from fedllm_flwr.server.evaluation import RunStopped, ServerEvaluator
@@ -48,6 +50,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
     t_start = time.perf_counter()
     grid = polled(grid, cfg.run.poll_seconds)
     check_installed(cfg)  # a tracker switched on without its library: before any work
+    check_external(cfg)  # folders, the tracking server and data files (server_app checks both before its warm-up)
     records(cfg)  # read and check the whole data set before the (slower) model
     log(INFO, "[fedllm-flwr] loading base model %s (a GGUF is converted once, ~20 s)", cfg.model.name)
     kind = strategy_class(cfg)

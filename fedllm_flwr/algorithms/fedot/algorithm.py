@@ -15,6 +15,7 @@ class Fedot(Algorithm):
     """Adapters both ways, trained on the emulator a node is sent once."""
 
     model_before_first_round = False  # the model is the emulator the first round brings: a warm-up loads data only
+    server_writes_model_cache = True  # the emulators it builds and sends are kept there
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
