@@ -183,7 +183,7 @@ def test_a_reward_path_that_does_not_import_is_one_line(spec, message):
 
 
 def test_each_site_uses_its_own_reward_functions(tiny_cfg):
-    cfg = tiny_cfg("task=grpo", "grpo.client_rewards=[exact_match,'exact_match,brevity']")
+    cfg = tiny_cfg("task=grpo", "grpo.client_rewards=[exact_match,exact_match+brevity]")
     one = site_config(cfg, {"partition-id": 0, "num-partitions": 2})
     two = site_config(cfg, {"partition-id": 1, "num-partitions": 2})
     own = site_config(cfg, {"partition-id": 1, "num-partitions": 2, "grpo-rewards": "format"})
@@ -277,3 +277,15 @@ def test_a_starting_adapter_that_does_not_fit_is_refused_in_one_line_before_the_
     with pytest.raises(UserError, match="no adapter_model.safetensors and adapter_config.json there"):
         run_federation(monkeypatch, _job(tiny_model_dir, tmp_path, "bad", f"init.adapter={tmp_path}"), nodes=2)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_reward_that_does_not_import_stops_the_run_before_anything_trains(
+    monkeypatch, tiny_model_dir, tmp_path, task_identity
+):  # fmt: skip
+    from federation import run_federation
+
+    for extra in ("grpo.rewards=[no_such_module_xyz:f]", "grpo.client_rewards=[exact_match,exact_match+nope.mod:g]"):
+        with pytest.raises(UserError) as caught:
+            run_federation(monkeypatch, _job(tiny_model_dir, tmp_path, "bad", "task=grpo", extra), nodes=2)
+        assert "does not import" in str(caught.value) and "\n" not in str(caught.value)
+        assert not (tmp_path / "bad").exists()

@@ -243,8 +243,8 @@ class GrpoConfig:
     reward_weights: list[float] = field(default_factory=list)
     """One weight per reward function (empty: all 1)."""
     client_rewards: list[str] = field(default_factory=list)
-    """Per site, by partition id: its own reward functions, comma-separated
-    (`["exact_match", "exact_match,brevity"]`); a SuperNode's `--node-config
+    """Per site, by partition id: its own reward functions, separated by `+` or commas
+    (`[exact_match, exact_match+brevity]`); a SuperNode's `--node-config
     grpo-rewards=...` takes precedence. Empty: every site uses `rewards`."""
 
     def __post_init__(self) -> None:

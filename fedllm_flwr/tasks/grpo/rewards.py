@@ -113,16 +113,18 @@ def site_reward_specs(rewards: Sequence[str], client_rewards: Sequence[str], nod
     """(the reward functions this site uses, the key they come from): `--node-config
     grpo-rewards`, else its entry of `grpo.client_rewards`, else `grpo.rewards`."""
     if "grpo-rewards" in node_config:
-        return _split(str(node_config["grpo-rewards"])), "--node-config grpo-rewards"
+        return split_specs(str(node_config["grpo-rewards"])), "--node-config grpo-rewards"
     if client_rewards:
         if partition_id >= len(client_rewards):
             raise UserError(f"grpo.client_rewards has {len(client_rewards)} entries: partition {partition_id} has none")
-        return _split(client_rewards[partition_id]), "grpo.client_rewards"
+        return split_specs(client_rewards[partition_id]), "grpo.client_rewards"
     return list(rewards), "grpo.rewards"
 
 
-def _split(text: str) -> list[str]:
-    specs = [part.strip() for part in text.split(",") if part.strip()]
+def split_specs(text: str) -> list[str]:
+    """The reward functions of one site's entry: names or dotted paths separated by commas
+    or `+` (`exact_match+brevity` needs no quoting inside a Hydra list)."""
+    specs = [part.strip() for part in text.replace("+", ",").split(",") if part.strip()]
     if not specs:
         raise UserError(f"no reward function named in {text!r}")
     return specs

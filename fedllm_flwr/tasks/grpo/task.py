@@ -144,11 +144,11 @@ class GrpoTask(LmTask):
 
     def check(self, cfg: Config) -> None:
         """Every reward function named for the run and for each site imports."""
-        from fedllm_flwr.tasks.grpo.rewards import resolve_rewards
+        from fedllm_flwr.tasks.grpo.rewards import resolve_rewards, split_specs
 
         resolve_rewards(cfg.grpo.rewards)
         for entry in cfg.grpo.client_rewards:
-            resolve_rewards([part.strip() for part in entry.split(",") if part.strip()], "grpo.client_rewards")
+            resolve_rewards(split_specs(entry), "grpo.client_rewards")
 
     def items(self, batch: dict) -> int:
         return len(batch["prompts"])
