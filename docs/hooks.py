@@ -142,6 +142,11 @@ def wire_bytes() -> str:
     )
 
 
+def grpo() -> str:
+    """benchmarks/grpo.py's results: GRPO against continued SFT, and two sites' own rewards."""
+    return _benchmark("grpo").markdown(json.loads((RESULTS / "grpo.json").read_text()))
+
+
 def config_reference() -> str:
     from fedllm_tools.reference import config_reference
 
@@ -168,6 +173,7 @@ GENERATED: dict[str, Callable[[], str]] = {
     "response-logits": response_logits,
     "zo-draws": zo_draws,
     "wire-bytes": wire_bytes,
+    "grpo": grpo,
     "config-reference": config_reference,
     "cli-reference": cli_reference,
     "layout": layout,
