@@ -289,3 +289,21 @@ def test_a_reward_that_does_not_import_stops_the_run_before_anything_trains(
             run_federation(monkeypatch, _job(tiny_model_dir, tmp_path, "bad", "task=grpo", extra), nodes=2)
         assert "does not import" in str(caught.value) and "\n" not in str(caught.value)
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_studys_tables_are_written_from_its_results_file():
+    """The results page asks for the table by name; the build writes it from
+    benchmarks/results/grpo.json (every seed's job and both two-site scenarios in it)."""
+    import json
+
+    from conftest import ROOT, docs_hooks
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "grpo.json").read_text())
+    page = (ROOT / "docs" / "results" / "features.md").read_text()
+    assert "<!-- generated: grpo -->" in page
+    rendered = docs_hooks().render(page)
+    assert len(results["arms"]["grpo"]) == len(results["arms"]["sft"]) == len(results["seeds"]) == 3
+    assert set(results["sites"]) == {"local", "fed"}
+    for arm in results["arms"]:
+        assert f"| {arm} |" in rendered
+    assert "| local |" in rendered and "| fed |" in rendered
