@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from fedllm_flwr.algorithms.registry import ALGORITHMS
+from fedllm_flwr.algorithms.registry import algorithm_for
 from fedllm_flwr.config import Config
 from fedllm_flwr.errors import UserError
 from fedllm_flwr.model_files import ALIASES, model_cache_dir
@@ -170,7 +170,7 @@ def _uses_model_cache(cfg: Config) -> bool:
     alias or a .gguf file) there, and some algorithms keep files there (FedOT's emulators)."""
     name = cfg.model.name.strip()
     converted = name.lower() in ALIASES or name.endswith(".gguf")
-    return converted or ALGORITHMS[cfg.algorithm.name].server_writes_model_cache
+    return converted or algorithm_for(cfg).server_writes_model_cache
 
 
 def _model_cache(cfg: Config) -> Check:
