@@ -110,7 +110,7 @@ def local_train(
     )
     start_step, total_steps = (server_round - 1) * cfg.train.local_steps, cfg.num_rounds * cfg.train.local_steps
     loss_fn = task.loss_fn(cfg, bundle)
-    with training_threads(cfg) as threads:
+    with training_threads(cfg) as threads, task.training(bundle.model):
         result = train_steps(
             bundle.model,
             batches,

@@ -17,6 +17,7 @@ from fedllm_flwr.errors import UserError
 from fedllm_flwr.lm_loss import sequence_logps
 from fedllm_flwr.model import build_model, clear_model_cache, get_adapter_state, load_tokenizer, set_adapter_state
 from fedllm_flwr.tasks.dpo import closer_to_chosen, dpo_loss, dpo_loss_fn, evaluate_dpo, policy_and_reference
+from fedllm_flwr.tasks.registry import task_of
 
 DPO = ["task=dpo", "train.precision=fp32"]
 
@@ -166,12 +167,26 @@ def test_the_policy_trains_without_dropout_so_its_log_probs_are_deterministic(ti
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # LoRA's B = 0 at the start hides what dropout does to A's input
     bundle.model.train()
-    first, reference, _ = policy_and_reference(bundle.model, batch)
-    second, _, _ = policy_and_reference(bundle.model, batch)
-    torch.testing.assert_close(first, second, rtol=0, atol=0)
-    assert not torch.allclose(first, reference)  # the adapter does act
-    loss = dpo_loss_fn(cfg.dpo_loss)
-    assert float(loss(bundle.model, batch).detach()) == float(loss(bundle.model, batch).detach())
+    with task_of(cfg).training(bundle.model):
+        first, reference, _ = policy_and_reference(bundle.model, batch)
+        second, _, _ = policy_and_reference(bundle.model, batch)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        assert not torch.allclose(first, reference)  # the adapter does act
+        loss = dpo_loss_fn(cfg.dpo_loss)
+        assert float(loss(bundle.model, batch).detach()) == float(loss(bundle.model, batch).detach())
+
+
+@pytest.mark.parametrize("task", ["dpo", "grpo"])
+def test_a_task_that_trains_without_dropout_gives_it_back_to_the_cached_model(tiny_cfg, task):
+    """The model is cached per process: after a DPO or GRPO client's round, a task=lm job
+    in the same (warm) process must train with the dropout it configured."""
+    from fedllm_flwr.client import _setup, local_train
+
+    cfg = tiny_cfg(f"task={task}", "peft.dropout=0.3", "train.local_steps=1", "grpo.max_new_tokens=2")
+    bundle, _ = _setup(cfg, 0, 2)
+    local_train(cfg, get_adapter_state(bundle.model), 1, 0, 2)
+    rates = {m.p for m in bundle.model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert 0.3 in rates and 0.0 not in rates
 
 
 @pytest.mark.parametrize("peft", ["ffa_lora", "adalora"])

@@ -10,6 +10,7 @@ evaluations and primary metric, and never test its name. Which records a task re
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,11 @@ class Task:
     def loss_fn(self, cfg: Config, bundle: ModelBundle) -> LossFn:
         """The training loss of a batch (`train_steps`' loss_fn) of the model in `bundle`."""
         raise NotImplementedError
+
+    def training(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """What the task changes in `model` while a client trains it, undone afterwards
+        (the model is cached per process); nothing by default."""
+        return contextlib.nullcontext()
 
     def train_metrics(self, cfg: Config, loss_fn: LossFn) -> dict[str, float]:
         """Figures of a round's training that only the task knows, for the reply (none by default)."""

@@ -9,7 +9,7 @@ Every loss is a function of the log-ratio gap of a pair,
 log-probabilities summed over the response tokens (the prompt is masked as in SFT);
 the implicit reward of a response is beta (log pi - log ref). As in TRL's
 DPOTrainer, every response ends with EOS (`fedllm_flwr.data.pairs`) and the policy
-runs without dropout (`disable_dropout`). Definitions follow TRL's DPOTrainer
+runs without dropout (`dropout_off`). Definitions follow TRL's DPOTrainer
 (tests/test_dpo.py checks ours against it on a hand batch):
 
 | dpo_loss | loss | reference |
@@ -22,7 +22,9 @@ runs without dropout (`disable_dropout`). Definitions follow TRL's DPOTrainer
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,26 +63,33 @@ def dpo_loss(
     raise ValueError(f"unknown dpo loss {cfg.name!r}")
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout layer of `model` to p = 0, for good, as TRL's DPOTrainer does
-    (`DPOConfig.disable_dropout`, default True). The reference is the same model
-    with its adapter off, which skips LoRA's dropout: a policy that kept it would
-    compare a dropped-out forward with a clean one, so h would carry dropout noise
-    even while pi = ref. (Set once, not per forward: gradient checkpointing reruns
-    the forward during backward and must see the same p.)"""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+@contextlib.contextmanager
+def dropout_off(model: torch.nn.Module) -> Iterator[None]:
+    """Every dropout layer of `model` at p = 0 while the block runs, as TRL's DPOTrainer
+    trains (`DPOConfig.disable_dropout`, default True), and as it was afterwards. The
+    reference is the same model with its adapter off, which skips LoRA's dropout: a
+    policy that kept it would compare a dropped-out forward with a clean one, so h would
+    carry dropout noise even while pi = ref. (For the whole of training, not per forward:
+    gradient checkpointing reruns the forward during backward and must see the same p.
+    Put back afterwards: the model is cached per process, and a later job of another task
+    in a warm process trains with the dropout it configured.)"""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    before = [m.p for m in layers]
+    for module in layers:
+        module.p = 0.0
+    try:
+        yield
+    finally:
+        for module, p in zip(layers, before, strict=True):
+            module.p = p
 
 
 def policy_and_reference(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], response_logits: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(policy log-probs, reference log-probs, response token counts) of a pair batch;
-    the reference is the model with its adapter off, without gradients. Dropout is
-    switched off in `model` first (`disable_dropout`), so training and evaluation
-    compare like with like."""
-    disable_dropout(model)
+    the reference is the model with its adapter off, without gradients. Training runs
+    with dropout off (`DpoTask.training`), so both compare like with like."""
     policy, tokens = sequence_logps(model, batch, response_logits)
     with torch.no_grad(), adapter_off(model):
         reference, _ = sequence_logps(model, batch, response_logits)
@@ -150,6 +159,9 @@ class DpoTask(PairTask):
 
     def loss_fn(self, cfg: Config, bundle: ModelBundle) -> LossFn:
         return dpo_loss_fn(cfg.dpo_loss, cfg.train.response_logits)
+
+    def training(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return dropout_off(model)
 
     def score(self, cfg: Config, model: torch.nn.Module, data: PairSet, pad_id: int) -> dict[str, float]:
         return evaluate_dpo(model, data, pad_id, cfg.dpo_loss, cfg.eval.batch_size)

@@ -8,9 +8,9 @@ computes the group-relative advantages and the clipped loss with its KL term to 
 reference, the base model with the adapter off (peft's `disable_adapter`, as task=dpo
 does: no second model held), and keeps the round's figures for the reply. One optimizer
 step per sampled batch: the sampling policy is the policy (TRL's `num_iterations` = 1).
-As in task=dpo, dropout is switched off, so the policy and the reference compare like
-with like. The adapter is scored as task=lm scores it (held-out loss; the dataset's
-metric on the server's test set).
+As in task=dpo, dropout is off while a client trains (`training`), so the policy and the
+reference compare like with like. The adapter is scored as task=lm scores it (held-out
+loss; the dataset's metric on the server's test set).
 
 With `train.grad_accum` > 1, each micro-batch's loss is weighted by its share of the
 step's prompts (`items`); `dapo` then divides by each micro-batch's own tokens, where
@@ -27,7 +27,7 @@ import torch
 
 from fedllm_flwr.lm_loss import token_logps
 from fedllm_flwr.model import adapter_off
-from fedllm_flwr.tasks.dpo import disable_dropout
+from fedllm_flwr.tasks.dpo import dropout_off
 from fedllm_flwr.tasks.grpo.losses import group_advantages, grpo_loss, mean_kl
 from fedllm_flwr.tasks.grpo.rewards import RewardFn, score_answers
 from fedllm_flwr.tasks.grpo.sampling import answer_batch, left_pad, sample_groups
@@ -51,7 +51,6 @@ class GrpoLoss:
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         cfg, tok = self.cfg, self.tokenizer
-        disable_dropout(model)
         group = sample_groups(
             model, batch["prompts"], group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
@@ -149,6 +148,9 @@ class GrpoTask(LmTask):
         resolve_rewards(cfg.grpo.rewards)
         for entry in cfg.grpo.client_rewards:
             resolve_rewards(split_specs(entry), "grpo.client_rewards")
+
+    def training(self, model: torch.nn.Module):  # noqa: ANN201 - a context manager
+        return dropout_off(model)
 
     def items(self, batch: dict) -> int:
         return len(batch["prompts"])
