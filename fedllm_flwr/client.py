@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +28,10 @@ from fedllm_flwr.tasks.lm import holdout_scores
 from fedllm_flwr.tasks.registry import task_of
 from fedllm_flwr.train import lr_at, train_steps
 
+if TYPE_CHECKING:
+    from fedllm_flwr.privacy.ledger import DpLedger
+
+log = logging.getLogger(__name__)
 _DATA: dict[tuple, ClientData] = {}
 
 
@@ -76,6 +82,7 @@ def local_train(
     private: dict[str, torch.Tensor] | None = None,
     started: float | None = None,
     merged: Factors | None = None,
+    ledger: DpLedger | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the received adapter for `local_steps` (default `train.local_steps`) steps.
 
@@ -87,6 +94,11 @@ def local_train(
     the learning-rate schedule spans all rounds. `merged`: strategy=stacking's
     frozen delta under the adapter. Returns the new adapter state and the reply
     metrics (`num-examples` is the client's training-set size, FedAvg's weight).
+
+    `ledger` (privacy=dp_sgd): this site's DP-SGD history; the round runs DP-SGD on
+    Poisson-drawn records (`fedllm_flwr.privacy.dp_sgd`), its steps are added to the
+    ledger, and the metrics are only those a private round may release. Raises
+    `OverBudget` before training when the round would pass `privacy.target_epsilon`.
     """
     if local_steps is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=local_steps))
@@ -100,14 +112,22 @@ def local_train(
     torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1_009 + partition_id)
     per_round = cfg.train.local_steps * cfg.train.grad_accum
     task = task_of(cfg)
-    batches = iter_batches(
-        data.train,
-        cfg.train.batch_size,
-        bundle.tokenizer.pad_token_id,
-        seed=cfg.seed * 1000 + partition_id,
-        start=(server_round - 1) * per_round,
-        collate_fn=task.collate,
-    )
+    private = None
+    if ledger is not None:
+        from fedllm_flwr.privacy.dp_sgd import plan_round, poisson_steps
+
+        batch = cfg.train.batch_size * cfg.train.grad_accum
+        private = plan_round(ledger, cfg.privacy, len(data.train), batch, cfg.train.local_steps, cfg.num_rounds)
+        batches = poisson_steps(data.train, ledger.sample_rate, task.collate, bundle.tokenizer.pad_token_id)
+    else:
+        batches = iter_batches(
+            data.train,
+            cfg.train.batch_size,
+            bundle.tokenizer.pad_token_id,
+            seed=cfg.seed * 1000 + partition_id,
+            start=(server_round - 1) * per_round,
+            collate_fn=task.collate,
+        )
     start_step, total_steps = (server_round - 1) * cfg.train.local_steps, cfg.num_rounds * cfg.train.local_steps
     loss_fn = task.loss_fn(cfg, bundle)
     with training_threads(cfg) as threads, task.training(bundle.model):
@@ -121,6 +141,7 @@ def local_train(
             compute_dtype=bundle.dtype,
             loss_fn=loss_fn,
             items_fn=task.items,
+            private=private,
         )
     metrics = {
         "train-loss": result.loss,
@@ -140,6 +161,14 @@ def local_train(
         "model-parameters": sum(p.numel() for p in bundle.model.parameters()),
         **task.train_metrics(cfg, loss_fn),
     }
+    if ledger is not None:
+        from fedllm_flwr.privacy.dp_sgd import released
+
+        ledger.steps += cfg.train.local_steps
+        log.info("client %s round %s: DP-SGD train-loss %.4f, %s records drawn, %s clipped; "
+            "epsilon %.3f at delta %g after %s steps", partition_id, server_round, result.loss, result.examples,
+            private.clipped, ledger.epsilon(cfg.privacy.delta), cfg.privacy.delta, ledger.steps)  # fmt: skip
+        metrics = released(metrics, ledger, cfg.privacy.delta)
     return get_adapter_state(bundle.model), metrics
 
 

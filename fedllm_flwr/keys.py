@@ -78,3 +78,8 @@ ZO_STATE_KEY = "zo-adapter"
 ZO_ROUND_KEY = "zo-round"
 """algorithm=zo: ConfigRecord with the last round whose steps that copy has applied
 (`round`) and how many rounds' steps it has applied (`count`)."""
+DP_LEDGER_KEY = "dp-sgd-ledger"
+"""privacy=dp_sgd: a site's DP-SGD history in its `context.state` (`privacy.ledger.DpLedger`)."""
+SAT_OUT_KEY = "sat-out"
+"""A training reply's metric: 1 when the site declined the round (privacy=dp_sgd: it would
+pass `privacy.target_epsilon`); such a reply carries no update and is counted, not averaged."""

@@ -123,6 +123,14 @@ def token_logps(
     return out, mask
 
 
+def record_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], response_logits: bool = True) -> torch.Tensor:
+    """Each row's own `lm_loss` (its mean next-token cross-entropy over its labelled
+    tokens; 0 for a row with none), fp32: the per-record losses of privacy=dp_sgd's
+    zeroth-order steps."""
+    sums, counts = sequence_logps(model, batch, response_logits)
+    return -sums / counts.clamp(min=1)
+
+
 def response_tokens(batch: dict[str, torch.Tensor]) -> int:
     """How many labelled (response) tokens a prompt-masked LM batch predicts: the
     count `lm_loss` averages over."""

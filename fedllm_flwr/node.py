@@ -33,10 +33,12 @@ from fedllm_flwr.keys import (
     PRIVATE_KEY,
     ROUNDS_HELD_KEY,
     RUN_NAME_KEY,
+    SAT_OUT_KEY,
     SERVER_ROUND_KEY,
     STEPS_KEY,
     WARM_UP_KEY,
 )
+from fedllm_flwr.privacy.ledger import DpLedger
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -57,6 +59,8 @@ class NodeState:
     ("<round>/<module>/<field>", `fedllm_flwr.lora_stacks`)."""
     zo: ZoState = field(default_factory=ZoState)
     """algorithm=zo: this node's copy of the global model and how many rounds it has applied."""
+    dp: DpLedger = field(default_factory=DpLedger)
+    """privacy=dp_sgd: what this site has spent of its privacy budget."""
     identity: str = ""
     """Which node of which run this is ("run<Flower run id>-node<Flower node id>"), given
     by the ClientApp with each message (not kept): names what the node keeps outside the
@@ -68,7 +72,7 @@ class NodeState:
         residual = feedback["residual"].numpy() if feedback is not None else None
         merged = state.array_records.get(MERGED_KEY)
         return cls(private=state.array_records.get(PRIVATE_KEY), residual=residual, merged=merged,
-                   zo=ZoState.load(state), identity=identity)  # fmt: skip
+                   zo=ZoState.load(state), dp=DpLedger.load(state), identity=identity)  # fmt: skip
 
     def save(self, state: RecordDict) -> None:
         if self.private is not None:
@@ -78,6 +82,7 @@ class NodeState:
         if self.merged is not None:
             state[MERGED_KEY] = self.merged
         self.zo.save(state)
+        self.dp.save(state)
 
     def merge(self, content: RecordDict):
         """Take the parts of the merged delta a message carries (strategy=stacking) into
@@ -139,13 +144,20 @@ def train(
     cfg = node_cfg(content, run_config, node_config)
     partition_id, num_partitions = partition_of(node_config)
     config = content["config"]
-    own = algorithm_for(cfg).train(cfg, content, node, partition_id, num_partitions)
+    from fedllm_flwr.privacy.dp_sgd import OverBudget
+
+    try:
+        own = algorithm_for(cfg).train(cfg, content, node, partition_id, num_partitions)
+    except OverBudget as exc:
+        return _sat_out(exc, partition_id, node)
     if own is not None:  # the algorithm's own messages (algorithm=zo: seed lists both ways, no adapter)
         return own
     down, up = codecs(cfg.compression)
     received = unpack_state(content, codec=down)
     if config.get(PERSONALIZE_KEY):  # after the last round: FedAvg + FT
         state, metrics = personalize(cfg, received, partition_id, num_partitions, node.private_state())
+        if cfg.privacy.record_level:  # tuned without DP-SGD: the adapter stays here, and so does its loss
+            metrics.pop("ft-loss", None)
         if cfg.personalized_stays_on_nodes:  # private tensors or a protected run: only the scores leave
             save_personalized(cfg, state, partition_id, num_partitions, str(config.get(RUN_NAME_KEY, "")))
             return RecordDict({"metrics": MetricRecord(metrics)})
@@ -155,10 +167,14 @@ def train(
     if config.get(DATA_KEY) == "all":  # scenario=global: this node holds everyone's data
         partition_id, num_partitions = 0, 1
     steps = int(config[STEPS_KEY]) if STEPS_KEY in config else None
-    state, metrics = local_train(
-        cfg, received, int(config[SERVER_ROUND_KEY]), partition_id, num_partitions, steps,
-        private=node.private_state(), started=started, merged=_merged(cfg, content, node),
-    )  # fmt: skip
+    try:
+        state, metrics = local_train(
+            cfg, received, int(config[SERVER_ROUND_KEY]), partition_id, num_partitions, steps,
+            private=node.private_state(), started=started, merged=_merged(cfg, content, node),
+            ledger=node.dp if cfg.privacy.record_level else None,
+        )  # fmt: skip
+    except OverBudget as exc:
+        return _sat_out(exc, partition_id, node)
     state, private = split_private(cfg, state)
     if private:
         node.private = state_to_arrays(private)
@@ -179,6 +195,13 @@ def train(
         node.residual = feedback.residual
     reply["metrics"] = MetricRecord(metrics)
     return reply
+
+
+def _sat_out(exc: Exception, partition_id: int, node: NodeState) -> RecordDict:
+    """privacy=dp_sgd: the site keeps its budget (`OverBudget`): it sits the round out and
+    says so, with what it has spent."""
+    return RecordDict({"metrics": MetricRecord({SAT_OUT_KEY: 1, "partition-id": partition_id,
+                                                "dp-epsilon": exc.spent, "dp-steps": node.dp.steps})})  # fmt: skip
 
 
 def evaluate(content: RecordDict, run_config: Config, node_config: Config, node: NodeState) -> RecordDict:

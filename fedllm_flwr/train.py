@@ -12,12 +12,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedllm_flwr.config import TrainConfig
 from fedllm_flwr.lm_loss import lm_loss, response_tokens
 from fedllm_flwr.metrics import peak_memory_mb
+
+if TYPE_CHECKING:
+    from fedllm_flwr.privacy.dp_sgd import RecordDP
 
 
 @contextmanager
@@ -80,6 +84,11 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _loss_in(autocast, loss_fn: Callable, model: torch.nn.Module, batch: dict) -> torch.Tensor:  # noqa: ANN001
+    with autocast:
+        return loss_fn(model, batch)
+
+
 @dataclass
 class TrainResult:
     loss: float
@@ -107,6 +116,7 @@ def train_steps(
     compute_dtype: torch.dtype | None = None,
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     items_fn: Callable[[dict[str, torch.Tensor]], int] = response_tokens,
+    private: RecordDP | None = None,
 ) -> TrainResult:
     """Run `cfg.local_steps` AdamW steps, each over `cfg.grad_accum` micro-batches.
 
@@ -155,6 +165,22 @@ def train_steps(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(start_step + step, total, cfg)
             optimizer.zero_grad(set_to_none=True)
+            if private is not None:
+                if scaler is not None:
+                    raise ValueError("privacy=dp_sgd clips fp32 record gradients; fp16 loss scaling is not supported")
+                records = [_to(record, device) for record in next(batches)]
+                step_loss, used = private.gradient(params, records, lambda b: _loss_in(autocast, loss_fn, model, b),
+                                                   items_fn)  # fmt: skip
+                examples += used
+                tokens += sum(int(record["attention_mask"].sum()) for record in records)
+                for p, a in zip(params, anchors, strict=False):  # FedProx: the term's gradient, data-free
+                    p.grad.add_(p.detach() - a, alpha=prox_mu)
+                optimizer.step()
+                if math.isfinite(step_loss):
+                    step_losses.append(step_loss)
+                if adalora is not None:
+                    adalora.update_and_allocate(start_step + step)
+                continue
             # The step's micro-batches are drawn first: each one's weight needs the step's item count.
             micro = [_to(next(batches), device) for _ in range(cfg.grad_accum)]
             counts = [items_fn(batch) for batch in micro]
@@ -196,10 +222,10 @@ def train_steps(
             if adalora is not None:
                 adalora.update_and_allocate(start_step + step)  # needs this step's gradients
     model.eval()
-    if not step_losses:
+    if not step_losses and private is None:  # a DP step may draw no record
         raise FloatingPointError(f"none of the {cfg.local_steps} local steps had a finite loss to learn from")
     return TrainResult(
-        loss=sum(step_losses) / len(step_losses),
+        loss=sum(step_losses) / len(step_losses) if step_losses else math.nan,
         steps=cfg.local_steps,
         examples=examples,
         tokens=tokens,

@@ -37,7 +37,10 @@ GROUPS: dict[str, dict[str, list[str]]] = {
     "compression": {"fp16": [], "fp32": ["compression=fp32"], "int8": ["compression=int8"],
                     "topk": ["compression=topk"]},
     "privacy": {"none": [], "dp": ["privacy=dp", "privacy.noise_multiplier=0.5"],
-                "secagg": ["privacy=secagg", "privacy.max_weight=100"]},
+                "secagg": ["privacy=secagg", "privacy.max_weight=100"],
+                "dp_sgd": ["privacy=dp_sgd", "privacy.noise_multiplier=0.5"],
+                "dp_sgd_target": ["privacy=dp_sgd", "privacy.target_epsilon=8"],
+                "dp_sgd_secagg": ["privacy=dp_sgd", "privacy.secagg=true", "privacy.max_weight=100"]},
     "personalize": {"none": [], "ft": ["personalize.ft_steps=1"], "private": ["personalize.private=[PRIVATE]"],
                     "ft_private": ["personalize.ft_steps=1", "personalize.private=[PRIVATE]"]},
     "availability": {"always": [], "uniform": ["strategy.availability=uniform", "strategy.available_p=0.7"],
@@ -153,7 +156,8 @@ KEY_GROUPS = {
     "peft.client_ranks": "ranks", "peft.freeze_a": "peft", "zo.params": "algorithm", "compression.up": "compression",
     "compression.down": "compression", "compression.error_feedback": "compression", "personalize.ft_steps":
     "personalize", "personalize.private": "personalize", "strategy.availability": "availability",
-    "model.share_base": "share_base", "init.adapter": "init",
+    "model.share_base": "share_base", "init.adapter": "init", "privacy.secagg": "privacy",
+    "privacy.target_epsilon": "privacy",
 }  # fmt: skip
 REFUSAL = re.compile(r"^invalid config: ([\w.]+)=.* cannot be combined with ([\w.]+)=.*?: \S")
 

@@ -16,7 +16,8 @@ import math
 import numpy as np
 from flwr.app import RecordDict
 
-from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY, PERSONALIZE_KEY, SERVER_ROUND_KEY, ZO_REPLY_KEY
+from fedllm_flwr.keys import ARRAYS_KEY, MANIFEST_KEY, PERSONALIZE_KEY, SAT_OUT_KEY, SERVER_ROUND_KEY, ZO_REPLY_KEY
+from fedllm_flwr.privacy.dp_sgd import RELEASED
 from fedllm_flwr.strategy.lora_products import at_rank, multiplying_pairs, rank_of
 from fedllm_flwr.transport import is_relative, pack, unpack
 
@@ -41,6 +42,7 @@ def check_messages(run, new) -> None:  # noqa: ANN001
     private_tensors_stay_home(run, new)
     nothing_unmasked_leaves_a_node_under_secagg(run, new)
     adapters_leave_a_node_only_as_clipped_updates_under_dp(run, new)
+    nothing_read_from_a_record_leaves_a_site_under_dp_sgd(run, new)
 
 
 def _unchecked(run) -> list:  # noqa: ANN001
@@ -84,10 +86,10 @@ def private_tensors_stay_home(run, new) -> None:  # noqa: ANN001
 
 
 def nothing_unmasked_leaves_a_node_under_secagg(run, new) -> None:  # noqa: ANN001
-    """privacy=secagg: no reply carries an adapter, an update or seed list in the clear:
-    what a node trained leaves it only as SecAgg+'s masked vector (its metrics travel
-    in the clear, as the docs say)."""
-    if run.cfg.privacy.name != "secagg":
+    """Under SecAgg+ (privacy=secagg, or dp_sgd with privacy.secagg): no reply carries an
+    adapter, an update or seed list in the clear: what a node trained leaves it only as
+    SecAgg+'s masked vector (its metrics travel in the clear, as the docs say)."""
+    if not run.cfg.privacy.masked:
         return
     for exchange in _answered(new):
         content = exchange.reply.content
@@ -109,6 +111,28 @@ def adapters_leave_a_node_only_as_clipped_updates_under_dp(run, new) -> None:  #
         update = unpack(content)
         norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.values()))
         assert norm <= run.cfg.privacy.clipping_norm * 1.01, f"node {exchange.node}'s update has norm {norm} > C"
+
+
+def nothing_read_from_a_record_leaves_a_site_under_dp_sgd(run, new) -> None:  # noqa: ANN001
+    """privacy=dp_sgd: a training reply (FedAvg + FT's included) carries no figure read from
+    a training record (its loss, its tokens, how many records were drawn): only those
+    `dp_sgd.RELEASED` lists, the site's budget, and whether it sat out; every round's
+    reply reports the site's epsilon."""
+    if not run.cfg.privacy.record_level:
+        return
+    # "num_examples": num-examples again, where Flower's SecAgg+ reply layout (a FitRes) keeps it
+    allowed = RELEASED | {"dp-epsilon", "dp-steps", "dp-noise-multiplier", "dp-sample-rate", SAT_OUT_KEY}
+    allowed |= {"num_examples"}
+    for exchange in _answered(new):
+        if exchange.kind != "train":
+            continue
+        personalizing = bool(_config(exchange.message.content).get(PERSONALIZE_KEY))
+        for record in exchange.reply.content.metric_records.values():
+            scores = ("before-", "after-") if personalizing else ()  # FedAvg + FT's held-out scores
+            read = {k for k in record if k not in allowed and not (scores and k.startswith(scores))}
+            assert not read, f"node {exchange.node} released {sorted(read)} read from its records under dp_sgd"
+            if not personalizing and "num-examples" in record:
+                assert math.isfinite(float(record["dp-epsilon"])) and record["dp-steps"] > 0, dict(record)
 
 
 def updates_are_clipped_and_releases_noised_under_dp(run, new, server_round: int) -> None:  # noqa: ANN001
@@ -182,6 +206,8 @@ def no_capacity_is_lost(run, server_round: int) -> None:  # noqa: ANN001
     row = next(r for r in run.rows() if r["round"] == server_round)
     if row.get("clients-ok"):
         steps = row.get("zo-seeds") if run.cfg.algorithm.name == "zo" else row.get("examples-seen")
+        if run.cfg.privacy.record_level and run.cfg.algorithm.name != "zo":  # the drawn count stays on the site
+            steps = row.get("dp-steps")
         assert steps, f"round {server_round} counted with no step taken ({row})"
 
 

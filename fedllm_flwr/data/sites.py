@@ -20,11 +20,28 @@ RANK_KEY = "lora-rank"
 
 def site_config(cfg: Config, node_config: Mapping[str, Any]) -> Config:
     """The run's config as this SuperNode uses it: its own LoRA rank
-    (`site_rank`), its own data (`site_data_config`) and its own reward functions."""
+    (`site_rank`), its own data (`site_data_config`), its own reward functions and
+    its own privacy budget (`site_budget`)."""
     rank = site_rank(cfg, node_config)
     if rank != cfg.peft.r:
         cfg = dataclasses.replace(cfg, peft=cfg.peft.at_rank(rank))
-    return site_rewards(site_data_config(cfg, node_config), node_config)
+    return site_budget(site_rewards(site_data_config(cfg, node_config), node_config), node_config)
+
+
+def site_budget(cfg: Config, node_config: Mapping[str, Any]) -> Config:
+    """The config with this SuperNode's own privacy budget (`--node-config dp-max-epsilon`)
+    as `privacy.max_epsilon`, under privacy=dp_sgd."""
+    if "dp-max-epsilon" not in node_config or not cfg.privacy.record_level:
+        return cfg
+    if cfg.privacy.masked:
+        raise ValueError(
+            "--node-config dp-max-epsilon cannot be combined with privacy.secagg=true: a site over its "
+            "budget sits the round out, which SecAgg+ would meet as a dropout mid-protocol"
+        )
+    cap = float(node_config["dp-max-epsilon"])
+    if not cap > 0:
+        raise ValueError(f"--node-config dp-max-epsilon={node_config['dp-max-epsilon']}: give an epsilon > 0")
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, max_epsilon=cap))
 
 
 def site_rewards(cfg: Config, node_config: Mapping[str, Any]) -> Config:

@@ -19,10 +19,11 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
 
 
 def private_reply(cfg, update: dict[str, np.ndarray], metrics: dict) -> RecordDict | None:  # noqa: ANN001 - a Config
-    """The reply `privacy=` has a node send in place of the plain one: under secagg, the
-    update flat for `secure_aggregation_mod` to mask; None: the plain reply (under dp,
-    clipped to the norm Flower's wrapper sends, `fedllm_flwr.node.train`)."""
-    return secagg_reply(update, metrics) if cfg.privacy.name == "secagg" else None
+    """The reply `privacy=` has a node send in place of the plain one: under SecAgg+
+    (`secagg`, or `dp_sgd` with `privacy.secagg`), the update flat for
+    `secure_aggregation_mod` to mask; None: the plain reply (under dp, clipped to the
+    norm Flower's wrapper sends, `fedllm_flwr.node.train`)."""
+    return secagg_reply(update, metrics) if cfg.privacy.masked else None
 
 
 def secagg_reply(update: dict[str, np.ndarray], metrics: dict) -> RecordDict:

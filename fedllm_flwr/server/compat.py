@@ -18,7 +18,9 @@ CONFLICTS = (
     Conflict(PRIVATE_TENSORS, one_of("peft", *SINGLE_TENSOR_METHODS),
              "the adapter is a single tensor: nothing would be shared"),
     # --- resuming: what lives only on the clients cannot be restored ---------------------
-    Conflict(RESUME, PRIVATE, "the protocol's state lives on the clients; restart the run instead"),
+    Conflict(RESUME, PRIVATE,
+             "the privacy state (SecAgg+'s keys, a DP-SGD site's budget) lives on the clients; "
+             "restart the run instead"),
     Conflict(RESUME, PRIVATE_TENSORS,
              "the private tensors live on the clients only, and a restarted run cannot reach them"),
     Conflict(RESUME, is_set("compression.error_feedback"),

@@ -175,7 +175,7 @@ def run_server(grid: Grid, cfg: Config, warm_ups: Sequence[str] = ()) -> RunDir:
                 "base-model": bundle.base_path,
                 "personalization": personalization,
                 "fedot": algorithm.summary(strategy, first, last, evaluator.primary),
-                "privacy": privacy_summary(cfg, runner),
+                "privacy": privacy_summary(cfg, runner, evaluator.rows),
             }
         )
         completed = True

@@ -36,6 +36,7 @@ from fedllm_flwr.strategy.replies import (
     aggregate_client_metrics,
     check_metrics,
     partition_of,
+    sat_out,
     weighted_mean,
 )
 from fedllm_flwr.strategy.round_setup import Registered, RoundSetup
@@ -295,6 +296,11 @@ class AdapterFedAvg(Registered, FedAvg):
                 log(WARNING, "Round %s: node %s failed: %s", server_round, node, msg.error.reason)
                 continue
             self.ledger.add(server_round, "bytes-up", message_bytes(msg))
+            if sat_out(msg.content):  # the node declined the round (its privacy budget): counted, not averaged
+                self.ledger.add(server_round, "clients-sat-out", 1)
+                log(INFO, "Round %s: node %s sat out (privacy=dp_sgd: this round would pass its epsilon budget)",
+                    server_round, node)  # fmt: skip
+                continue
             try:
                 if len(msg.content.metric_records) != 1:
                     raise ValueError(

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
+from fedllm_flwr.keys import SAT_OUT_KEY
+
 
 def check_metrics(metrics: MetricRecord | None, weighted_by_key: str, allow_zero_weight: bool = False) -> float:
     """The reply's weight, after checking every number it carries: each must be
@@ -51,6 +53,12 @@ class ValidReply:
     from a node this round sent nothing to train."""
 
 
+def sat_out(content: RecordDict) -> bool:
+    """Whether a training reply says its node declined the round (`SAT_OUT_KEY`)."""
+    metrics = next(iter(content.metric_records.values()), None) if len(content.metric_records) == 1 else None
+    return metrics is not None and metrics.get(SAT_OUT_KEY) == 1 and not content.array_records
+
+
 def partition_of(content: RecordDict) -> int:
     metrics = next(iter(content.metric_records.values()), None)
     value = metrics.get("partition-id") if metrics is not None else None
@@ -59,7 +67,10 @@ def partition_of(content: RecordDict) -> int:
 
 SUMMED = ("num-examples", "tokens", "examples-seen", "skipped-steps", "grpo-answers", "grpo-dropped-answers")
 MAXED = ("seconds", "peak-memory-mb", "model-layers", "model-parameters", "model-load-seconds",
-         "process-start-seconds", "catch-up-seconds")  # fmt: skip
+         "process-start-seconds", "catch-up-seconds", "dp-epsilon", "dp-steps", "dp-noise-multiplier",
+         "dp-sample-rate")  # fmt: skip
+#: Figures a round's row also keeps per client, as `client_<partition>-<key>` (each site's own budget).
+PER_CLIENT = ("dp-epsilon",)
 IDENTIFIERS = ("partition-id",)
 
 
@@ -76,6 +87,9 @@ def aggregate_client_metrics(records: list, weighted_by_key: str) -> MetricRecor
         if key in IDENTIFIERS:
             continue
         having = [row for row in rows if key in row]
+        if key in PER_CLIENT:
+            for row in having:
+                out[f"client_{int(row.get('partition-id', -1))}-{key}"] = float(row[key])
         values = [float(row[key]) for row in having]
         if key.startswith("eval-") and len(values) > 1:  # spread across clients
             out[f"{key}-std"] = float(np.std(values))

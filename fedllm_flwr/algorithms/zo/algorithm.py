@@ -30,7 +30,8 @@ class Zo(Algorithm):
     def train(self, cfg: Any, content: RecordDict, node: Any, partition_id: int, num_partitions: int) -> RecordDict:
         from fedllm_flwr.algorithms.zo.node import train_reply
 
-        return train_reply(cfg, self.pool, content, node.zo, node.identity, partition_id, num_partitions)
+        ledger = node.dp if cfg.privacy.record_level else None
+        return train_reply(cfg, self.pool, content, node.zo, node.identity, partition_id, num_partitions, ledger)
 
     def evaluated_adapter(self, cfg: Any, content: RecordDict, node: Any, partition_id: int) -> dict:
         """The node's adapter after the steps the message carries; zo.params=full: the

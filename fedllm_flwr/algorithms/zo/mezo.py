@@ -110,38 +110,56 @@ def restore(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
         param.copy_(value)
 
 
+Estimate = Callable[[torch.Tensor, torch.Tensor, float], float]
+"""(losses along +eps z, along -eps z, eps) -> g: the batch's two losses, or (privacy=dp_sgd)
+each record's, which `RecordDP.scalar` clips and noises (`private_estimate`)."""
+
+
+def plain_estimate(plus: torch.Tensor, minus: torch.Tensor, eps: float) -> float:
+    return (float(plus) - float(minus)) / (2 * eps)
+
+
+def private_estimate(private) -> Estimate:  # noqa: ANN001 - a privacy.dp_sgd.RecordDP
+    """The estimate of privacy=dp_sgd: per-record differences, clipped and noised."""
+    return lambda plus, minus, eps: private.scalar((plus.double() - minus.double()) / (2 * eps))
+
+
+def _mean_loss(plus: torch.Tensor, minus: torch.Tensor) -> float:
+    return (float(plus.float().mean()) + float(minus.float().mean())) / 2
+
+
 @torch.no_grad()
 def two_point(
     model: torch.nn.Module, params: list[torch.Tensor], batch: dict[str, torch.Tensor], loss_fn: Loss, seed: int,
-    eps: float,
+    eps: float, estimate: Estimate = plain_estimate,
 ) -> tuple[float, float]:  # fmt: skip
     """(g, mean of the two losses): the two-point estimate of the directional
     derivative of the loss along z(seed). The parameters end as they began, bit for bit."""
     saved = [p.detach().clone() for p in params]
     perturb(params, seed, eps)
-    plus = float(loss_fn(model, batch))
+    plus = loss_fn(model, batch)
     restore(params, saved)
     perturb(params, seed, -eps)
-    minus = float(loss_fn(model, batch))
+    minus = loss_fn(model, batch)
     restore(params, saved)
-    return (plus - minus) / (2 * eps), (plus + minus) / 2
+    return estimate(plus, minus, eps), _mean_loss(plus, minus)
 
 
 @torch.no_grad()
 def step_in_place(
     model: torch.nn.Module, params: list[torch.Tensor], batch: dict[str, torch.Tensor], loss_fn: Loss, seed: int,
-    eps: float, lr: float,
+    eps: float, lr: float, estimate: Estimate = plain_estimate,
 ) -> tuple[float, float]:  # fmt: skip
     """MeZO's step with no copy of `params`: +eps z, loss, -2 eps z, loss, then one
     pass that both undoes the perturbation and steps (+(eps - lr g) z). (g, mean loss);
     a non-finite g only undoes the perturbation."""
     perturb(params, seed, eps)
-    plus = float(loss_fn(model, batch))
+    plus = loss_fn(model, batch)
     perturb(params, seed, -2 * eps)
-    minus = float(loss_fn(model, batch))
-    g = (plus - minus) / (2 * eps)
+    minus = loss_fn(model, batch)
+    g = estimate(plus, minus, eps)
     perturb(params, seed, eps - lr * g if math.isfinite(g) else eps)
-    return g, (plus + minus) / 2
+    return g, _mean_loss(plus, minus)
 
 
 def weights_fingerprint(tensors: Iterable[torch.Tensor | np.ndarray]) -> str:
@@ -203,27 +221,38 @@ def zo_train(
     eps: float,
     loss_fn: Loss,
     exact: bool = True,
+    private=None,  # noqa: ANN001 - a privacy.dp_sgd.RecordDP
 ) -> ZoRound:
     """`steps` MeZO steps, each on the next batch along the seed of a pool index drawn
     with `draw`; `lr(k)` is step k's learning rate. The parameters end updated.
-    `exact=False`: no copy of `params` (`step_in_place`), for tuning every base weight."""
+    `exact=False`: no copy of `params` (`step_in_place`), for tuning every base weight.
+
+    `private` (privacy=dp_sgd): each batch holds a step's Poisson-drawn records (None when
+    none was drawn), `loss_fn` gives each record's loss, and g is `private.scalar` of their
+    differences; a step with no record steps along its noise alone."""
     started = time.perf_counter()
     out, losses = ZoRound(), []
+    estimate = private_estimate(private) if private is not None else plain_estimate
     for k in range(steps):
         batch = next(batches)
         index = int(draw.integers(len(pool)))
-        if exact:
-            g, loss = two_point(model, params, batch, loss_fn, int(pool[index]), eps)
+        if batch is None:  # a private step that drew no record
+            g, loss = private.scalar(torch.zeros(0)), math.nan
+            if not exact:
+                perturb(params, int(pool[index]), -lr(k) * g)
+        elif exact:
+            g, loss = two_point(model, params, batch, loss_fn, int(pool[index]), eps, estimate)
         else:
-            g, loss = step_in_place(model, params, batch, loss_fn, int(pool[index]), eps, lr(k))
-        if not (math.isfinite(g) and math.isfinite(loss)):
+            g, loss = step_in_place(model, params, batch, loss_fn, int(pool[index]), eps, lr(k), estimate)
+        if not math.isfinite(g) or (batch is not None and not math.isfinite(loss)):
             out.skipped += 1
             continue
         coefficient = lr(k) * g
         if exact:
             apply_steps(params, pool, [(index, coefficient)])
         out.coefficients[index] = out.coefficients.get(index, 0.0) + coefficient
-        losses.append(loss)
+        if math.isfinite(loss):
+            losses.append(loss)
     out.steps, out.loss = steps, (float(np.mean(losses)) if losses else math.nan)
     out.seconds = time.perf_counter() - started
     return out

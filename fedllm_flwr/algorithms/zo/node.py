@@ -21,7 +21,7 @@ from fedllm_flwr.algorithms.zo.mezo import SeedPool, apply_steps, check_weights,
 from fedllm_flwr.algorithms.zo.state import ZoState
 from fedllm_flwr.client import _setup, client_bundle
 from fedllm_flwr.config import Config
-from fedllm_flwr.data.prompts import iter_batches
+from fedllm_flwr.data.prompts import collate_examples, iter_batches
 from fedllm_flwr.keys import (
     ROUNDS_HELD_KEY,
     SERVER_ROUND_KEY,
@@ -30,10 +30,11 @@ from fedllm_flwr.keys import (
     ZO_STEPS_KEY,
     ZO_WEIGHTS_KEY,
 )
-from fedllm_flwr.lm_loss import lm_loss
+from fedllm_flwr.lm_loss import lm_loss, record_losses
 from fedllm_flwr.lora_merge import set_merged
 from fedllm_flwr.metrics import peak_memory_mb
 from fedllm_flwr.model import set_adapter_state
+from fedllm_flwr.privacy.ledger import DpLedger
 from fedllm_flwr.transport import arrays_to_state, state_to_arrays
 
 
@@ -52,12 +53,13 @@ class ZoMessage:
 
 def train_reply(
     cfg: Config, pool: SeedPool, content: RecordDict, zo: ZoState, identity: str, partition_id: int,
-    num_partitions: int,
+    num_partitions: int, ledger: DpLedger | None = None,
 ) -> RecordDict:  # fmt: skip
-    """A train message: catch up, take this round's steps, reply with their pairs."""
+    """A train message: catch up, take this round's steps, reply with their pairs.
+    `ledger` (privacy=dp_sgd): this site's DP budget, for `local_round`."""
     state = catch_up(cfg, pool, content, zo, identity, partition_id)
     server_round = int(content["config"][SERVER_ROUND_KEY])
-    coefficients, metrics = local_round(cfg, pool, state, server_round, partition_id, num_partitions)
+    coefficients, metrics = local_round(cfg, pool, state, server_round, partition_id, num_partitions, ledger)
     metrics["catch-up-seconds"] = zo.seconds  # applying the rounds the message carried (and, full: load, save)
     indices = np.array(sorted(coefficients), dtype=np.int64)
     values = np.array([coefficients[i] for i in indices], dtype=np.float64)
@@ -159,11 +161,14 @@ def full_catch_up(
 
 def local_round(
     cfg: Config, pool: SeedPool, state: dict[str, torch.Tensor] | None, server_round: int, partition_id: int,
-    num_partitions: int,
+    num_partitions: int, ledger: DpLedger | None = None,
 ) -> tuple[dict[int, float], dict[str, float]]:  # fmt: skip
     """`train.local_steps` MeZO steps from the global adapter `state` (zo.params=full:
     None, the global weights are in the model, `full_catch_up`); (pool index -> summed
-    coefficient, the reply metrics)."""
+    coefficient, the reply metrics). With `ledger` (privacy=dp_sgd), DP-ZO steps on
+    Poisson-drawn records (`fedllm_flwr.privacy.dp_sgd`), their cost added to the ledger,
+    and only the metrics a private round may release; OverBudget before any step when the
+    round would pass `privacy.target_epsilon`."""
     bundle, data = _setup(cfg, partition_id, num_partitions)
     if len(data.train) == 0:
         raise ValueError(f"client {partition_id} has no training examples")
@@ -171,13 +176,23 @@ def local_round(
     set_adapter_state(bundle.model, bundle.initial if full else bundle.complete(state))
     set_merged(bundle.model, None)
     steps = cfg.train.local_steps
-    batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id,
-                           seed=cfg.seed * 1000 + partition_id, start=(server_round - 1) * steps)  # fmt: skip
+    private, loss = None, lm_loss
+    if ledger is not None:
+        from fedllm_flwr.privacy.dp_sgd import plan_round, poisson_steps
+
+        private = plan_round(ledger, cfg.privacy, len(data.train), cfg.train.batch_size, steps, cfg.num_rounds)
+        batches = poisson_steps(data.train, ledger.sample_rate, collate_examples, bundle.tokenizer.pad_token_id,
+                                together=True)  # fmt: skip
+        loss = record_losses
+    else:
+        batches = iter_batches(data.train, cfg.train.batch_size, bundle.tokenizer.pad_token_id,
+                               seed=cfg.seed * 1000 + partition_id, start=(server_round - 1) * steps)  # fmt: skip
     params = list(tuned_tensors(bundle.model, cfg.zo.params).values())
     draw = np.random.default_rng([cfg.seed, server_round, partition_id])
     result = zo_train(
         bundle.model, params, batches, pool.seeds, draw, steps, lambda k: cfg.zo.lr,
-        cfg.zo.eps, lambda model, batch: lm_loss(model, batch, cfg.train.response_logits), exact=not full,
+        cfg.zo.eps, lambda model, batch: loss(model, batch, cfg.train.response_logits), exact=not full,
+        private=private,
     )  # fmt: skip
     metrics = {
         "train-loss": result.loss,
@@ -189,4 +204,9 @@ def local_round(
         "partition-id": partition_id,
         "lr": cfg.zo.lr,
     }
+    if ledger is not None:
+        from fedllm_flwr.privacy.dp_sgd import released
+
+        ledger.steps += steps
+        metrics = released(metrics, ledger, cfg.privacy.delta)
     return result.coefficients, metrics
