@@ -1,24 +1,28 @@
-"""What privacy costs: plain FedAvg, SecAgg+ and differential privacy on the same job.
+"""What privacy costs: per-client DP and SecAgg+ against per-record DP-SGD on the same task.
 
-    python benchmarks/privacy.py --out ~/fedllm-flwr/privacy [--noise 0.01,0.1,1.0] [-- OVERRIDES]
+    python benchmarks/privacy.py --out benchmarks/results/privacy [--epsilons 1,3,8]
+        [--only NAME,...] [--zo-rounds 10] [--zo-steps 50] [-- OVERRIDES]
 
-Runs the default job (SmolLM2-135M-Instruct, LoRA, the built-in offline task over
-2 simulated SuperNodes, 3 rounds) once per setting, each a `flwr run .` on a
-private SuperLink stopped by PID when it ends:
+The default job (SmolLM2-135M-Instruct, LoRA r=8, the built-in offline task over 2
+simulated SuperNodes, 3 rounds of 10 steps at batch 8), each setting one `flwr run .` on a
+private SuperLink stopped by PID when it ends; a job whose run folder already holds a
+summary is read, not run again, so an interrupted study resumes:
 
-- `plain`: FedAvg, updates sent up in fp16 (the default);
-- `plain-fp32`: FedAvg with updates sent up in fp32, what SecAgg+ starts from, so
-  `secagg` against it isolates the protocol's own quantization;
-- `secagg`: SecAgg+ (`privacy=secagg`);
-- `dp-z<z>`: client-side clipping at `privacy.clipping_norm` with server-side
-  Gaussian noise of multiplier z (`privacy=dp`), with epsilon at delta = 1e-5 after
-  the run's rounds.
+- `plain`: FedAvg, nothing private; `secagg`: SecAgg+ (`privacy=secagg`); `dp-z1`:
+  client-level DP-FedAvg at noise multiplier 1 (`privacy=dp`), the rows the toolkit had
+  before per-record DP;
+- `lora-dpsgd-eps<e>`, `ffa_lora-dpsgd-eps<e>` (and the non-private `ffa_lora`): per-record
+  DP-SGD at each site (`privacy=dp_sgd`) with `privacy.target_epsilon=<e>` at delta 1e-5,
+  so each site sets its noise to spend exactly e over the run's 30 steps;
+- `zo`, `zo-dp-eps<e>`: zeroth-order federation (seed-only messages, `algorithm=zo`,
+  `--zo-rounds` rounds of `--zo-steps` MeZO steps, lr 5e-4, eps 1e-2: the rates of
+  benchmarks/zo.py) without and with per-record DP on each step's scalar.
 
-Reports, per setting: final exact-match accuracy and eval loss on the server's test
-set, mean seconds per round, bytes up per client per round, and for DP the
-epsilon and the largest update norm the server averaged. Writes OUT/results.json
-and OUT/results.md and prints the results as one JSON object. Not a test:
-~20 min on 2 CPU cores.
+Reports per setting: final exact-match accuracy and eval loss on the server's test set,
+each site's epsilon, the noise multiplier the sites chose, mean training seconds per
+step and the clients' peak memory (against the non-private job of the same kind), and
+bytes up per client per round. Writes OUT/results.json and OUT/results.md and prints the
+results as one JSON object. Not a test: about 80 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -30,80 +34,128 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from fedllm_flwr.metrics import read_metrics
 from fedllm_tools.simulation import LocalSimulation, stop_on_sigterm
 from fedllm_tools.tables import cell
 
 ROOT = Path(__file__).resolve().parents[1]
+ZO_RATES = ["zo.lr=5e-4", "zo.eps=1e-2"]
 
 
-def settings(noise: list[float]) -> dict[str, list[str]]:
-    out = {"plain": [], "plain-fp32": ["compression.up=fp32"], "secagg": ["privacy=secagg"]}
-    for z in noise:
-        out[f"dp-z{z:g}"] = ["privacy=dp", f"privacy.noise_multiplier={z}"]
+def settings(epsilons: list[float], zo_rounds: int, zo_steps: int) -> dict[str, list[str]]:
+    """Setting name -> its overrides, in the order they run."""
+    out: dict[str, list[str]] = {"plain": [], "secagg": ["privacy=secagg"],
+                                 "dp-z1": ["privacy=dp", "privacy.noise_multiplier=1.0"],
+                                 "ffa_lora": ["peft=ffa_lora"]}  # fmt: skip
+    for method in ("lora", "ffa_lora"):
+        for eps in epsilons:
+            out[f"{method}-dpsgd-eps{eps:g}"] = [f"peft={method}", "privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
+    zo = ["algorithm=zo", f"num_rounds={zo_rounds}", f"train.local_steps={zo_steps}", f"eval.every={zo_rounds}",
+          *ZO_RATES]  # fmt: skip
+    out["zo"] = zo
+    for eps in epsilons:
+        out[f"zo-dp-eps{eps:g}"] = [*zo, "privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
     return out
 
 
+def baseline_of(name: str) -> str:
+    """The non-private job a setting's costs are compared with."""
+    return "zo" if name.startswith("zo") else "ffa_lora" if name.startswith("ffa_lora") else "plain"
+
+
 def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -> dict:
-    print(f"[privacy] {name}: flwr run . {' '.join(overrides)}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    result = sim.run(ROOT, overrides=" ".join([*overrides, f"run.output_dir={runs}", f"run.name={name}"]),
-                     num_supernodes=2, timeout=3600)  # fmt: skip
-    seconds = time.perf_counter() - t0
     folder = runs / name
-    if result.returncode != 0 or not (folder / "summary.json").is_file():
-        raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}")
+    if not (folder / "summary.json").is_file():
+        print(f"[privacy] {name}: flwr run . {' '.join(overrides)}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        result = sim.run(ROOT, overrides=" ".join([*overrides, f"run.output_dir={runs}", f"run.name={name}"]),
+                         num_supernodes=2, timeout=5400)  # fmt: skip
+        if result.returncode != 0 or not (folder / "summary.json").is_file():
+            raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}")
+        print(f"[privacy] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     rows = read_metrics(folder)
-    trained = rows[1:]
-    last = rows[-1]
-    privacy = json.loads((folder / "summary.json").read_text()).get("privacy") or {}
+    summary = json.loads((folder / "summary.json").read_text())
+    privacy = summary.get("privacy") or {}
+    trained = [r for r in rows[1:] if r.get("clients-ok")]
+    steps = int(yaml.safe_load((folder / "config.yaml").read_text())["train"]["local_steps"])
     return {
-        "accuracy": last.get("accuracy"),
-        "eval_loss": last.get("eval-loss"),
+        "accuracy": rows[-1].get("accuracy"),
         "accuracy_round_0": rows[0].get("accuracy"),
-        "seconds_per_round": round(sum(r["seconds"] for r in trained) / len(trained), 2),
+        "eval_loss": rows[-1].get("eval-loss"),
+        "rounds": len(rows) - 1,
+        "steps_per_round": steps,
+        "seconds_per_step": round(sum(r["train-seconds"] for r in trained) / len(trained) / steps, 3),
+        "peak_memory_mb": max(r["peak-memory-mb"] for r in trained),
         "bytes_up_per_client_per_round": round(sum(r["bytes-up"] / r["clients-ok"] for r in trained) / len(trained)),
+        "level": "record" if privacy.get("level") == "record" else "client" if privacy.get("name") == "dp" else None,
         "epsilon": privacy.get("epsilon"),
+        "site_epsilon": privacy.get("site-epsilon"),
+        "target_epsilon": privacy.get("target-epsilon"),
+        "noise_multiplier": privacy.get("noise-multiplier"),
         "delta": privacy.get("delta"),
-        "noise_std": last.get("noise-std"),
-        "update_norm_max": max((r["update-norm-max"] for r in trained if "update-norm-max" in r), default=None),
-        "wall_seconds": round(seconds, 1),
+        "seconds": summary.get("seconds"),
     }
 
 
-def markdown(results: dict) -> str:
-    lines = [
-        "| setting | accuracy (round 0) | eval loss | s / round | bytes up / client / round | epsilon (delta) "
-        "| largest update norm averaged |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def with_ratios(results: dict) -> dict:
+    """Each setting's seconds per step and peak memory over its non-private baseline's."""
     for name, r in results.items():
-        eps = f"{cell(r['epsilon'], '.3g', '-')} ({r['delta']:g})" if r["epsilon"] is not None else "-"
-        accuracy = f"{cell(r['accuracy'], '.3f', '-')} ({cell(r['accuracy_round_0'], '.3f', '-')})"
+        base = results.get(baseline_of(name))
+        if base:
+            r["step_time_ratio"] = round(r["seconds_per_step"] / base["seconds_per_step"], 2)
+            r["memory_ratio"] = round(r["peak_memory_mb"] / base["peak_memory_mb"], 2)
+            if base["accuracy"]:
+                r["accuracy_share"] = round(r["accuracy"] / base["accuracy"], 2)
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = ["| setting | DP level | epsilon (delta 1e-5) | noise z | exact match | of non-private | eval loss "
+             "| s / step (x non-private) | peak memory MB (x) | bytes up / client / round |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in results.items():
         lines.append(
-            f"| {name} | {accuracy} | {cell(r['eval_loss'], '.4f', '-')} | {cell(r['seconds_per_round'], '.1f', '-')} "
-            f"| {r['bytes_up_per_client_per_round']:,} | {eps} | {cell(r['update_norm_max'], '.3g', '-')} |"
-        )
+            f"| {name} | {r['level'] or '-'} | {cell(r['epsilon'], '.3g', '-')} "
+            f"| {cell(r['noise_multiplier'], '.3g', '-')} | {cell(r['accuracy'], '.3f', '-')} "
+            f"| {cell(r.get('accuracy_share'), '.2f', '-')} | {cell(r['eval_loss'], '.4f', '-')} "
+            f"| {r['seconds_per_step']:.2f} ({cell(r.get('step_time_ratio'), '.2f', '-')}) "
+            f"| {r['peak_memory_mb']:,.0f} ({cell(r.get('memory_ratio'), '.2f', '-')}) "
+            f"| {r['bytes_up_per_client_per_round']:,} |"
+        )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--noise", default="0.01,0.1,1.0", help="comma-separated DP noise multipliers")
+    parser.add_argument("--epsilons", default="1,3,8", help="comma-separated record-level epsilons")
+    parser.add_argument("--only", default="", help="comma-separated settings to run (default: all)")
+    parser.add_argument("--zo-rounds", type=int, default=10)
+    parser.add_argument("--zo-steps", type=int, default=50)
     parser.add_argument("extra", nargs="*", help="Hydra overrides added to every job")
     args = parser.parse_args()
     try:
-        noise = [float(z) for z in args.noise.split(",") if z]
+        epsilons = [float(e) for e in args.epsilons.split(",") if e]
     except ValueError:
-        parser.error(f"--noise {args.noise!r}: give numbers separated by commas")
+        parser.error(f"--epsilons {args.epsilons!r}: give numbers separated by commas")
+    jobs = settings(epsilons, args.zo_rounds, args.zo_steps)
+    only = [n for n in args.only.split(",") if n]
+    unknown = [n for n in only if n not in jobs]
+    if unknown:
+        parser.error(f"--only: no setting {unknown[0]!r}; the settings are {', '.join(jobs)}")
     out = args.out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="fedllm-privacy-") as tmp, LocalSimulation(Path(tmp)) as sim:
-        for name, overrides in settings(noise).items():
+        for name, overrides in jobs.items():
+            if only and name not in only:
+                continue
             results[name] = run_job(sim, name, ["train.threads=1", *overrides, *args.extra], out / "runs")
-            (out / "results.json").write_text(json.dumps(results, indent=1))
+            results = with_ratios({n: results[n] for n in jobs if n in results})
+            results_file.write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(markdown(results))
     print(json.dumps(results))
     return 0
