@@ -16,13 +16,17 @@ summary is read, not run again, so an interrupted study resumes:
   so each site sets its noise to spend exactly e over the run's 30 steps;
 - `zo`, `zo-dp-eps<e>`: zeroth-order federation (seed-only messages, `algorithm=zo`,
   `--zo-rounds` rounds of `--zo-steps` MeZO steps, lr 5e-4, eps 1e-2: the rates of
-  benchmarks/zo.py) without and with per-record DP on each step's scalar.
+  benchmarks/zo.py) without and with per-record DP on each step's scalar;
+- `large`, `large-dpsgd-eps<largest e>`: LoRA on sites ten times larger (3,600 records
+  each) with an expected batch of 64 (`train.grad_accum=8`), without and with DP-SGD:
+  the noise on a step's mean is z C / qN per coordinate, so larger sites and batches
+  leave more of the signal.
 
 Reports per setting: final exact-match accuracy and eval loss on the server's test set,
 each site's epsilon, the noise multiplier the sites chose, mean training seconds per
 step and the clients' peak memory (against the non-private job of the same kind), and
 bytes up per client per round. Writes OUT/results.json and OUT/results.md and prints the
-results as one JSON object. Not a test: about 80 minutes on 2 CPU cores.
+results as one JSON object. Not a test: about 90 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -42,6 +45,9 @@ from fedllm_tools.tables import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 ZO_RATES = ["zo.lr=5e-4", "zo.eps=1e-2"]
+#: Sites ten times larger (3,600 records each) and an expected batch of 64: what DP-SGD's
+#: noise on the mean (z C / qN per coordinate) asks for.
+LARGE = ["dataset.synthetic.train_per_task=2000", "train.grad_accum=8"]
 
 
 def settings(epsilons: list[float], zo_rounds: int, zo_steps: int) -> dict[str, list[str]]:
@@ -57,24 +63,21 @@ def settings(epsilons: list[float], zo_rounds: int, zo_steps: int) -> dict[str, 
     out["zo"] = zo
     for eps in epsilons:
         out[f"zo-dp-eps{eps:g}"] = [*zo, "privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
+    out["large"] = LARGE
+    out[f"large-dpsgd-eps{max(epsilons):g}"] = [*LARGE, "privacy=dp_sgd", f"privacy.target_epsilon={max(epsilons)}"]
     return out
 
 
 def baseline_of(name: str) -> str:
     """The non-private job a setting's costs are compared with."""
-    return "zo" if name.startswith("zo") else "ffa_lora" if name.startswith("ffa_lora") else "plain"
+    for kind in ("zo", "ffa_lora", "large"):
+        if name.startswith(kind):
+            return kind
+    return "plain"
 
 
 def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -> dict:
-    folder = runs / name
-    if not (folder / "summary.json").is_file():
-        print(f"[privacy] {name}: flwr run . {' '.join(overrides)}", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        result = sim.run(ROOT, overrides=" ".join([*overrides, f"run.output_dir={runs}", f"run.name={name}"]),
-                         num_supernodes=2, timeout=5400)  # fmt: skip
-        if result.returncode != 0 or not (folder / "summary.json").is_file():
-            raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}")
-        print(f"[privacy] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    folder = sim.run_once(ROOT, runs, name, overrides, num_supernodes=2, timeout=5400)
     rows = read_metrics(folder)
     summary = json.loads((folder / "summary.json").read_text())
     privacy = summary.get("privacy") or {}
@@ -124,6 +127,44 @@ def markdown(results: dict) -> str:
             f"| {r['peak_memory_mb']:,.0f} ({cell(r.get('memory_ratio'), '.2f', '-')}) "
             f"| {r['bytes_up_per_client_per_round']:,} |"
         )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def report(results: dict) -> str:
+    """The table and what it shows, every figure read from `results` (docs/hooks.py)."""
+    lines = [markdown(results)]
+    plain = results.get("plain")
+    record = {n: r for n, r in results.items() if r["level"] == "record"}
+    if plain and record:
+        best = max(record, key=lambda n: (record[n]["accuracy"] or 0) / (results[baseline_of(n)]["accuracy"] or 1))
+        r = record[best]
+        lines.append(
+            f"Of the record-level settings, `{best}` kept the largest share of its non-private job's exact match: "
+            f"{cell(r['accuracy'], '.3f', '-')} against {cell(results[baseline_of(best)]['accuracy'], '.3f', '-')} "
+            f"({cell(r.get('accuracy_share'), '.0%', '-')}), at epsilon {cell(r['epsilon'], '.3g', '-')}."
+        )
+        ratios = [r["step_time_ratio"] for n, r in record.items() if "step_time_ratio" in r and not n.startswith("zo")]
+        if ratios:
+            lines.append(
+                f" A DP-SGD step took {min(ratios):.2f}-{max(ratios):.2f}x the non-private step's time "
+                "(a backward pass per drawn record)."
+            )
+        client = results.get("dp-z1")
+        if client:
+            lines.append(
+                f" Client-level DP at z = 1 (epsilon {cell(client['epsilon'], '.3g', '-')} for the whole site) "
+                f"ended at exact match {cell(client['accuracy'], '.3f', '-')}."
+            )
+    return "".join(lines[:1]) + "\n" + "".join(lines[1:]) + "\n"
+
+
+def summary(results: dict) -> str:
+    """The README's short table: each setting's epsilon and exact match against its non-private job."""
+    lines = ["| setting | DP level | epsilon (delta 1e-5) | exact match | of non-private |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        share = cell(r.get("accuracy_share"), ".2f", "-")
+        lines.append(f"| {name} | {r['level'] or '-'} | {cell(r['epsilon'], '.3g', '-')} "
+                     f"| {cell(r['accuracy'], '.3f', '-')} | {share} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

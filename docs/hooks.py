@@ -147,6 +147,16 @@ def grpo() -> str:
     return _benchmark("grpo").markdown(json.loads((RESULTS / "grpo.json").read_text()))
 
 
+def privacy() -> str:
+    """benchmarks/privacy.py's results: client-level DP and SecAgg+ against record-level DP-SGD."""
+    return _benchmark("privacy").report(json.loads((RESULTS / "privacy" / "results.json").read_text()))
+
+
+def privacy_summary() -> str:
+    """The README's short table of benchmarks/privacy.py's results."""
+    return _benchmark("privacy").summary(json.loads((RESULTS / "privacy" / "results.json").read_text()))
+
+
 def config_reference() -> str:
     from fedllm_tools.reference import config_reference
 
@@ -174,6 +184,8 @@ GENERATED: dict[str, Callable[[], str]] = {
     "zo-draws": zo_draws,
     "wire-bytes": wire_bytes,
     "grpo": grpo,
+    "privacy": privacy,
+    "privacy-summary": privacy_summary,
     "config-reference": config_reference,
     "cli-reference": cli_reference,
     "layout": layout,
@@ -215,6 +227,16 @@ def render(markdown: str, page_uri: str = "") -> str:
     return MARKER.sub(fill, markdown)
 
 
+#: The README's generated blocks: between `<!-- generated: NAME -->` and `<!-- end: NAME -->`
+#: (GitHub shows the README as it is, so the block is written into it, and a test checks it).
+README_BLOCK = re.compile(r"(<!-- generated: (\S+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
+
+
+def readme(text: str) -> str:
+    """The README `text` with each generated block written anew."""
+    return README_BLOCK.sub(lambda m: m[1] + "\n" + GENERATED[m[2]]() + "\n" + m[4], text)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001
     return render(markdown, page.file.src_uri)
 
@@ -228,3 +250,10 @@ def on_files(files, config):  # noqa: ANN001, ANN201 (MkDocs' hook signature)
         uri = f"{RESULTS_URI}/{image.relative_to(RESULTS).as_posix()}"
         files.append(File.generated(config, uri, abs_src_path=str(image)))
     return files
+
+
+if __name__ == "__main__":  # python docs/hooks.py readme: write the README's generated blocks
+    if sys.argv[1:] != ["readme"]:
+        sys.exit("usage: python docs/hooks.py readme")
+    path = ROOT / "README.md"
+    path.write_text(readme(path.read_text()))

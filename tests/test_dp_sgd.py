@@ -121,6 +121,26 @@ def test_records_are_drawn_by_poisson_sampling_each_collated_alone():
     assert next(together) is None  # no record drawn: the step has only its noise
 
 
+def test_accumulation_sets_the_expected_batch_and_a_round_releases_only_what_reads_no_record(tiny_cfg):
+    """Under DP-SGD `train.grad_accum` only sets the expected batch (q = batch x accum / N):
+    every record weighs 1 / qN whatever micro-batch it would have fallen in. The round's
+    steps are added to the ledger, and its metrics are the released ones and the budget."""
+    from fedllm_flwr.client import _setup, local_train
+    from fedllm_flwr.privacy.dp_sgd import RELEASED
+
+    clear_model_cache()
+    cfg = tiny_cfg("privacy=dp_sgd", "train.grad_accum=2", "privacy.noise_multiplier=0.8")
+    state = get_adapter_state(build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).model)
+    ledger = DpLedger()
+    trained, metrics = local_train(cfg, state, 1, 0, 2, ledger=ledger)
+    records = len(_setup(cfg, 0, 2)[1].train)
+    assert ledger.sample_rate == pytest.approx(2 * 4 / records) and ledger.steps == cfg.train.local_steps
+    assert ledger.noise_multiplier == 0.8
+    assert set(metrics) <= RELEASED | {"dp-epsilon", "dp-steps", "dp-noise-multiplier", "dp-sample-rate"}
+    assert metrics["dp-epsilon"] == pytest.approx(ledger.epsilon(cfg.privacy.delta))
+    assert any(not torch.equal(trained[k], state[k]) for k in state)  # it stepped (noise at least)
+
+
 def _train_message(cfg, server_round: int) -> RecordDict:
     content = pack(get_adapter_state(build_model(cfg.model, cfg.peft, cfg.train.precision, cfg.seed).model))
     content["config"] = ConfigRecord({"server-round": server_round})
@@ -183,3 +203,23 @@ def test_settings_whose_accounting_would_be_wrong_are_refused_naming_both_keys()
             load_cfg(overrides)
         message = str(caught.value)
         assert "\n" not in message and all(n in message for n in names), message
+
+
+def test_the_studys_tables_are_written_from_its_results_file_in_the_site_and_the_readme():
+    """The results page and the README ask for the study by name; both are written from
+    benchmarks/results/privacy/results.json (the README's block by `python docs/hooks.py
+    readme`, and kept equal to it here), with every setting the study ran."""
+    from conftest import ROOT, docs_hooks
+
+    hooks = docs_hooks()
+    results = json.loads((ROOT / "benchmarks" / "results" / "privacy" / "results.json").read_text())
+    page = (ROOT / "docs" / "results" / "features.md").read_text()
+    assert "<!-- generated: privacy -->" in page
+    rendered = hooks.render(page)
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- generated: privacy-summary -->" in readme
+    assert hooks.readme(readme) == readme, "the README's privacy table is stale: run `python docs/hooks.py readme`"
+    for name in results:
+        assert f"| {name} |" in rendered and f"| {name} |" in readme
+    assert {"plain", "dp-z1", "lora-dpsgd-eps8", "ffa_lora-dpsgd-eps8", "zo-dp-eps8"} <= set(results)
+    assert all(r["level"] == "record" for n, r in results.items() if "dpsgd" in n or n.startswith("zo-dp"))
