@@ -157,6 +157,16 @@ def privacy_summary() -> str:
     return _benchmark("privacy").summary(json.loads((RESULTS / "privacy" / "results.json").read_text()))
 
 
+def default_job() -> str:
+    """benchmarks/default_job.py's results: the default job round by round."""
+    return _benchmark("default_job").markdown(json.loads((RESULTS / "default_job" / "results.json").read_text()))
+
+
+def test_suite() -> str:
+    """benchmarks/test_suite.py's results: how long `make test` and `make test-fast` take."""
+    return _benchmark("test_suite").markdown(json.loads((RESULTS / "test_suite.json").read_text()))
+
+
 def config_reference() -> str:
     from fedllm_tools.reference import config_reference
 
@@ -186,6 +196,8 @@ GENERATED: dict[str, Callable[[], str]] = {
     "grpo": grpo,
     "privacy": privacy,
     "privacy-summary": privacy_summary,
+    "default-job": default_job,
+    "test-suite": test_suite,
     "config-reference": config_reference,
     "cli-reference": cli_reference,
     "layout": layout,

@@ -52,6 +52,11 @@ def test_a_target_epsilon_sets_the_noise_that_spends_it_over_the_planned_steps()
     assert ledger.sat_out == 1 and ledger.steps == 30  # nothing spent
 
 
+def test_a_delta_not_below_one_over_the_sites_records_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"privacy.delta=0.01 is not below 1 / this site's 360 training records"):
+        plan_round(DpLedger(), PrivacyConfig(name="dp_sgd", delta=1e-2), records=360, batch=8, steps=10, rounds=3)
+
+
 def _lm_batch(ids: list[int], response_from: int) -> dict[str, torch.Tensor]:
     input_ids = torch.tensor([ids])
     labels = input_ids.clone()
@@ -223,3 +228,27 @@ def test_the_studys_tables_are_written_from_its_results_file_in_the_site_and_the
         assert f"| {name} |" in rendered and f"| {name} |" in readme
     assert {"plain", "dp-z1", "lora-dpsgd-eps8", "ffa_lora-dpsgd-eps8", "zo-dp-eps8"} <= set(results)
     assert all(r["level"] == "record" for n, r in results.items() if "dpsgd" in n or n.startswith("zo-dp"))
+
+
+def test_a_private_zeroth_order_step_moves_by_at_most_C_per_record_over_the_expected_batch():
+    """MeZO's two-point step under privacy=dp_sgd: each record's difference along z is
+    clipped before the sum, so records whose losses change enormously along z still give
+    |g| <= drawn x C / qN (noise off), and the step's coefficient is lr x that g."""
+    from fedllm_flwr.algorithms.zo.mezo import private_estimate, two_point, zo_train
+
+    weights = torch.zeros(5)
+
+    def record_losses(model, batch):  # noqa: ANN001, ANN202 - each record's loss moves 1e6 x faster than the last
+        return batch["scale"] * weights.sum()
+
+    batch = {"scale": torch.tensor([1e6, -1e6, 1e3])}
+    private = RecordDP(noise_multiplier=0.0, clipping_norm=0.5, expected_batch=6.0)
+    g, _ = two_point(None, [weights], batch, record_losses, seed=7, eps=1e-3, estimate=private_estimate(private))
+    assert abs(g) <= 3 * 0.5 / 6.0 + 1e-12 and private.clipped == 3
+    assert torch.equal(weights, torch.zeros(5))  # the parameters end as they began
+    pool = np.arange(4, dtype=np.int64)
+    draw = np.random.default_rng(0)
+    batches = iter([batch, None])  # the second step drew no record: its step is noise alone (none here)
+    result = zo_train(None, [weights], batches, pool, draw, 2, lambda k: 0.1, 1e-3, record_losses, private=private)
+    assert len(result.coefficients) <= 2 and all(abs(c) <= 0.1 * 3 * 0.5 / 6.0 + 1e-12
+                                                  for c in result.coefficients.values())  # fmt: skip

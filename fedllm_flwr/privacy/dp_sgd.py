@@ -134,6 +134,9 @@ def plan_round(
     z that spends exactly the budget over `rounds` x `steps` steps) and q in `ledger`.
     OverBudget when the round's steps would take the site past its budget
     (`privacy.max_epsilon`, else `privacy.target_epsilon`)."""
+    if privacy.delta * records >= 1:  # delta ~ 1/N would let the mechanism release a whole record
+        raise ValueError(f"privacy.delta={privacy.delta:g} is not below 1 / this site's {records} training records; "
+                         "set it well below (the usual choice is under 1 / records)")  # fmt: skip
     if not ledger.started:
         ledger.sample_rate = sample_rate(batch, records)
         ledger.noise_multiplier = privacy.noise_multiplier
