@@ -16,9 +16,11 @@ summary is read, not run again, so an interrupted study resumes:
   so each site sets its noise to spend exactly e over the run's 30 steps;
 - `zo`, `zo-dp-eps<e>`: zeroth-order federation (seed-only messages, `algorithm=zo`,
   `--zo-rounds` rounds of `--zo-steps` MeZO steps, lr 5e-4, eps 1e-2: the rates of
-  benchmarks/zo.py) without and with per-record DP on each step's scalar;
+  benchmarks/zo.py) without and with per-record DP on each step's scalar, each record's
+  difference clipped to C = 10 (`ZO_CLIP`), and once at C = 1 (`zo-dp-c1-eps<e>`);
 - `large`, `large-dpsgd-eps<largest e>`: LoRA on sites ten times larger (3,600 records
-  each) with an expected batch of 64 (`train.grad_accum=8`), without and with DP-SGD:
+  each, of the families add, reverse, uppercase and sort, which have that many distinct
+  records) with an expected batch of 64 (`train.grad_accum=8`), without and with DP-SGD:
   the noise on a step's mean is z C / qN per coordinate, so larger sites and batches
   leave more of the signal.
 
@@ -45,9 +47,13 @@ from fedllm_tools.tables import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 ZO_RATES = ["zo.lr=5e-4", "zo.eps=1e-2"]
-#: Sites ten times larger (3,600 records each) and an expected batch of 64: what DP-SGD's
-#: noise on the mean (z C / qN per coordinate) asks for.
-LARGE = ["dataset.synthetic.train_per_task=2000", "train.grad_accum=8"]
+#: A record's two-point difference along z on the default task is about 1 to 16 at the
+#: start (one batch of 8, three draws of z): C = 1 clips nearly every one, C = 10 few.
+ZO_CLIP = 10.0
+#: Sites ten times larger (3,600 records each: families with that many distinct records)
+#: and an expected batch of 64: what DP-SGD's noise on the mean (z C / qN) asks for.
+LARGE = ["dataset.synthetic.tasks=[add,reverse,uppercase,sort]", "dataset.synthetic.train_per_task=2000",
+         "train.grad_accum=8"]  # fmt: skip
 
 
 def settings(epsilons: list[float], zo_rounds: int, zo_steps: int) -> dict[str, list[str]]:
@@ -62,7 +68,13 @@ def settings(epsilons: list[float], zo_rounds: int, zo_steps: int) -> dict[str, 
           *ZO_RATES]  # fmt: skip
     out["zo"] = zo
     for eps in epsilons:
-        out[f"zo-dp-eps{eps:g}"] = [*zo, "privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
+        out[f"zo-dp-eps{eps:g}"] = [
+            *zo,
+            "privacy=dp_sgd",
+            f"privacy.target_epsilon={eps}",
+            f"privacy.clipping_norm={ZO_CLIP}",
+        ]
+    out[f"zo-dp-c1-eps{max(epsilons):g}"] = [*zo, "privacy=dp_sgd", f"privacy.target_epsilon={max(epsilons)}"]
     out["large"] = LARGE
     out[f"large-dpsgd-eps{max(epsilons):g}"] = [*LARGE, "privacy=dp_sgd", f"privacy.target_epsilon={max(epsilons)}"]
     return out
@@ -87,6 +99,7 @@ def run_job(sim: LocalSimulation, name: str, overrides: list[str], runs: Path) -
         "accuracy": rows[-1].get("accuracy"),
         "accuracy_round_0": rows[0].get("accuracy"),
         "eval_loss": rows[-1].get("eval-loss"),
+        "eval_loss_round_0": rows[0].get("eval-loss"),
         "rounds": len(rows) - 1,
         "steps_per_round": steps,
         "seconds_per_step": round(sum(r["train-seconds"] for r in trained) / len(trained) / steps, 3),
@@ -130,32 +143,40 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Each family of private settings (their name's start) and the job without DP it is compared with.
+FAMILIES = {"lora-dpsgd": ("LoRA with DP-SGD", "plain"), "ffa_lora-dpsgd": ("FFA-LoRA with DP-SGD", "ffa_lora"),
+            "zo-dp": ("Zeroth-order with DP on each step's scalar, C = 10", "zo"),
+            "zo-dp-c1": ("Zeroth-order with DP on each step's scalar, C = 1", "zo"),
+            "large-dpsgd": ("LoRA with DP-SGD on the ten-times-larger sites, batch 64", "large")}  # fmt: skip
+
+
 def report(results: dict) -> str:
     """The table and what it shows, every figure read from `results` (docs/hooks.py)."""
-    lines = [markdown(results)]
-    plain = results.get("plain")
-    record = {n: r for n, r in results.items() if r["level"] == "record"}
-    if plain and record:
-        best = max(record, key=lambda n: (record[n]["accuracy"] or 0) / (results[baseline_of(n)]["accuracy"] or 1))
-        r = record[best]
+    lines = []
+    for prefix, (label, base_name) in FAMILIES.items():
+        rows = {n: r for n, r in results.items() if n.startswith(prefix + "-eps")}
+        base = results.get(base_name)
+        if not rows or not base:
+            continue
+        eps = "/".join(cell(r["epsilon"], ".2g", "-") for r in rows.values())
+        accuracy = "/".join(cell(r["accuracy"], ".2f", "-") for r in rows.values())
+        loss = "/".join(cell(r["eval_loss"], ".2f", "-") for r in rows.values())
+        times = [r["step_time_ratio"] for r in rows.values() if "step_time_ratio" in r]
+        memory = [r["memory_ratio"] for r in rows.values() if "memory_ratio" in r]
         lines.append(
-            f"Of the record-level settings, `{best}` kept the largest share of its non-private job's exact match: "
-            f"{cell(r['accuracy'], '.3f', '-')} against {cell(results[baseline_of(best)]['accuracy'], '.3f', '-')} "
-            f"({cell(r.get('accuracy_share'), '.0%', '-')}), at epsilon {cell(r['epsilon'], '.3g', '-')}."
+            f"- **{label}**: exact match {accuracy} and eval loss {loss} at epsilon {eps}, against "
+            f"{cell(base['accuracy'], '.2f', '-')} and {cell(base['eval_loss'], '.2f', '-')} without DP (eval loss "
+            f"{cell(base.get('eval_loss_round_0', results['plain'].get('eval_loss_round_0')), '.2f', '-')} before "
+            f"training); a step took {min(times):.2f}-{max(times):.2f}x the time and "
+            f"{min(memory):.2f}-{max(memory):.2f}x the peak memory of one without DP."
         )
-        ratios = [r["step_time_ratio"] for n, r in record.items() if "step_time_ratio" in r and not n.startswith("zo")]
-        if ratios:
-            lines.append(
-                f" A DP-SGD step took {min(ratios):.2f}-{max(ratios):.2f}x the non-private step's time "
-                "(a backward pass per drawn record)."
-            )
-        client = results.get("dp-z1")
-        if client:
-            lines.append(
-                f" Client-level DP at z = 1 (epsilon {cell(client['epsilon'], '.3g', '-')} for the whole site) "
-                f"ended at exact match {cell(client['accuracy'], '.3f', '-')}."
-            )
-    return "".join(lines[:1]) + "\n" + "".join(lines[1:]) + "\n"
+    client = results.get("dp-z1")
+    if client:
+        lines.append(
+            f"- **Client-level DP** at z = 1 (epsilon {cell(client['epsilon'], '.2g', '-')} for all a site holds): "
+            f"exact match {cell(client['accuracy'], '.2f', '-')}, eval loss {cell(client['eval_loss'], '.2f', '-')}."
+        )
+    return markdown(results) + "\n" + "\n".join(lines) + "\n"
 
 
 def summary(results: dict) -> str:
