@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUMMARY = re.compile(r"=+ (.*?) in ([\d.]+)s")
+#: pytest's last line, "1 failed, 823 passed, 3 skipped, 29 warnings in 411.00s (0:06:51)" (framed by = without -q).
+SUMMARY = re.compile(r"^=* ?(\d+ (?:passed|failed|skipped|errors?|warnings?|deselected)\b.*?) in ([\d.]+)s", re.M)
+FAILED = re.compile(r"^FAILED (\S+)", re.M)
 SLOW = re.compile(r"^([\d.]+)s (call|setup|teardown) +(\S+)$", re.M)
 
 
@@ -54,6 +56,7 @@ def run(fast: bool) -> dict:
         "slowest": [
             {"seconds": float(s), "phase": phase, "test": name} for s, phase, name in SLOW.findall(result.stdout)
         ],  # fmt: skip
+        "failures": FAILED.findall(result.stdout),
         "returncode": result.returncode,
     }
 
@@ -68,7 +71,8 @@ def markdown(results: dict) -> str:
                      f"| {entry['commit']}, {entry['date']} |")  # fmt: skip
     whole = results.get("test") or next(iter(results.values()))
     slow = "; ".join(f"`{s['test']}` {s['seconds']:.0f} s" for s in whole["slowest"][:5])
-    return "\n".join(lines) + f"\n\nThe slowest tests of `{whole['command']}`: {slow}.\n"
+    failed = "".join(f" It failed `{name}`." for e in results.values() for name in e.get("failures", []))
+    return "\n".join(lines) + f"\n\nThe slowest tests of `{whole['command']}`: {slow}.{failed}\n"
 
 
 def main() -> int:
